@@ -1,0 +1,353 @@
+//! Framing: a 4-byte big-endian length, then one bincode-encoded message.
+//!
+//! [`FrameCodec`] plugs into `tokio_util::codec::Framed`; it holds no socket. The
+//! length prefix is checked against [`MAX_FRAME_SIZE`] before any payload is
+//! buffered, and bincode decodes with the same limit, so a hostile length or a
+//! hostile collection length inside a frame cannot make the reader allocate more.
+//! A frame must be consumed exactly: trailing bytes are a decode error.
+
+use std::io;
+use std::marker::PhantomData;
+
+use bytes::{Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::MAX_FRAME_SIZE;
+
+/// The bincode configuration of the protocol: variable-length integers, and a
+/// decode limit equal to the frame size.
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME_SIZE>,
+> {
+    bincode::config::standard().with_limit::<MAX_FRAME_SIZE>()
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The underlying connection failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The length prefix announces more than [`MAX_FRAME_SIZE`].
+    #[error("frame larger than {MAX_FRAME_SIZE} bytes")]
+    FrameTooLarge,
+    /// The frame's payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Decode(String),
+    /// The message does not fit in a frame.
+    #[error("message too large to send: {0} bytes, at most {MAX_FRAME_SIZE}")]
+    EncodeTooLarge(usize),
+    /// The message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+/// Encodes one message into a frame payload (no length prefix).
+pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let bytes = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    if bytes.len() > MAX_FRAME_SIZE {
+        return Err(CodecError::EncodeTooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes one frame payload (no length prefix) into a message. Never panics.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
+    if payload.len() > MAX_FRAME_SIZE {
+        return Err(CodecError::FrameTooLarge);
+    }
+    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Decode(format!(
+            "{} trailing bytes after the message",
+            payload.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+/// Reads the protocol version from a payload whose message is variant 0 of its
+/// enum with a `version: u16` first field (the hellos). Works across versions even
+/// when the rest of the message does not decode; `None` if it is not such a frame.
+pub fn peek_hello_version(payload: &[u8]) -> Option<u16> {
+    let ((variant, version), _): ((u32, u16), usize) =
+        bincode::serde::decode_from_slice(payload, config()).ok()?;
+    (variant == 0).then_some(version)
+}
+
+/// A `tokio_util` codec reading `In` messages and writing `Out` messages.
+pub struct FrameCodec<In, Out> {
+    frames: LengthDelimitedCodec,
+    _types: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// A codec with the protocol's frame limit.
+    pub fn new() -> Self {
+        FrameCodec {
+            frames: LengthDelimitedCodec::builder()
+                .length_field_length(4)
+                .max_frame_length(MAX_FRAME_SIZE)
+                .new_codec(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<In, Out> Default for FrameCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn map_frame_error(e: io::Error) -> CodecError {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>())
+    {
+        CodecError::FrameTooLarge
+    } else {
+        CodecError::Io(e)
+    }
+}
+
+impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
+    type Item = In;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
+        match self.frames.decode(src).map_err(map_frame_error)? {
+            Some(frame) => decode_payload(&frame).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let payload = encode_payload(&msg)?;
+        self.frames
+            .encode(Bytes::from(payload), dst)
+            .map_err(map_frame_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::*;
+
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+        ]
+    }
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![Just(Role::Leader), Just(Role::Follower)]
+    }
+
+    fn peer_to_server() -> impl Strategy<Value = PeerToServer> {
+        prop_oneof![
+            (
+                any::<u16>(),
+                "[a-z0-9-]{0,70}",
+                "\\PC{0,40}",
+                prop::collection::vec(addr(), 0..10)
+            )
+                .prop_map(|(version, code, name, candidates)| {
+                    PeerToServer::Hello(Hello {
+                        version,
+                        code,
+                        name,
+                        candidates,
+                    })
+                }),
+            any::<u32>().prop_map(|seq| PeerToServer::Pong { seq }),
+            (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(public, attempts, ms)| {
+                PeerToServer::Report(PunchOutcome::Direct {
+                    public,
+                    attempts,
+                    elapsed_ms: ms,
+                })
+            }),
+            any::<u32>().prop_map(|attempts| PeerToServer::Report(PunchOutcome::Failed { attempts })),
+        ]
+    }
+
+    fn server_to_peer() -> impl Strategy<Value = ServerToPeer> {
+        prop_oneof![
+            (any::<u16>(), ".{0,100}").prop_map(|(code, message)| ServerToPeer::Error { code, message }),
+            addr().prop_map(|observed| ServerToPeer::Welcome { observed }),
+            any::<u32>().prop_map(|seq| ServerToPeer::Ping { seq }),
+            (
+                ".{0,40}",
+                addr(),
+                prop::collection::vec(addr(), 0..10),
+                role(),
+                any::<[u8; SESSION_LEN]>()
+            )
+                .prop_map(|(name, observed, candidates, role, session)| {
+                    ServerToPeer::Go(Go {
+                        peer: PeerInfo {
+                            name,
+                            observed,
+                            candidates,
+                        },
+                        role,
+                        session,
+                    })
+                }),
+        ]
+    }
+
+    fn peer_to_peer() -> impl Strategy<Value = PeerToPeer> {
+        prop_oneof![
+            (any::<u16>(), any::<[u8; SESSION_LEN]>(), role())
+                .prop_map(|(version, session, role)| PeerToPeer::LinkHello { version, session, role }),
+            Just(PeerToPeer::Select),
+            Just(PeerToPeer::Bye),
+            ".{0,300}".prop_map(|text| PeerToPeer::Line { text }),
+        ]
+    }
+
+    /// Encodes through the real codec, then decodes the bytes fed in small pieces,
+    /// as a socket would deliver them.
+    fn round_trip<T>(msg: T) -> T
+    where
+        T: Serialize + DeserializeOwned + Clone,
+    {
+        let mut enc = FrameCodec::<T, T>::new();
+        let mut wire = BytesMut::new();
+        enc.encode(msg, &mut wire).expect("encodes");
+        let mut dec = FrameCodec::<T, T>::new();
+        let mut buf = BytesMut::new();
+        let mut out = None;
+        for chunk in wire.chunks(3) {
+            assert!(out.is_none(), "decoded before the frame was complete");
+            buf.extend_from_slice(chunk);
+            out = dec.decode(&mut buf).expect("decodes");
+        }
+        assert!(buf.is_empty());
+        out.expect("one whole frame")
+    }
+
+    /// Decoding arbitrary bytes as every message type must never panic, whatever
+    /// it returns.
+    fn decode_all(bytes: &[u8]) {
+        let _ = decode_payload::<PeerToServer>(bytes);
+        let _ = decode_payload::<ServerToPeer>(bytes);
+        let _ = decode_payload::<PeerToPeer>(bytes);
+        let _ = peek_hello_version(bytes);
+        let mut buf = BytesMut::from(bytes);
+        let mut dec = FrameCodec::<PeerToServer, ()>::new();
+        while let Ok(Some(_)) = dec.decode(&mut buf) {}
+        let mut buf = BytesMut::from(bytes);
+        let mut dec = FrameCodec::<PeerToPeer, ()>::new();
+        while let Ok(Some(_)) = dec.decode(&mut buf) {}
+    }
+
+    proptest! {
+        #[test]
+        fn peer_to_server_round_trips(msg in peer_to_server()) {
+            prop_assert_eq!(round_trip(msg.clone()), msg);
+        }
+
+        #[test]
+        fn server_to_peer_round_trips(msg in server_to_peer()) {
+            prop_assert_eq!(round_trip(msg.clone()), msg);
+        }
+
+        #[test]
+        fn peer_to_peer_round_trips(msg in peer_to_peer()) {
+            prop_assert_eq!(round_trip(msg.clone()), msg);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            decode_all(&bytes);
+        }
+
+        #[test]
+        fn truncated_frames_never_panic(msg in peer_to_server(), cut in any::<prop::sample::Index>()) {
+            let payload = encode_payload(&msg).expect("encodes");
+            let short = &payload[..cut.index(payload.len())];
+            // A strict prefix of a message is never the same message.
+            prop_assert_ne!(decode_payload::<PeerToServer>(short).ok(), Some(msg));
+            decode_all(short);
+        }
+
+        #[test]
+        fn bit_flipped_frames_never_panic(
+            msg in prop_oneof![
+                server_to_peer().prop_map(|m| encode_payload(&m).expect("encodes")),
+                peer_to_peer().prop_map(|m| encode_payload(&m).expect("encodes")),
+                peer_to_server().prop_map(|m| encode_payload(&m).expect("encodes")),
+            ],
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..4),
+        ) {
+            let mut bytes = msg;
+            for (at, bit) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= 1 << bit;
+            }
+            decode_all(&bytes);
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_rejected_before_buffering() {
+        let mut dec = FrameCodec::<PeerToServer, ()>::new();
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0, 0][..]);
+        assert!(matches!(dec.decode(&mut buf), Err(CodecError::FrameTooLarge)));
+    }
+
+    #[test]
+    fn huge_collection_length_inside_a_frame_is_rejected() {
+        // Hello with a code whose announced length is 2^60: must fail, not allocate.
+        let mut payload = vec![0u8, 1]; // variant 0, version 1
+        payload.push(0xfd); // varint: u64 follows
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(matches!(
+            decode_payload::<PeerToServer>(&payload),
+            Err(CodecError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let mut payload = encode_payload(&PeerToPeer::Bye).expect("encodes");
+        payload.push(0);
+        assert!(decode_payload::<PeerToPeer>(&payload).is_err());
+    }
+
+    #[test]
+    fn version_is_readable_from_a_future_hello() {
+        // A hello from a later version whose other fields this version cannot parse.
+        let payload = encode_payload(&(0u32, 7u16, [0xffu8; 3])).expect("encodes");
+        assert!(decode_payload::<PeerToServer>(&payload).is_err());
+        assert_eq!(peek_hello_version(&payload), Some(7));
+        let pong = encode_payload(&PeerToServer::Pong { seq: 3 }).expect("encodes");
+        assert_eq!(peek_hello_version(&pong), None);
+    }
+
+    #[test]
+    fn longest_line_fits_in_a_frame() {
+        let line = PeerToPeer::Line {
+            text: "é".repeat(MAX_LINE_BYTES / 2),
+        };
+        assert_eq!(round_trip(line.clone()), line);
+    }
+}

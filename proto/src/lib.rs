@@ -1,0 +1,48 @@
+//! The punchline wire protocol, with no I/O and no clock.
+//!
+//! This crate owns everything two programs must agree on to talk to each other:
+//! the message types of both connections (peer ↔ rendezvous and peer ↔ peer),
+//! the framing codec, the protocol version and the named limits. It also holds the
+//! pure state machines the rendezvous and the peer drive: the pairing table
+//! ([`pairing`]), the synchronised-go timing ([`timing`]), the punch retry cadence
+//! ([`punch`]) and the check that a punched link reaches the expected peer
+//! ([`link`]). Time is always passed in, so all of it is tested without sockets.
+
+pub mod codec;
+pub mod link;
+pub mod message;
+pub mod pairing;
+pub mod punch;
+pub mod timing;
+
+pub use codec::{CodecError, FrameCodec};
+pub use message::*;
+
+/// Version of the wire protocol. Both the rendezvous and the other peer must speak
+/// exactly this version; a mismatch is reported with a clear error, never guessed at.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame (payload after the 4-byte length prefix) anyone accepts.
+///
+/// Every message of the protocol fits in a few hundred bytes except a chat line,
+/// which is capped at [`MAX_LINE_BYTES`]; 16 KiB leaves room for that line plus
+/// encoding overhead while keeping what a hostile sender can make us buffer small.
+pub const MAX_FRAME_SIZE: usize = 16 * 1024;
+
+/// Longest chat line, in bytes of UTF-8. Longer lines are refused by the sender with
+/// a clear error (not split), so that one typed line is always one received line.
+pub const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// Longest code (`NAMEPLATE-WORD-WORD…`), in bytes.
+pub const MAX_CODE_LEN: usize = 64;
+
+/// Longest display name, in characters.
+pub const MAX_NAME_CHARS: usize = 32;
+
+/// Most candidate addresses a peer may announce. A host has a handful of
+/// interfaces; more than this is either a misconfiguration or an attempt to make
+/// the other peer send SYNs to many third-party addresses.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Length of the random session token the rendezvous gives both peers of a pair.
+pub const SESSION_LEN: usize = 16;

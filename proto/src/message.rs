@@ -1,0 +1,356 @@
+//! Message types of both connections, named by direction.
+//!
+//! - [`PeerToServer`] / [`ServerToPeer`]: a peer and the rendezvous.
+//! - [`PeerToPeer`]: the two peers over the punched link.
+//!
+//! Compatibility rule: variant 0 of every enum (the hellos and the error) keeps its
+//! layout across protocol versions, so a program can always read the other side's
+//! version, or its error, even when the rest of the protocol changed.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{MAX_CANDIDATES, MAX_CODE_LEN, MAX_LINE_BYTES, MAX_NAME_CHARS, SESSION_LEN};
+
+/// Random token the rendezvous gives both peers of one pair; each punched link
+/// proves it reaches the expected peer by showing it.
+pub type SessionToken = [u8; SESSION_LEN];
+
+/// Which side leads the asymmetric steps after the punch (choosing the one link
+/// both keep). Assigned by the rendezvous: the two ends of a simultaneous open are
+/// both "clients", so nothing on the link itself can break the tie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Picks the link both peers keep and announces it with [`PeerToPeer::Select`].
+    Leader,
+    /// Keeps the link on which the leader's [`PeerToPeer::Select`] arrives.
+    Follower,
+}
+
+impl Role {
+    /// The role of the other peer of the pair.
+    pub fn other(self) -> Role {
+        match self {
+            Role::Leader => Role::Follower,
+            Role::Follower => Role::Leader,
+        }
+    }
+}
+
+/// The first message a peer sends the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the sender. First field: see the module docs.
+    pub version: u16,
+    /// The code both users typed (see [`validate_code`]).
+    pub code: String,
+    /// Name shown to the other side (see [`validate_name`]).
+    pub name: String,
+    /// The peer's own interface addresses with its fixed port (LAN candidates).
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// Everything one peer learns about the other when the pair is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The other's name.
+    pub name: String,
+    /// The other's address as the rendezvous saw it (its NAT's public mapping).
+    pub observed: SocketAddr,
+    /// The other's own interface addresses (LAN candidates).
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// The synchronised "go": punch now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Go {
+    /// The other peer.
+    pub peer: PeerInfo,
+    /// This peer's role.
+    pub role: Role,
+    /// Token both peers show on each punched link to recognise each other.
+    pub session: SessionToken,
+}
+
+/// How a punch ended, as a peer reports it to the rendezvous (for its logs and
+/// statistics; the rendezvous takes no decision on it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PunchOutcome {
+    /// A direct link is up.
+    Direct {
+        /// The winning candidate was the other's observed (public) address.
+        public: bool,
+        /// Connection attempts made, on all candidates.
+        attempts: u32,
+        /// Time from go to the verified link, in milliseconds.
+        elapsed_ms: u32,
+    },
+    /// No candidate answered before the deadline.
+    Failed {
+        /// Connection attempts made, on all candidates.
+        attempts: u32,
+    },
+}
+
+/// Peer → rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerToServer {
+    /// First message on the connection. Variant 0: stable across versions.
+    Hello(Hello),
+    /// Answer to [`ServerToPeer::Ping`], sent at once (the rendezvous measures RTT).
+    Pong {
+        /// The ping's sequence number.
+        seq: u32,
+    },
+    /// How the punch ended.
+    Report(PunchOutcome),
+}
+
+/// Why the rendezvous refused or dropped a peer. Sent as a number so that a code
+/// added later still reaches an older peer as "other", with its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The two sides speak different protocol versions.
+    VersionMismatch,
+    /// Two peers already use this code.
+    CodeInUse,
+    /// Nobody joined with this code before the waiting time ran out.
+    Expired,
+    /// The message was not understood (bad frame, bad field).
+    Malformed,
+    /// The server is at a resource limit; try again later.
+    Busy,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The number sent on the wire.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::VersionMismatch => 1,
+            ErrorCode::CodeInUse => 2,
+            ErrorCode::Expired => 3,
+            ErrorCode::Malformed => 4,
+            ErrorCode::Busy => 5,
+            ErrorCode::ShuttingDown => 6,
+            ErrorCode::Other(n) => n,
+        }
+    }
+
+    /// The code for a number received on the wire.
+    pub fn from_u16(n: u16) -> ErrorCode {
+        match n {
+            1 => ErrorCode::VersionMismatch,
+            2 => ErrorCode::CodeInUse,
+            3 => ErrorCode::Expired,
+            4 => ErrorCode::Malformed,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::ShuttingDown,
+            n => ErrorCode::Other(n),
+        }
+    }
+}
+
+/// Rendezvous → peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerToPeer {
+    /// The request failed; the server closes the connection after sending this.
+    /// Variant 0: stable across versions.
+    Error {
+        /// [`ErrorCode::to_u16`].
+        code: u16,
+        /// A sentence for the user.
+        message: String,
+    },
+    /// Hello accepted; the peer waits for the other side.
+    Welcome {
+        /// The peer's address as the server sees it (its public NAT mapping).
+        observed: SocketAddr,
+    },
+    /// RTT probe; answer with [`PeerToServer::Pong`] at once.
+    Ping {
+        /// Sequence number to echo.
+        seq: u32,
+    },
+    /// Punch now.
+    Go(Go),
+}
+
+impl ServerToPeer {
+    /// An error message with its code.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerToPeer::Error {
+            code: code.to_u16(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Peer ↔ peer, over the punched link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerToPeer {
+    /// First message on every candidate link, from both ends. Variant 0: stable.
+    LinkHello {
+        /// Sender's [`crate::PROTOCOL_VERSION`].
+        version: u16,
+        /// The session token the rendezvous gave the pair.
+        session: SessionToken,
+        /// The sender's role.
+        role: Role,
+    },
+    /// From the leader: this link is the one both keep.
+    Select,
+    /// One chat line.
+    Line {
+        /// The text, without line terminator.
+        text: String,
+    },
+    /// The sender is leaving; it sends nothing after this.
+    Bye,
+}
+
+/// Why a field of a message is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidField {
+    /// The code is empty, too long, or has characters other than `A-Z a-z 0-9 -`.
+    #[error("invalid code {0:?}: use letters, digits and '-', at most {MAX_CODE_LEN} characters, like 7-guitar-orbit")]
+    Code(String),
+    /// The name is empty, too long or has control characters.
+    #[error("invalid name {0:?}: 1 to {MAX_NAME_CHARS} characters, no control characters")]
+    Name(String),
+    /// Too many candidate addresses.
+    #[error("too many candidate addresses ({0}, at most {MAX_CANDIDATES})")]
+    TooManyCandidates(usize),
+    /// A chat line longer than [`MAX_LINE_BYTES`].
+    #[error("line too long ({0} bytes, at most {MAX_LINE_BYTES})")]
+    LineTooLong(usize),
+}
+
+/// Checks the shape of a code: 1 to [`MAX_CODE_LEN`] ASCII letters, digits and
+/// hyphens, not starting or ending with a hyphen.
+pub fn validate_code(code: &str) -> Result<(), InvalidField> {
+    let ok = !code.is_empty()
+        && code.len() <= MAX_CODE_LEN
+        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !code.starts_with('-')
+        && !code.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidField::Code(truncate_for_display(code)))
+    }
+}
+
+/// Checks a display name: 1 to [`MAX_NAME_CHARS`] characters, none of them control
+/// characters (a name is printed on the other user's terminal).
+pub fn validate_name(name: &str) -> Result<(), InvalidField> {
+    let n = name.chars().count();
+    if (1..=MAX_NAME_CHARS).contains(&n) && !name.chars().any(char::is_control) {
+        Ok(())
+    } else {
+        Err(InvalidField::Name(truncate_for_display(name)))
+    }
+}
+
+/// Checks the fields of a hello other than the version.
+pub fn validate_hello(hello: &Hello) -> Result<(), InvalidField> {
+    validate_code(&hello.code)?;
+    validate_name(&hello.name)?;
+    if hello.candidates.len() > MAX_CANDIDATES {
+        return Err(InvalidField::TooManyCandidates(hello.candidates.len()));
+    }
+    Ok(())
+}
+
+/// Checks a chat line before it is sent.
+pub fn validate_line(text: &str) -> Result<(), InvalidField> {
+    if text.len() > MAX_LINE_BYTES {
+        Err(InvalidField::LineTooLong(text.len()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Text from the other side made safe to print on a terminal: control characters
+/// (escape sequences could move the cursor, retitle the window, or fake a line from
+/// someone else) are replaced by U+FFFD, except tab which becomes a space.
+pub fn sanitize_for_terminal(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\t' => ' ',
+            c if c.is_control() => '\u{FFFD}',
+            c => c,
+        })
+        .collect()
+}
+
+fn truncate_for_display(s: &str) -> String {
+    const SHOWN: usize = 80;
+    if s.chars().count() <= SHOWN {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(SHOWN).collect();
+        t.push('…');
+        t
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        for ok in ["7-guitar-orbit", "a", "ROOM42", "123"] {
+            assert_eq!(validate_code(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a b", "a/b", "é", &"x".repeat(MAX_CODE_LEN + 1)] {
+            assert!(validate_code(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("alice").is_ok());
+        assert!(validate_name("Zoë Ωmega").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a\x1b[2Jb").is_err());
+        assert!(validate_name(&"n".repeat(MAX_NAME_CHARS + 1)).is_err());
+    }
+
+    #[test]
+    fn sanitize_removes_escapes() {
+        assert_eq!(sanitize_for_terminal("a\x1b[31mb\tc"), "a\u{FFFD}[31mb c");
+        assert_eq!(sanitize_for_terminal("fine ✓"), "fine ✓");
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for n in 0..20 {
+            assert_eq!(ErrorCode::from_u16(n).to_u16(), n);
+        }
+    }
+
+    #[test]
+    fn lines() {
+        assert!(validate_line(&"x".repeat(MAX_LINE_BYTES)).is_ok());
+        assert_eq!(
+            validate_line(&"x".repeat(MAX_LINE_BYTES + 1)),
+            Err(InvalidField::LineTooLong(MAX_LINE_BYTES + 1))
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! The punch's retry cadence, as pure functions of what happened.
+//!
+//! Each candidate address is tried by its own loop: connect from the fixed port; on
+//! failure close the socket, pause, and connect again from the same port, until the
+//! deadline. Why each pause has its length:
+//!
+//! - Refused (an RST came back: the far NAT or host had no mapping or socket yet, we
+//!   were early): the other side's SYN is on its way or about to leave, and the NAT
+//!   entry our SYN made was closed by the RST, so a fresh SYN must follow quickly.
+//!   Retry after [`RETRY_REFUSED`]; after [`FAST_RETRIES`] of these the other side is
+//!   evidently not answering yet, so slow down to [`RETRY_REFUSED_SLOW`] to stay
+//!   polite towards whatever is at that address.
+//! - No answer within [`ATTEMPT_TIMEOUT`]: the SYN was dropped (a NAT filtering
+//!   unsolicited inbound) and no SYN of the other side arrived either. Start over at
+//!   once: a new SYN re-opens our NAT's mapping.
+//! - Address not available (`EADDRNOTAVAIL`): the same 4-tuple is still held by our
+//!   previous socket for a moment. Retry after [`RETRY_ADDR_BUSY`].
+
+use std::time::Duration;
+
+/// How long the punch goes on before the peer gives up, by default.
+pub const PUNCH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long one connection attempt waits for an answer. Linux retransmits a SYN
+/// after 1 s and again after 3 s; 2.5 s lets the first retransmission work and
+/// replaces the late second one with a fresh attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2500);
+
+/// Pause after a refused attempt, for the first [`FAST_RETRIES`] refusals.
+pub const RETRY_REFUSED: Duration = Duration::from_millis(20);
+
+/// Refusals answered with the short pause.
+pub const FAST_RETRIES: u32 = 25;
+
+/// Pause after a refused attempt once the fast retries are used up.
+pub const RETRY_REFUSED_SLOW: Duration = Duration::from_millis(250);
+
+/// Pause after `EADDRNOTAVAIL` (the 4-tuple is still held by a closing socket).
+pub const RETRY_ADDR_BUSY: Duration = Duration::from_millis(50);
+
+/// How an attempt ended, as far as the retry cadence cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// Connection refused (RST).
+    Refused,
+    /// No answer within [`ATTEMPT_TIMEOUT`].
+    NoAnswer,
+    /// The 4-tuple is in use (`EADDRNOTAVAIL`, `EADDRINUSE`).
+    AddressBusy,
+    /// Any other error (unreachable network, permission...).
+    Other,
+}
+
+/// The pause before the next attempt, after `failure` ended attempt number
+/// `attempt` (counted from 1) on one candidate.
+pub fn retry_pause(failure: AttemptFailure, attempt: u32) -> Duration {
+    match failure {
+        AttemptFailure::Refused if attempt <= FAST_RETRIES => RETRY_REFUSED,
+        AttemptFailure::Refused => RETRY_REFUSED_SLOW,
+        AttemptFailure::NoAnswer => Duration::ZERO,
+        AttemptFailure::AddressBusy => RETRY_ADDR_BUSY,
+        // Unreachable and the like rarely heal within seconds; do not spin.
+        AttemptFailure::Other => RETRY_REFUSED_SLOW,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_slow_down_after_the_fast_ones() {
+        assert_eq!(retry_pause(AttemptFailure::Refused, 1), RETRY_REFUSED);
+        assert_eq!(retry_pause(AttemptFailure::Refused, FAST_RETRIES), RETRY_REFUSED);
+        assert_eq!(
+            retry_pause(AttemptFailure::Refused, FAST_RETRIES + 1),
+            RETRY_REFUSED_SLOW
+        );
+    }
+
+    #[test]
+    fn attempts_within_the_deadline_are_bounded() {
+        // Worst case: every attempt refused at once. Count what fits in the deadline.
+        let mut t = Duration::ZERO;
+        let mut n = 0;
+        while t < PUNCH_DEADLINE {
+            n += 1;
+            t += retry_pause(AttemptFailure::Refused, n);
+        }
+        assert!(n < 100, "{n} attempts per candidate is too many");
+        assert_eq!(retry_pause(AttemptFailure::NoAnswer, 3), Duration::ZERO);
+    }
+}

@@ -1,0 +1,100 @@
+//! RTT estimation and the timing of the synchronised go.
+//!
+//! The punch is quickest when both peers' SYNs leave at the same instant: then each
+//! SYN finds the other's NAT already holding a mapping, whatever that NAT does to
+//! unsolicited packets. The rendezvous cannot make the peers act together, but it
+//! knows its RTT to each, so it sends the go to the nearer peer later by half the
+//! difference of the RTTs: both then receive it after the larger one-way delay.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Samples an [`RttEstimator`] keeps.
+pub const RTT_WINDOW: usize = 8;
+
+/// Largest delay the go is held back for one peer. RTTs of a few seconds mean a
+/// broken path more than a far one; the hold must stay bounded either way.
+pub const MAX_GO_DELAY: Duration = Duration::from_secs(2);
+
+/// Round-trip time estimate: the minimum of the last [`RTT_WINDOW`] samples.
+///
+/// The minimum, not the mean: a sample can only be inflated (by scheduling,
+/// queueing, delayed ACKs), never shortened, so the smallest recent one is the best
+/// estimate of the path's propagation delay, which is what the go timing needs.
+#[derive(Debug, Clone, Default)]
+pub struct RttEstimator {
+    samples: VecDeque<Duration>,
+}
+
+impl RttEstimator {
+    /// An estimator with no samples.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one measured round trip.
+    pub fn add(&mut self, sample: Duration) {
+        if self.samples.len() == RTT_WINDOW {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(sample);
+    }
+
+    /// The current estimate, if any sample exists.
+    pub fn estimate(&self) -> Option<Duration> {
+        self.samples.iter().min().copied()
+    }
+}
+
+/// How long to hold back the go to each of two peers whose RTTs to the server are
+/// `rtt_a` and `rtt_b`, so both receive it at the same moment. The farther peer gets
+/// it at once; the nearer one later by half the difference (capped at
+/// [`MAX_GO_DELAY`]).
+pub fn go_delays(rtt_a: Duration, rtt_b: Duration) -> (Duration, Duration) {
+    let half_diff = |far: Duration, near: Duration| ((far - near) / 2).min(MAX_GO_DELAY);
+    if rtt_a >= rtt_b {
+        (Duration::ZERO, half_diff(rtt_a, rtt_b))
+    } else {
+        (half_diff(rtt_b, rtt_a), Duration::ZERO)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn nearer_peer_waits_half_the_difference() {
+        // A 40 ms away (one way), B 5 ms: RTTs 80 and 10.
+        let (a, b) = go_delays(ms(80), ms(10));
+        assert_eq!((a, b), (ms(0), ms(35)));
+        // Both receive it at the same instant: delay + one-way delay.
+        assert_eq!(a + ms(40), b + ms(5));
+        assert_eq!(go_delays(ms(10), ms(80)), (ms(35), ms(0)));
+        assert_eq!(go_delays(ms(20), ms(20)), (ms(0), ms(0)));
+    }
+
+    #[test]
+    fn delay_is_capped() {
+        assert_eq!(go_delays(Duration::from_secs(30), ms(1)).1, MAX_GO_DELAY);
+    }
+
+    #[test]
+    fn estimate_is_recent_minimum() {
+        let mut e = RttEstimator::new();
+        assert_eq!(e.estimate(), None);
+        e.add(ms(30));
+        e.add(ms(12));
+        e.add(ms(50));
+        assert_eq!(e.estimate(), Some(ms(12)));
+        // The 12 ms sample ages out of the window.
+        for _ in 0..RTT_WINDOW {
+            e.add(ms(20));
+        }
+        assert_eq!(e.estimate(), Some(ms(20)));
+    }
+}
