@@ -1,1 +1,245 @@
-//! x
+//! The punchline peer: meets the other peer through the rendezvous, punches a
+//! direct TCP link by simultaneous open from one fixed local port, and chats.
+//!
+//! 1. Bind the fixed port and connect to the rendezvous from it ([`client`]).
+//! 2. Say hello (code, name, LAN candidates); learn our public address; wait for
+//!    the other peer and the synchronised go.
+//! 3. Punch on all candidates at once; keep the one link both sides agree on
+//!    ([`punch`]). The rendezvous connection stays open until then.
+//! 4. Chat over the link ([`chat`]), typed and shown by [`ui`].
+
+pub mod chat;
+pub mod client;
+pub mod error;
+pub mod net;
+pub mod punch;
+pub mod ui;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use punchline_proto::{
+    sanitize_for_terminal, validate_code, validate_name, Hello, PunchOutcome, MAX_CANDIDATES,
+    PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub use chat::ChatEnd;
+pub use error::PeerError;
+
+/// Port of the rendezvous when the server address names none.
+pub const DEFAULT_SERVER_PORT: u16 = 7425;
+
+/// How the user talks to the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// stdin is a terminal: line editor, history, commands.
+    Terminal,
+    /// stdin is a pipe or file: one message per line.
+    Lines,
+}
+
+/// Everything the user chose.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Rendezvous `HOST[:PORT]`.
+    pub server: String,
+    /// Fixed local port (0: the OS picks one, then it is kept).
+    pub port: u16,
+    /// Name shown to the other side.
+    pub name: String,
+    /// The shared code.
+    pub code: String,
+    /// How long to try punching.
+    pub punch_timeout: Duration,
+    /// Offer this host's interface addresses as candidates.
+    pub lan_candidates: bool,
+    /// More addresses to offer (e.g. a port forwarded on the router).
+    pub extra_candidates: Vec<SocketAddr>,
+}
+
+/// Checks and normalises a code as typed: surrounding spaces removed, lower case.
+pub fn normalize_code(code: &str) -> Result<String, PeerError> {
+    let code = code.trim().to_ascii_lowercase();
+    validate_code(&code).map_err(|e| PeerError::Usage(e.to_string()))?;
+    Ok(code)
+}
+
+/// A display name from the login name, made valid (the login name may be long or
+/// odd); "anonymous" when there is none.
+pub fn default_name() -> String {
+    let login = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let name: String = login
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(punchline_proto::MAX_NAME_CHARS)
+        .collect();
+    if validate_name(&name).is_ok() {
+        name
+    } else {
+        "anonymous".to_owned()
+    }
+}
+
+/// `HOST:PORT` from what the user typed, adding [`DEFAULT_SERVER_PORT`] when no
+/// port is given (`example.org`, `192.0.2.1`, `2001:db8::1`, `[2001:db8::1]`).
+pub fn with_default_port(server: &str) -> String {
+    let s = server.trim();
+    if s.parse::<SocketAddr>().is_ok() {
+        return s.to_owned();
+    }
+    if s.starts_with('[') && s.ends_with(']') {
+        return format!("{s}:{DEFAULT_SERVER_PORT}");
+    }
+    if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        return format!("[{s}]:{DEFAULT_SERVER_PORT}");
+    }
+    match s.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => s.to_owned(),
+        _ => format!("{s}:{DEFAULT_SERVER_PORT}"),
+    }
+}
+
+/// Runs a whole session: meet, punch, chat. Returns how the chat ended.
+pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
+    let code = normalize_code(&opts.code)?;
+    validate_name(&opts.name).map_err(|e| PeerError::Usage(e.to_string()))?;
+    let mut status = ui::StderrStatus;
+    use chat::Output as _;
+
+    // 1. Rendezvous, from the fixed port.
+    let server = with_default_port(&opts.server);
+    let mut rendezvous = client::Rendezvous::connect(&server, opts.port).await?;
+    let port = rendezvous.local_port;
+    tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
+
+    // 2. Hello and wait.
+    let mut candidates = if opts.lan_candidates {
+        net::lan_candidates(port)
+    } else {
+        Vec::new()
+    };
+    candidates.extend(opts.extra_candidates.iter().copied());
+    candidates.dedup();
+    candidates.truncate(MAX_CANDIDATES);
+    let observed = rendezvous
+        .hello(Hello {
+            version: PROTOCOL_VERSION,
+            code: code.clone(),
+            name: opts.name.clone(),
+            candidates,
+        })
+        .await?;
+    status.status(&format!(
+        "waiting for the other side to join with code {code} (your public address: {observed}, local port {port})"
+    ));
+    let go = rendezvous.wait_for_go().await?;
+    let start = Instant::now();
+    let their_name = sanitize_for_terminal(&go.peer.name);
+    tracing::info!(peer = %their_name, observed = %go.peer.observed, role = %go.role, "go");
+
+    // 3. Punch.
+    let params = punch::PunchParams {
+        local_port: port,
+        deadline: opts.punch_timeout,
+        our_observed: observed,
+    };
+    let punched = match punch::punch(&go, &params, start).await {
+        Ok(p) => p,
+        Err(e) => {
+            let attempts = match &e {
+                PeerError::PunchFailed { attempts, .. } => *attempts,
+                _ => 0,
+            };
+            rendezvous.finish(PunchOutcome::Failed { attempts }).await;
+            return Err(e);
+        }
+    };
+    let elapsed_ms = punched.elapsed.as_millis();
+    rendezvous
+        .finish(PunchOutcome::Direct {
+            public: punched.kind == punch::CandidateKind::Public,
+            attempts: punched.attempts,
+            elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
+        })
+        .await;
+    status.status(&format!(
+        "connected to {their_name}: direct link to {} ({}), {elapsed_ms} ms after go, {} attempt{}",
+        punched.remote,
+        punched.kind.describe(),
+        punched.attempts,
+        if punched.attempts == 1 { "" } else { "s" },
+    ));
+
+    // 4. Chat.
+    let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
+    let mut link = punched.link;
+    let mut stats = chat::ChatStats::default();
+    let (result, mut terminal) = match mode {
+        Mode::Terminal => {
+            let mut term = ui::Terminal::start(tx)
+                .map_err(|e| PeerError::io("cannot start the line editor", e))?;
+            let r = chat::chat(&mut link, &their_name, &mut rx, &mut term, &mut stats).await;
+            (r, Some(term))
+        }
+        Mode::Lines => {
+            ui::spawn_stdin_lines(tx.clone());
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = tx.send(chat::Input::Interrupted).await;
+                }
+            });
+            let r = chat::chat(
+                &mut link,
+                &their_name,
+                &mut rx,
+                &mut ui::LinesOutput,
+                &mut stats,
+            )
+            .await;
+            (r, None)
+        }
+    };
+    if let Some(term) = terminal.as_mut() {
+        term.restore();
+    }
+    let end = result?;
+    let summary = format!("{} lines sent, {} received", stats.sent, stats.received);
+    match end {
+        ChatEnd::TheyLeft => status.status(&format!("{their_name} left ({summary})")),
+        ChatEnd::WeLeft | ChatEnd::Interrupted => {
+            status.status(&format!("bye ({summary}, all delivered)"))
+        }
+    }
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_ports() {
+        assert_eq!(with_default_port("example.org"), "example.org:7425");
+        assert_eq!(with_default_port("example.org:99"), "example.org:99");
+        assert_eq!(with_default_port("192.0.2.1"), "192.0.2.1:7425");
+        assert_eq!(with_default_port("2001:db8::1"), "[2001:db8::1]:7425");
+        assert_eq!(with_default_port("[2001:db8::1]"), "[2001:db8::1]:7425");
+        assert_eq!(with_default_port("[2001:db8::1]:5"), "[2001:db8::1]:5");
+    }
+
+    #[test]
+    fn codes_are_normalised() {
+        assert_eq!(
+            normalize_code(" 7-Guitar-Orbit ").expect("valid"),
+            "7-guitar-orbit"
+        );
+        assert!(matches!(
+            normalize_code("7 guitar"),
+            Err(PeerError::Usage(_))
+        ));
+    }
+}

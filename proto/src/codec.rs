@@ -36,8 +36,15 @@ pub enum CodecError {
     #[error("frame larger than {MAX_FRAME_SIZE} bytes")]
     FrameTooLarge,
     /// The frame's payload is not a valid message.
-    #[error("malformed message: {0}")]
-    Decode(String),
+    #[error("malformed message: {reason}")]
+    Decode {
+        /// What the decoder found wrong.
+        reason: String,
+        /// The protocol version, if the payload starts like a hello (see
+        /// [`peek_hello_version`]): lets a receiver answer a peer of another version
+        /// with a version error rather than a generic one.
+        hello_version: Option<u16>,
+    },
     /// The message does not fit in a frame.
     #[error("message too large to send: {0} bytes, at most {MAX_FRAME_SIZE}")]
     EncodeTooLarge(usize),
@@ -61,10 +68,14 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
     if payload.len() > MAX_FRAME_SIZE {
         return Err(CodecError::FrameTooLarge);
     }
+    let malformed = |reason: String| CodecError::Decode {
+        reason,
+        hello_version: peek_hello_version(payload),
+    };
     let (msg, used) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+        .map_err(|e| malformed(e.to_string()))?;
     if used != payload.len() {
-        return Err(CodecError::Decode(format!(
+        return Err(malformed(format!(
             "{} trailing bytes after the message",
             payload.len() - used
         )));
@@ -183,13 +194,15 @@ mod tests {
                     elapsed_ms: ms,
                 })
             }),
-            any::<u32>().prop_map(|attempts| PeerToServer::Report(PunchOutcome::Failed { attempts })),
+            any::<u32>()
+                .prop_map(|attempts| PeerToServer::Report(PunchOutcome::Failed { attempts })),
         ]
     }
 
     fn server_to_peer() -> impl Strategy<Value = ServerToPeer> {
         prop_oneof![
-            (any::<u16>(), ".{0,100}").prop_map(|(code, message)| ServerToPeer::Error { code, message }),
+            (any::<u16>(), ".{0,100}")
+                .prop_map(|(code, message)| ServerToPeer::Error { code, message }),
             addr().prop_map(|observed| ServerToPeer::Welcome { observed }),
             any::<u32>().prop_map(|seq| ServerToPeer::Ping { seq }),
             (
@@ -215,8 +228,13 @@ mod tests {
 
     fn peer_to_peer() -> impl Strategy<Value = PeerToPeer> {
         prop_oneof![
-            (any::<u16>(), any::<[u8; SESSION_LEN]>(), role())
-                .prop_map(|(version, session, role)| PeerToPeer::LinkHello { version, session, role }),
+            (any::<u16>(), any::<[u8; SESSION_LEN]>(), role()).prop_map(
+                |(version, session, role)| PeerToPeer::LinkHello {
+                    version,
+                    session,
+                    role
+                }
+            ),
             Just(PeerToPeer::Select),
             Just(PeerToPeer::Bye),
             ".{0,300}".prop_map(|text| PeerToPeer::Line { text }),
@@ -311,7 +329,10 @@ mod tests {
     fn oversized_length_prefix_is_rejected_before_buffering() {
         let mut dec = FrameCodec::<PeerToServer, ()>::new();
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0, 0][..]);
-        assert!(matches!(dec.decode(&mut buf), Err(CodecError::FrameTooLarge)));
+        assert!(matches!(
+            dec.decode(&mut buf),
+            Err(CodecError::FrameTooLarge)
+        ));
     }
 
     #[test]
@@ -322,7 +343,7 @@ mod tests {
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(matches!(
             decode_payload::<PeerToServer>(&payload),
-            Err(CodecError::Decode(_))
+            Err(CodecError::Decode { .. })
         ));
     }
 
@@ -337,7 +358,13 @@ mod tests {
     fn version_is_readable_from_a_future_hello() {
         // A hello from a later version whose other fields this version cannot parse.
         let payload = encode_payload(&(0u32, 7u16, [0xffu8; 3])).expect("encodes");
-        assert!(decode_payload::<PeerToServer>(&payload).is_err());
+        assert!(matches!(
+            decode_payload::<PeerToServer>(&payload),
+            Err(CodecError::Decode {
+                hello_version: Some(7),
+                ..
+            })
+        ));
         assert_eq!(peek_hello_version(&payload), Some(7));
         let pong = encode_payload(&PeerToServer::Pong { seq: 3 }).expect("encodes");
         assert_eq!(peek_hello_version(&pong), None);

@@ -318,7 +318,15 @@ mod tests {
         for ok in ["7-guitar-orbit", "a", "ROOM42", "123"] {
             assert_eq!(validate_code(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "-a", "a-", "a b", "a/b", "é", &"x".repeat(MAX_CODE_LEN + 1)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a b",
+            "a/b",
+            "é",
+            &"x".repeat(MAX_CODE_LEN + 1),
+        ] {
             assert!(validate_code(bad).is_err(), "{bad:?}");
         }
     }

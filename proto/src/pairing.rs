@@ -258,6 +258,9 @@ mod tests {
         }
         assert_eq!(r.join("d", 9, "v", t0), Join::Full);
         // Pairing into an existing room still works when full.
-        assert!(matches!(r.join("a", 10, "v", t0), Join::Paired { other: 0, .. }));
+        assert!(matches!(
+            r.join("a", 10, "v", t0),
+            Join::Paired { other: 0, .. }
+        ));
     }
 }

@@ -1,1 +1,12 @@
-//! x
+//! The punchline rendezvous: introduces two peers that typed the same code.
+//!
+//! It tells each peer the address its NAT shows to the world (the observed
+//! address), pairs the two peers of a code, measures its RTT to each, and sends both
+//! the synchronised "go" with the other's addresses so their SYNs cross. It never
+//! carries chat traffic. Entry point: [`run`], which tests call on a listener bound
+//! to port 0.
+
+mod rtt;
+pub mod server;
+
+pub use server::{bind_default, run, Config, DEFAULT_PORT};

@@ -1,1 +1,100 @@
-fn main(){}
+//! `peer`: chat with another peer over a direct TCP link punched through NATs.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use punchline_peer::{default_name, run, ChatEnd, Mode, Options};
+
+/// Chat directly with another host, even when both are behind NATs.
+///
+/// Both users run `peer` with the same CODE. The rendezvous server introduces the
+/// two peers; then both connect to each other at the same moment from a fixed local
+/// port, so a direct TCP link forms through both NATs (TCP simultaneous open), and
+/// the chat runs over it. Lines typed are sent; lines received are shown as
+/// `NAME: TEXT`. When stdin is not a terminal, each input line is one message and
+/// the peer exits once all of them are delivered.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Rendezvous server, HOST[:PORT] (default port 7425)
+    #[arg(long, env = "PUNCHLINE_SERVER", value_name = "HOST:PORT")]
+    server: Option<String>,
+
+    /// Fixed local port for the rendezvous connection and every punch attempt
+    /// [default: one the OS picks, then kept for everything]
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+
+    /// Name shown to the other side [default: your login name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// Seconds to keep trying to connect directly before giving up
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    punch_timeout: u64,
+
+    /// Do not tell the other side this host's own (LAN) addresses; you can then
+    /// only meet through your public address
+    #[arg(long)]
+    no_lan: bool,
+
+    /// Also offer this address to the other side (e.g. a port forwarded on your
+    /// router, or a VPN address); may be repeated
+    #[arg(long, value_name = "ADDR:PORT")]
+    candidate: Vec<SocketAddr>,
+
+    /// The code both users type, e.g. 7-guitar-orbit
+    code: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Some(server) = args.server else {
+        eprintln!(
+            "peer: no rendezvous server given: use --server HOST:PORT or set PUNCHLINE_SERVER"
+        );
+        return ExitCode::from(2);
+    };
+    let opts = Options {
+        server,
+        port: args.port.unwrap_or(0),
+        name: args.name.unwrap_or_else(default_name),
+        code: args.code,
+        punch_timeout: Duration::from_secs(args.punch_timeout),
+        lan_candidates: !args.no_lan,
+        extra_candidates: args.candidate,
+    };
+    let mode = if std::io::stdin().is_terminal() {
+        Mode::Terminal
+    } else {
+        Mode::Lines
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("peer: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(opts, mode));
+    // The input thread may still be blocked reading stdin: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(ChatEnd::WeLeft | ChatEnd::TheyLeft) => ExitCode::SUCCESS,
+        Ok(ChatEnd::Interrupted) => ExitCode::from(130),
+        Err(e) => {
+            eprintln!("peer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The peer's side of the rendezvous protocol.
+//!
+//! 1. Connect from the fixed port (the first connection fixes it when the user did
+//!    not choose one).
+//! 2. Send the hello; receive the observed address.
+//! 3. Answer pings until the go arrives.
+//! 4. Keep the connection open during the punch (the NAT mapping the other peer was
+//!    told about belongs to it), then report the outcome and close.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use punchline_proto::{ErrorCode, FrameCodec, Go, Hello, PeerToServer, PunchOutcome, ServerToPeer};
+use tokio::net::{lookup_host, TcpStream};
+use tokio::time::timeout;
+use tokio_util::codec::Framed;
+
+use crate::error::{describe_attempts, PeerError};
+use crate::net::fixed_port_socket;
+
+/// Time allowed to open the TCP connection to one rendezvous address.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time allowed for the rendezvous to answer the hello.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on one write to the rendezvous.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection to the rendezvous.
+pub struct Rendezvous {
+    conn: Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>,
+    /// The rendezvous address actually connected to.
+    pub server: SocketAddr,
+    /// Our fixed local port.
+    pub local_port: u16,
+}
+
+impl Rendezvous {
+    /// Connects to `server` (`HOST:PORT`) from local `port` (0: the OS picks one,
+    /// which then stays ours).
+    pub async fn connect(server: &str, port: u16) -> Result<Self, PeerError> {
+        let addrs: Vec<SocketAddr> = lookup_host(server)
+            .await
+            .map_err(|source| PeerError::Resolve {
+                server: server.to_owned(),
+                source,
+            })?
+            .collect();
+        let mut tried = Vec::new();
+        for addr in addrs {
+            let socket = match fixed_port_socket(addr, port) {
+                Ok(s) => s,
+                Err(e) => {
+                    tried.push((addr, e));
+                    continue;
+                }
+            };
+            match timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let local_port = stream
+                        .local_addr()
+                        .map_err(|e| PeerError::io("reading the local port", e))?
+                        .port();
+                    return Ok(Rendezvous {
+                        conn: Framed::new(stream, FrameCodec::new()),
+                        server: addr,
+                        local_port,
+                    });
+                }
+                Ok(Err(e)) => tried.push((addr, e)),
+                Err(_) => tried.push((
+                    addr,
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"),
+                )),
+            }
+        }
+        if tried.is_empty() {
+            return Err(PeerError::Resolve {
+                server: server.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address found"),
+            });
+        }
+        Err(PeerError::Unreachable {
+            server: server.to_owned(),
+            tried: describe_attempts(&tried),
+        })
+    }
+
+    /// Sends the hello and returns our observed (public) address.
+    pub async fn hello(&mut self, hello: Hello) -> Result<SocketAddr, PeerError> {
+        self.send(PeerToServer::Hello(hello)).await?;
+        let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
+            .await
+            .map_err(|_| PeerError::Timeout("the rendezvous did not answer the hello".into()))?;
+        match reply {
+            Some(Ok(ServerToPeer::Welcome { observed })) => Ok(observed),
+            other => Err(unexpected(other, "a welcome")),
+        }
+    }
+
+    /// Waits for the go, answering pings. Bounded by the server's wait limit.
+    pub async fn wait_for_go(&mut self) -> Result<Go, PeerError> {
+        loop {
+            match self.conn.next().await {
+                Some(Ok(ServerToPeer::Ping { seq })) => {
+                    self.send(PeerToServer::Pong { seq }).await?
+                }
+                Some(Ok(ServerToPeer::Go(go))) => return Ok(go),
+                other => return Err(unexpected(other, "the go")),
+            }
+        }
+    }
+
+    /// Reports the punch outcome and closes the connection (best effort: the
+    /// report only feeds the server's statistics).
+    pub async fn finish(mut self, outcome: PunchOutcome) {
+        let _ = self.send(PeerToServer::Report(outcome)).await;
+        let _ = timeout(Duration::from_secs(1), self.conn.close()).await;
+    }
+
+    async fn send(&mut self, msg: PeerToServer) -> Result<(), PeerError> {
+        timeout(SEND_TIMEOUT, self.conn.send(msg))
+            .await
+            .map_err(|_| PeerError::Timeout("the rendezvous is not reading".into()))??;
+        Ok(())
+    }
+}
+
+fn unexpected(
+    got: Option<Result<ServerToPeer, punchline_proto::CodecError>>,
+    wanted: &str,
+) -> PeerError {
+    match got {
+        None => PeerError::ServerClosed,
+        Some(Err(e)) => e.into(),
+        Some(Ok(ServerToPeer::Error { code, message })) => PeerError::Rejected {
+            code: ErrorCode::from_u16(code),
+            message,
+        },
+        Some(Ok(other)) => PeerError::Protocol(format!("expected {wanted}, got {other:?}")),
+    }
+}

@@ -1,0 +1,97 @@
+//! Errors of the peer, worded for the user who will read them.
+
+use std::io;
+use std::net::SocketAddr;
+
+use punchline_proto::{CodecError, ErrorCode};
+
+/// Everything that can end a chat session early.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The server name did not resolve.
+    #[error("cannot resolve the rendezvous address {server}: {source}")]
+    Resolve {
+        /// What the user gave.
+        server: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// No address of the rendezvous accepted a connection.
+    #[error("cannot reach the rendezvous at {server} ({tried}): check the address and port, that the rendezvous is running, and that a firewall lets TCP through")]
+    Unreachable {
+        /// What the user gave.
+        server: String,
+        /// Each address tried, with its error.
+        tried: String,
+    },
+    /// The rendezvous refused us, with its reason.
+    #[error("the rendezvous refused: {message}")]
+    Rejected {
+        /// The reason's code.
+        code: ErrorCode,
+        /// The reason in words.
+        message: String,
+    },
+    /// The rendezvous closed the connection without a reason.
+    #[error("the rendezvous closed the connection unexpectedly")]
+    ServerClosed,
+    /// The rendezvous or the other peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A connection failed.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// A local socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// No direct link could be made before the deadline.
+    #[error("no direct connection to {name} after {attempts} attempts in {secs} s.\n{diagnosis}")]
+    PunchFailed {
+        /// The other peer's name.
+        name: String,
+        /// Attempts made on all candidates.
+        attempts: u32,
+        /// The deadline, in seconds.
+        secs: u64,
+        /// The likely cause, in words.
+        diagnosis: String,
+    },
+    /// The link to the other peer broke.
+    #[error("connection to {name} lost: {why}")]
+    LinkLost {
+        /// The other peer's name.
+        name: String,
+        /// What happened.
+        why: String,
+    },
+    /// A timeout while talking to the other peer.
+    #[error("{0}")]
+    Timeout(String),
+    /// The user gave an invalid argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl PeerError {
+    /// An I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        PeerError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Formats "addr: error" pairs for [`PeerError::Unreachable`].
+pub fn describe_attempts(tried: &[(SocketAddr, io::Error)]) -> String {
+    tried
+        .iter()
+        .map(|(addr, e)| format!("{addr}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}

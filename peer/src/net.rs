@@ -1,0 +1,75 @@
+//! Sockets bound to the peer's one fixed local port, and the peer's own addresses.
+//!
+//! Every socket the peer opens — the rendezvous connection and each punch attempt —
+//! is bound to the same local port with `SO_REUSEADDR` and `SO_REUSEPORT`, and none
+//! ever listens. The rendezvous sees the NAT's mapping of that port; a NAT with
+//! endpoint-independent mapping reuses the mapping for the punch, so the address the
+//! rendezvous told the other peer is the one our punch SYNs come from.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpSocket;
+
+/// A non-blocking TCP socket for connecting to `dest`, bound to `port` on every
+/// local address of `dest`'s family (`port` 0: the OS picks one).
+pub fn fixed_port_socket(dest: SocketAddr, port: u16) -> io::Result<TcpSocket> {
+    let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    let unspecified = match dest {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => {
+            // Keep the IPv6 socket off IPv4 so a port bound for one family does not
+            // collide with the other.
+            socket.set_only_v6(true)?;
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        }
+    };
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(unspecified, port).into())?;
+    Ok(TcpSocket::from_std_stream(socket.into()))
+}
+
+/// This host's addresses worth offering as LAN candidates, with `port`: every
+/// interface address except loopback and link-local ones (a link-local IPv6 address
+/// needs a scope the other host cannot know).
+pub fn lan_candidates(port: u16) -> Vec<SocketAddr> {
+    let Ok(interfaces) = if_addrs::get_if_addrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = interfaces
+        .iter()
+        .filter(|i| !i.is_loopback() && !i.is_link_local())
+        .map(|i| i.ip())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_have_the_port_and_no_loopback() {
+        for c in lan_candidates(4242) {
+            assert_eq!(c.port(), 4242);
+            assert!(!c.ip().is_loopback(), "{c}");
+        }
+    }
+
+    #[tokio::test]
+    async fn two_sockets_share_the_fixed_port() {
+        let dest: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let a = fixed_port_socket(dest, 0).expect("first");
+        let port = a.local_addr().expect("bound").port();
+        let b = fixed_port_socket(dest, port).expect("second on the same port");
+        assert_eq!(b.local_addr().expect("bound").port(), port);
+    }
+}

@@ -1,0 +1,581 @@
+//! The rendezvous server: accept loop, per-connection task, pairing.
+//!
+//! One connection, step by step:
+//! 1. The peer sends [`Hello`] within [`Config::hello_timeout`]. A wrong version, a
+//!    malformed frame or a bad field gets an error message and the connection ends.
+//! 2. The server answers [`ServerToPeer::Welcome`] with the observed address.
+//! 3. The peer joins the pairing table ([`Rooms`]) under its code.
+//!    - First of the code: it waits, answering pings (RTT samples, and traffic that
+//!      keeps its NAT mapping alive) until the second peer arrives or the wait
+//!      expires.
+//!    - Second: the pair is made. The joining task computes both go delays
+//!      ([`go_delays`]) and hands the waiting task its go through a channel.
+//!    - Third: "code already in use".
+//! 4. Each task holds its go back by its delay, sends it, then keeps the connection
+//!    open while the peers punch (their NAT mappings depend on it), until the peer
+//!    reports the outcome or leaves.
+//!
+//! An error on one connection is logged and ends that connection only.
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use punchline_proto::pairing::{ConnId, Join, Rooms};
+use punchline_proto::timing::{go_delays, RttEstimator};
+use punchline_proto::{
+    validate_hello, CodecError, ErrorCode, FrameCodec, Go, Hello, PeerInfo, PeerToServer,
+    PunchOutcome, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::codec::Framed;
+use tracing::{debug, info, warn};
+
+use crate::rtt::kernel_rtt;
+
+/// Port the rendezvous listens on by default (TCP, all interfaces).
+pub const DEFAULT_PORT: u16 = 7425;
+
+/// Default time a first peer waits for the second one. Long enough for a user to
+/// read a code to a friend over the phone, who then installs and starts the tool.
+pub const DEFAULT_WAIT_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// Default time a new connection has to send its hello. A real peer sends it at
+/// once; this only bounds connections that never speak.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default cap on simultaneous connections. Each costs a task and two small
+/// buffers; the cap keeps memory bounded under a flood of connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default cap on rooms (codes waiting or in use).
+pub const DEFAULT_MAX_ROOMS: usize = 10_000;
+
+/// How long a paired room stays reserved (a third peer gets "in use") if its peers
+/// never leave. They normally leave within the punch deadline.
+pub const PAIRED_HOLD: Duration = Duration::from_secs(60);
+
+/// How long the server keeps a paired connection open for the peer's punch report.
+/// Longer than any punch deadline a peer would use.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Pings sent quickly after the hello, to get a few RTT samples early.
+const EARLY_PINGS: u32 = 3;
+/// Spacing of the early pings.
+const EARLY_PING_INTERVAL: Duration = Duration::from_millis(200);
+/// Spacing of later pings while waiting: RTT refresh, and traffic that keeps the
+/// peer's NAT mapping (the one the punch will use) from idling out.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Bound on any single write to a peer: a peer that stops reading is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the pairing table is swept for expired rooms.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Time connections get to say goodbye when the server shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a first peer waits for the second.
+    pub wait_ttl: Duration,
+    /// How long a new connection has to send its hello.
+    pub hello_timeout: Duration,
+    /// Most simultaneous connections; more are told the server is busy.
+    pub max_connections: usize,
+    /// Most rooms (codes) at once.
+    pub max_rooms: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            wait_ttl: DEFAULT_WAIT_TTL,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_rooms: DEFAULT_MAX_ROOMS,
+        }
+    }
+}
+
+/// What ended a connection abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+/// A waiting peer, as the pairing table holds it.
+struct Waiting {
+    events: mpsc::Sender<Event>,
+    rtt_us: Arc<AtomicU64>,
+    info: PeerInfo,
+}
+
+/// What reaches a waiting peer's task from elsewhere.
+enum Event {
+    /// Paired: send this go after this delay.
+    Go { go: Go, delay: Duration },
+    /// Nobody came in time.
+    Expired,
+}
+
+struct Shared {
+    rooms: Mutex<Rooms<Waiting>>,
+    config: Config,
+}
+
+impl Shared {
+    fn rooms(&self) -> MutexGuard<'_, Rooms<Waiting>> {
+        // A panic while holding this lock would be a bug in the pure pairing code;
+        // the table is still structurally valid, so keep serving.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+type Conn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;
+
+/// Binds the default listening socket on `port`: IPv6 and IPv4 on all interfaces
+/// (one dual-stack socket), or IPv4 only where IPv6 is unavailable.
+pub fn bind_default(port: u16) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let dual = || -> io::Result<std::net::TcpListener> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    };
+    dual().or_else(|e| {
+        debug!(error = %e, "no dual-stack socket; listening on IPv4 only");
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    })
+}
+
+/// Serves peers on `listener` until `shutdown` completes, then tells connected
+/// peers the server is going away and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        rooms: Mutex::new(Rooms::new(config.max_rooms, config.wait_ttl, PAIRED_HOLD)),
+        config,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let sweeper = tokio::spawn(sweep(shared.clone()));
+    let mut next_id: ConnId = 0;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = tasks.join_next() => {}
+            accepted = listener.accept() => {
+                let (stream, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause, keep serving.
+                        warn!(error = %e, "accept failed");
+                        sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                next_id += 1;
+                let id = next_id;
+                let busy = tasks.len() >= shared.config.max_connections;
+                tasks.spawn(connection(id, stream, addr, shared.clone(), stop_rx.clone(), busy));
+            }
+        }
+    }
+    info!(connections = tasks.len(), "shutting down");
+    let _ = stop_tx.send(true);
+    let drained = timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tasks.abort_all();
+    }
+    sweeper.abort();
+    Ok(())
+}
+
+/// Expires waiting peers nobody joined.
+async fn sweep(shared: Arc<Shared>) {
+    loop {
+        sleep(SWEEP_INTERVAL).await;
+        let expired = shared.rooms().expire(Instant::now().into_std());
+        for (id, waiting) in expired {
+            debug!(id, "wait expired");
+            // Capacity 1 and this is the only event it will ever get.
+            let _ = waiting.events.try_send(Event::Expired);
+        }
+    }
+}
+
+/// Runs one connection and logs how it ended.
+async fn connection(
+    id: ConnId,
+    stream: TcpStream,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    busy: bool,
+) {
+    let addr = canonical(addr);
+    match serve(id, stream, addr, &shared, stop, busy).await {
+        Ok(()) => debug!(id, %addr, "connection closed"),
+        Err(e) => info!(id, %addr, error = %e, "connection ended"),
+    }
+}
+
+/// Removes the connection from the pairing table whatever way it ends.
+struct RoomGuard<'a> {
+    shared: &'a Shared,
+    code: String,
+    id: ConnId,
+}
+
+impl Drop for RoomGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.rooms().leave(&self.code, self.id);
+    }
+}
+
+async fn serve(
+    id: ConnId,
+    stream: TcpStream,
+    observed: SocketAddr,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+    busy: bool,
+) -> Result<(), ConnError> {
+    let _ = stream.set_nodelay(true);
+    let mut estimator = RttEstimator::new();
+    if let Some(rtt) = kernel_rtt(&stream) {
+        estimator.add(rtt);
+    }
+    let mut conn = Framed::new(stream, FrameCodec::new());
+    if busy {
+        return reject(
+            &mut conn,
+            ErrorCode::Busy,
+            "the server is at its connection limit; try again in a minute",
+        )
+        .await;
+    }
+
+    // 1. Hello.
+    let hello = match timeout(shared.config.hello_timeout, conn.next()).await {
+        Err(_) => {
+            let _ = send(
+                &mut conn,
+                ServerToPeer::error(ErrorCode::Malformed, "no hello received in time"),
+            )
+            .await;
+            return Err(ConnError::Timeout("waiting for hello"));
+        }
+        Ok(None) => return Ok(()),
+        Ok(Some(Ok(PeerToServer::Hello(hello)))) => hello,
+        Ok(Some(Ok(other))) => {
+            let msg = format!("expected a hello, got {}", kind(&other));
+            return reject(&mut conn, ErrorCode::Malformed, msg).await;
+        }
+        Ok(Some(Err(CodecError::Decode {
+            hello_version: Some(v),
+            ..
+        }))) if v != PROTOCOL_VERSION => {
+            return reject(&mut conn, ErrorCode::VersionMismatch, version_message(v)).await;
+        }
+        Ok(Some(Err(CodecError::Io(e)))) => return Err(CodecError::Io(e).into()),
+        Ok(Some(Err(e))) => {
+            return reject(&mut conn, ErrorCode::Malformed, format!("bad hello: {e}")).await;
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return reject(
+            &mut conn,
+            ErrorCode::VersionMismatch,
+            version_message(hello.version),
+        )
+        .await;
+    }
+    if let Err(e) = validate_hello(&hello) {
+        return reject(&mut conn, ErrorCode::Malformed, e.to_string()).await;
+    }
+
+    // 2. Welcome.
+    send(&mut conn, ServerToPeer::Welcome { observed }).await?;
+    let Hello {
+        code,
+        name,
+        candidates,
+        ..
+    } = hello;
+    let me = PeerInfo {
+        name,
+        observed,
+        candidates,
+    };
+
+    // 3. Pairing.
+    let rtt_us = Arc::new(AtomicU64::new(micros(estimator.estimate())));
+    let (events_tx, mut events) = mpsc::channel(1);
+    let mut joined = None;
+    // At most two rounds: a second only if the waiting peer vanished as we joined.
+    for _ in 0..2 {
+        let outcome = shared.rooms().join(
+            &code,
+            id,
+            Waiting {
+                events: events_tx.clone(),
+                rtt_us: rtt_us.clone(),
+                info: me.clone(),
+            },
+            Instant::now().into_std(),
+        );
+        match outcome {
+            Join::Paired { other, value } => {
+                let mut session: SessionToken = [0; punchline_proto::SESSION_LEN];
+                getrandom::fill(&mut session)
+                    .map_err(|e| ConnError::Rejected(format!("no randomness: {e}")))?;
+                let their_rtt = Duration::from_micros(value.rtt_us.load(Ordering::Relaxed));
+                let my_rtt = estimator.estimate().unwrap_or(Duration::ZERO);
+                let (their_delay, my_delay) = go_delays(their_rtt, my_rtt);
+                let theirs = Go {
+                    peer: me.clone(),
+                    role: Role::Leader,
+                    session,
+                };
+                let event = Event::Go {
+                    go: theirs,
+                    delay: their_delay,
+                };
+                if value.events.try_send(event).is_err() {
+                    // The waiting peer's task ended (it disconnected) just before it
+                    // could leave the table. Clear the room and join afresh.
+                    let mut rooms = shared.rooms();
+                    rooms.leave(&code, other);
+                    rooms.leave(&code, id);
+                    continue;
+                }
+                info!(code = %code, a = %value.info.observed, b = %observed,
+                      rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt), "pair made");
+                let mine = Go {
+                    peer: value.info,
+                    role: Role::Follower,
+                    session,
+                };
+                joined = Some((mine, my_delay));
+            }
+            Join::Waiting => joined = None,
+            Join::InUse => {
+                let msg =
+                    format!("code {code} is already in use by two peers: choose another code");
+                return reject(&mut conn, ErrorCode::CodeInUse, msg).await;
+            }
+            Join::Full => {
+                return reject(
+                    &mut conn,
+                    ErrorCode::Busy,
+                    "the server holds too many codes right now; try again later",
+                )
+                .await;
+            }
+        }
+        break;
+    }
+    drop(events_tx);
+    let _guard = RoomGuard {
+        shared,
+        code: code.clone(),
+        id,
+    };
+
+    let (go, delay) = match joined {
+        Some(paired) => paired,
+        None => {
+            info!(id, code = %code, %observed, "peer waiting");
+            match wait_for_pair(&mut conn, &mut events, &mut estimator, &rtt_us, &mut stop).await? {
+                Some(paired) => paired,
+                None => return Ok(()),
+            }
+        }
+    };
+
+    // 4. The synchronised go, then hold the connection during the punch.
+    if !delay.is_zero() {
+        sleep(delay).await;
+    }
+    send(&mut conn, ServerToPeer::Go(go)).await?;
+    debug!(id, delay_ms = ms(delay), "go sent");
+    let report = timeout(REPORT_TIMEOUT, async {
+        loop {
+            match conn.next().await {
+                None => return Ok(None),
+                Some(Ok(PeerToServer::Report(outcome))) => return Ok(Some(outcome)),
+                Some(Ok(PeerToServer::Pong { .. })) => {}
+                Some(Ok(other)) => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected {} after go",
+                        kind(&other)
+                    )))
+                }
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    });
+    match report.await {
+        Ok(Ok(Some(PunchOutcome::Direct {
+            public,
+            attempts,
+            elapsed_ms,
+        }))) => {
+            info!(id, code = %code, public, attempts, elapsed_ms, "punch succeeded")
+        }
+        Ok(Ok(Some(PunchOutcome::Failed { attempts }))) => {
+            info!(id, code = %code, attempts, "punch failed")
+        }
+        Ok(Ok(None)) => debug!(id, "peer left without a report"),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => debug!(id, "no punch report in time"),
+    }
+    Ok(())
+}
+
+/// The waiting phase: ping, collect RTT samples, until paired (`Some`), or the peer
+/// left, the wait expired or the server stops (`None`).
+async fn wait_for_pair(
+    conn: &mut Conn,
+    events: &mut mpsc::Receiver<Event>,
+    estimator: &mut RttEstimator,
+    rtt_us: &AtomicU64,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<(Go, Duration)>, ConnError> {
+    let mut seq: u32 = 0;
+    let mut outstanding: Option<(u32, Instant)> = None;
+    let mut next_ping = Instant::now();
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(Event::Go { go, delay }) => return Ok(Some((go, delay))),
+                Some(Event::Expired) | None => {
+                    let msg = "nobody joined with this code in time; start again and share the code";
+                    send(conn, ServerToPeer::error(ErrorCode::Expired, msg)).await?;
+                    return Ok(None);
+                }
+            },
+            frame = conn.next() => match frame {
+                None => return Ok(None),
+                Some(Ok(PeerToServer::Pong { seq: got })) => {
+                    if let Some((want, sent)) = outstanding {
+                        if got == want {
+                            estimator.add(sent.elapsed());
+                            rtt_us.store(micros(estimator.estimate()), Ordering::Relaxed);
+                            outstanding = None;
+                        }
+                    }
+                }
+                Some(Ok(other)) => {
+                    let msg = format!("unexpected {} while waiting", kind(&other));
+                    return reject(conn, ErrorCode::Malformed, msg).await.map(|()| None);
+                }
+                Some(Err(e)) => return Err(e.into()),
+            },
+            _ = sleep_until(next_ping) => {
+                seq = seq.wrapping_add(1);
+                send(conn, ServerToPeer::Ping { seq }).await?;
+                let now = Instant::now();
+                outstanding = Some((seq, now));
+                next_ping = now + if seq < EARLY_PINGS { EARLY_PING_INTERVAL } else { PING_INTERVAL };
+            }
+            _ = stop.changed() => {
+                send(conn, ServerToPeer::error(ErrorCode::ShuttingDown, "the rendezvous server is shutting down")).await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Sends an error to the peer (best effort), then ends the connection with it.
+async fn reject(
+    conn: &mut Conn,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Result<(), ConnError> {
+    let message = message.into();
+    let _ = send(conn, ServerToPeer::error(code, message.clone())).await;
+    Err(ConnError::Rejected(message))
+}
+
+async fn send(conn: &mut Conn, msg: ServerToPeer) -> Result<(), ConnError> {
+    match timeout(SEND_TIMEOUT, conn.send(msg)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(ConnError::Timeout("peer not reading")),
+    }
+}
+
+fn version_message(theirs: u16) -> String {
+    format!(
+        "this rendezvous speaks protocol version {PROTOCOL_VERSION}, your peer speaks version {theirs}: use matching versions of punchline"
+    )
+}
+
+fn kind(msg: &PeerToServer) -> &'static str {
+    match msg {
+        PeerToServer::Hello(_) => "hello",
+        PeerToServer::Pong { .. } => "pong",
+        PeerToServer::Report(_) => "report",
+    }
+}
+
+/// IPv4 peers reaching a dual-stack socket appear as `::ffff:a.b.c.d`; report them
+/// as plain IPv4, which is what the other peer must connect to.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn micros(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| d.as_micros().try_into().unwrap_or(u64::MAX))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:4000".parse().expect("addr");
+        assert_eq!(
+            canonical(mapped),
+            "192.0.2.7:4000".parse::<SocketAddr>().expect("addr")
+        );
+        let v6: SocketAddr = "[2001:db8::1]:4000".parse().expect("addr");
+        assert_eq!(canonical(v6), v6);
+    }
+}
