@@ -3,15 +3,15 @@
 //! One connection, step by step:
 //! 1. The peer sends [`Hello`] within [`Config::hello_timeout`]. A wrong version, a
 //!    malformed frame or a bad field gets an error message and the connection ends.
-//! 2. The server answers [`ServerToPeer::Welcome`] with the observed address.
-//! 3. The peer joins the pairing table ([`Rooms`]) under its code.
+//! 2. The peer joins the pairing table ([`Rooms`]) under its code, and is answered
+//!    [`ServerToPeer::Welcome`] with its observed address.
 //!    - First of the code: it waits, answering pings (RTT samples, and traffic that
 //!      keeps its NAT mapping alive) until the second peer arrives or the wait
 //!      expires.
 //!    - Second: the pair is made. The joining task computes both go delays
 //!      ([`go_delays`]) and hands the waiting task its go through a channel.
-//!    - Third: "code already in use".
-//! 4. Each task holds its go back by its delay, sends it, then keeps the connection
+//!    - Third: "code already in use" instead of the welcome.
+//! 3. Each task holds its go back by its delay, sends it, then keeps the connection
 //!    open while the peers punch (their NAT mappings depend on it), until the peer
 //!    reports the outcome or leaves.
 //!
@@ -325,8 +325,6 @@ async fn serve(
         return reject(&mut conn, ErrorCode::Malformed, e.to_string()).await;
     }
 
-    // 2. Welcome.
-    send(&mut conn, ServerToPeer::Welcome { observed }).await?;
     let Hello {
         code,
         name,
@@ -339,7 +337,7 @@ async fn serve(
         candidates,
     };
 
-    // 3. Pairing.
+    // 2. Pairing.
     let rtt_us = Arc::new(AtomicU64::new(micros(estimator.estimate())));
     let (events_tx, mut events) = mpsc::channel(1);
     let mut joined = None;
@@ -413,6 +411,9 @@ async fn serve(
         id,
     };
 
+    // Welcome, once the code is known to be usable.
+    send(&mut conn, ServerToPeer::Welcome { observed }).await?;
+
     let (go, delay) = match joined {
         Some(paired) => paired,
         None => {
@@ -424,7 +425,7 @@ async fn serve(
         }
     };
 
-    // 4. The synchronised go, then hold the connection during the punch.
+    // 3. The synchronised go, then hold the connection during the punch.
     if !delay.is_zero() {
         sleep(delay).await;
     }

@@ -1,0 +1,240 @@
+//! The rendezvous over real loopback sockets, driven by protocol-level clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use punchline_proto::{
+    ErrorCode, FrameCodec, Go, Hello, PeerToServer, Role, ServerToPeer, PROTOCOL_VERSION,
+};
+use punchline_rendezvous::{run, Config};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tokio_util::codec::Framed;
+
+type Client = Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn start(config: Config) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        run(listener, config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    (addr, stop, task)
+}
+
+async fn next(c: &mut Client) -> ServerToPeer {
+    timeout(WAIT, c.next())
+        .await
+        .expect("message in time")
+        .expect("connection open")
+        .expect("valid frame")
+}
+
+/// Connects, says hello, returns the client and its observed address.
+async fn hello(
+    server: SocketAddr,
+    code: &str,
+    name: &str,
+    candidates: Vec<SocketAddr>,
+) -> (Client, SocketAddr) {
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let local = stream.local_addr().expect("local");
+    let mut c = Framed::new(stream, FrameCodec::new());
+    c.send(PeerToServer::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        code: code.into(),
+        name: name.into(),
+        candidates,
+    }))
+    .await
+    .expect("send hello");
+    match next(&mut c).await {
+        ServerToPeer::Welcome { observed } => assert_eq!(observed, local),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    (c, local)
+}
+
+/// Answers pings until the go; returns it and how many pings were answered.
+async fn go(c: &mut Client) -> (Go, u32) {
+    let mut pings = 0;
+    loop {
+        match next(c).await {
+            ServerToPeer::Ping { seq } => {
+                pings += 1;
+                c.send(PeerToServer::Pong { seq }).await.expect("pong");
+            }
+            ServerToPeer::Go(go) => return (go, pings),
+            other => panic!("expected go, got {other:?}"),
+        }
+    }
+}
+
+fn error_code(msg: &ServerToPeer) -> Option<ErrorCode> {
+    match msg {
+        ServerToPeer::Error { code, .. } => Some(ErrorCode::from_u16(*code)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
+    let (server, _stop, _task) = start(Config::default()).await;
+    let lan_a: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
+    let (mut a, addr_a) = hello(server, "7-guitar-orbit", "alice", vec![lan_a]).await;
+    // Let alice wait long enough for the early pings.
+    let waiting = tokio::spawn(async move {
+        let (g, pings) = go(&mut a).await;
+        (a, g, pings)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (mut b, addr_b) = hello(server, "7-guitar-orbit", "bob", vec![]).await;
+    let (go_b, _) = go(&mut b).await;
+    let (_a, go_a, pings) = waiting.await.expect("alice task");
+
+    assert!(
+        pings >= 2,
+        "the waiting peer is pinged for its RTT ({pings})"
+    );
+    assert_eq!(go_a.peer.name, "bob");
+    assert_eq!(go_a.peer.observed, addr_b);
+    assert!(go_a.peer.candidates.is_empty());
+    assert_eq!(go_b.peer.name, "alice");
+    assert_eq!(go_b.peer.observed, addr_a);
+    assert_eq!(go_b.peer.candidates, vec![lan_a]);
+    assert_eq!(go_a.session, go_b.session);
+    assert_ne!(go_a.session, [0; 16]);
+    assert_eq!(go_a.role, Role::Leader);
+    assert_eq!(go_b.role, Role::Follower);
+}
+
+#[tokio::test]
+async fn sessions_differ_between_pairs() {
+    let (server, _stop, _task) = start(Config::default()).await;
+    let mut sessions = Vec::new();
+    for code in ["one", "two"] {
+        let (mut a, _) = hello(server, code, "a", vec![]).await;
+        let (mut b, _) = hello(server, code, "b", vec![]).await;
+        let (ga, _) = go(&mut a).await;
+        let (gb, _) = go(&mut b).await;
+        assert_eq!(ga.session, gb.session);
+        sessions.push(ga.session);
+    }
+    assert_ne!(sessions[0], sessions[1]);
+}
+
+#[tokio::test]
+async fn a_third_peer_is_told_the_code_is_in_use() {
+    let (server, _stop, _task) = start(Config::default()).await;
+    let (mut a, _) = hello(server, "full", "a", vec![]).await;
+    let (mut b, _) = hello(server, "full", "b", vec![]).await;
+    go(&mut a).await;
+    go(&mut b).await;
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    c.send(PeerToServer::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        code: "full".into(),
+        name: "c".into(),
+        candidates: vec![],
+    }))
+    .await
+    .expect("send");
+    let reply = next(&mut c).await;
+    assert_eq!(error_code(&reply), Some(ErrorCode::CodeInUse), "{reply:?}");
+    assert!(timeout(WAIT, c.next())
+        .await
+        .expect("closed in time")
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_lonely_peer_is_told_its_wait_expired() {
+    let config = Config {
+        wait_ttl: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let (mut a, _) = hello(server, "lonely", "a", vec![]).await;
+    let reply = loop {
+        match next(&mut a).await {
+            ServerToPeer::Ping { seq } => a.send(PeerToServer::Pong { seq }).await.expect("pong"),
+            other => break other,
+        }
+    };
+    assert_eq!(error_code(&reply), Some(ErrorCode::Expired), "{reply:?}");
+    // The code is free again.
+    let (_b, _) = hello(server, "lonely", "b", vec![]).await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_dropped_after_the_hello_timeout() {
+    let config = Config {
+        hello_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    let reply = next(&mut c).await;
+    assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
+    assert!(timeout(WAIT, c.next())
+        .await
+        .expect("closed in time")
+        .is_none());
+}
+
+#[tokio::test]
+async fn invalid_hello_fields_are_rejected() {
+    let (server, _stop, _task) = start(Config::default()).await;
+    for (code, name, n_candidates) in [
+        ("bad code!", "a", 0),
+        ("ok", "\u{1b}[31m", 0),
+        ("ok", "a", 100),
+    ] {
+        let stream = TcpStream::connect(server).await.expect("connect");
+        let mut c: Client = Framed::new(stream, FrameCodec::new());
+        let candidates = vec!["192.0.2.1:1".parse().expect("addr"); n_candidates];
+        c.send(PeerToServer::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            code: code.into(),
+            name: name.into(),
+            candidates,
+        }))
+        .await
+        .expect("send");
+        let reply = next(&mut c).await;
+        assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_tells_waiting_peers() {
+    let (server, stop, task) = start(Config::default()).await;
+    let (mut a, _) = hello(server, "soon-gone", "a", vec![]).await;
+    let _ = stop.send(());
+    let reply = loop {
+        match next(&mut a).await {
+            ServerToPeer::Ping { seq } => a.send(PeerToServer::Pong { seq }).await.expect("pong"),
+            other => break other,
+        }
+    };
+    assert_eq!(
+        error_code(&reply),
+        Some(ErrorCode::ShuttingDown),
+        "{reply:?}"
+    );
+    timeout(WAIT, task)
+        .await
+        .expect("server stops in time")
+        .expect("clean stop");
+}
