@@ -25,6 +25,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the rendezvous to answer the hello.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest silence from the rendezvous while waiting for the other peer. The server
+/// pings a waiting peer every 10 s; three missed pings mean it or the path is gone
+/// (a NAT that dropped the mapping, a server that died without closing).
+pub const WAIT_SILENCE_TIMEOUT: Duration = Duration::from_secs(35);
+
 /// Bound on one write to the rendezvous.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,7 +105,8 @@ impl Rendezvous {
         }
     }
 
-    /// Waits for the go, answering pings. Bounded by the server's wait limit.
+    /// Waits for the go, answering pings. Bounded by the server's wait limit, and
+    /// by [`WAIT_SILENCE_TIMEOUT`] should the server go quiet.
     pub async fn wait_for_go(&mut self) -> Result<Go, PeerError> {
         loop {
             match self.conn.next().await {

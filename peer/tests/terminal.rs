@@ -1,0 +1,172 @@
+//! The interactive chat in a real terminal: `peer` runs inside tmux, the test types
+//! with `send-keys` and reads the screen with `capture-pane`, while the other side is
+//! a piped `peer` the test drives directly.
+
+mod common;
+
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A tmux session running one command; killed when dropped.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start(command: &str) -> Tmux {
+        let session = format!("punchline-test-{}", std::process::id());
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &session,
+                "-x",
+                "120",
+                "-y",
+                "30",
+                command,
+            ])
+            .env_remove("TMUX")
+            .status()
+            .expect("run tmux")
+            .success();
+        assert!(ok, "tmux new-session failed");
+        Tmux { session }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let ok = Command::new("tmux")
+            .args(["send-keys", "-t", &self.session])
+            .args(keys)
+            .status()
+            .expect("tmux send-keys")
+            .success();
+        assert!(ok);
+    }
+
+    fn screen(&self) -> Vec<String> {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.session])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim_end().to_owned())
+            .collect()
+    }
+
+    /// Waits until `check` accepts the screen; returns it.
+    fn wait_for(&self, what: &str, check: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = self.screen();
+            if check(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "screen never showed {what}:\n{}",
+                screen.join("\n")
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_text(&self, needle: &str) -> Vec<String> {
+        self.wait_for(needle, |s| s.iter().any(|l| l.contains(needle)))
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .status();
+    }
+}
+
+fn last_nonempty(screen: &[String]) -> &str {
+    screen
+        .iter()
+        .rev()
+        .find(|l| !l.is_empty())
+        .map_or("", |l| l.as_str())
+}
+
+fn tmux_available() -> bool {
+    Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
+    if !tmux_available() {
+        assert!(
+            std::env::var_os("PUNCHLINE_REQUIRE_LAB").is_none(),
+            "tmux is required (PUNCHLINE_REQUIRE_LAB is set) but not installed"
+        );
+        eprintln!("SKIPPED: terminal test needs tmux (apt-get install tmux)");
+        return;
+    }
+    let rv = Rendezvous::start();
+    let peer = env!("CARGO_BIN_EXE_peer");
+    let term = Tmux::start(&format!(
+        "{peer} --server {} --name alice --no-lan tty-check; echo EXIT=$?; sleep 30",
+        rv.addr
+    ));
+    term.wait_text("waiting for the other side");
+    let mut bob = Peer::spawn(rv.addr, "bob", "tty-check", &[]);
+    bob.wait_stderr("connected to alice");
+    term.wait_text("connected to bob");
+    term.wait_for("the prompt", |s| last_nonempty(s) == ">");
+
+    // Lines arrive while alice is half-way through typing: they appear above, and
+    // her line is redrawn intact below them.
+    term.keys(&["half typed"]);
+    term.wait_for("the typed text", |s| last_nonempty(s) == "> half typed");
+    bob.send("incoming one\nincoming two\n");
+    let screen = term.wait_text("bob: incoming two");
+    assert!(
+        screen.iter().any(|l| l == "bob: incoming one"),
+        "{}",
+        screen.join("\n")
+    );
+    assert_eq!(
+        last_nonempty(&screen),
+        "> half typed",
+        "{}",
+        screen.join("\n")
+    );
+    term.keys(&["Enter"]);
+    assert_eq!(bob.recv(), "alice: half typed");
+
+    // History: Up brings the last line back.
+    term.keys(&["Up"]);
+    term.wait_for("the recalled line", |s| last_nonempty(s) == "> half typed");
+    term.keys(&["C-u", "/help", "Enter"]);
+    term.wait_text("/quit      say goodbye and leave");
+    term.keys(&["/nonsense", "Enter"]);
+    term.wait_text("unknown command /nonsense");
+
+    // Several lines arriving at once (a paste) are sent as separate lines, in order.
+    term.keys(&["p1", "Enter", "p2", "Enter", "p3", "Enter"]);
+    assert_eq!(bob.recv(), "alice: p1");
+    assert_eq!(bob.recv(), "alice: p2");
+    assert_eq!(bob.recv(), "alice: p3");
+
+    // Text from the other side cannot drive the terminal.
+    bob.send("\x1b[2Jgotcha\n");
+    term.wait_text("bob: \u{FFFD}[2Jgotcha");
+
+    // /quit: goodbye, bob is told, both exit 0, the terminal is usable again.
+    term.keys(&["/quit", "Enter"]);
+    term.wait_text("EXIT=0");
+    assert!(bob.wait().success());
+    bob.wait_stderr("alice left");
+}
