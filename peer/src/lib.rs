@@ -57,6 +57,8 @@ pub struct Options {
     pub lan_candidates: bool,
     /// More addresses to offer (e.g. a port forwarded on the router).
     pub extra_candidates: Vec<SocketAddr>,
+    /// How punch attempts are paced.
+    pub retry: punchline_proto::punch::RetryPolicy,
 }
 
 /// Checks and normalises a code as typed: surrounding spaces removed, lower case.
@@ -146,6 +148,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         local_port: port,
         deadline: opts.punch_timeout,
         our_observed: observed,
+        policy: opts.retry,
     };
     let punched = match punch::punch(&go, &params, start).await {
         Ok(p) => p,
@@ -159,6 +162,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         }
     };
     let elapsed_ms = punched.elapsed.as_millis();
+    tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
     rendezvous
         .finish(PunchOutcome::Direct {
             public: punched.kind == punch::CandidateKind::Public,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
-use punchline_proto::punch::{retry_pause, AttemptFailure, ATTEMPT_TIMEOUT};
+use punchline_proto::punch::{AttemptFailure, RetryPolicy, ATTEMPT_TIMEOUT};
 use punchline_proto::{FrameCodec, Go, PeerToPeer, Role, SessionToken};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -85,6 +85,8 @@ pub struct PunchParams {
     pub deadline: Duration,
     /// Our address as the rendezvous saw it.
     pub our_observed: SocketAddr,
+    /// How attempts are paced.
+    pub policy: RetryPolicy,
 }
 
 /// The candidate addresses to try, public first, without duplicates.
@@ -141,6 +143,7 @@ pub async fn punch(go: &Go, params: &PunchParams, start: Instant) -> Result<Punc
             role: go.role,
             start,
             deadline,
+            policy: params.policy,
             tallies: tallies.clone(),
             found: tx.clone(),
         }));
@@ -219,6 +222,7 @@ struct Candidate {
     role: Role,
     start: Instant,
     deadline: Instant,
+    policy: RetryPolicy,
     tallies: Tallies,
     found: mpsc::Sender<Verified>,
 }
@@ -267,7 +271,7 @@ async fn try_candidate(c: Candidate) {
             AttemptFailure::NoAnswer => t.no_answer += 1,
             AttemptFailure::AddressBusy | AttemptFailure::Other => t.other += 1,
         });
-        let pause = retry_pause(failure, c.start.elapsed());
+        let pause = c.policy.pause(failure, c.start.elapsed());
         if pause.is_zero() {
             // A zero-length tokio sleep still waits for the next timer tick (1 ms);
             // an immediate retry must not.
@@ -424,6 +428,7 @@ mod tests {
             local_port: 5000,
             deadline: Duration::from_secs(10),
             our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            policy: RetryPolicy::Adaptive,
         };
         let c = candidates(&g);
         let tallies = vec![

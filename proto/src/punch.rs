@@ -64,6 +64,27 @@ pub fn retry_pause(failure: AttemptFailure, since_go: Duration) -> Duration {
     }
 }
 
+/// How a peer paces its attempts on one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryPolicy {
+    /// The cadence described in the module docs ([`retry_pause`]).
+    #[default]
+    Adaptive,
+    /// The same pause after every failure: the naive baseline that benchmarks
+    /// compare the adaptive cadence with.
+    Fixed(Duration),
+}
+
+impl RetryPolicy {
+    /// The pause after `failure`, `since_go` after the go.
+    pub fn pause(self, failure: AttemptFailure, since_go: Duration) -> Duration {
+        match self {
+            RetryPolicy::Adaptive => retry_pause(failure, since_go),
+            RetryPolicy::Fixed(pause) => pause,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +114,21 @@ mod tests {
             t += retry_pause(AttemptFailure::Refused, t);
         }
         assert!(n <= 40, "{n} slow attempts per candidate is too many");
+    }
+
+    #[test]
+    fn fixed_policy_ignores_the_failure() {
+        let p = RetryPolicy::Fixed(Duration::from_millis(100));
+        for f in [
+            AttemptFailure::Refused,
+            AttemptFailure::NoAnswer,
+            AttemptFailure::Other,
+        ] {
+            assert_eq!(p.pause(f, Duration::ZERO), Duration::from_millis(100));
+        }
+        assert_eq!(
+            RetryPolicy::Adaptive.pause(AttemptFailure::Refused, Duration::ZERO),
+            Duration::ZERO
+        );
     }
 }

@@ -94,6 +94,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Most rooms (codes) at once.
     pub max_rooms: usize,
+    /// Hold the go back for the nearer peer so both receive it together. Off only
+    /// for the benchmark baseline, which sends it to both at once.
+    pub synchronise_go: bool,
 }
 
 impl Default for Config {
@@ -103,6 +106,7 @@ impl Default for Config {
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_rooms: DEFAULT_MAX_ROOMS,
+            synchronise_go: true,
         }
     }
 }
@@ -360,7 +364,11 @@ async fn serve(
                     .map_err(|e| ConnError::Rejected(format!("no randomness: {e}")))?;
                 let their_rtt = Duration::from_micros(value.rtt_us.load(Ordering::Relaxed));
                 let my_rtt = estimator.estimate().unwrap_or(Duration::ZERO);
-                let (their_delay, my_delay) = go_delays(their_rtt, my_rtt);
+                let (their_delay, my_delay) = if shared.config.synchronise_go {
+                    go_delays(their_rtt, my_rtt)
+                } else {
+                    (Duration::ZERO, Duration::ZERO)
+                };
                 let theirs = Go {
                     peer: me.clone(),
                     role: Role::Leader,
@@ -379,7 +387,8 @@ async fn serve(
                     continue;
                 }
                 info!(code = %code, a = %value.info.observed, b = %observed,
-                      rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt), "pair made");
+                      rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt),
+                      delay_a_ms = ms(their_delay), delay_b_ms = ms(my_delay), "pair made");
                 let mine = Go {
                     peer: value.info,
                     role: Role::Follower,

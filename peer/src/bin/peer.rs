@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use punchline_peer::{default_name, run, ChatEnd, Mode, Options};
+use punchline_proto::punch::RetryPolicy;
 
 /// Chat directly with another host, even when both are behind NATs.
 ///
@@ -46,6 +47,11 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     candidate: Vec<SocketAddr>,
 
+    /// Benchmark baseline: retry every punch attempt after this fixed pause (ms)
+    /// instead of the adaptive cadence
+    #[arg(long, value_name = "MS", hide = true)]
+    naive_retry_ms: Option<u64>,
+
     /// The code both users type, e.g. 7-guitar-orbit
     code: String,
 }
@@ -73,6 +79,10 @@ fn main() -> ExitCode {
         punch_timeout: Duration::from_secs(args.punch_timeout),
         lan_candidates: !args.no_lan,
         extra_candidates: args.candidate,
+        retry: match args.naive_retry_ms {
+            Some(ms) => RetryPolicy::Fixed(Duration::from_millis(ms)),
+            None => RetryPolicy::Adaptive,
+        },
     };
     let mode = if std::io::stdin().is_terminal() {
         Mode::Terminal

@@ -54,6 +54,11 @@ struct Args {
         default_value_t = 10_000
     )]
     max_rooms: usize,
+
+    /// Benchmark baseline: send the go to both peers at once, without holding it
+    /// back for the nearer one
+    #[arg(long, hide = true)]
+    unsynchronised_go: bool,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +97,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         hello_timeout: Duration::from_secs(args.hello_timeout),
         max_connections: args.max_connections,
         max_rooms: args.max_rooms,
+        synchronise_go: !args.unsynchronised_go,
     };
     tracing::info!(addr = %listener.local_addr()?, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
     run(listener, config, shutdown_signal()).await?;
