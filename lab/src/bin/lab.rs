@@ -1,0 +1,146 @@
+//! `lab`: build a NAT lab topology and keep it until Ctrl-C, or clean up
+//! namespaces a dead run left behind.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use punchline_lab::{netns, Lab, LabConfig, LinkShape, NatKind, WanConfig};
+
+/// Real kernel NAT topologies in network namespaces, for punchline tests and
+/// benchmarks. Needs root.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a topology, print its namespaces and addresses, keep it until
+    /// Ctrl-C (or SIGTERM), then remove it.
+    Up(UpArgs),
+    /// Remove lab namespaces whose creating process is gone.
+    Cleanup {
+        /// Remove every lab namespace, also those of running labs.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Edge of side A: home, rst, range, symmetric, public, firewall, cgnat.
+    #[arg(long, default_value = "home")]
+    a: NatKind,
+    /// Edge of side B (ignored with --same-lan).
+    #[arg(long, default_value = "home")]
+    b: NatKind,
+    /// Put B on A's LAN behind A's edge (no hairpin).
+    #[arg(long)]
+    same_lan: bool,
+    /// Give B's LAN the same private range as A's (both hosts 10.0.1.10).
+    #[arg(long)]
+    overlapping_lans: bool,
+    /// One-way delay of side A's link, in ms (applied in both directions).
+    #[arg(long, default_value_t = 0)]
+    delay_a: u64,
+    /// One-way delay of side B's link, in ms.
+    #[arg(long, default_value_t = 0)]
+    delay_b: u64,
+    /// One-way delay of the rendezvous host's link, in ms.
+    #[arg(long, default_value_t = 0)]
+    delay_rv: u64,
+    /// Packet loss of side A's link, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    loss_a: f64,
+    /// Packet loss of side B's link, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    loss_b: f64,
+    /// Packet loss of the rendezvous host's link, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    loss_rv: f64,
+}
+
+impl UpArgs {
+    fn config(&self) -> LabConfig {
+        let shape = |ms: u64, pct: f64| LinkShape {
+            delay: Duration::from_millis(ms),
+            loss: pct / 100.0,
+        };
+        let wan = WanConfig {
+            a: shape(self.delay_a, self.loss_a),
+            b: shape(self.delay_b, self.loss_b),
+            rv: shape(self.delay_rv, self.loss_rv),
+            probe: LinkShape::NONE,
+        };
+        let base = if self.same_lan {
+            LabConfig::same_lan(self.a)
+        } else {
+            LabConfig::new(self.a, self.b)
+        };
+        let base = base.with_wan(wan);
+        if self.overlapping_lans {
+            base.with_overlapping_lans()
+        } else {
+            base
+        }
+    }
+}
+
+fn up(args: &UpArgs) -> anyhow::Result<()> {
+    // Block the signals before any thread exists, so every thread inherits the
+    // mask and the main thread alone receives them through sigwait.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+
+    let lab = Lab::build(&args.config()).context("building the lab")?;
+    print!("{}", lab.describe());
+    println!(
+        "run a program inside a host: ip netns exec {} <program>",
+        lab.netns(punchline_lab::Host::A)
+    );
+    println!("press Ctrl-C to tear down");
+    let signal = signals.wait().context("waiting for a signal")?;
+    eprintln!("{signal:?}: tearing down {}", lab.id());
+    lab.shutdown().context("tearing down the lab")?;
+    Ok(())
+}
+
+fn cleanup(all: bool) -> anyhow::Result<()> {
+    let removed = netns::cleanup_stale(all).context("removing stale namespaces")?;
+    if removed.is_empty() {
+        println!("no stale lab namespaces");
+    }
+    for name in removed {
+        println!("removed {name}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Up(args) => up(args),
+        Cmd::Cleanup { all } => cleanup(*all),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("lab: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

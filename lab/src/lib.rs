@@ -1,0 +1,41 @@
+//! The punchline NAT lab: real kernel NAT topologies built from Linux network
+//! namespaces, veth links and nftables, with an emulated WAN (per-link delay and
+//! loss through NFQUEUE), for tests and benchmarks that need what only a real
+//! network shows.
+//!
+//! A scenario starts the rendezvous server in [`Host::Rv`] and the two peers in
+//! [`Host::A`] and [`Host::B`]:
+//!
+//! ```no_run
+//! use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
+//!
+//! # fn main() -> Result<(), punchline_lab::LabError> {
+//! let lab = Lab::build(
+//!     &LabConfig::new(NatKind::Home, NatKind::Rst).with_wan(WanConfig::delays_ms(5, 40, 20)),
+//! )?;
+//! let rv = format!("{}:7000", lab.addr(Host::Rv));
+//! let mut server = lab.command(Host::Rv, "target/debug/rendezvous").spawn();
+//! let mut peer_a = lab.command(Host::A, "target/debug/peer").arg(&rv).spawn();
+//! // ... when `lab` is dropped, every process still in its namespaces is killed
+//! // and the namespaces are deleted.
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`topology`] builds and tears down a lab, [`nat`] owns the NAT
+//! kinds and their rulesets, [`wan`] the delay emulator, [`netns`] namespace
+//! plumbing, [`cmd`] running the tools, [`names`] unique naming, [`prereq`] the
+//! checks tests use to skip.
+
+pub mod cmd;
+mod error;
+pub mod names;
+pub mod nat;
+pub mod netns;
+pub mod prereq;
+pub mod topology;
+pub mod wan;
+
+pub use error::{LabError, Result};
+pub use nat::NatKind;
+pub use topology::{Host, Lab, LabConfig, Layout, Side, PROBE_ADDR, RV_ADDR};
+pub use wan::{DelayerStats, Link, LinkShape, WanConfig};

@@ -1,0 +1,56 @@
+//! Checking that this machine can run the lab (root, the tools, network
+//! namespaces), so tests can skip loudly instead of failing obscurely, and
+//! the switch that turns such a skip into a failure on machines that must run
+//! the lab (CI).
+
+use std::path::Path;
+
+use crate::cmd;
+use crate::error::{LabError, Result};
+
+/// Environment variable: when set to `1`, a missing prerequisite makes lab
+/// tests fail instead of skip.
+pub const REQUIRE_ENV: &str = "PUNCHLINE_REQUIRE_LAB";
+
+/// Programs the lab runs: iproute2, nftables, iptables (for NFQUEUE); `ping`
+/// and `conntrack` are used by tests and diagnostics.
+pub const TOOLS: [&str; 5] = [cmd::IP, cmd::NFT, cmd::IPTABLES, "ping", "conntrack"];
+
+/// Directories searched for [`TOOLS`] besides `$PATH` (root's tools live in
+/// sbin, which a non-login `$PATH` may lack).
+const SBIN_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// Whether [`REQUIRE_ENV`] asks for the lab to be mandatory.
+pub fn required() -> bool {
+    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Whether `program` is found on `$PATH` or in the sbin directories.
+pub fn have_tool(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SBIN_DIRS.iter().map(Into::into))
+        .any(|dir| dir.join(program).is_file())
+}
+
+/// Checks every prerequisite of the lab; the error says which is missing.
+pub fn check() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(LabError::Prerequisite(
+            "not running as root (network namespaces and NAT rules need root)".into(),
+        ));
+    }
+    let missing: Vec<&str> = TOOLS.into_iter().filter(|t| !have_tool(t)).collect();
+    if !missing.is_empty() {
+        return Err(LabError::Prerequisite(format!(
+            "missing tools: {} (Debian packages iproute2, nftables, iptables, iputils-ping, conntrack)",
+            missing.join(", ")
+        )));
+    }
+    if !Path::new("/proc/self/ns/net").exists() {
+        return Err(LabError::Prerequisite(
+            "kernel without network namespaces".into(),
+        ));
+    }
+    Ok(())
+}

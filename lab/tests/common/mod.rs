@@ -1,0 +1,139 @@
+//! Helpers shared by the lab's integration tests: the skip-or-fail decision on
+//! missing prerequisites, TCP probes run inside lab namespaces, and ping.
+//!
+//! Every address used here belongs to a namespace the test's own lab created.
+
+#![allow(dead_code)]
+
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use punchline_lab::prereq::{self, REQUIRE_ENV};
+use punchline_lab::{Host, Lab, LabConfig};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// How long an accept waits for a connection that should come.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Poll interval of the non-blocking accept loop.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
+/// How long a probe connect waits before calling the target silent. The first
+/// SYN retransmission comes after 1 s, so 1.5 s is one unanswered retry.
+pub const SILENT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Whether the lab can run here. Prints `SKIPPED: ...` and returns false when a
+/// prerequisite is missing, unless `PUNCHLINE_REQUIRE_LAB=1`, which makes it a
+/// failure.
+pub fn lab_available(test: &str) -> bool {
+    match prereq::check() {
+        Ok(()) => true,
+        Err(err) if prereq::required() => {
+            panic!("{REQUIRE_ENV}=1 but the NAT lab cannot run: {err}")
+        }
+        Err(err) => {
+            // Written to the stderr handle directly: unlike `eprintln!`, this is
+            // not swallowed by the test harness's output capture, so a skip is
+            // visible in every `cargo test` run.
+            let _ = writeln!(
+                io::stderr(),
+                "SKIPPED: {test}: {err} (set {REQUIRE_ENV}=1 to fail instead)"
+            );
+            false
+        }
+    }
+}
+
+/// Builds a lab or fails the test with the reason.
+pub fn build(config: &LabConfig) -> Lab {
+    match Lab::build(config) {
+        Ok(lab) => lab,
+        Err(err) => panic!("building lab {config:?} failed: {err}"),
+    }
+}
+
+/// A listener on `0.0.0.0:port` inside `host`'s namespace.
+pub fn listen(lab: &Lab, host: Host, port: u16) -> TcpListener {
+    lab.run_in(host, move || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+    })
+    .expect("enter namespace")
+    .expect("bind listener")
+}
+
+/// Accepts one connection within [`ACCEPT_TIMEOUT`] and returns it with the
+/// peer address the listener observed.
+pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok(pair) => return Ok(pair),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no connection came",
+                    ));
+                }
+                std::thread::sleep(ACCEPT_POLL);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// A TCP socket bound to `local_port` with `SO_REUSEADDR` and `SO_REUSEPORT`,
+/// as the peer binds its fixed port.
+pub fn reusable_socket(local_port: u16) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port).into())?;
+    Ok(socket)
+}
+
+/// Connects from `host` to `dest` within `timeout`, from `local_port` (0 for
+/// any) with the reuse options.
+pub fn connect_from(
+    lab: &Lab,
+    host: Host,
+    local_port: u16,
+    dest: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    lab.run_in(host, move || {
+        let socket = reusable_socket(local_port)?;
+        socket.connect_timeout(&dest.into(), timeout)?;
+        Ok(socket.into())
+    })
+    .expect("enter namespace")
+}
+
+/// Median ping RTT from `host` to `dest` over `count` pings, in milliseconds.
+pub fn ping_median_ms(lab: &Lab, host: Host, dest: Ipv4Addr, count: u32) -> f64 {
+    let output = lab
+        .command(host, "ping")
+        .args(["-n", "-c"])
+        .arg(count.to_string())
+        .args(["-i", "0.2", "-W", "2"])
+        .arg(dest.to_string())
+        .output()
+        .expect("run ping");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut times: Vec<f64> = text
+        .lines()
+        .filter_map(|line| line.split("time=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|ms| ms.parse().ok())
+        .collect();
+    assert!(
+        !times.is_empty(),
+        "no ping replies from {dest} (host {host:?}): {text}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        lab.diagnostics()
+    );
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
