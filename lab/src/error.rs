@@ -58,6 +58,20 @@ pub enum LabError {
         source: io::Error,
     },
 
+    /// An I/O operation of the scenario runner failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A scenario did not go as it must (a peer's output, a check on the link).
+    #[error("{0}")]
+    Scenario(String),
+
     /// A lab thread panicked or ended unexpectedly.
     #[error("lab thread failed: {0}")]
     Thread(String),

@@ -24,7 +24,8 @@
 //! Modules: [`topology`] builds and tears down a lab, [`nat`] owns the NAT
 //! kinds and their rulesets, [`wan`] the delay emulator, [`netns`] namespace
 //! plumbing, [`cmd`] running the tools, [`names`] unique naming, [`prereq`] the
-//! checks tests use to skip.
+//! checks tests use to skip, [`scenario`] the rendezvous and two peers meeting in
+//! a lab.
 
 pub mod cmd;
 mod error;
@@ -32,6 +33,7 @@ pub mod names;
 pub mod nat;
 pub mod netns;
 pub mod prereq;
+pub mod scenario;
 pub mod topology;
 pub mod wan;
 

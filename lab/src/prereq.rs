@@ -33,6 +33,27 @@ pub fn have_tool(program: &str) -> bool {
         .any(|dir| dir.join(program).is_file())
 }
 
+/// Whether the lab can run here, for a test named `test`. Prints `SKIPPED: ...`
+/// and returns false when a prerequisite is missing, unless [`required`], in
+/// which case it panics (the test fails).
+pub fn available_or_skip(test: &str) -> bool {
+    match check() {
+        Ok(()) => true,
+        Err(err) if required() => panic!("{REQUIRE_ENV}=1 but the NAT lab cannot run: {err}"),
+        Err(err) => {
+            // Written to the stderr handle directly: unlike `eprintln!`, this is
+            // not swallowed by the test harness's output capture, so a skip is
+            // visible in every `cargo test` run.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: {test}: {err} (set {REQUIRE_ENV}=1 to fail instead)"
+            );
+            false
+        }
+    }
+}
+
 /// Checks every prerequisite of the lab; the error says which is missing.
 pub fn check() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {

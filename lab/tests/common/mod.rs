@@ -5,11 +5,11 @@
 
 #![allow(dead_code)]
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use punchline_lab::prereq::{self, REQUIRE_ENV};
+use punchline_lab::prereq;
 use punchline_lab::{Host, Lab, LabConfig};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -23,26 +23,9 @@ const ACCEPT_POLL: Duration = Duration::from_millis(5);
 /// SYN retransmission comes after 1 s, so 1.5 s is one unanswered retry.
 pub const SILENT_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// Whether the lab can run here. Prints `SKIPPED: ...` and returns false when a
-/// prerequisite is missing, unless `PUNCHLINE_REQUIRE_LAB=1`, which makes it a
-/// failure.
+/// Whether the lab can run here (see [`prereq::available_or_skip`]).
 pub fn lab_available(test: &str) -> bool {
-    match prereq::check() {
-        Ok(()) => true,
-        Err(err) if prereq::required() => {
-            panic!("{REQUIRE_ENV}=1 but the NAT lab cannot run: {err}")
-        }
-        Err(err) => {
-            // Written to the stderr handle directly: unlike `eprintln!`, this is
-            // not swallowed by the test harness's output capture, so a skip is
-            // visible in every `cargo test` run.
-            let _ = writeln!(
-                io::stderr(),
-                "SKIPPED: {test}: {err} (set {REQUIRE_ENV}=1 to fail instead)"
-            );
-            false
-        }
-    }
+    prereq::available_or_skip(test)
 }
 
 /// Builds a lab or fails the test with the reason.

@@ -1,0 +1,159 @@
+//! The punch through real kernel NATs: the NAT lab's matrix of pairs, each side
+//! behind its own kind of NAT, with asymmetric emulated delays (A 5 ms, B 40 ms,
+//! rendezvous 20 ms one way). Every punchable pair must connect directly and chat
+//! both ways; a symmetric NAT must fail with a clear diagnosis.
+//!
+//! Needs root and the lab's tools; skips loudly otherwise (fails instead when
+//! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
+
+use std::path::Path;
+use std::time::Duration;
+
+use punchline_lab::prereq::available_or_skip;
+use punchline_lab::scenario::{punch, Outcome, PunchSpec, Rendezvous, OURS};
+use punchline_lab::{Lab, LabConfig, NatKind, WanConfig};
+use punchline_rendezvous::Config;
+
+/// One-way delays of the links, in ms: side A, side B, rendezvous.
+const DELAYS: (u64, u64, u64) = (5, 40, 20);
+
+fn lab(config: LabConfig) -> Lab {
+    let (a, b, rv) = DELAYS;
+    let config = config.with_wan(WanConfig::delays_ms(a, b, rv));
+    Lab::build(&config).unwrap_or_else(|e| panic!("building {config:?}: {e}"))
+}
+
+fn spec(code: &str, punch_timeout: Duration) -> PunchSpec {
+    PunchSpec {
+        code: code.into(),
+        port_a: 40000,
+        port_b: 40001,
+        strategy: OURS,
+        punch_timeout,
+    }
+}
+
+/// Builds the lab, punches, proves the link direct, chats both ways, leaves.
+fn must_connect(name: &str, config: LabConfig) {
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(config);
+    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
+    let outcome = punch(&lab, &rv, bin, &spec(name, Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("{name}: {e}\n{}", lab.diagnostics()));
+    let mut link = match outcome {
+        Outcome::Connected(c) => c,
+        Outcome::Failed(f) => panic!(
+            "{name}: no direct link\nalice: {}\nbob: {}\n{}",
+            f.a_error,
+            f.b_error,
+            lab.diagnostics()
+        ),
+    };
+    let rtt = link
+        .verify_direct(&lab)
+        .unwrap_or_else(|e| panic!("{name}: {e}\n{}", lab.diagnostics()));
+    eprintln!(
+        "{name}: {} / {}; chat RTT {rtt:?} (emulated A-B {:?})",
+        link.a_up.status,
+        link.b_up.status,
+        lab.rtt(punchline_lab::Host::A, punchline_lab::Host::B)
+    );
+    link.finish().unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+#[test]
+fn home_home() {
+    must_connect("home-home", LabConfig::new(NatKind::Home, NatKind::Home));
+}
+
+#[test]
+fn rst_rst() {
+    must_connect("rst-rst", LabConfig::new(NatKind::Rst, NatKind::Rst));
+}
+
+#[test]
+fn home_rst() {
+    must_connect("home-rst", LabConfig::new(NatKind::Home, NatKind::Rst));
+}
+
+#[test]
+fn range_home() {
+    must_connect("range-home", LabConfig::new(NatKind::Range, NatKind::Home));
+}
+
+#[test]
+fn range_range() {
+    must_connect(
+        "range-range",
+        LabConfig::new(NatKind::Range, NatKind::Range),
+    );
+}
+
+#[test]
+fn public_home() {
+    must_connect(
+        "public-home",
+        LabConfig::new(NatKind::Public, NatKind::Home),
+    );
+}
+
+#[test]
+fn firewall_home() {
+    must_connect(
+        "firewall-home",
+        LabConfig::new(NatKind::Firewall, NatKind::Home),
+    );
+}
+
+#[test]
+fn cgnat_cgnat() {
+    must_connect(
+        "cgnat-cgnat",
+        LabConfig::new(NatKind::Cgnat, NatKind::Cgnat),
+    );
+}
+
+#[test]
+fn cgnat_rst() {
+    must_connect("cgnat-rst", LabConfig::new(NatKind::Cgnat, NatKind::Rst));
+}
+
+#[test]
+fn same_lan() {
+    must_connect("same-lan", LabConfig::same_lan(NatKind::Home));
+}
+
+#[test]
+fn symmetric_home_fails_with_a_clear_diagnosis() {
+    let name = "symmetric-home";
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(LabConfig::new(NatKind::Symmetric, NatKind::Home));
+    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
+    let outcome = punch(&lab, &rv, bin, &spec(name, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let failed = match outcome {
+        Outcome::Failed(f) => f,
+        Outcome::Connected(c) => panic!(
+            "{name}: connected through a symmetric NAT?\n{}\n{}",
+            c.a_up.status, c.b_up.status
+        ),
+    };
+    assert!(!failed.a_status.success() && !failed.b_status.success());
+    for (who, text) in [("alice", &failed.a_error), ("bob", &failed.b_error)] {
+        assert!(text.contains("no direct connection"), "{who}: {text}");
+        assert!(
+            text.contains("symmetric"),
+            "{who} does not name the likely cause: {text}"
+        );
+    }
+    eprintln!(
+        "{name}: alice says:\n{}\nbob says:\n{}",
+        failed.a_error, failed.b_error
+    );
+}
