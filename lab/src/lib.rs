@@ -25,8 +25,9 @@
 //! kinds and their rulesets, [`wan`] the delay emulator, [`netns`] namespace
 //! plumbing, [`cmd`] running the tools, [`names`] unique naming, [`prereq`] the
 //! checks tests use to skip, [`scenario`] the rendezvous and two peers meeting in
-//! a lab.
+//! a lab, [`bench`] the punch benchmark.
 
+pub mod bench;
 pub mod cmd;
 mod error;
 pub mod names;
@@ -40,4 +41,4 @@ pub mod wan;
 pub use error::{LabError, Result};
 pub use nat::NatKind;
 pub use topology::{Host, Lab, LabConfig, Layout, Side, PROBE_ADDR, RV_ADDR};
-pub use wan::{DelayerStats, Link, LinkShape, WanConfig};
+pub use wan::{DelayerStats, Detour, Link, LinkShape, WanConfig};

@@ -15,8 +15,11 @@
 //!
 //! The punch time needs the instant of pairing, which only the rendezvous knows:
 //! [`install_pair_clock`] installs a tracing layer that records the wall-clock
-//! time of each "pair made" event by code. The peers log "direct link up" with a
-//! wall-clock timestamp; both clocks are this machine's.
+//! time of each "pair made" event by code. The peers log the go with a wall-clock
+//! timestamp and print the time from the go to the established connection; both
+//! clocks are this machine's. The punch ends when TCP is established; checking
+//! that the link reaches the expected peer and agreeing on it take about one more
+//! A-B round trip before the first chat line can be read.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -77,7 +80,12 @@ pub struct Rendezvous {
 impl Rendezvous {
     /// Starts serving on [`RV_PORT`] at the lab's rendezvous address.
     pub fn start(lab: &Lab, config: Config) -> Result<Rendezvous> {
-        let addr = SocketAddr::new(IpAddr::V4(lab.addr(Host::Rv)), RV_PORT);
+        Self::start_on(lab, RV_PORT, config)
+    }
+
+    /// Starts serving on `port` at the lab's rendezvous address.
+    pub fn start_on(lab: &Lab, port: u16, config: Config) -> Result<Rendezvous> {
+        let addr = SocketAddr::new(IpAddr::V4(lab.addr(Host::Rv)), port);
         let listener = lab
             .run_in(Host::Rv, || std::net::TcpListener::bind(addr))?
             .map_err(|source| LabError::Io {
@@ -424,7 +432,8 @@ pub struct LinkUp {
     pub candidate: String,
     /// Connection attempts this peer made.
     pub attempts: u32,
-    /// Wall-clock instant of the link-up, from the peer's log.
+    /// Wall-clock instant the TCP connection was established, from the peer's
+    /// log (the go's timestamp plus the time after go of the status line).
     pub at: Option<SystemTime>,
 }
 
@@ -574,12 +583,19 @@ fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
         .and_then(|(_, a)| a.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| bad("no attempt count"))?;
-    // The log line comes just before the status line.
-    let log = p.wait_stderr("direct link up")?;
-    let at = log
+    // The instant the TCP connection was established: the go's log timestamp
+    // plus the status line's time after go.
+    let elapsed_ms: u64 = rest
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" ms after go"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| bad("no time after go"))?;
+    let go = p.wait_stderr("punchline_peer: go ")?;
+    let at = go
         .split_whitespace()
         .next()
-        .and_then(|ts| humantime::parse_rfc3339(ts).ok());
+        .and_then(|ts| humantime::parse_rfc3339(ts).ok())
+        .map(|t| t + Duration::from_millis(elapsed_ms));
     Ok(LinkUp {
         status: status.to_owned(),
         remote,

@@ -13,7 +13,12 @@
 //! - one-way delay A→B = dA + dB, and RTT A↔B = 2·(dA + dB);
 //! - RTT A↔rv = 2·(dA + dRV); RTT B↔rv = 2·(dB + dRV);
 //! - traffic that stays on a LAN (two hosts behind one NAT) never enters the
-//!   internet namespace and sees no emulated delay.
+//!   internet namespace and sees no emulated delay;
+//! - optionally, one path between two links gets an extra delay of its own
+//!   ([`WanConfig::detour`]), for what per-link delays cannot express: two peers
+//!   close to each other while the rendezvous is far from one of them (with
+//!   per-link delays alone the difference of the peers' distances to the
+//!   rendezvous is always smaller than their distance to each other).
 //!
 //! # How
 //!
@@ -148,6 +153,26 @@ pub struct WanConfig {
     pub rv: LinkShape,
     /// The probe host's link.
     pub probe: LinkShape,
+    /// An extra one-way delay on one path only, both directions.
+    pub detour: Option<Detour>,
+}
+
+/// An extra delay on the path between two links (both directions), on top of
+/// the links' own delays.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detour {
+    /// One end of the path.
+    pub from: Link,
+    /// The other end.
+    pub to: Link,
+    /// Added one-way delay.
+    pub delay: Duration,
+}
+
+impl Detour {
+    fn applies(&self, x: Link, y: Link) -> bool {
+        (self.from, self.to) == (x, y) || (self.from, self.to) == (y, x)
+    }
 }
 
 impl WanConfig {
@@ -158,6 +183,7 @@ impl WanConfig {
             b: LinkShape::delay_ms(b),
             rv: LinkShape::delay_ms(rv),
             probe: LinkShape::NONE,
+            detour: None,
         }
     }
 
@@ -177,8 +203,23 @@ impl WanConfig {
         if from == to {
             Duration::ZERO
         } else {
-            self.link(from).delay + self.link(to).delay
+            self.link(from).delay + self.link(to).delay + self.detour_delay(from, to)
         }
+    }
+
+    /// This configuration with an extra one-way delay on the path `from`-`to`.
+    pub fn with_detour(self, from: Link, to: Link, delay: Duration) -> WanConfig {
+        WanConfig {
+            detour: Some(Detour { from, to, delay }),
+            ..self
+        }
+    }
+
+    /// The detour delay of the path between `x` and `y`, if any.
+    fn detour_delay(&self, x: Link, y: Link) -> Duration {
+        self.detour
+            .filter(|d| d.applies(x, y))
+            .map_or(Duration::ZERO, |d| d.delay)
     }
 
     /// Emulated round-trip time between `from` and `to`.
@@ -190,6 +231,13 @@ impl WanConfig {
     pub fn validate(&self) -> Result<()> {
         for link in [Link::A, Link::B, Link::Rv, Link::Probe] {
             self.link(link).validate(link)?;
+        }
+        if let Some(d) = self.detour {
+            if d.delay > MAX_LINK_DELAY || d.from == d.to {
+                return Err(LabError::InvalidConfig(format!(
+                    "detour {d:?}: two different links and at most {MAX_LINK_DELAY:?}"
+                )));
+            }
         }
         Ok(())
     }
@@ -399,7 +447,11 @@ fn serve(
                 counters.lost.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let hold: Duration = shapes.iter().map(|s| s.delay).sum();
+            let detour = match (links.get(&path.0), links.get(&path.1)) {
+                (Some(&x), Some(&y)) => shape.detour_delay(x, y),
+                _ => Duration::ZERO,
+            };
+            let hold: Duration = shapes.iter().map(|s| s.delay).sum::<Duration>() + detour;
             let fifo = paths.entry(path).or_default();
             // 3. Never overtake an earlier packet on the same path.
             let release = fifo
@@ -449,6 +501,19 @@ mod tests {
         assert_eq!(wan.rtt(Link::A, Link::Rv), Duration::from_millis(50));
         assert_eq!(wan.rtt(Link::B, Link::Rv), Duration::from_millis(120));
         assert_eq!(wan.rtt(Link::A, Link::A), Duration::ZERO);
+    }
+
+    #[test]
+    fn detour_adds_to_one_path_only() {
+        let wan = WanConfig::delays_ms(2, 3, 10).with_detour(
+            Link::Rv,
+            Link::B,
+            Duration::from_millis(80),
+        );
+        assert_eq!(wan.one_way(Link::B, Link::Rv), Duration::from_millis(93));
+        assert_eq!(wan.one_way(Link::Rv, Link::B), Duration::from_millis(93));
+        assert_eq!(wan.one_way(Link::A, Link::Rv), Duration::from_millis(12));
+        assert_eq!(wan.one_way(Link::A, Link::B), Duration::from_millis(5));
     }
 
     #[test]

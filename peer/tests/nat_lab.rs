@@ -38,10 +38,13 @@ fn must_connect(name: &str, config: LabConfig) {
     if !available_or_skip(name) {
         return;
     }
-    let lab = lab(config);
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    connect_and_chat(name, &lab(config));
+}
+
+fn connect_and_chat(name: &str, lab: &Lab) {
+    let rv = Rendezvous::start(lab, Config::default()).expect("rendezvous starts");
     let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
-    let outcome = punch(&lab, &rv, bin, &spec(name, Duration::from_secs(10)))
+    let outcome = punch(lab, &rv, bin, &spec(name, Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("{name}: {e}\n{}", lab.diagnostics()));
     let mut link = match outcome {
         Outcome::Connected(c) => c,
@@ -53,7 +56,7 @@ fn must_connect(name: &str, config: LabConfig) {
         ),
     };
     let rtt = link
-        .verify_direct(&lab)
+        .verify_direct(lab)
         .unwrap_or_else(|e| panic!("{name}: {e}\n{}", lab.diagnostics()));
     eprintln!(
         "{name}: {} / {}; chat RTT {rtt:?} (emulated A-B {:?})",
@@ -156,4 +159,23 @@ fn symmetric_home_fails_with_a_clear_diagnosis() {
         "{name}: alice says:\n{}\nbob says:\n{}",
         failed.a_error, failed.b_error
     );
+}
+
+#[test]
+fn rst_rst_with_a_far_rendezvous() {
+    // A and B 5 ms apart, the rendezvous 12 ms from A but 93 ms from B: a go sent
+    // to both at once reaches A 81 ms early, its SYN is reset by B's NAT, and the
+    // two sides' retries rarely cross. The synchronised go makes them cross at once.
+    let name = "rst-rst-far-rendezvous";
+    if !available_or_skip(name) {
+        return;
+    }
+    let wan = WanConfig::delays_ms(2, 3, 10).with_detour(
+        punchline_lab::Link::Rv,
+        punchline_lab::Link::B,
+        Duration::from_millis(80),
+    );
+    let config = LabConfig::new(NatKind::Rst, NatKind::Rst).with_wan(wan);
+    let lab = Lab::build(&config).unwrap_or_else(|e| panic!("building {config:?}: {e}"));
+    connect_and_chat(name, &lab);
 }

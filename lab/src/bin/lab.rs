@@ -23,6 +23,9 @@ enum Cmd {
     /// Build a topology, print its namespaces and addresses, keep it until
     /// Ctrl-C (or SIGTERM), then remove it.
     Up(UpArgs),
+    /// Benchmark the punch on each pair of NAT kinds against a naive baseline and
+    /// print a Markdown table (needs the workspace's `peer` binary built).
+    Bench(BenchArgs),
     /// Remove lab namespaces whose creating process is gone.
     Cleanup {
         /// Remove every lab namespace, also those of running labs.
@@ -54,6 +57,10 @@ struct UpArgs {
     /// One-way delay of the rendezvous host's link, in ms.
     #[arg(long, default_value_t = 0)]
     delay_rv: u64,
+    /// Extra one-way delay on the path between the rendezvous and side B only,
+    /// in ms (a rendezvous far from B while A and B are close).
+    #[arg(long, default_value_t = 0)]
+    delay_rv_b: u64,
     /// Packet loss of side A's link, in percent.
     #[arg(long, default_value_t = 0.0)]
     loss_a: f64,
@@ -63,6 +70,89 @@ struct UpArgs {
     /// Packet loss of the rendezvous host's link, in percent.
     #[arg(long, default_value_t = 0.0)]
     loss_rv: f64,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Runs per pair and strategy.
+    #[arg(long, default_value_t = 20)]
+    runs: u32,
+    /// WAN profiles to run (asymmetric, far-rendezvous); default: all.
+    #[arg(long, value_delimiter = ',')]
+    profiles: Vec<String>,
+    /// Only these pairs (e.g. home/rst,same-lan); default: the whole matrix.
+    #[arg(long, value_delimiter = ',')]
+    pairs: Vec<String>,
+    /// The peer binary [default: `peer` next to this executable].
+    #[arg(long)]
+    peer: Option<std::path::PathBuf>,
+    /// Also write the table, with a heading, to this file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+impl BenchArgs {
+    fn specs(&self) -> anyhow::Result<Vec<punchline_lab::bench::BenchSpec>> {
+        let mut profiles = punchline_lab::bench::default_profiles();
+        if !self.profiles.is_empty() {
+            for want in &self.profiles {
+                if !profiles.iter().any(|(name, _)| name == want) {
+                    anyhow::bail!("unknown profile {want}");
+                }
+            }
+            profiles.retain(|(name, _)| self.profiles.contains(name));
+        }
+        let all = punchline_lab::bench::default_pairs();
+        let pairs = if self.pairs.is_empty() {
+            all
+        } else {
+            self.pairs
+                .iter()
+                .map(|want| {
+                    all.iter()
+                        .find(|p| {
+                            let name = punchline_lab::bench::pair_name(p);
+                            name == *want || name.starts_with(&format!("{want} "))
+                        })
+                        .cloned()
+                        .with_context(|| format!("unknown pair {want}"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+        Ok(profiles
+            .into_iter()
+            .map(|(profile, wan)| punchline_lab::bench::BenchSpec {
+                pairs: pairs.clone(),
+                profile,
+                wan,
+                runs: self.runs,
+                punch_timeout: Duration::from_secs(10),
+                hopeless_timeout: Duration::from_secs(3),
+            })
+            .collect())
+    }
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let peer = punchline_lab::scenario::peer_binary(args.peer.clone())?;
+    let mut tables = String::new();
+    for spec in args.specs()? {
+        let results = punchline_lab::bench::run(&spec, &peer, |line| eprintln!("{line}"))
+            .context("running the benchmark")?;
+        let table = punchline_lab::bench::table(&spec, &results);
+        print!("{table}");
+        tables.push_str(&table);
+        tables.push('\n');
+    }
+    let table = tables;
+    if let Some(path) = &args.out {
+        let text = format!(
+            "# Punch benchmark (NAT lab)\n\nCommand: `sudo target/release/lab bench --out {}`\n\n{table}",
+            path.display()
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 impl UpArgs {
@@ -76,6 +166,11 @@ impl UpArgs {
             b: shape(self.delay_b, self.loss_b),
             rv: shape(self.delay_rv, self.loss_rv),
             probe: LinkShape::NONE,
+            detour: (self.delay_rv_b > 0).then(|| punchline_lab::wan::Detour {
+                from: punchline_lab::Link::Rv,
+                to: punchline_lab::Link::B,
+                delay: Duration::from_millis(self.delay_rv_b),
+            }),
         };
         let base = if self.same_lan {
             LabConfig::same_lan(self.a)
@@ -124,16 +219,22 @@ fn cleanup(all: bool) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Bench(_)) {
+        // The benchmark reads pairing instants from the rendezvous' events.
+        punchline_lab::scenario::install_pair_clock();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match &cli.command {
         Cmd::Up(args) => up(args),
+        Cmd::Bench(args) => bench(args),
         Cmd::Cleanup { all } => cleanup(*all),
     };
     match result {
