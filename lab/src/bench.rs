@@ -135,7 +135,7 @@ pub fn run(
             synchronise_go: false,
             ..Config::default()
         };
-        let unsynced = Rendezvous::start_on(&lab, RV_PORT + 1, naive_config)?;
+        let unsynced = Rendezvous::start_on(&lab, RV_PORT + 10, naive_config)?;
         let hopeless = matches!(config.layout, crate::Layout::Separate { a, b } if !a.punchable() || !b.punchable());
         let timeout = if hopeless {
             spec.hopeless_timeout

@@ -83,52 +83,29 @@ impl Rendezvous {
         Self::start_on(lab, RV_PORT, config)
     }
 
-    /// Starts serving on `port` at the lab's rendezvous address.
+    /// Starts serving on `port` at the lab's rendezvous address, with its probe
+    /// port on `port + 1`.
     pub fn start_on(lab: &Lab, port: u16, config: Config) -> Result<Rendezvous> {
         let addr = SocketAddr::new(IpAddr::V4(lab.addr(Host::Rv)), port);
-        let listener = lab
-            .run_in(Host::Rv, || std::net::TcpListener::bind(addr))?
-            .map_err(|source| LabError::Io {
-                what: format!("binding the rendezvous to {addr}"),
-                source,
-            })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| LabError::Io {
+        let probe_addr = SocketAddr::new(addr.ip(), port + punchline_rendezvous::PROBE_PORT_OFFSET);
+        let bind = |a: SocketAddr| -> Result<std::net::TcpListener> {
+            let l = lab
+                .run_in(Host::Rv, || std::net::TcpListener::bind(a))?
+                .map_err(|source| LabError::Io {
+                    what: format!("binding the rendezvous to {a}"),
+                    source,
+                })?;
+            l.set_nonblocking(true).map_err(|source| LabError::Io {
                 what: "making the rendezvous socket non-blocking".into(),
                 source,
             })?;
+            Ok(l)
+        };
+        let (listener, probe) = (bind(addr)?, bind(probe_addr)?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::Builder::new()
             .name("rendezvous".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "no runtime for the rendezvous");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "rendezvous listener");
-                            return;
-                        }
-                    };
-                    let shutdown = async {
-                        let _ = stopped.await;
-                    };
-                    if let Err(e) = punchline_rendezvous::run(listener, config, shutdown).await {
-                        tracing::error!(error = %e, "rendezvous stopped");
-                    }
-                });
-            })
+            .spawn(move || serve_rendezvous(listener, probe, config, stopped))
             .map_err(|source| LabError::Spawn {
                 command: "rendezvous thread".into(),
                 source,
@@ -139,6 +116,49 @@ impl Rendezvous {
             thread: Some(thread),
         })
     }
+}
+
+/// Runs the rendezvous (main and probe port) on its own runtime until `stopped`.
+pub fn serve_rendezvous(
+    listener: std::net::TcpListener,
+    probe: std::net::TcpListener,
+    config: Config,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "no runtime for the rendezvous");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let (listener, probe) = match (
+            tokio::net::TcpListener::from_std(listener),
+            tokio::net::TcpListener::from_std(probe),
+        ) {
+            (Ok(l), Ok(p)) => (l, p),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "rendezvous listeners");
+                return;
+            }
+        };
+        let probe = tokio::spawn(punchline_rendezvous::run_probe(
+            probe,
+            std::future::pending(),
+        ));
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = punchline_rendezvous::run(listener, config, shutdown).await {
+            tracing::error!(error = %e, "rendezvous stopped");
+        }
+        probe.abort();
+    });
 }
 
 impl Drop for Rendezvous {

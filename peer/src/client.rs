@@ -2,7 +2,8 @@
 //!
 //! 1. Connect from the fixed port (the first connection fixes it when the user did
 //!    not choose one).
-//! 2. Send the hello; receive the observed address.
+//! 2. Ask the probe port (server port + 1) what address it sees, then send the
+//!    hello with that; receive the observed address and the mapping verdict.
 //! 3. Answer pings until the go arrives.
 //! 4. Keep the connection open during the punch (the NAT mapping the other peer was
 //!    told about belongs to it), then report the outcome and close.
@@ -11,7 +12,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::{ErrorCode, FrameCodec, Go, Hello, PeerToServer, PunchOutcome, ServerToPeer};
+use punchline_proto::{
+    ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, PunchOutcome, ServerToPeer,
+};
 use tokio::net::{lookup_host, TcpStream};
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
@@ -24,6 +27,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Time allowed for the rendezvous to answer the hello.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time allowed for the rendezvous' probe port to answer. Short: the probe only
+/// tells whether our NAT changes ports per destination, and a missing probe (an
+/// older or differently configured server, a firewall) must not hold up the chat.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest silence from the rendezvous while waiting for the other peer. The server
 /// pings a waiting peer every 10 s; three missed pings mean it or the path is gone
@@ -93,14 +101,33 @@ impl Rendezvous {
         })
     }
 
-    /// Sends the hello and returns our observed (public) address.
-    pub async fn hello(&mut self, hello: Hello) -> Result<SocketAddr, PeerError> {
+    /// Connects from our fixed port to the rendezvous' probe port, which answers
+    /// with the address it saw. `None` if it does not answer in time.
+    pub async fn probe(&self, probe_port: u16) -> Option<SocketAddr> {
+        let addr = SocketAddr::new(self.server.ip(), probe_port);
+        let ask = async {
+            let socket = fixed_port_socket(addr, self.local_port).ok()?;
+            let stream = socket.connect(addr).await.ok()?;
+            let mut conn = Framed::new(stream, FrameCodec::<ServerToPeer, PeerToServer>::new());
+            match conn.next().await {
+                Some(Ok(ServerToPeer::Observed { observed })) => Some(observed),
+                _ => None,
+            }
+        };
+        let seen = timeout(PROBE_TIMEOUT, ask).await.ok().flatten();
+        tracing::debug!(%addr, ?seen, "probe");
+        seen
+    }
+
+    /// Sends the hello; returns our observed (public) address and how our NAT
+    /// maps our port.
+    pub async fn hello(&mut self, hello: Hello) -> Result<(SocketAddr, Mapping), PeerError> {
         self.send(PeerToServer::Hello(hello)).await?;
         let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
             .await
             .map_err(|_| PeerError::Timeout("the rendezvous did not answer the hello".into()))?;
         match reply {
-            Some(Ok(ServerToPeer::Welcome { observed })) => Ok(observed),
+            Some(Ok(ServerToPeer::Welcome { observed, mapping })) => Ok((observed, mapping)),
             other => Err(unexpected(other, "a welcome")),
         }
     }

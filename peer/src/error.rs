@@ -50,14 +50,14 @@ pub enum PeerError {
         source: io::Error,
     },
     /// No direct link could be made before the deadline.
-    #[error("no direct connection to {name} after {attempts} attempts in {secs} s.\n{diagnosis}")]
+    #[error("no direct connection to {name} ({attempts} attempts in {secs:.1} s).\n{diagnosis}")]
     PunchFailed {
         /// The other peer's name.
         name: String,
         /// Attempts made on all candidates.
         attempts: u32,
-        /// The deadline, in seconds.
-        secs: u64,
+        /// Time spent, in seconds.
+        secs: f64,
         /// The likely cause, in words.
         diagnosis: String,
     },

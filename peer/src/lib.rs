@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use punchline_proto::{
-    sanitize_for_terminal, validate_code, validate_name, Hello, PunchOutcome, MAX_CANDIDATES,
-    PROTOCOL_VERSION,
+    sanitize_for_terminal, validate_code, validate_name, Hello, Mapping, PunchOutcome,
+    MAX_CANDIDATES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -30,6 +30,10 @@ pub use error::PeerError;
 
 /// Port of the rendezvous when the server address names none.
 pub const DEFAULT_SERVER_PORT: u16 = 7425;
+
+/// The rendezvous' probe port is its main port plus this (as the rendezvous
+/// opens it by default).
+pub const PROBE_PORT_OFFSET: u16 = 1;
 
 /// How the user talks to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +63,8 @@ pub struct Options {
     pub extra_candidates: Vec<SocketAddr>,
     /// How punch attempts are paced.
     pub retry: punchline_proto::punch::RetryPolicy,
+    /// The rendezvous' probe port (default: its port + 1).
+    pub probe_port: Option<u16>,
 }
 
 /// Checks and normalises a code as typed: surrounding spaces removed, lower case.
@@ -117,6 +123,10 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let mut rendezvous = client::Rendezvous::connect(&server, opts.port).await?;
     let port = rendezvous.local_port;
     tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
+    let probe_port = opts
+        .probe_port
+        .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
+    let probe_observed = rendezvous.probe(probe_port).await;
 
     // 2. Hello and wait.
     let mut candidates = if opts.lan_candidates {
@@ -127,17 +137,24 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     candidates.extend(opts.extra_candidates.iter().copied());
     candidates.dedup();
     candidates.truncate(MAX_CANDIDATES);
-    let observed = rendezvous
+    let (observed, mapping) = rendezvous
         .hello(Hello {
             version: PROTOCOL_VERSION,
             code: code.clone(),
             name: opts.name.clone(),
             candidates,
+            probe_observed,
         })
         .await?;
     status.status(&format!(
         "waiting for the other side to join with code {code} (your public address: {observed}, local port {port})"
     ));
+    if let Mapping::DependsOnDestination { first, second } = mapping {
+        status.status(&format!(
+            "warning: your NAT gives each destination its own public port (the rendezvous saw {first} and {second}): \
+             a direct connection can only work if the other side is on your LAN"
+        ));
+    }
     let go = rendezvous.wait_for_go().await?;
     let start = Instant::now();
     let their_name = sanitize_for_terminal(&go.peer.name);
@@ -148,6 +165,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         local_port: port,
         deadline: opts.punch_timeout,
         our_observed: observed,
+        our_mapping: mapping,
         policy: opts.retry,
     };
     let punched = match punch::punch(&go, &params, start).await {

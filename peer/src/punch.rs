@@ -22,7 +22,7 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
 use punchline_proto::punch::{AttemptFailure, RetryPolicy, ATTEMPT_TIMEOUT};
-use punchline_proto::{FrameCodec, Go, PeerToPeer, Role, SessionToken};
+use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -39,6 +39,11 @@ pub type Link = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
 /// Time the far end of a fresh link has to send its link hello. The real peer
 /// sends it at once; anything slower is some other program.
 pub const LINK_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Deadline of the punch when a NAT on either side is known to give each
+/// destination its own port: only LAN candidates can work then, and on a LAN an
+/// answer comes within milliseconds.
+pub const LAN_ONLY_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Extra time the follower waits for the leader's `Select` after the deadline:
 /// a link the leader verified just in time still needs to carry it over.
@@ -85,6 +90,8 @@ pub struct PunchParams {
     pub deadline: Duration,
     /// Our address as the rendezvous saw it.
     pub our_observed: SocketAddr,
+    /// How our NAT maps our port.
+    pub our_mapping: Mapping,
     /// How attempts are paced.
     pub policy: RetryPolicy,
 }
@@ -128,8 +135,15 @@ struct Verified {
 
 /// Punches a direct link to the peer of `go`. `start` is when the go arrived.
 pub async fn punch(go: &Go, params: &PunchParams, start: Instant) -> Result<Punched, PeerError> {
-    let candidates = candidates(go);
-    let deadline = start + params.deadline;
+    let mut candidates = candidates(go);
+    let mut deadline = start + params.deadline;
+    if params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric() {
+        // Our SYNs would leave from a port the other side was not told about, or
+        // go to a port its NAT never opened for us: fail fast, unless the other
+        // side is on one of our LANs.
+        candidates.retain(|(_, kind)| *kind == CandidateKind::Lan);
+        deadline = start + params.deadline.min(LAN_ONLY_DEADLINE);
+    }
     let tallies: Tallies = Arc::new(Mutex::new(vec![Tally::default(); candidates.len()]));
     let (tx, mut rx) = mpsc::channel(candidates.len());
     let mut tasks = JoinSet::new();
@@ -168,7 +182,7 @@ pub async fn punch(go: &Go, params: &PunchParams, start: Instant) -> Result<Punc
         None => Err(PeerError::PunchFailed {
             name: go.peer.name.clone(),
             attempts,
-            secs: params.deadline.as_secs(),
+            secs: start.elapsed().as_secs_f64(),
             diagnosis: diagnose(go, params, &candidates, &tallies),
         }),
     }
@@ -341,8 +355,35 @@ fn diagnose(
     tallies: &[Tally],
 ) -> String {
     let mut lines = Vec::new();
+    if let Mapping::DependsOnDestination { first, second } = params.our_mapping {
+        lines.push(format!(
+            "This side's NAT gives each destination its own public port (the rendezvous saw \
+             {first} on one port and {second} on another): a \"symmetric\" NAT. The other side \
+             was told a port our connection attempts do not come from, so a direct connection \
+             cannot be punched. Try from another network, or forward a port on your router and \
+             offer it with --candidate."
+        ));
+    }
+    if let Mapping::DependsOnDestination { first, second } = go.peer.mapping {
+        lines.push(format!(
+            "The other side's NAT gives each destination its own public port (the rendezvous saw \
+             {first} on one port and {second} on another): a \"symmetric\" NAT. Our attempts \
+             would go to a port it never opened for us, so a direct connection cannot be punched."
+        ));
+    }
+    if !lines.is_empty() {
+        // The cause is known; only the LAN candidates were tried.
+        let lan: Vec<String> = candidates.iter().map(|(a, _)| a.to_string()).collect();
+        if !lan.is_empty() {
+            lines.push(format!(
+                "The other side's LAN addresses ({}) did not answer either: it is not on a network shared with this one.",
+                lan.join(", ")
+            ));
+        }
+        return lines.join("\n");
+    }
     let their_local_port = go.peer.candidates.first().map(|c| c.port());
-    if let Some(local) = their_local_port {
+    if let (Some(local), Mapping::Unknown) = (their_local_port, go.peer.mapping) {
         if local != go.peer.observed.port() {
             lines.push(format!(
                 "The other side's NAT changed its port (local {local}, public {}). If that NAT \
@@ -352,7 +393,7 @@ fn diagnose(
             ));
         }
     }
-    if params.our_observed.port() != params.local_port {
+    if params.our_mapping == Mapping::Unknown && params.our_observed.port() != params.local_port {
         lines.push(format!(
             "This side's NAT changed our port (local {}, public {}). If it picks a new port \
              for every destination (a \"symmetric\" NAT), the other side aimed at the wrong port.",
@@ -403,6 +444,7 @@ mod tests {
                     .iter()
                     .map(|c| c.parse().expect("addr"))
                     .collect(),
+                mapping: Mapping::Unknown,
             },
             role: Role::Leader,
             session: [1; 16],
@@ -428,6 +470,7 @@ mod tests {
             local_port: 5000,
             deadline: Duration::from_secs(10),
             our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            our_mapping: Mapping::Unknown,
             policy: RetryPolicy::Adaptive,
         };
         let c = candidates(&g);
@@ -443,5 +486,25 @@ mod tests {
         assert!(d.contains("symmetric"), "{d}");
         assert!(d.contains("local 4000, public 61234"), "{d}");
         assert!(d.contains("no answer"), "{d}");
+    }
+
+    #[test]
+    fn diagnosis_names_a_measured_symmetric_nat() {
+        let mut g = go("198.51.100.7:61234", &["192.168.1.9:4000"]);
+        g.peer.mapping = Mapping::DependsOnDestination {
+            first: 61234,
+            second: 61240,
+        };
+        let params = PunchParams {
+            local_port: 5000,
+            deadline: Duration::from_secs(10),
+            our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            our_mapping: Mapping::Independent,
+            policy: RetryPolicy::Adaptive,
+        };
+        let c = candidates(&g);
+        let d = diagnose(&g, &params, &c, &vec![Tally::default(); c.len()]);
+        assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
+        assert!(!d.contains("This side"), "{d}");
     }
 }

@@ -167,6 +167,7 @@ fn raw_hello(server: SocketAddr, code: &str, name: &str) -> TcpStream {
         code: code.into(),
         name: name.into(),
         candidates: vec![],
+        probe_observed: None,
     });
     write_frame(&mut s, &encode_payload(&hello).expect("encode"));
     assert!(matches!(read_frame(&mut s), ServerToPeer::Welcome { .. }));
@@ -274,6 +275,7 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
         code: "busy-day".into(),
         name: "mallory".into(),
         candidates: vec![],
+        probe_observed: None,
     });
     write_frame(&mut other, &encode_payload(&hello).expect("encode"));
     let (code, message) = read_error(&mut other);

@@ -166,6 +166,15 @@ mod tests {
         ]
     }
 
+    fn mapping() -> impl Strategy<Value = Mapping> {
+        prop_oneof![
+            Just(Mapping::Unknown),
+            Just(Mapping::Independent),
+            (any::<u16>(), any::<u16>())
+                .prop_map(|(first, second)| Mapping::DependsOnDestination { first, second }),
+        ]
+    }
+
     fn role() -> impl Strategy<Value = Role> {
         prop_oneof![Just(Role::Leader), Just(Role::Follower)]
     }
@@ -176,14 +185,16 @@ mod tests {
                 any::<u16>(),
                 "[a-z0-9-]{0,70}",
                 "\\PC{0,40}",
-                prop::collection::vec(addr(), 0..10)
+                prop::collection::vec(addr(), 0..10),
+                prop::option::of(addr()),
             )
-                .prop_map(|(version, code, name, candidates)| {
+                .prop_map(|(version, code, name, candidates, probe_observed)| {
                     PeerToServer::Hello(Hello {
                         version,
                         code,
                         name,
                         candidates,
+                        probe_observed,
                     })
                 }),
             any::<u32>().prop_map(|seq| PeerToServer::Pong { seq }),
@@ -203,21 +214,25 @@ mod tests {
         prop_oneof![
             (any::<u16>(), ".{0,100}")
                 .prop_map(|(code, message)| ServerToPeer::Error { code, message }),
-            addr().prop_map(|observed| ServerToPeer::Welcome { observed }),
+            (addr(), mapping())
+                .prop_map(|(observed, mapping)| ServerToPeer::Welcome { observed, mapping }),
+            addr().prop_map(|observed| ServerToPeer::Observed { observed }),
             any::<u32>().prop_map(|seq| ServerToPeer::Ping { seq }),
             (
                 ".{0,40}",
                 addr(),
                 prop::collection::vec(addr(), 0..10),
                 role(),
-                any::<[u8; SESSION_LEN]>()
+                any::<[u8; SESSION_LEN]>(),
+                mapping(),
             )
-                .prop_map(|(name, observed, candidates, role, session)| {
+                .prop_map(|(name, observed, candidates, role, session, mapping)| {
                     ServerToPeer::Go(Go {
                         peer: PeerInfo {
                             name,
                             observed,
                             candidates,
+                            mapping,
                         },
                         role,
                         session,

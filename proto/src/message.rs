@@ -39,6 +39,47 @@ impl Role {
     }
 }
 
+/// How a peer's NAT maps its fixed port, as seen from two ports of the
+/// rendezvous: the peer connects from its fixed port to the probe port before its
+/// hello and reports what the probe saw ([`Hello::probe_observed`]); the server
+/// compares that with what its main port sees ([`classify_mapping`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mapping {
+    /// Not measured (the rendezvous' probe port did not answer).
+    Unknown,
+    /// Both destinations saw the same public port: the mapping does not depend on
+    /// the destination, so the punch can use the port the rendezvous saw.
+    Independent,
+    /// The two destinations saw different public ports (a "symmetric" NAT): the
+    /// punch would come from a port nobody was told about.
+    DependsOnDestination {
+        /// The public port the rendezvous' main port saw.
+        first: u16,
+        /// The public port its probe port saw.
+        second: u16,
+    },
+}
+
+/// The mapping behaviour shown by the same local port reaching the rendezvous'
+/// main port (`main`) and its probe port (`probe`, if the probe answered).
+pub fn classify_mapping(main: SocketAddr, probe: Option<SocketAddr>) -> Mapping {
+    match probe {
+        None => Mapping::Unknown,
+        Some(p) if p == main => Mapping::Independent,
+        Some(p) => Mapping::DependsOnDestination {
+            first: main.port(),
+            second: p.port(),
+        },
+    }
+}
+
+impl Mapping {
+    /// True if the mapping is known to change with the destination.
+    pub fn is_symmetric(self) -> bool {
+        matches!(self, Mapping::DependsOnDestination { .. })
+    }
+}
+
 /// The first message a peer sends the rendezvous.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -50,6 +91,8 @@ pub struct Hello {
     pub name: String,
     /// The peer's own interface addresses with its fixed port (LAN candidates).
     pub candidates: Vec<SocketAddr>,
+    /// What the rendezvous' probe port saw as this peer's address, if it answered.
+    pub probe_observed: Option<SocketAddr>,
 }
 
 /// Everything one peer learns about the other when the pair is made.
@@ -61,6 +104,8 @@ pub struct PeerInfo {
     pub observed: SocketAddr,
     /// The other's own interface addresses (LAN candidates).
     pub candidates: Vec<SocketAddr>,
+    /// How the other's NAT maps its port.
+    pub mapping: Mapping,
 }
 
 /// The synchronised "go": punch now.
@@ -171,6 +216,8 @@ pub enum ServerToPeer {
     Welcome {
         /// The peer's address as the server sees it (its public NAT mapping).
         observed: SocketAddr,
+        /// How the peer's NAT maps its port ([`classify_mapping`]).
+        mapping: Mapping,
     },
     /// RTT probe; answer with [`PeerToServer::Pong`] at once.
     Ping {
@@ -179,6 +226,12 @@ pub enum ServerToPeer {
     },
     /// Punch now.
     Go(Go),
+    /// The answer of the rendezvous' probe port: the address this connection came
+    /// from. Sent at once on accept, then the probe connection is closed.
+    Observed {
+        /// The connection's source address as the server sees it.
+        observed: SocketAddr,
+    },
 }
 
 impl ServerToPeer {
@@ -344,6 +397,25 @@ mod tests {
     fn sanitize_removes_escapes() {
         assert_eq!(sanitize_for_terminal("a\x1b[31mb\tc"), "a\u{FFFD}[31mb c");
         assert_eq!(sanitize_for_terminal("fine ✓"), "fine ✓");
+    }
+
+    #[test]
+    fn mappings() {
+        let main: SocketAddr = "192.0.2.2:40000".parse().expect("addr");
+        assert_eq!(classify_mapping(main, None), Mapping::Unknown);
+        assert_eq!(classify_mapping(main, Some(main)), Mapping::Independent);
+        let other: SocketAddr = "192.0.2.2:51234".parse().expect("addr");
+        let m = classify_mapping(main, Some(other));
+        assert_eq!(
+            m,
+            Mapping::DependsOnDestination {
+                first: 40000,
+                second: 51234
+            }
+        );
+        assert!(m.is_symmetric());
+        let other_ip: SocketAddr = "192.0.2.3:40000".parse().expect("addr");
+        assert!(classify_mapping(main, Some(other_ip)).is_symmetric());
     }
 
     #[test]

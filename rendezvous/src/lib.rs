@@ -1,7 +1,8 @@
 //! The punchline rendezvous: introduces two peers that typed the same code.
 //!
 //! It tells each peer the address its NAT shows to the world (the observed
-//! address), pairs the two peers of a code, measures its RTT to each, and sends both
+//! address) — on its main port and, for comparison, on a probe port ([`run_probe`])
+//! — pairs the two peers of a code, measures its RTT to each, and sends both
 //! the synchronised "go" with the other's addresses so their SYNs cross. It never
 //! carries chat traffic. Entry point: [`run`], which tests call on a listener bound
 //! to port 0.
@@ -9,4 +10,4 @@
 mod rtt;
 pub mod server;
 
-pub use server::{bind_default, run, Config, DEFAULT_PORT};
+pub use server::{bind_default, run, run_probe, Config, DEFAULT_PORT, PROBE_PORT_OFFSET};

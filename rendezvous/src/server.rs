@@ -28,8 +28,8 @@ use futures::{SinkExt, StreamExt};
 use punchline_proto::pairing::{ConnId, Join, Rooms};
 use punchline_proto::timing::{go_delays, RttEstimator};
 use punchline_proto::{
-    validate_hello, CodecError, ErrorCode, FrameCodec, Go, Hello, PeerInfo, PeerToServer,
-    PunchOutcome, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
+    classify_mapping, validate_hello, CodecError, ErrorCode, FrameCodec, Go, Hello, PeerInfo,
+    PeerToServer, PunchOutcome, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -42,6 +42,10 @@ use crate::rtt::kernel_rtt;
 
 /// Port the rendezvous listens on by default (TCP, all interfaces).
 pub const DEFAULT_PORT: u16 = 7425;
+
+/// The probe port is the main port plus this, unless configured otherwise; peers
+/// assume the same.
+pub const PROBE_PORT_OFFSET: u16 = 1;
 
 /// Default time a first peer waits for the second one. Long enough for a user to
 /// read a code to a friend over the phone, who then installs and starts the tool.
@@ -225,6 +229,55 @@ pub async fn run(
     Ok(())
 }
 
+/// Most probe connections being answered at once; more are closed unanswered.
+const MAX_PROBE_TASKS: usize = 1024;
+
+/// Bound on answering one probe connection.
+const PROBE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves the probe port until `shutdown` completes: every connection is told the
+/// address it came from ([`ServerToPeer::Observed`]) and closed. A peer connects
+/// here from its fixed port before its hello; comparing what this port and the
+/// main port saw tells whether its NAT picks a new public port per destination.
+pub async fn run_probe(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = tasks.join_next() => {}
+            accepted = listener.accept() => {
+                let (stream, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "probe accept failed");
+                        sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tasks.len() >= MAX_PROBE_TASKS {
+                    continue; // dropping the stream closes it
+                }
+                tasks.spawn(async move {
+                    let mut conn: Conn = Framed::new(stream, FrameCodec::new());
+                    let answer = async {
+                        conn.send(ServerToPeer::Observed { observed: canonical(addr) }).await?;
+                        conn.close().await
+                    };
+                    if let Err(e) = timeout(PROBE_SEND_TIMEOUT, answer).await.unwrap_or(Ok(())) {
+                        debug!(%addr, error = %e, "probe answer failed");
+                    }
+                });
+            }
+        }
+    }
+    tasks.abort_all();
+    Ok(())
+}
+
 /// Expires waiting peers nobody joined.
 async fn sweep(shared: Arc<Shared>) {
     loop {
@@ -333,12 +386,15 @@ async fn serve(
         code,
         name,
         candidates,
+        probe_observed,
         ..
     } = hello;
+    let mapping = classify_mapping(observed, probe_observed.map(canonical));
     let me = PeerInfo {
         name,
         observed,
         candidates,
+        mapping,
     };
 
     // 2. Pairing.
@@ -387,6 +443,7 @@ async fn serve(
                     continue;
                 }
                 info!(code = %code, a = %value.info.observed, b = %observed,
+                      mapping_a = ?value.info.mapping, mapping_b = ?mapping,
                       rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt),
                       delay_a_ms = ms(their_delay), delay_b_ms = ms(my_delay), "pair made");
                 let mine = Go {
@@ -421,12 +478,12 @@ async fn serve(
     };
 
     // Welcome, once the code is known to be usable.
-    send(&mut conn, ServerToPeer::Welcome { observed }).await?;
+    send(&mut conn, ServerToPeer::Welcome { observed, mapping }).await?;
 
     let (go, delay) = match joined {
         Some(paired) => paired,
         None => {
-            info!(id, code = %code, %observed, "peer waiting");
+            info!(id, code = %code, %observed, ?mapping, "peer waiting");
             match wait_for_pair(&mut conn, &mut events, &mut estimator, &rtt_us, &mut stop).await? {
                 Some(paired) => paired,
                 None => return Ok(()),

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{
-    ErrorCode, FrameCodec, Go, Hello, PeerToServer, Role, ServerToPeer, PROTOCOL_VERSION,
+    ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, Role, ServerToPeer, PROTOCOL_VERSION,
 };
-use punchline_rendezvous::{run, Config};
+use punchline_rendezvous::{run, run_probe, Config};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::time::timeout;
@@ -54,11 +54,15 @@ async fn hello(
         code: code.into(),
         name: name.into(),
         candidates,
+        probe_observed: None,
     }))
     .await
     .expect("send hello");
     match next(&mut c).await {
-        ServerToPeer::Welcome { observed } => assert_eq!(observed, local),
+        ServerToPeer::Welcome { observed, mapping } => {
+            assert_eq!(observed, local);
+            assert_eq!(mapping, Mapping::Unknown);
+        }
         other => panic!("expected welcome, got {other:?}"),
     }
     (c, local)
@@ -146,6 +150,7 @@ async fn a_third_peer_is_told_the_code_is_in_use() {
         code: "full".into(),
         name: "c".into(),
         candidates: vec![],
+        probe_observed: None,
     }))
     .await
     .expect("send");
@@ -209,6 +214,7 @@ async fn invalid_hello_fields_are_rejected() {
             code: code.into(),
             name: name.into(),
             candidates,
+            probe_observed: None,
         }))
         .await
         .expect("send");
@@ -237,4 +243,86 @@ async fn shutdown_tells_waiting_peers() {
         .await
         .expect("server stops in time")
         .expect("clean stop");
+}
+
+/// A socket bound to `port` (0: any) with address and port reuse, as peers bind.
+fn reusable(port: u16) -> tokio::net::TcpSocket {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.set_reuseaddr(true).expect("reuseaddr");
+    s.set_reuseport(true).expect("reuseport");
+    s.bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .expect("bind");
+    s
+}
+
+#[tokio::test]
+async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
+    let (server, _stop, _task) = start(Config::default()).await;
+    let probe_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind probe");
+    let probe_addr = probe_listener.local_addr().expect("addr");
+    tokio::spawn(run_probe(probe_listener, std::future::pending()));
+
+    // Same local port to both server ports, as a peer does.
+    let main = reusable(0);
+    let port = main.local_addr().expect("addr").port();
+    let main = main.connect(server).await.expect("connect main");
+    let probe = reusable(port)
+        .connect(probe_addr)
+        .await
+        .expect("connect probe");
+    let mut probe: Client = Framed::new(probe, FrameCodec::new());
+    let seen = match next(&mut probe).await {
+        ServerToPeer::Observed { observed } => observed,
+        other => panic!("expected the observed address, got {other:?}"),
+    };
+    assert_eq!(seen, SocketAddr::from(([127, 0, 0, 1], port)));
+    assert!(timeout(WAIT, probe.next())
+        .await
+        .expect("closed in time")
+        .is_none());
+
+    let welcome = |probe_observed| async move {
+        let mut c: Client = Framed::new(main, FrameCodec::new());
+        c.send(PeerToServer::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            code: "probe-check".into(),
+            name: "a".into(),
+            candidates: vec![],
+            probe_observed,
+        }))
+        .await
+        .expect("send");
+        next(&mut c).await
+    };
+    match welcome(Some(seen)).await {
+        ServerToPeer::Welcome { mapping, .. } => assert_eq!(mapping, Mapping::Independent),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+
+    // A probe that saw another port: the NAT maps per destination, and the other
+    // peer is told so in its go.
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let local = stream.local_addr().expect("local");
+    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    let elsewhere = SocketAddr::new(local.ip(), local.port().wrapping_add(7));
+    c.send(PeerToServer::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        code: "symmetric-check".into(),
+        name: "sym".into(),
+        candidates: vec![],
+        probe_observed: Some(elsewhere),
+    }))
+    .await
+    .expect("send");
+    let expected = Mapping::DependsOnDestination {
+        first: local.port(),
+        second: elsewhere.port(),
+    };
+    match next(&mut c).await {
+        ServerToPeer::Welcome { mapping, .. } => assert_eq!(mapping, expected),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    let (mut other, _) = hello(server, "symmetric-check", "b", vec![]).await;
+    let (go_other, _) = go(&mut other).await;
+    assert_eq!(go_other.peer.mapping, expected);
 }

@@ -47,6 +47,10 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     candidate: Vec<SocketAddr>,
 
+    /// The rendezvous' probe port [default: its port + 1]
+    #[arg(long, value_name = "N")]
+    probe_port: Option<u16>,
+
     /// Benchmark baseline: retry every punch attempt after this fixed pause (ms)
     /// instead of the adaptive cadence
     #[arg(long, value_name = "MS", hide = true)]
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         punch_timeout: Duration::from_secs(args.punch_timeout),
         lan_candidates: !args.no_lan,
         extra_candidates: args.candidate,
+        probe_port: args.probe_port,
         retry: match args.naive_retry_ms {
             Some(ms) => RetryPolicy::Fixed(Duration::from_millis(ms)),
             None => RetryPolicy::Adaptive,

@@ -2,13 +2,12 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, ExitStatus};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use punchline_lab::scenario::PeerProcess;
 use punchline_rendezvous::Config;
 
 /// How long a test waits for any one expected event.
@@ -26,21 +25,22 @@ impl Rendezvous {
         Self::with_config(Config::default())
     }
 
+    /// Serves on 127.0.0.1, with the probe port next to the main port.
     pub fn with_config(config: Config) -> Rendezvous {
-        let std_listener = TcpListener::bind("127.0.0.1:0").expect("bind rendezvous");
-        std_listener.set_nonblocking(true).expect("nonblocking");
-        let addr = std_listener.local_addr().expect("addr");
+        let (listener, probe) = loop {
+            let main = TcpListener::bind("127.0.0.1:0").expect("bind rendezvous");
+            let port = main.local_addr().expect("addr").port();
+            if let Ok(probe) = TcpListener::bind(("127.0.0.1", port.wrapping_add(1))) {
+                break (main, probe);
+            }
+        };
+        for l in [&listener, &probe] {
+            l.set_nonblocking(true).expect("nonblocking");
+        }
+        let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-                punchline_rendezvous::run(listener, config, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("rendezvous runs");
-            });
+            punchline_lab::scenario::serve_rendezvous(listener, probe, config, stopped)
         });
         Rendezvous {
             addr,
@@ -70,13 +70,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running `peer` process; killed when dropped.
+/// A running `peer` process (the lab's process wrapper, with test-failing
+/// versions of its calls); killed when dropped.
 pub struct Peer {
-    pub name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
+    inner: PeerProcess,
     /// Every stderr line seen so far.
     pub stderr_seen: Vec<String>,
 }
@@ -99,129 +96,48 @@ impl Peer {
         Self::spawn_command(peer_command(server, name, code, extra), name)
     }
 
-    pub fn spawn_command(mut cmd: Command, name: &str) -> Peer {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn peer");
-        let stdout = lines(child.stdout.take().expect("stdout"));
-        let stderr = lines(child.stderr.take().expect("stderr"));
+    pub fn spawn_command(cmd: Command, name: &str) -> Peer {
         Peer {
-            name: name.to_owned(),
-            stdin: child.stdin.take(),
-            child,
-            stdout,
-            stderr,
+            inner: PeerProcess::spawn(cmd, name).expect("spawn peer"),
             stderr_seen: Vec::new(),
         }
     }
 
+    fn sync(&mut self) {
+        self.stderr_seen = self.inner.drain_stderr().to_vec();
+    }
+
     /// Writes lines to the peer's stdin.
     pub fn send(&mut self, text: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(text.as_bytes()).expect("write stdin");
-        stdin.flush().expect("flush stdin");
+        self.inner.send(text).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Closes stdin (end of input).
     pub fn close_stdin(&mut self) {
-        self.stdin.take();
+        self.inner.close_stdin();
     }
 
     /// The next stdout line.
     pub fn recv(&mut self) -> String {
-        match self.stdout.recv_timeout(WAIT) {
-            Ok(line) => line,
-            Err(e) => {
-                let seen = self.drain_stderr();
-                panic!("{}: no stdout line ({e}); stderr: {seen:#?}", self.name)
-            }
-        }
+        self.inner.recv().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
     pub fn wait_stderr(&mut self, needle: &str) -> String {
-        if let Some(l) = self.stderr_seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    self.stderr_seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: no stderr line with {needle:?}; seen: {:#?}",
-                    self.name, self.stderr_seen
-                ),
-            }
-        }
-    }
-
-    /// Collects the stderr lines available now.
-    pub fn drain_stderr(&mut self) -> Vec<String> {
-        while let Ok(l) = self.stderr.try_recv() {
-            self.stderr_seen.push(l);
-        }
-        self.stderr_seen.clone()
+        let line = self
+            .inner
+            .wait_stderr(needle)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.sync();
+        line
     }
 
     /// Waits for the process to exit.
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader threads finish collecting output.
-                thread::sleep(Duration::from_millis(50));
-                self.drain_stderr();
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let seen = self.drain_stderr();
-                panic!("{} did not exit; stderr: {seen:#?}", self.name);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let status = self.inner.wait().unwrap_or_else(|e| panic!("{e}"));
+        self.sync();
+        status
     }
-
-    /// Remaining stdout lines once the process has exited.
-    pub fn rest_of_stdout(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Ok(l) = self.stdout.recv_timeout(Duration::from_millis(200)) {
-            out.push(l);
-        }
-        out
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send(l).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-    });
-    rx
 }
 
 /// One TCP socket of this host, from /proc/net/tcp.

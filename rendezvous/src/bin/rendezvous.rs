@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use punchline_rendezvous::{bind_default, run, Config, DEFAULT_PORT};
+use punchline_rendezvous::{bind_default, run, run_probe, Config, DEFAULT_PORT, PROBE_PORT_OFFSET};
 use tokio::net::TcpListener;
 
 /// Rendezvous server for punchline: introduces two peers that typed the same code
@@ -18,6 +18,16 @@ struct Args {
     /// Address and port to listen on [default: all interfaces, IPv6 and IPv4, port 7425]
     #[arg(long, env = "PUNCHLINE_LISTEN", value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
+
+    /// Address and port of the probe port, which tells each connection the address
+    /// it came from so peers can see whether their NAT changes ports per
+    /// destination [default: the listen address, port + 1]
+    #[arg(long, env = "PUNCHLINE_PROBE_LISTEN", value_name = "ADDR:PORT")]
+    probe_listen: Option<SocketAddr>,
+
+    /// Do not open the probe port
+    #[arg(long, env = "PUNCHLINE_NO_PROBE")]
+    no_probe: bool,
 
     /// Seconds a first peer waits for the second before it is told the code expired
     #[arg(
@@ -86,12 +96,23 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         Some(addr) => TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?,
-        None => {
-            let std = bind_default(DEFAULT_PORT)
-                .with_context(|| format!("cannot listen on port {DEFAULT_PORT}"))?;
-            std.set_nonblocking(true)?;
-            TcpListener::from_std(std)?
-        }
+        None => default_listener(DEFAULT_PORT)?,
+    };
+    let main_addr = listener.local_addr()?;
+    let probe = if args.no_probe {
+        None
+    } else {
+        let probe_port = main_addr.port().wrapping_add(PROBE_PORT_OFFSET);
+        let listener = match (args.probe_listen, args.listen) {
+            (Some(addr), _) => TcpListener::bind(addr).await.map_err(anyhow::Error::from),
+            (None, Some(main)) => TcpListener::bind(SocketAddr::new(main.ip(), probe_port))
+                .await
+                .map_err(anyhow::Error::from),
+            (None, None) => default_listener(probe_port),
+        };
+        Some(listener.context(
+            "cannot open the probe port (choose one with --probe-listen, or --no-probe)",
+        )?)
     };
     let config = Config {
         wait_ttl: Duration::from_secs(args.wait_ttl),
@@ -100,9 +121,21 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         max_rooms: args.max_rooms,
         synchronise_go: !args.unsynchronised_go,
     };
-    tracing::info!(addr = %listener.local_addr()?, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
-    run(listener, config, shutdown_signal()).await?;
+    let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
+    tracing::info!(addr = %main_addr, probe = ?probe_addr, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
+    let probe_task = probe.map(|p| tokio::spawn(run_probe(p, std::future::pending())));
+    let result = run(listener, config, shutdown_signal()).await;
+    if let Some(task) = probe_task {
+        task.abort();
+    }
+    result?;
     Ok(())
+}
+
+fn default_listener(port: u16) -> anyhow::Result<TcpListener> {
+    let std = bind_default(port).with_context(|| format!("cannot listen on port {port}"))?;
+    std.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(std)?)
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.
