@@ -155,7 +155,12 @@ pub fn run(
                 let index = 2 * run + u32::from(strategy == NAIVE);
                 let port = 30000 + 2 * u16::try_from(index).unwrap_or(0);
                 let spec = PunchSpec {
-                    code: format!("bench-{}-{p}-{}-{run}", spec.profile, strategy.name),
+                    code: format!(
+                        "{}-{}-{}",
+                        p * 1000 + run as usize,
+                        spec.profile,
+                        strategy.name
+                    ),
                     port_a: port,
                     port_b: port + 1,
                     strategy,

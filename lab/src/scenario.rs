@@ -244,6 +244,11 @@ impl PeerProcess {
         }
     }
 
+    /// The next stdout line if one comes within `wait`.
+    pub fn try_recv(&mut self, wait: Duration) -> Option<String> {
+        self.stdout.recv_timeout(wait).ok()
+    }
+
     /// Waits for a stderr line containing `needle`; returns it.
     pub fn wait_stderr(&mut self, needle: &str) -> Result<String> {
         self.wait_stderr_matching(&format!("a line with {needle:?}"), |l| l.contains(needle))

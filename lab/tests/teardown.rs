@@ -72,7 +72,14 @@ fn lab_cleanup_removes_namespaces_of_dead_runs() {
         return;
     }
     let stale = format!("pl-{DEAD_PID}-0-stale");
-    netns::create(&stale).expect("create a stale-looking namespace");
+    // Only `ip netns add`: a lab built concurrently by another test removes stale
+    // namespaces and kills the processes inside them, which would include an
+    // `ip -n` still configuring this one.
+    let added = Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .expect("run ip");
+    assert!(added.success(), "create a stale-looking namespace");
     let output = Command::new(env!("CARGO_BIN_EXE_lab"))
         .arg("cleanup")
         .output()

@@ -12,13 +12,12 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use punchline_proto::{validate_line, PeerToPeer};
+use punchline_proto::{validate_line, Chat};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use crate::error::PeerError;
-use crate::punch::Link;
+use crate::secure::SecureLink;
 
 /// How long the leaving side waits for the other's answering goodbye.
 pub const BYE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,7 +67,7 @@ pub struct ChatStats {
 
 /// Runs the chat until one side leaves or the link fails.
 pub async fn chat(
-    link: &mut Link,
+    link: &mut SecureLink,
     their_name: &str,
     input: &mut mpsc::Receiver<Input>,
     output: &mut dyn Output,
@@ -82,56 +81,48 @@ pub async fn chat(
                         output.status(&format!("not sent: {e}"));
                         continue;
                     }
-                    send(link, PeerToPeer::Line { text }, their_name).await?;
+                    send(link, Chat::Line { text }, their_name).await?;
                     stats.sent += 1;
                 }
                 Some(Input::Quit) | None => break ChatEnd::WeLeft,
                 Some(Input::Interrupted) => break ChatEnd::Interrupted,
             },
-            received = link.next() => match received {
-                Some(Ok(PeerToPeer::Line { text })) => {
+            received = link.recv() => match received {
+                Some(Ok(Chat::Line { text })) => {
                     stats.received += 1;
                     output.incoming(their_name, &text);
                 }
-                Some(Ok(PeerToPeer::Bye)) => {
+                Some(Ok(Chat::Bye)) => {
                     // The other side still reads until our answering goodbye: send
                     // the lines already typed first, so none of them is lost.
                     while let Ok(Input::Line(text)) = input.try_recv() {
                         if let Err(e) = validate_line(&text) {
                             output.status(&format!("not sent: {e}"));
-                        } else if send(link, PeerToPeer::Line { text }, their_name).await.is_ok() {
+                        } else if send(link, Chat::Line { text }, their_name).await.is_ok() {
                             stats.sent += 1;
                         }
                     }
                     // Answer so the other side knows everything arrived.
-                    let _ = timeout(BYE_TIMEOUT, link.send(PeerToPeer::Bye)).await;
+                    let _ = timeout(BYE_TIMEOUT, link.send(&Chat::Bye)).await;
                     let _ = timeout(BYE_TIMEOUT, link.close()).await;
                     return Ok(ChatEnd::TheyLeft);
                 }
-                Some(Ok(other)) => {
-                    return Err(PeerError::Protocol(format!("unexpected message from {their_name}: {other:?}")));
-                }
-                Some(Err(e)) => return Err(lost(their_name, &e.to_string())),
+                Some(Err(e)) => return Err(lost(their_name, &e)),
                 None => return Err(lost(their_name, "closed without a goodbye")),
             },
         }
     };
-    send(link, PeerToPeer::Bye, their_name).await?;
+    send(link, Chat::Bye, their_name).await?;
     // Lines the other side sent before it saw our goodbye still arrive and are shown.
     let answered = timeout(BYE_TIMEOUT, async {
         loop {
-            match link.next().await {
-                Some(Ok(PeerToPeer::Line { text })) => {
+            match link.recv().await {
+                Some(Ok(Chat::Line { text })) => {
                     stats.received += 1;
                     output.incoming(their_name, &text);
                 }
-                Some(Ok(PeerToPeer::Bye)) => return Ok(()),
-                Some(Ok(other)) => {
-                    return Err(PeerError::Protocol(format!(
-                        "unexpected message from {their_name}: {other:?}"
-                    )));
-                }
-                Some(Err(e)) => return Err(lost(their_name, &e.to_string())),
+                Some(Ok(Chat::Bye)) => return Ok(()),
+                Some(Err(e)) => return Err(lost(their_name, &e)),
                 None => return Err(lost(their_name, "closed before confirming our last lines")),
             }
         }
@@ -150,8 +141,8 @@ pub async fn chat(
     Ok(end)
 }
 
-async fn send(link: &mut Link, msg: PeerToPeer, their_name: &str) -> Result<(), PeerError> {
-    match timeout(SEND_TIMEOUT, link.send(msg)).await {
+async fn send(link: &mut SecureLink, msg: Chat, their_name: &str) -> Result<(), PeerError> {
+    match timeout(SEND_TIMEOUT, link.send(&msg)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(lost(their_name, &e.to_string())),
         Err(_) => Err(PeerError::Timeout(format!(

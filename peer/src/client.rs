@@ -119,6 +119,20 @@ impl Rendezvous {
         seen
     }
 
+    /// Asks for a free nameplate for a new code.
+    pub async fn allocate(&mut self) -> Result<String, PeerError> {
+        self.send(PeerToServer::Allocate).await?;
+        let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
+            .await
+            .map_err(|_| {
+                PeerError::Timeout("the rendezvous did not answer the allocation".into())
+            })?;
+        match reply {
+            Some(Ok(ServerToPeer::Allocated { nameplate })) => Ok(nameplate),
+            other => Err(unexpected(other, "a nameplate")),
+        }
+    }
+
     /// Sends the hello; returns our observed (public) address and how our NAT
     /// maps our port.
     pub async fn hello(&mut self, hello: Hello) -> Result<(SocketAddr, Mapping), PeerError> {

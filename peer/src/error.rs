@@ -69,6 +69,9 @@ pub enum PeerError {
         /// What happened.
         why: String,
     },
+    /// The encryption handshake failed: a wrong code or an interception.
+    #[error("{0}")]
+    BadCode(String),
     /// A timeout while talking to the other peer.
     #[error("{0}")]
     Timeout(String),

@@ -2,24 +2,27 @@
 //! direct TCP link by simultaneous open from one fixed local port, and chats.
 //!
 //! 1. Bind the fixed port and connect to the rendezvous from it ([`client`]).
-//! 2. Say hello (code, name, LAN candidates); learn our public address; wait for
+//! 2. Say hello (nameplate, name, LAN candidates, SPAKE2 message); learn our
+//!    public address; wait for
 //!    the other peer and the synchronised go.
 //! 3. Punch on all candidates at once; keep the one link both sides agree on
 //!    ([`punch`]). The rendezvous connection stays open until then.
-//! 4. Chat over the link ([`chat`]), typed and shown by [`ui`].
+//! 4. Confirm the code and encrypt with Noise over the link ([`secure`]).
+//! 5. Chat over the link ([`chat`]), typed and shown by [`ui`].
 
 pub mod chat;
 pub mod client;
 pub mod error;
 pub mod net;
 pub mod punch;
+pub mod secure;
 pub mod ui;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use punchline_proto::{
-    sanitize_for_terminal, validate_code, validate_name, Hello, Mapping, PunchOutcome,
+    codes::Code, sanitize_for_terminal, validate_name, Hello, Mapping, PunchOutcome,
     MAX_CANDIDATES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -53,8 +56,10 @@ pub struct Options {
     pub port: u16,
     /// Name shown to the other side.
     pub name: String,
-    /// The shared code.
-    pub code: String,
+    /// The code as typed; `None` to start a new one.
+    pub code: Option<String>,
+    /// Words in a new code.
+    pub words: usize,
     /// How long to try punching.
     pub punch_timeout: Duration,
     /// Offer this host's interface addresses as candidates.
@@ -67,11 +72,10 @@ pub struct Options {
     pub probe_port: Option<u16>,
 }
 
-/// Checks and normalises a code as typed: surrounding spaces removed, lower case.
-pub fn normalize_code(code: &str) -> Result<String, PeerError> {
-    let code = code.trim().to_ascii_lowercase();
-    validate_code(&code).map_err(|e| PeerError::Usage(e.to_string()))?;
-    Ok(code)
+/// Parses a code as typed.
+pub fn parse_code(typed: &str) -> Result<Code, PeerError> {
+    Code::parse(typed)
+        .map_err(|e| PeerError::Usage(format!("invalid code {:?}: {e}", typed.trim())))
 }
 
 /// A display name from the login name, made valid (the login name may be long or
@@ -113,7 +117,16 @@ pub fn with_default_port(server: &str) -> String {
 
 /// Runs a whole session: meet, punch, chat. Returns how the chat ended.
 pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
-    let code = normalize_code(&opts.code)?;
+    let typed_code = opts.code.as_deref().map(parse_code).transpose()?;
+    if !(punchline_proto::codes::MIN_WORDS..=punchline_proto::codes::MAX_WORDS)
+        .contains(&opts.words)
+    {
+        return Err(PeerError::Usage(format!(
+            "--words must be {} to {}",
+            punchline_proto::codes::MIN_WORDS,
+            punchline_proto::codes::MAX_WORDS
+        )));
+    }
     validate_name(&opts.name).map_err(|e| PeerError::Usage(e.to_string()))?;
     let mut status = ui::StderrStatus;
     use chat::Output as _;
@@ -127,6 +140,24 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
     let probe_observed = rendezvous.probe(probe_port).await;
+    let code = match typed_code {
+        Some(code) => code,
+        None => {
+            let nameplate = rendezvous.allocate().await?;
+            let mut random = [0u8; punchline_proto::codes::MAX_WORDS];
+            getrandom::fill(&mut random).map_err(|e| {
+                PeerError::io("no randomness for the code", std::io::Error::other(e))
+            })?;
+            let code = Code::generate(&nameplate, &random, opts.words);
+            status.status(&format!("your code: {code}"));
+            status.status(&format!(
+                "on the other host, run:  peer --server {} {code}",
+                opts.server.trim()
+            ));
+            code
+        }
+    };
+    let exchange = secure::KeyExchange::start(&code);
 
     // 2. Hello and wait.
     let mut candidates = if opts.lan_candidates {
@@ -140,14 +171,15 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let (observed, mapping) = rendezvous
         .hello(Hello {
             version: PROTOCOL_VERSION,
-            code: code.clone(),
+            nameplate: code.nameplate.clone(),
             name: opts.name.clone(),
             candidates,
             probe_observed,
+            pake: exchange.message.clone(),
         })
         .await?;
     status.status(&format!(
-        "waiting for the other side to join with code {code} (your public address: {observed}, local port {port})"
+        "waiting for the other side to join with the code (your public address: {observed}, local port {port})"
     ));
     if let Mapping::DependsOnDestination { first, second } = mapping {
         status.status(&format!(
@@ -158,6 +190,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let go = rendezvous.wait_for_go().await?;
     let start = Instant::now();
     let their_name = sanitize_for_terminal(&go.peer.name);
+    let psk = exchange.finish(&go.peer.pake)?;
     tracing::info!(peer = %their_name, observed = %go.peer.observed, role = %go.role, "go");
 
     // 3. Punch.
@@ -196,13 +229,19 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         if punched.attempts == 1 { "" } else { "s" },
     ));
 
-    // 4. Chat.
+    // 4. Prove both know the code; encrypt.
+    let mut link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
+    status.status(&format!(
+        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {})",
+        link.verification()
+    ));
+
+    // 5. Chat.
     let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
-    let mut link = punched.link;
     let mut stats = chat::ChatStats::default();
     let (result, mut terminal) = match mode {
         Mode::Terminal => {
-            let mut term = ui::Terminal::start(tx)
+            let mut term = ui::Terminal::start(tx, link.verification().to_owned())
                 .map_err(|e| PeerError::io("cannot start the line editor", e))?;
             let r = chat::chat(&mut link, &their_name, &mut rx, &mut term, &mut stats).await;
             (r, Some(term))
@@ -254,14 +293,11 @@ mod tests {
     }
 
     #[test]
-    fn codes_are_normalised() {
+    fn codes_are_parsed() {
         assert_eq!(
-            normalize_code(" 7-Guitar-Orbit ").expect("valid"),
+            parse_code(" 7-Guitar-Orbit ").expect("valid").to_string(),
             "7-guitar-orbit"
         );
-        assert!(matches!(
-            normalize_code("7 guitar"),
-            Err(PeerError::Usage(_))
-        ));
+        assert!(matches!(parse_code("7 guitar"), Err(PeerError::Usage(_))));
     }
 }

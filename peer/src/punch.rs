@@ -445,6 +445,7 @@ mod tests {
                     .map(|c| c.parse().expect("addr"))
                     .collect(),
                 mapping: Mapping::Unknown,
+                pake: Vec::new(),
             },
             role: Role::Leader,
             session: [1; 16],

@@ -28,6 +28,8 @@ pub const INPUT_CHANNEL: usize = 64;
 pub const HELP: &str = "\
 commands:
   /help      show this help
+  /verify    show the words to compare with the other side: if they differ,
+             someone is intercepting the chat
   /quit      say goodbye and leave (also Ctrl-D or Ctrl-C)
   //text     send a line that starts with '/'
 anything else is sent to the other side as one line";
@@ -41,6 +43,8 @@ pub enum Typed {
     Quit,
     /// Show the help.
     Help,
+    /// Show the verification words.
+    Verify,
     /// An unknown `/command`.
     Unknown(String),
     /// Nothing to send.
@@ -58,6 +62,7 @@ pub fn parse_typed(line: &str) -> Typed {
     match line.trim_end() {
         "/quit" | "/exit" => Typed::Quit,
         "/help" | "/?" => Typed::Help,
+        "/verify" => Typed::Verify,
         cmd if cmd.starts_with('/') => {
             Typed::Unknown(cmd.split_whitespace().next().unwrap_or(cmd).to_owned())
         }
@@ -137,12 +142,13 @@ pub struct Terminal {
 }
 
 impl Terminal {
-    /// Starts the line editor; typed lines go to `tx`.
-    pub fn start(tx: mpsc::Sender<Input>) -> io::Result<Terminal> {
+    /// Starts the line editor; typed lines go to `tx`; `/verify` shows
+    /// `verification`.
+    pub fn start(tx: mpsc::Sender<Input>, verification: String) -> io::Result<Terminal> {
         let saved = save_termios();
         let mut editor = DefaultEditor::new().map_err(io::Error::other)?;
         let printer = editor.create_external_printer().map_err(io::Error::other)?;
-        thread::spawn(move || edit_loop(editor, tx));
+        thread::spawn(move || edit_loop(editor, tx, &verification));
         Ok(Terminal {
             printer: Box::new(printer),
             saved,
@@ -193,26 +199,32 @@ fn save_termios() -> Option<libc::termios> {
     (rc == 0).then_some(t)
 }
 
-fn edit_loop(mut editor: DefaultEditor, tx: mpsc::Sender<Input>) {
+fn edit_loop(mut editor: DefaultEditor, tx: mpsc::Sender<Input>, verification: &str) {
     println!("type a line and press Enter to send it; /help for commands");
     loop {
         let input = match editor.readline("> ") {
-            Ok(line) => match parse_typed(&line) {
-                Typed::Empty => continue,
-                Typed::Help => {
-                    println!("{HELP}");
-                    continue;
+            Ok(line) => {
+                match parse_typed(&line) {
+                    Typed::Empty => continue,
+                    Typed::Help => {
+                        println!("{HELP}");
+                        continue;
+                    }
+                    Typed::Verify => {
+                        println!("verification: {verification}  (the other side must see the same words)");
+                        continue;
+                    }
+                    Typed::Unknown(cmd) => {
+                        println!("unknown command {cmd}: /help lists the commands (start with // to send a line beginning with /)");
+                        continue;
+                    }
+                    Typed::Quit => Input::Quit,
+                    Typed::Send(text) => {
+                        let _ = editor.add_history_entry(line.as_str());
+                        Input::Line(text)
+                    }
                 }
-                Typed::Unknown(cmd) => {
-                    println!("unknown command {cmd}: /help lists the commands (start with // to send a line beginning with /)");
-                    continue;
-                }
-                Typed::Quit => Input::Quit,
-                Typed::Send(text) => {
-                    let _ = editor.add_history_entry(line.as_str());
-                    Input::Line(text)
-                }
-            },
+            }
             Err(ReadlineError::Interrupted) => Input::Interrupted,
             Err(_) => Input::Quit,
         };
@@ -233,6 +245,7 @@ mod tests {
         assert_eq!(parse_typed("  "), Typed::Empty);
         assert_eq!(parse_typed("/quit"), Typed::Quit);
         assert_eq!(parse_typed("/help"), Typed::Help);
+        assert_eq!(parse_typed("/verify"), Typed::Verify);
         assert_eq!(parse_typed("/frob x"), Typed::Unknown("/frob".into()));
         assert_eq!(parse_typed("//etc/hosts"), Typed::Send("/etc/hosts".into()));
         assert_eq!(

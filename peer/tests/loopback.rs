@@ -98,7 +98,7 @@ fn two_peers_punch_a_direct_link_and_chat_both_ways() {
 #[test]
 fn a_thousand_piped_lines_arrive_complete_and_in_order_each_way() {
     let rv = Rendezvous::start();
-    let (mut a, mut b, _, _) = pair(&rv, "thousand", &[], &[]);
+    let (mut a, mut b, _, _) = pair(&rv, "2-thousand-lines", &[], &[]);
     const N: usize = 1000;
     let text = |who: &str| -> String { (0..N).map(|i| format!("{who} line {i}\n")).collect() };
     a.send(&text("a"));
@@ -121,9 +121,9 @@ fn lines_typed_before_end_of_input_are_all_delivered() {
     // confirmed receiving every line.
     let rv = Rendezvous::start();
     let (pa, pb) = (free_port().to_string(), free_port().to_string());
-    let mut b = Peer::spawn(rv.addr, "bob", "burst", &["--port", &pb]);
+    let mut b = Peer::spawn(rv.addr, "bob", "3-burst-lines", &["--port", &pb]);
     b.wait_stderr("waiting for the other side");
-    let mut a = Peer::spawn(rv.addr, "alice", "burst", &["--port", &pa]);
+    let mut a = Peer::spawn(rv.addr, "alice", "3-burst-lines", &["--port", &pa]);
     let text: String = (0..300).map(|i| format!("burst {i}\n")).collect();
     a.send(&text);
     a.close_stdin();
@@ -143,15 +143,14 @@ fn a_third_peer_on_a_full_code_gets_a_clear_error() {
     // Two peers paired on the code and still punching (protocol-level clients that
     // hold their rendezvous connections open after the go): the code is in use.
     let rv = Rendezvous::start();
-    let mut first = raw_hello(rv.addr, "9-full-room", "alice");
-    let mut second = raw_hello(rv.addr, "9-full-room", "bob");
+    let mut first = raw_hello(rv.addr, "9", "alice");
+    let mut second = raw_hello(rv.addr, "9", "bob");
     wait_for_go(&mut first);
     wait_for_go(&mut second);
     let mut c = Peer::spawn(rv.addr, "carol", "9-full-room", &[]);
     let status = c.wait();
     assert!(!status.success());
-    let line = c.wait_stderr("already in use");
-    assert!(line.contains("9-full-room"), "{line}");
+    c.wait_stderr("already in use");
     // Once the pair is done with the rendezvous, the code is free again.
     drop((first, second));
     let (mut a, mut b, _, _) = pair(&rv, "9-full-room", &[], &[]);
@@ -160,14 +159,15 @@ fn a_third_peer_on_a_full_code_gets_a_clear_error() {
 }
 
 /// Says hello on the protocol directly; returns the connection after the welcome.
-fn raw_hello(server: SocketAddr, code: &str, name: &str) -> TcpStream {
+fn raw_hello(server: SocketAddr, nameplate: &str, name: &str) -> TcpStream {
     let mut s = TcpStream::connect(server).expect("connect");
     let hello = PeerToServer::Hello(Hello {
         version: PROTOCOL_VERSION,
-        code: code.into(),
+        nameplate: nameplate.into(),
         name: name.into(),
         candidates: vec![],
         probe_observed: None,
+        pake: vec![],
     });
     write_frame(&mut s, &encode_payload(&hello).expect("encode"));
     assert!(matches!(read_frame(&mut s), ServerToPeer::Welcome { .. }));
@@ -215,7 +215,7 @@ fn wrong_candidates_are_recognised_and_dropped() {
     let mut a = Peer::spawn(
         rv.addr,
         "alice",
-        "decoys",
+        "4-decoy-doors",
         &[
             "--port",
             &pa.to_string(),
@@ -226,7 +226,12 @@ fn wrong_candidates_are_recognised_and_dropped() {
         ],
     );
     a.wait_stderr("waiting for the other side");
-    let mut cmd = peer_command(rv.addr, "bob", "decoys", &["--port", &pb.to_string()]);
+    let mut cmd = peer_command(
+        rv.addr,
+        "bob",
+        "4-decoy-doors",
+        &["--port", &pb.to_string()],
+    );
     cmd.env("RUST_LOG", "punchline_peer=debug");
     let mut b = Peer::spawn_command(cmd, "bob");
     let status = b.wait_stderr("connected to alice");
@@ -247,7 +252,7 @@ fn wrong_candidates_are_recognised_and_dropped() {
 #[test]
 fn bad_clients_are_rejected_while_another_pair_chats() {
     let rv = Rendezvous::start();
-    let (mut a, mut b, _, _) = pair(&rv, "busy-day", &[], &[]);
+    let (mut a, mut b, _, _) = pair(&rv, "5-busy-day", &[], &[]);
 
     // Garbage: the server answers with an error message and closes.
     let mut garbage = TcpStream::connect(rv.addr).expect("connect");
@@ -272,10 +277,11 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
     let mut other = TcpStream::connect(rv.addr).expect("connect");
     let hello = PeerToServer::Hello(Hello {
         version: PROTOCOL_VERSION + 1,
-        code: "busy-day".into(),
+        nameplate: "5".into(),
         name: "mallory".into(),
         candidates: vec![],
         probe_observed: None,
+        pake: vec![],
     });
     write_frame(&mut other, &encode_payload(&hello).expect("encode"));
     let (code, message) = read_error(&mut other);
@@ -294,7 +300,7 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
     // The pair still chats, and a new pair can still meet.
     a.send("unbothered\n");
     assert_eq!(b.recv(), "alice: unbothered");
-    let (mut c, mut d, _, _) = pair(&rv, "second-pair", &[], &[]);
+    let (mut c, mut d, _, _) = pair(&rv, "6-second-pair", &[], &[]);
     c.send("we met too\n");
     assert_eq!(d.recv(), "alice: we met too");
 }
@@ -302,7 +308,7 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
 #[test]
 fn an_unreachable_rendezvous_is_a_clear_error() {
     let closed = loopback(free_port());
-    let mut p = Peer::spawn(closed, "alice", "nobody-home", &[]);
+    let mut p = Peer::spawn(closed, "alice", "7-nobody-home", &[]);
     assert!(!p.wait().success());
     p.wait_stderr("cannot reach the rendezvous");
     p.wait_stderr(&closed.to_string());
@@ -335,4 +341,131 @@ fn read_error(s: &mut TcpStream) -> (u16, String) {
         Ok(Some(ServerToPeer::Error { code, message })) => (code, message),
         other => panic!("expected an error frame, got {other:?} from {all:?}"),
     }
+}
+
+#[test]
+fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
+    let rv = Rendezvous::start();
+    let mut a = Peer::spawn(rv.addr, "alice", "", &[]);
+    let line = a.wait_stderr("your code: ");
+    let code = line.rsplit(' ').next().expect("code").to_owned();
+    let command = a.wait_stderr("on the other host, run:");
+    assert!(
+        command.ends_with(&format!("peer --server {} {code}", rv.addr)),
+        "{command}"
+    );
+    let parts: Vec<&str> = code.split('-').collect();
+    assert_eq!(parts.len(), 3, "nameplate and two words: {code}");
+    assert_eq!(parts[0], "1", "the first nameplate of a fresh server");
+    for word in &parts[1..] {
+        assert!(punchline_proto::codes::WORDS.contains(word), "{word}");
+    }
+    let mut b = Peer::spawn(rv.addr, "bob", &code, &[]);
+    let a_says = a.wait_stderr("encrypted; code confirmed");
+    let b_says = b.wait_stderr("encrypted; code confirmed");
+    // Both sides show the same verification words.
+    let words = |s: &str| s.rsplit(": ").next().expect("words").to_owned();
+    assert_eq!(words(&a_says), words(&b_says));
+    a.send("sealed hello\n");
+    assert_eq!(b.recv(), "alice: sealed hello");
+    a.close_stdin();
+    assert!(a.wait().success());
+    assert!(b.wait().success());
+}
+
+#[test]
+fn a_wrong_code_fails_on_both_sides_and_nothing_is_shown() {
+    let rv = Rendezvous::start();
+    let mut a = Peer::spawn(rv.addr, "alice", "11-apple-river", &[]);
+    a.send("this must never be shown\n");
+    a.wait_stderr("waiting for the other side");
+    let mut b = Peer::spawn(rv.addr, "bob", "11-apple-tiger", &[]);
+    b.send("nor this\n");
+    for p in [&mut a, &mut b] {
+        assert!(!p.wait().success(), "{} must fail", p.name());
+        p.wait_stderr("did not prove it knows the code");
+    }
+    assert_eq!(a.rest_of_stdout(), Vec::<String>::new());
+    assert_eq!(b.rest_of_stdout(), Vec::<String>::new());
+}
+
+#[test]
+fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
+    if !running_as_root() {
+        assert!(
+            std::env::var_os("PUNCHLINE_REQUIRE_LAB").is_none(),
+            "capturing needs root"
+        );
+        eprintln!("SKIPPED: capture test needs root for tcpdump");
+        return;
+    }
+    let rv = Rendezvous::start();
+    let (pa, pb) = (free_port(), free_port());
+    let filter = format!(
+        "tcp and (port {pa} or port {pb} or port {} or port {})",
+        rv.addr.port(),
+        rv.addr.port() + 1
+    );
+    let pcap = std::env::temp_dir().join(format!("punchline-capture-{}.pcap", std::process::id()));
+    let mut dump = std::process::Command::new("tcpdump")
+        // Immediate mode: without it packets wait in the kernel ring buffer and a
+        // short capture can end with none written.
+        .args(["-i", "lo", "-U", "--immediate-mode", "-n", "-w"])
+        .arg(&pcap)
+        .arg(&filter)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tcpdump (apt-get install tcpdump)");
+    // tcpdump says "listening on" once it captures.
+    let mut err = std::io::BufReader::new(dump.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut err, &mut first).expect("tcpdump starts");
+    assert!(first.contains("listening"), "{first}");
+
+    let code = "12-walnut-zebra";
+    let mut a = Peer::spawn(rv.addr, "alice", code, &["--port", &pa.to_string()]);
+    a.wait_stderr("waiting for the other side");
+    let mut b = Peer::spawn(rv.addr, "bob", code, &["--port", &pb.to_string()]);
+    b.wait_stderr("encrypted");
+    a.send("xyzzy plugh secret line\n");
+    assert_eq!(b.recv(), "alice: xyzzy plugh secret line");
+    b.send("quux reply\n");
+    assert_eq!(a.recv(), "bob: quux reply");
+    a.close_stdin();
+    assert!(a.wait().success());
+    assert!(b.wait().success());
+    thread::sleep(Duration::from_millis(300));
+    // SIGINT: tcpdump flushes and exits.
+    interrupt(dump.id());
+    let _ = dump.wait();
+    let captured = std::fs::read(&pcap).expect("read capture");
+    let _ = std::fs::remove_file(&pcap);
+    let contains = |needle: &str| {
+        captured
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    };
+    // The capture saw the session: the names travel in the clear to the rendezvous.
+    assert!(
+        contains("alice") && contains("bob"),
+        "capture is empty ({} bytes)",
+        captured.len()
+    );
+    for secret in ["xyzzy", "plugh", "quux", "walnut", "zebra"] {
+        assert!(!contains(secret), "{secret:?} crossed the wire in clear");
+    }
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Sends SIGINT with the `kill` command.
+fn interrupt(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status();
 }

@@ -25,7 +25,7 @@ fn lab(config: LabConfig) -> Lab {
 
 fn spec(code: &str, punch_timeout: Duration) -> PunchSpec {
     PunchSpec {
-        code: code.into(),
+        code: format!("1-{code}"),
         port_a: 40000,
         port_b: 40001,
         strategy: OURS,

@@ -117,11 +117,11 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     let rv = Rendezvous::start();
     let peer = env!("CARGO_BIN_EXE_peer");
     let term = Tmux::start(&format!(
-        "{peer} --server {} --name alice --no-lan tty-check; echo EXIT=$?; sleep 30",
+        "{peer} --server {} --name alice --no-lan 8-tty-check; echo EXIT=$?; sleep 30",
         rv.addr
     ));
     term.wait_text("waiting for the other side");
-    let mut bob = Peer::spawn(rv.addr, "bob", "tty-check", &[]);
+    let mut bob = Peer::spawn(rv.addr, "bob", "8-tty-check", &[]);
     bob.wait_stderr("connected to alice");
     term.wait_text("connected to bob");
     term.wait_for("the prompt", |s| last_nonempty(s) == ">");
@@ -151,6 +151,15 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     term.wait_for("the recalled line", |s| last_nonempty(s) == "> half typed");
     term.keys(&["C-u", "/help", "Enter"]);
     term.wait_text("/quit      say goodbye and leave");
+    term.keys(&["/verify", "Enter"]);
+    let words = bob.wait_stderr("encrypted; code confirmed");
+    let words = words
+        .rsplit(": ")
+        .next()
+        .expect("words")
+        .trim_end_matches(')')
+        .to_owned();
+    term.wait_text(&format!("verification: {words}"));
     term.keys(&["/nonsense", "Enter"]);
     term.wait_text("unknown command /nonsense");
 

@@ -183,20 +183,25 @@ mod tests {
         prop_oneof![
             (
                 any::<u16>(),
-                "[a-z0-9-]{0,70}",
+                "[0-9]{0,12}",
                 "\\PC{0,40}",
                 prop::collection::vec(addr(), 0..10),
                 prop::option::of(addr()),
+                prop::collection::vec(any::<u8>(), 0..40),
             )
-                .prop_map(|(version, code, name, candidates, probe_observed)| {
-                    PeerToServer::Hello(Hello {
-                        version,
-                        code,
-                        name,
-                        candidates,
-                        probe_observed,
-                    })
-                }),
+                .prop_map(
+                    |(version, nameplate, name, candidates, probe_observed, pake)| {
+                        PeerToServer::Hello(Hello {
+                            version,
+                            nameplate,
+                            name,
+                            candidates,
+                            probe_observed,
+                            pake,
+                        })
+                    }
+                ),
+            Just(PeerToServer::Allocate),
             any::<u32>().prop_map(|seq| PeerToServer::Pong { seq }),
             (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(public, attempts, ms)| {
                 PeerToServer::Report(PunchOutcome::Direct {
@@ -217,6 +222,7 @@ mod tests {
             (addr(), mapping())
                 .prop_map(|(observed, mapping)| ServerToPeer::Welcome { observed, mapping }),
             addr().prop_map(|observed| ServerToPeer::Observed { observed }),
+            "[0-9]{1,9}".prop_map(|nameplate| ServerToPeer::Allocated { nameplate }),
             any::<u32>().prop_map(|seq| ServerToPeer::Ping { seq }),
             (
                 ".{0,40}",
@@ -224,20 +230,23 @@ mod tests {
                 prop::collection::vec(addr(), 0..10),
                 role(),
                 any::<[u8; SESSION_LEN]>(),
-                mapping(),
+                (mapping(), prop::collection::vec(any::<u8>(), 0..40)),
             )
-                .prop_map(|(name, observed, candidates, role, session, mapping)| {
-                    ServerToPeer::Go(Go {
-                        peer: PeerInfo {
-                            name,
-                            observed,
-                            candidates,
-                            mapping,
-                        },
-                        role,
-                        session,
-                    })
-                }),
+                .prop_map(
+                    |(name, observed, candidates, role, session, (mapping, pake))| {
+                        ServerToPeer::Go(Go {
+                            peer: PeerInfo {
+                                name,
+                                observed,
+                                candidates,
+                                mapping,
+                                pake,
+                            },
+                            role,
+                            session,
+                        })
+                    }
+                ),
         ]
     }
 
@@ -251,8 +260,15 @@ mod tests {
                 }
             ),
             Just(PeerToPeer::Select),
-            Just(PeerToPeer::Bye),
-            ".{0,300}".prop_map(|text| PeerToPeer::Line { text }),
+            prop::collection::vec(any::<u8>(), 0..100).prop_map(PeerToPeer::Handshake),
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(PeerToPeer::Sealed),
+        ]
+    }
+
+    fn chat() -> impl Strategy<Value = Chat> {
+        prop_oneof![
+            Just(Chat::Bye),
+            ".{0,300}".prop_map(|text| Chat::Line { text }),
         ]
     }
 
@@ -283,6 +299,7 @@ mod tests {
         let _ = decode_payload::<PeerToServer>(bytes);
         let _ = decode_payload::<ServerToPeer>(bytes);
         let _ = decode_payload::<PeerToPeer>(bytes);
+        let _ = decode_payload::<Chat>(bytes);
         let _ = peek_hello_version(bytes);
         let mut buf = BytesMut::from(bytes);
         let mut dec = FrameCodec::<PeerToServer, ()>::new();
@@ -305,6 +322,11 @@ mod tests {
 
         #[test]
         fn peer_to_peer_round_trips(msg in peer_to_peer()) {
+            prop_assert_eq!(round_trip(msg.clone()), msg);
+        }
+
+        #[test]
+        fn chat_round_trips(msg in chat()) {
             prop_assert_eq!(round_trip(msg.clone()), msg);
         }
 
@@ -364,7 +386,7 @@ mod tests {
 
     #[test]
     fn trailing_bytes_are_rejected() {
-        let mut payload = encode_payload(&PeerToPeer::Bye).expect("encodes");
+        let mut payload = encode_payload(&PeerToPeer::Select).expect("encodes");
         payload.push(0);
         assert!(decode_payload::<PeerToPeer>(&payload).is_err());
     }
@@ -386,10 +408,13 @@ mod tests {
     }
 
     #[test]
-    fn longest_line_fits_in_a_frame() {
-        let line = PeerToPeer::Line {
+    fn longest_line_fits_in_a_frame_when_sealed() {
+        let line = Chat::Line {
             text: "é".repeat(MAX_LINE_BYTES / 2),
         };
-        assert_eq!(round_trip(line.clone()), line);
+        let plain = encode_payload(&line).expect("encodes");
+        // A Noise transport message adds a 16-byte tag.
+        let sealed = PeerToPeer::Sealed(vec![0xa5; plain.len() + 16]);
+        assert_eq!(round_trip(sealed.clone()), sealed);
     }
 }

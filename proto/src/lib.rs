@@ -2,13 +2,15 @@
 //!
 //! This crate owns everything two programs must agree on to talk to each other:
 //! the message types of both connections (peer ↔ rendezvous and peer ↔ peer),
-//! the framing codec, the protocol version and the named limits. It also holds the
+//! the framing codec, the shape of codes and their word list ([`codes`]), the
+//! protocol version and the named limits. It also holds the
 //! pure state machines the rendezvous and the peer drive: the pairing table
 //! ([`pairing`]), the synchronised-go timing ([`timing`]), the punch retry cadence
 //! ([`punch`]) and the check that a punched link reaches the expected peer
 //! ([`link`]). Time is always passed in, so all of it is tested without sockets.
 
 pub mod codec;
+pub mod codes;
 pub mod link;
 pub mod message;
 pub mod pairing;
@@ -33,8 +35,12 @@ pub const MAX_FRAME_SIZE: usize = 16 * 1024;
 /// a clear error (not split), so that one typed line is always one received line.
 pub const MAX_LINE_BYTES: usize = 8 * 1024;
 
-/// Longest code (`NAMEPLATE-WORD-WORD…`), in bytes.
-pub const MAX_CODE_LEN: usize = 64;
+/// Longest nameplate (the part of a code the rendezvous sees), in digits.
+pub const MAX_NAMEPLATE_LEN: usize = codes::MAX_NAMEPLATE_DIGITS;
+
+/// Largest key-exchange (SPAKE2) message the rendezvous passes on. A SPAKE2
+/// message over Ed25519 is 33 bytes; the rest is room for another group later.
+pub const MAX_PAKE_LEN: usize = 128;
 
 /// Longest display name, in characters.
 pub const MAX_NAME_CHARS: usize = 32;

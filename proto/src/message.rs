@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{MAX_CANDIDATES, MAX_CODE_LEN, MAX_LINE_BYTES, MAX_NAME_CHARS, SESSION_LEN};
+use crate::{
+    MAX_CANDIDATES, MAX_LINE_BYTES, MAX_NAMEPLATE_LEN, MAX_NAME_CHARS, MAX_PAKE_LEN, SESSION_LEN,
+};
 
 /// Random token the rendezvous gives both peers of one pair; each punched link
 /// proves it reaches the expected peer by showing it.
@@ -85,14 +87,18 @@ impl Mapping {
 pub struct Hello {
     /// [`crate::PROTOCOL_VERSION`] of the sender. First field: see the module docs.
     pub version: u16,
-    /// The code both users typed (see [`validate_code`]).
-    pub code: String,
+    /// The nameplate of the code (see [`validate_nameplate`]): the room to meet
+    /// in. The rest of the code never leaves the peer.
+    pub nameplate: String,
     /// Name shown to the other side (see [`validate_name`]).
     pub name: String,
     /// The peer's own interface addresses with its fixed port (LAN candidates).
     pub candidates: Vec<SocketAddr>,
     /// What the rendezvous' probe port saw as this peer's address, if it answered.
     pub probe_observed: Option<SocketAddr>,
+    /// The peer's SPAKE2 message, opaque to the rendezvous, handed to the other
+    /// peer with the go.
+    pub pake: Vec<u8>,
 }
 
 /// Everything one peer learns about the other when the pair is made.
@@ -106,6 +112,8 @@ pub struct PeerInfo {
     pub candidates: Vec<SocketAddr>,
     /// How the other's NAT maps its port.
     pub mapping: Mapping,
+    /// The other's SPAKE2 message.
+    pub pake: Vec<u8>,
 }
 
 /// The synchronised "go": punch now.
@@ -151,6 +159,8 @@ pub enum PeerToServer {
     },
     /// How the punch ended.
     Report(PunchOutcome),
+    /// Before the hello: asks for a free nameplate for a new code.
+    Allocate,
 }
 
 /// Why the rendezvous refused or dropped a peer. Sent as a number so that a code
@@ -226,6 +236,11 @@ pub enum ServerToPeer {
     },
     /// Punch now.
     Go(Go),
+    /// The answer to [`PeerToServer::Allocate`]: a nameplate nobody uses now.
+    Allocated {
+        /// The nameplate.
+        nameplate: String,
+    },
     /// The answer of the rendezvous' probe port: the address this connection came
     /// from. Sent at once on accept, then the probe connection is closed.
     Observed {
@@ -258,6 +273,15 @@ pub enum PeerToPeer {
     },
     /// From the leader: this link is the one both keep.
     Select,
+    /// A Noise handshake message (the leader initiates).
+    Handshake(Vec<u8>),
+    /// A Noise transport message; its plaintext is a bincode [`Chat`].
+    Sealed(Vec<u8>),
+}
+
+/// What travels sealed over the link once the Noise handshake is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chat {
     /// One chat line.
     Line {
         /// The text, without line terminator.
@@ -270,9 +294,12 @@ pub enum PeerToPeer {
 /// Why a field of a message is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidField {
-    /// The code is empty, too long, or has characters other than `A-Z a-z 0-9 -`.
-    #[error("invalid code {0:?}: use letters, digits and '-', at most {MAX_CODE_LEN} characters, like 7-guitar-orbit")]
-    Code(String),
+    /// The nameplate is empty, too long, or not a decimal number.
+    #[error("invalid nameplate {0:?}: a number of at most {MAX_NAMEPLATE_LEN} digits")]
+    Nameplate(String),
+    /// The key-exchange message is too long.
+    #[error("key-exchange message too long ({0} bytes, at most {MAX_PAKE_LEN})")]
+    PakeTooLong(usize),
     /// The name is empty, too long or has control characters.
     #[error("invalid name {0:?}: 1 to {MAX_NAME_CHARS} characters, no control characters")]
     Name(String),
@@ -284,18 +311,15 @@ pub enum InvalidField {
     LineTooLong(usize),
 }
 
-/// Checks the shape of a code: 1 to [`MAX_CODE_LEN`] ASCII letters, digits and
-/// hyphens, not starting or ending with a hyphen.
-pub fn validate_code(code: &str) -> Result<(), InvalidField> {
-    let ok = !code.is_empty()
-        && code.len() <= MAX_CODE_LEN
-        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !code.starts_with('-')
-        && !code.ends_with('-');
+/// Checks a nameplate: 1 to [`MAX_NAMEPLATE_LEN`] ASCII digits.
+pub fn validate_nameplate(nameplate: &str) -> Result<(), InvalidField> {
+    let ok = !nameplate.is_empty()
+        && nameplate.len() <= MAX_NAMEPLATE_LEN
+        && nameplate.bytes().all(|b| b.is_ascii_digit());
     if ok {
         Ok(())
     } else {
-        Err(InvalidField::Code(truncate_for_display(code)))
+        Err(InvalidField::Nameplate(truncate_for_display(nameplate)))
     }
 }
 
@@ -312,10 +336,13 @@ pub fn validate_name(name: &str) -> Result<(), InvalidField> {
 
 /// Checks the fields of a hello other than the version.
 pub fn validate_hello(hello: &Hello) -> Result<(), InvalidField> {
-    validate_code(&hello.code)?;
+    validate_nameplate(&hello.nameplate)?;
     validate_name(&hello.name)?;
     if hello.candidates.len() > MAX_CANDIDATES {
         return Err(InvalidField::TooManyCandidates(hello.candidates.len()));
+    }
+    if hello.pake.len() > MAX_PAKE_LEN {
+        return Err(InvalidField::PakeTooLong(hello.pake.len()));
     }
     Ok(())
 }
@@ -367,20 +394,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes() {
-        for ok in ["7-guitar-orbit", "a", "ROOM42", "123"] {
-            assert_eq!(validate_code(ok), Ok(()), "{ok}");
+    fn nameplates() {
+        for ok in ["7", "123", "000000001"] {
+            assert_eq!(validate_nameplate(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            "a b",
-            "a/b",
-            "é",
-            &"x".repeat(MAX_CODE_LEN + 1),
-        ] {
-            assert!(validate_code(bad).is_err(), "{bad:?}");
+        let long = "1".repeat(MAX_NAMEPLATE_LEN + 1);
+        for bad in ["", "-1", "7-a", "a", "1 2", "٣", long.as_str()] {
+            assert!(validate_nameplate(bad).is_err(), "{bad:?}");
         }
     }
 

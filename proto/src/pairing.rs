@@ -153,6 +153,19 @@ impl<V> Rooms<V> {
             .min()
     }
 
+    /// The smallest positive number that is not a room's name, for a new code's
+    /// nameplate (short numbers are easy to read out); `None` when the table is
+    /// full.
+    pub fn lowest_free_number(&self) -> Option<String> {
+        if self.rooms.len() >= self.max_rooms {
+            return None;
+        }
+        // Among max_rooms + 1 numbers at least one is free.
+        (1..=self.max_rooms + 1)
+            .map(|n| n.to_string())
+            .find(|name| !self.rooms.contains_key(name))
+    }
+
     /// Number of peers waiting for the other side.
     pub fn waiting(&self) -> usize {
         self.rooms
@@ -247,6 +260,21 @@ mod tests {
         assert_eq!(r.next_expiry(), Some(t1 + HOLD));
         assert!(r.expire(t1 + HOLD).is_empty());
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn nameplates_are_the_lowest_free_numbers() {
+        let t0 = Instant::now();
+        let mut r = rooms();
+        assert_eq!(r.lowest_free_number().as_deref(), Some("1"));
+        r.join("1", 1, "one", t0);
+        r.join("2", 2, "two", t0);
+        assert_eq!(r.lowest_free_number().as_deref(), Some("3"));
+        r.leave("1", 1);
+        assert_eq!(r.lowest_free_number().as_deref(), Some("1"));
+        r.join("1", 3, "three", t0);
+        r.join("9", 4, "four", t0);
+        assert_eq!(r.lowest_free_number(), None, "full");
     }
 
     #[test]

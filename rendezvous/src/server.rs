@@ -195,28 +195,25 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let sweeper = tokio::spawn(sweep(shared.clone()));
     let mut next_id: ConnId = 0;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = tasks.join_next() => {}
-            accepted = listener.accept() => {
-                let (stream, addr) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause, keep serving.
-                        warn!(error = %e, "accept failed");
-                        sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                next_id += 1;
-                let id = next_id;
-                let busy = tasks.len() >= shared.config.max_connections;
-                tasks.spawn(connection(id, stream, addr, shared.clone(), stop_rx.clone(), busy));
-            }
-        }
-    }
+    accept_until(
+        &listener,
+        shutdown,
+        &mut tasks,
+        "main",
+        |stream, addr, serving| {
+            next_id += 1;
+            let busy = serving >= shared.config.max_connections;
+            Some(connection(
+                next_id,
+                stream,
+                addr,
+                shared.clone(),
+                stop_rx.clone(),
+                busy,
+            ))
+        },
+    )
+    .await;
     info!(connections = tasks.len(), "shutting down");
     let _ = stop_tx.send(true);
     let drained = timeout(SHUTDOWN_GRACE, async {
@@ -244,38 +241,68 @@ pub async fn run_probe(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut tasks = JoinSet::new();
+    accept_until(
+        &listener,
+        shutdown,
+        &mut tasks,
+        "probe",
+        |stream, addr, serving| {
+            // Past the cap the connection is dropped, which closes it.
+            (serving < MAX_PROBE_TASKS).then_some(async move {
+                let mut conn: Conn = Framed::new(stream, FrameCodec::new());
+                let answer = async {
+                    conn.send(ServerToPeer::Observed {
+                        observed: canonical(addr),
+                    })
+                    .await?;
+                    conn.close().await
+                };
+                if let Err(e) = timeout(PROBE_SEND_TIMEOUT, answer).await.unwrap_or(Ok(())) {
+                    debug!(%addr, error = %e, "probe answer failed");
+                }
+            })
+        },
+    )
+    .await;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Pause after a failed accept (out of file descriptors and the like) before
+/// accepting again: the condition is usually passing, and spinning would not help.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts connections on `listener` until `shutdown` completes. `handle` gets
+/// each connection and the number already being served, and returns the task
+/// that serves it (or `None` to drop it); finished tasks are reaped as it goes.
+async fn accept_until<F, Fut>(
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()>,
+    tasks: &mut JoinSet<()>,
+    name: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, usize) -> Option<Fut>,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => return,
             Some(_) = tasks.join_next() => {}
-            accepted = listener.accept() => {
-                let (stream, addr) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "probe accept failed");
-                        sleep(Duration::from_millis(100)).await;
-                        continue;
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    if let Some(task) = handle(stream, addr, tasks.len()) {
+                        tasks.spawn(task);
                     }
-                };
-                if tasks.len() >= MAX_PROBE_TASKS {
-                    continue; // dropping the stream closes it
                 }
-                tasks.spawn(async move {
-                    let mut conn: Conn = Framed::new(stream, FrameCodec::new());
-                    let answer = async {
-                        conn.send(ServerToPeer::Observed { observed: canonical(addr) }).await?;
-                        conn.close().await
-                    };
-                    if let Err(e) = timeout(PROBE_SEND_TIMEOUT, answer).await.unwrap_or(Ok(())) {
-                        debug!(%addr, error = %e, "probe answer failed");
-                    }
-                });
-            }
+                Err(e) => {
+                    warn!(listener = name, error = %e, "accept failed");
+                    sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
         }
     }
-    tasks.abort_all();
-    Ok(())
 }
 
 /// Expires waiting peers nobody joined.
@@ -343,31 +370,33 @@ async fn serve(
         .await;
     }
 
-    // 1. Hello.
-    let hello = match timeout(shared.config.hello_timeout, conn.next()).await {
-        Err(_) => {
-            let _ = send(
+    // 1. Hello, after a nameplate allocation if the peer starts a new code.
+    let Some(mut first) = next_request(&mut conn, shared.config.hello_timeout).await? else {
+        return Ok(());
+    };
+    if matches!(first, PeerToServer::Allocate) {
+        // The nameplate is not reserved between this answer and the hello (one
+        // round trip); a peer that joins it by chance in between would pair with
+        // this one, and the key exchange would fail for both: a failed guess.
+        let Some(nameplate) = shared.rooms().lowest_free_number() else {
+            return reject(
                 &mut conn,
-                ServerToPeer::error(ErrorCode::Malformed, "no hello received in time"),
+                ErrorCode::Busy,
+                "no free nameplate; try again later",
             )
             .await;
-            return Err(ConnError::Timeout("waiting for hello"));
-        }
-        Ok(None) => return Ok(()),
-        Ok(Some(Ok(PeerToServer::Hello(hello)))) => hello,
-        Ok(Some(Ok(other))) => {
+        };
+        send(&mut conn, ServerToPeer::Allocated { nameplate }).await?;
+        first = match next_request(&mut conn, shared.config.hello_timeout).await? {
+            Some(msg) => msg,
+            None => return Ok(()),
+        };
+    }
+    let hello = match first {
+        PeerToServer::Hello(hello) => hello,
+        other => {
             let msg = format!("expected a hello, got {}", kind(&other));
             return reject(&mut conn, ErrorCode::Malformed, msg).await;
-        }
-        Ok(Some(Err(CodecError::Decode {
-            hello_version: Some(v),
-            ..
-        }))) if v != PROTOCOL_VERSION => {
-            return reject(&mut conn, ErrorCode::VersionMismatch, version_message(v)).await;
-        }
-        Ok(Some(Err(CodecError::Io(e)))) => return Err(CodecError::Io(e).into()),
-        Ok(Some(Err(e))) => {
-            return reject(&mut conn, ErrorCode::Malformed, format!("bad hello: {e}")).await;
         }
     };
     if hello.version != PROTOCOL_VERSION {
@@ -383,10 +412,11 @@ async fn serve(
     }
 
     let Hello {
-        code,
+        nameplate: code,
         name,
         candidates,
         probe_observed,
+        pake,
         ..
     } = hello;
     let mapping = classify_mapping(observed, probe_observed.map(canonical));
@@ -395,6 +425,7 @@ async fn serve(
         observed,
         candidates,
         mapping,
+        pake,
     };
 
     // 2. Pairing.
@@ -455,8 +486,9 @@ async fn serve(
             }
             Join::Waiting => joined = None,
             Join::InUse => {
-                let msg =
-                    format!("code {code} is already in use by two peers: choose another code");
+                let msg = format!(
+                    "code {code}-… is already in use by two peers: start again with a new code"
+                );
                 return reject(&mut conn, ErrorCode::CodeInUse, msg).await;
             }
             Join::Full => {
@@ -585,6 +617,33 @@ async fn wait_for_pair(
     }
 }
 
+/// The next request before the hello, within `limit`. A frame of another
+/// protocol version is answered with a version error; a malformed one with a
+/// malformed error; both end the connection. `None`: the peer closed.
+async fn next_request(conn: &mut Conn, limit: Duration) -> Result<Option<PeerToServer>, ConnError> {
+    match timeout(limit, conn.next()).await {
+        Err(_) => {
+            let msg = ServerToPeer::error(ErrorCode::Malformed, "no hello received in time");
+            let _ = send(conn, msg).await;
+            Err(ConnError::Timeout("waiting for hello"))
+        }
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(msg))) => Ok(Some(msg)),
+        Ok(Some(Err(CodecError::Decode {
+            hello_version: Some(v),
+            ..
+        }))) if v != PROTOCOL_VERSION => {
+            reject(conn, ErrorCode::VersionMismatch, version_message(v))
+                .await
+                .map(|()| None)
+        }
+        Ok(Some(Err(CodecError::Io(e)))) => Err(CodecError::Io(e).into()),
+        Ok(Some(Err(e))) => reject(conn, ErrorCode::Malformed, format!("bad hello: {e}"))
+            .await
+            .map(|()| None),
+    }
+}
+
 /// Sends an error to the peer (best effort), then ends the connection with it.
 async fn reject(
     conn: &mut Conn,
@@ -614,6 +673,7 @@ fn kind(msg: &PeerToServer) -> &'static str {
         PeerToServer::Hello(_) => "hello",
         PeerToServer::Pong { .. } => "pong",
         PeerToServer::Report(_) => "report",
+        PeerToServer::Allocate => "allocate",
     }
 }
 

@@ -39,6 +39,45 @@ async fn next(c: &mut Client) -> ServerToPeer {
         .expect("valid frame")
 }
 
+/// Sends a hello of the current version.
+async fn send_hello(
+    c: &mut Client,
+    nameplate: &str,
+    name: &str,
+    candidates: Vec<SocketAddr>,
+    probe_observed: Option<SocketAddr>,
+) {
+    c.send(PeerToServer::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        nameplate: nameplate.into(),
+        name: name.into(),
+        candidates,
+        probe_observed,
+        // Opaque to the server: the peer's name stands in for a SPAKE2 message.
+        pake: name.as_bytes().to_vec(),
+    }))
+    .await
+    .expect("send hello");
+}
+
+/// The next message that is not a ping (pings are answered).
+async fn next_after_pings(c: &mut Client) -> ServerToPeer {
+    loop {
+        match next(c).await {
+            ServerToPeer::Ping { seq } => c.send(PeerToServer::Pong { seq }).await.expect("pong"),
+            other => return other,
+        }
+    }
+}
+
+/// Checks the server closes the connection.
+async fn assert_closed(c: &mut Client) {
+    assert!(timeout(WAIT, c.next())
+        .await
+        .expect("closed in time")
+        .is_none());
+}
+
 /// Connects, says hello, returns the client and its observed address.
 async fn hello(
     server: SocketAddr,
@@ -49,15 +88,7 @@ async fn hello(
     let stream = TcpStream::connect(server).await.expect("connect");
     let local = stream.local_addr().expect("local");
     let mut c = Framed::new(stream, FrameCodec::new());
-    c.send(PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        code: code.into(),
-        name: name.into(),
-        candidates,
-        probe_observed: None,
-    }))
-    .await
-    .expect("send hello");
+    send_hello(&mut c, code, name, candidates, None).await;
     match next(&mut c).await {
         ServerToPeer::Welcome { observed, mapping } => {
             assert_eq!(observed, local);
@@ -94,14 +125,14 @@ fn error_code(msg: &ServerToPeer) -> Option<ErrorCode> {
 async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
     let (server, _stop, _task) = start(Config::default()).await;
     let lan_a: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
-    let (mut a, addr_a) = hello(server, "7-guitar-orbit", "alice", vec![lan_a]).await;
+    let (mut a, addr_a) = hello(server, "7", "alice", vec![lan_a]).await;
     // Let alice wait long enough for the early pings.
     let waiting = tokio::spawn(async move {
         let (g, pings) = go(&mut a).await;
         (a, g, pings)
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let (mut b, addr_b) = hello(server, "7-guitar-orbit", "bob", vec![]).await;
+    let (mut b, addr_b) = hello(server, "7", "bob", vec![]).await;
     let (go_b, _) = go(&mut b).await;
     let (_a, go_a, pings) = waiting.await.expect("alice task");
 
@@ -119,13 +150,16 @@ async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
     assert_ne!(go_a.session, [0; 16]);
     assert_eq!(go_a.role, Role::Leader);
     assert_eq!(go_b.role, Role::Follower);
+    // Each gets the other's key-exchange message, untouched.
+    assert_eq!(go_a.peer.pake, b"bob");
+    assert_eq!(go_b.peer.pake, b"alice");
 }
 
 #[tokio::test]
 async fn sessions_differ_between_pairs() {
     let (server, _stop, _task) = start(Config::default()).await;
     let mut sessions = Vec::new();
-    for code in ["one", "two"] {
+    for code in ["1", "2"] {
         let (mut a, _) = hello(server, code, "a", vec![]).await;
         let (mut b, _) = hello(server, code, "b", vec![]).await;
         let (ga, _) = go(&mut a).await;
@@ -139,27 +173,16 @@ async fn sessions_differ_between_pairs() {
 #[tokio::test]
 async fn a_third_peer_is_told_the_code_is_in_use() {
     let (server, _stop, _task) = start(Config::default()).await;
-    let (mut a, _) = hello(server, "full", "a", vec![]).await;
-    let (mut b, _) = hello(server, "full", "b", vec![]).await;
+    let (mut a, _) = hello(server, "3", "a", vec![]).await;
+    let (mut b, _) = hello(server, "3", "b", vec![]).await;
     go(&mut a).await;
     go(&mut b).await;
     let stream = TcpStream::connect(server).await.expect("connect");
     let mut c: Client = Framed::new(stream, FrameCodec::new());
-    c.send(PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        code: "full".into(),
-        name: "c".into(),
-        candidates: vec![],
-        probe_observed: None,
-    }))
-    .await
-    .expect("send");
+    send_hello(&mut c, "3", "c", vec![], None).await;
     let reply = next(&mut c).await;
     assert_eq!(error_code(&reply), Some(ErrorCode::CodeInUse), "{reply:?}");
-    assert!(timeout(WAIT, c.next())
-        .await
-        .expect("closed in time")
-        .is_none());
+    assert_closed(&mut c).await;
 }
 
 #[tokio::test]
@@ -169,16 +192,11 @@ async fn a_lonely_peer_is_told_its_wait_expired() {
         ..Config::default()
     };
     let (server, _stop, _task) = start(config).await;
-    let (mut a, _) = hello(server, "lonely", "a", vec![]).await;
-    let reply = loop {
-        match next(&mut a).await {
-            ServerToPeer::Ping { seq } => a.send(PeerToServer::Pong { seq }).await.expect("pong"),
-            other => break other,
-        }
-    };
+    let (mut a, _) = hello(server, "4", "a", vec![]).await;
+    let reply = next_after_pings(&mut a).await;
     assert_eq!(error_code(&reply), Some(ErrorCode::Expired), "{reply:?}");
     // The code is free again.
-    let (_b, _) = hello(server, "lonely", "b", vec![]).await;
+    let (_b, _) = hello(server, "4", "b", vec![]).await;
 }
 
 #[tokio::test]
@@ -192,32 +210,21 @@ async fn a_silent_connection_is_dropped_after_the_hello_timeout() {
     let mut c: Client = Framed::new(stream, FrameCodec::new());
     let reply = next(&mut c).await;
     assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
-    assert!(timeout(WAIT, c.next())
-        .await
-        .expect("closed in time")
-        .is_none());
+    assert_closed(&mut c).await;
 }
 
 #[tokio::test]
 async fn invalid_hello_fields_are_rejected() {
     let (server, _stop, _task) = start(Config::default()).await;
     for (code, name, n_candidates) in [
-        ("bad code!", "a", 0),
-        ("ok", "\u{1b}[31m", 0),
-        ("ok", "a", 100),
+        ("bad nameplate!", "a", 0),
+        ("10", "\u{1b}[31m", 0),
+        ("11", "a", 100),
     ] {
         let stream = TcpStream::connect(server).await.expect("connect");
         let mut c: Client = Framed::new(stream, FrameCodec::new());
         let candidates = vec!["192.0.2.1:1".parse().expect("addr"); n_candidates];
-        c.send(PeerToServer::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            code: code.into(),
-            name: name.into(),
-            candidates,
-            probe_observed: None,
-        }))
-        .await
-        .expect("send");
+        send_hello(&mut c, code, name, candidates, None).await;
         let reply = next(&mut c).await;
         assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
     }
@@ -226,14 +233,9 @@ async fn invalid_hello_fields_are_rejected() {
 #[tokio::test]
 async fn shutdown_tells_waiting_peers() {
     let (server, stop, task) = start(Config::default()).await;
-    let (mut a, _) = hello(server, "soon-gone", "a", vec![]).await;
+    let (mut a, _) = hello(server, "5", "a", vec![]).await;
     let _ = stop.send(());
-    let reply = loop {
-        match next(&mut a).await {
-            ServerToPeer::Ping { seq } => a.send(PeerToServer::Pong { seq }).await.expect("pong"),
-            other => break other,
-        }
-    };
+    let reply = next_after_pings(&mut a).await;
     assert_eq!(
         error_code(&reply),
         Some(ErrorCode::ShuttingDown),
@@ -276,22 +278,11 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
         other => panic!("expected the observed address, got {other:?}"),
     };
     assert_eq!(seen, SocketAddr::from(([127, 0, 0, 1], port)));
-    assert!(timeout(WAIT, probe.next())
-        .await
-        .expect("closed in time")
-        .is_none());
+    assert_closed(&mut probe).await;
 
     let welcome = |probe_observed| async move {
         let mut c: Client = Framed::new(main, FrameCodec::new());
-        c.send(PeerToServer::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            code: "probe-check".into(),
-            name: "a".into(),
-            candidates: vec![],
-            probe_observed,
-        }))
-        .await
-        .expect("send");
+        send_hello(&mut c, "6", "a", vec![], probe_observed).await;
         next(&mut c).await
     };
     match welcome(Some(seen)).await {
@@ -305,15 +296,7 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
     let local = stream.local_addr().expect("local");
     let mut c: Client = Framed::new(stream, FrameCodec::new());
     let elsewhere = SocketAddr::new(local.ip(), local.port().wrapping_add(7));
-    c.send(PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        code: "symmetric-check".into(),
-        name: "sym".into(),
-        candidates: vec![],
-        probe_observed: Some(elsewhere),
-    }))
-    .await
-    .expect("send");
+    send_hello(&mut c, "8", "sym", vec![], Some(elsewhere)).await;
     let expected = Mapping::DependsOnDestination {
         first: local.port(),
         second: elsewhere.port(),
@@ -322,7 +305,34 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
         ServerToPeer::Welcome { mapping, .. } => assert_eq!(mapping, expected),
         other => panic!("expected welcome, got {other:?}"),
     }
-    let (mut other, _) = hello(server, "symmetric-check", "b", vec![]).await;
+    let (mut other, _) = hello(server, "8", "b", vec![]).await;
     let (go_other, _) = go(&mut other).await;
     assert_eq!(go_other.peer.mapping, expected);
+}
+
+#[tokio::test]
+async fn new_codes_get_the_lowest_free_nameplate() {
+    let (server, _stop, _task) = start(Config::default()).await;
+    async fn allocate(server: SocketAddr) -> (Client, String) {
+        let stream = TcpStream::connect(server).await.expect("connect");
+        let mut c: Client = Framed::new(stream, FrameCodec::new());
+        c.send(PeerToServer::Allocate).await.expect("send");
+        match next(&mut c).await {
+            ServerToPeer::Allocated { nameplate } => (c, nameplate),
+            other => panic!("expected a nameplate, got {other:?}"),
+        }
+    }
+    let (mut a, first) = allocate(server).await;
+    assert_eq!(first, "1");
+    send_hello(&mut a, &first, "a", vec![], None).await;
+    assert!(matches!(next(&mut a).await, ServerToPeer::Welcome { .. }));
+    let (mut b, second) = allocate(server).await;
+    assert_eq!(second, "2", "nameplate 1 is taken by a waiting peer");
+    send_hello(&mut b, &second, "b", vec![], None).await;
+    assert!(matches!(next(&mut b).await, ServerToPeer::Welcome { .. }));
+    // When the first peer leaves, its nameplate is free again.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_c, third) = allocate(server).await;
+    assert_eq!(third, "1");
 }

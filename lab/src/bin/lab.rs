@@ -146,9 +146,18 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let table = tables;
     if let Some(path) = &args.out {
+        let commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
         let text = format!(
-            "# Punch benchmark (NAT lab)\n\nCommand: `sudo target/release/lab bench --out {}`\n\n{table}",
-            path.display()
+            "# Punch benchmark (NAT lab)\n\nCommand: `sudo target/release/lab bench --out {}` \
+             (commit {commit}, {} cores).\n\n{table}",
+            path.display(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
         );
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }

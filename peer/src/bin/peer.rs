@@ -11,10 +11,11 @@ use punchline_proto::punch::RetryPolicy;
 
 /// Chat directly with another host, even when both are behind NATs.
 ///
-/// Both users run `peer` with the same CODE. The rendezvous server introduces the
-/// two peers; then both connect to each other at the same moment from a fixed local
-/// port, so a direct TCP link forms through both NATs (TCP simultaneous open), and
-/// the chat runs over it. Lines typed are sent; lines received are shown as
+/// One user runs `peer` without a code and passes the printed code to the other,
+/// who runs `peer CODE`. The rendezvous server introduces the two peers; then both
+/// connect to each other at the same moment from a fixed local port, so a direct
+/// TCP link forms through both NATs (TCP simultaneous open), and the chat runs over
+/// it, end-to-end encrypted with a key only holders of the code can derive. Lines typed are sent; lines received are shown as
 /// `NAME: TEXT`. When stdin is not a terminal, each input line is one message and
 /// the peer exits once all of them are delivered.
 #[derive(Parser, Debug)]
@@ -56,8 +57,14 @@ struct Args {
     #[arg(long, value_name = "MS", hide = true)]
     naive_retry_ms: Option<u64>,
 
-    /// The code both users type, e.g. 7-guitar-orbit
-    code: String,
+    /// Words in a new code: each adds 8 bits against guessing (2 words: a 1 in
+    /// 65,536 chance per attempt)
+    #[arg(long, value_name = "N", default_value_t = punchline_proto::codes::DEFAULT_WORDS)]
+    words: usize,
+
+    /// The code the other side gave you, e.g. 7-guitar-orbit; without it, a new
+    /// code is made and printed for you to pass on
+    code: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +88,7 @@ fn main() -> ExitCode {
         port: args.port.unwrap_or(0),
         name: args.name.unwrap_or_else(default_name),
         code: args.code,
+        words: args.words,
         punch_timeout: Duration::from_secs(args.punch_timeout),
         lan_candidates: !args.no_lan,
         extra_candidates: args.candidate,

@@ -86,12 +86,13 @@ pub fn peer_command(server: SocketAddr, name: &str, code: &str, extra: &[&str]) 
         .arg(name)
         .arg("--no-lan")
         .args(extra)
-        .arg(code)
+        .args((!code.is_empty()).then_some(code))
         .env_remove("PUNCHLINE_SERVER");
     cmd
 }
 
 impl Peer {
+    /// Spawns `peer`; an empty `code` starts a new code.
     pub fn spawn(server: SocketAddr, name: &str, code: &str, extra: &[&str]) -> Peer {
         Self::spawn_command(peer_command(server, name, code, extra), name)
     }
@@ -130,6 +131,20 @@ impl Peer {
             .unwrap_or_else(|e| panic!("{e}"));
         self.sync();
         line
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Remaining stdout lines once the process has exited.
+    pub fn rest_of_stdout(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(line) = self.inner.try_recv(Duration::from_millis(200)) {
+            out.push(line);
+        }
+        out
     }
 
     /// Waits for the process to exit.

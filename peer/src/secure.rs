@@ -1,0 +1,275 @@
+//! End-to-end encryption and authentication with the code.
+//!
+//! 1. Key exchange, through the rendezvous: each peer starts SPAKE2 (symmetric
+//!    mode) with the whole code as password and sends its message with its hello;
+//!    the rendezvous hands it to the other peer with the go ([`KeyExchange`]). Both
+//!    derive the same key only if both typed the same code. The rendezvous sees
+//!    the messages but cannot test a guess without talking to a peer, so an
+//!    attacker gets one online guess per code.
+//! 2. Confirmation, over the punched link: a Noise `NNpsk0` handshake (leader
+//!    initiates) whose pre-shared key is derived from the SPAKE2 key with HKDF and
+//!    a purpose label ([`SecureLink::handshake`]). A wrong code, or a man in the
+//!    middle that ran SPAKE2 with each side, makes the keys differ and the
+//!    handshake fail on both sides; nothing typed has been sent yet.
+//! 3. Every chat message is then a Noise transport message ([`SecureLink`]): a
+//!    sealed [`Chat`] inside a [`PeerToPeer::Sealed`] frame. Lines are at most
+//!    [`punchline_proto::MAX_LINE_BYTES`], so one line is always one message
+//!    (longer lines are refused by the sender, not split).
+//! 4. The handshake hash, the same on both sides only without a man in the
+//!    middle, gives a short verification string users can compare (`/verify`).
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use punchline_proto::codec::{decode_payload, encode_payload};
+use punchline_proto::codes::{Code, WORDS};
+use punchline_proto::{Chat, PeerToPeer, Role, MAX_FRAME_SIZE};
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+use tokio::time::timeout;
+
+use crate::error::PeerError;
+use crate::punch::Link;
+
+/// The Noise protocol of the link: no static keys (the code authenticates), a
+/// pre-shared key mixed in before the first message.
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+
+/// SPAKE2 identity: binds the exchange to this application and protocol.
+const SPAKE2_IDENTITY: &[u8] = b"punchline/1 spake2";
+
+/// HKDF purpose label of the Noise pre-shared key.
+const PSK_LABEL: &[u8] = b"punchline/1 noise psk";
+
+/// Time allowed for the Noise handshake over the link (two messages).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest Noise message (the Noise specification's limit).
+const NOISE_MAX: usize = 65_535;
+
+/// The words of the verification string.
+const VERIFY_WORDS: usize = 4;
+
+/// What the user is told when the handshake fails.
+pub const WRONG_CODE: &str = "the other side did not prove it knows the code: either one of you \
+typed it wrong, or someone tried to intercept the connection. Nothing you type was sent. Start \
+again with a new code.";
+
+/// The first half of SPAKE2, started before the hello.
+pub struct KeyExchange {
+    state: Spake2<Ed25519Group>,
+    /// Our message, to send with the hello.
+    pub message: Vec<u8>,
+}
+
+impl KeyExchange {
+    /// Starts SPAKE2 with `code` as the password.
+    pub fn start(code: &Code) -> KeyExchange {
+        let (state, message) = Spake2::<Ed25519Group>::start_symmetric(
+            &Password::new(code.password().as_bytes()),
+            &Identity::new(SPAKE2_IDENTITY),
+        );
+        KeyExchange { state, message }
+    }
+
+    /// Finishes with the other peer's message; returns the Noise pre-shared key.
+    pub fn finish(self, theirs: &[u8]) -> Result<[u8; 32], PeerError> {
+        let key = self.state.finish(theirs).map_err(|e| {
+            PeerError::Protocol(format!(
+                "the other side's key-exchange message is invalid: {e:?}"
+            ))
+        })?;
+        let mut psk = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(None, &key)
+            .expand(PSK_LABEL, &mut psk)
+            .map_err(|_| PeerError::Protocol("key derivation failed".into()))?;
+        Ok(psk)
+    }
+}
+
+/// The link after the handshake: sealed chat messages.
+pub struct SecureLink {
+    link: Link,
+    noise: snow::TransportState,
+    verification: String,
+}
+
+fn noise_error(e: snow::Error) -> PeerError {
+    PeerError::Protocol(format!("encryption: {e}"))
+}
+
+impl SecureLink {
+    /// Runs the Noise handshake on `link`: the leader writes first.
+    pub async fn handshake(
+        mut link: Link,
+        role: Role,
+        psk: &[u8; 32],
+        their_name: &str,
+    ) -> Result<SecureLink, PeerError> {
+        let params = NOISE_PARAMS
+            .parse()
+            .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
+        let builder = snow::Builder::new(params)
+            .psk(0, psk)
+            .map_err(noise_error)?;
+        let mut state = match role {
+            Role::Leader => builder.build_initiator(),
+            Role::Follower => builder.build_responder(),
+        }
+        .map_err(noise_error)?;
+        let mut buf = vec![0u8; NOISE_MAX];
+        let exchange = async {
+            if role == Role::Leader {
+                let n = state.write_message(&[], &mut buf).map_err(noise_error)?;
+                send_frame(
+                    &mut link,
+                    PeerToPeer::Handshake(buf[..n].to_vec()),
+                    their_name,
+                )
+                .await?;
+                let msg = read_handshake(&mut link, their_name).await?;
+                // A wrong key shows here: the reply does not decrypt.
+                state
+                    .read_message(&msg, &mut buf)
+                    .map_err(|_| PeerError::BadCode(WRONG_CODE.into()))?;
+            } else {
+                let msg = read_handshake(&mut link, their_name).await?;
+                state
+                    .read_message(&msg, &mut buf)
+                    .map_err(|_| PeerError::BadCode(WRONG_CODE.into()))?;
+                let n = state.write_message(&[], &mut buf).map_err(noise_error)?;
+                send_frame(
+                    &mut link,
+                    PeerToPeer::Handshake(buf[..n].to_vec()),
+                    their_name,
+                )
+                .await?;
+            }
+            Ok::<(), PeerError>(())
+        };
+        timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
+            PeerError::Timeout(format!(
+                "{their_name} did not complete the encryption handshake"
+            ))
+        })??;
+        let verification = verification_words(state.get_handshake_hash());
+        let noise = state.into_transport_mode().map_err(noise_error)?;
+        Ok(SecureLink {
+            link,
+            noise,
+            verification,
+        })
+    }
+
+    /// The short string both users see with `/verify`: equal on both sides
+    /// unless someone is in the middle.
+    pub fn verification(&self) -> &str {
+        &self.verification
+    }
+
+    /// Seals and sends one message.
+    pub async fn send(&mut self, msg: &Chat) -> Result<(), std::io::Error> {
+        let plain = encode_payload(msg).map_err(std::io::Error::other)?;
+        let mut sealed = vec![0u8; plain.len() + 16];
+        let n = self
+            .noise
+            .write_message(&plain, &mut sealed)
+            .map_err(std::io::Error::other)?;
+        sealed.truncate(n);
+        self.link
+            .send(PeerToPeer::Sealed(sealed))
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    /// Receives and opens one message; `None` when the other side closed.
+    /// Cancel-safe: the only await is the frame read.
+    pub async fn recv(&mut self) -> Option<Result<Chat, String>> {
+        let frame = match self.link.next().await? {
+            Ok(PeerToPeer::Sealed(sealed)) => sealed,
+            Ok(other) => return Some(Err(format!("unexpected message {other:?}"))),
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        if frame.len() > MAX_FRAME_SIZE {
+            return Some(Err("sealed message too large".into()));
+        }
+        let mut plain = vec![0u8; frame.len()];
+        let n = match self.noise.read_message(&frame, &mut plain) {
+            Ok(n) => n,
+            Err(_) => {
+                return Some(Err(
+                    "a message failed authentication (altered on the way?)".into()
+                ))
+            }
+        };
+        Some(decode_payload(&plain[..n]).map_err(|e| e.to_string()))
+    }
+
+    /// Closes the sending direction.
+    pub async fn close(&mut self) {
+        let _ = self.link.close().await;
+    }
+}
+
+async fn send_frame(link: &mut Link, msg: PeerToPeer, their_name: &str) -> Result<(), PeerError> {
+    link.send(msg).await.map_err(|e| PeerError::LinkLost {
+        name: their_name.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+async fn read_handshake(link: &mut Link, their_name: &str) -> Result<Vec<u8>, PeerError> {
+    match link.next().await {
+        Some(Ok(PeerToPeer::Handshake(msg))) => Ok(msg),
+        // The other side closes when our first message does not decrypt for it.
+        None => Err(PeerError::BadCode(WRONG_CODE.into())),
+        Some(Ok(other)) => Err(PeerError::Protocol(format!(
+            "expected the encryption handshake from {their_name}, got {other:?}"
+        ))),
+        Some(Err(e)) => Err(PeerError::LinkLost {
+            name: their_name.to_owned(),
+            why: e.to_string(),
+        }),
+    }
+}
+
+/// Words from the start of the handshake hash.
+fn verification_words(hash: &[u8]) -> String {
+    hash.iter()
+        .take(VERIFY_WORDS)
+        .map(|&b| WORDS[usize::from(b)])
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_code_same_key_other_code_other_key() {
+        let code = Code::parse("7-guitar-orbit").expect("code");
+        let wrong = Code::parse("7-guitar-orchid").expect("code");
+        let (a, b, c) = (
+            KeyExchange::start(&code),
+            KeyExchange::start(&code),
+            KeyExchange::start(&wrong),
+        );
+        let (ma, mb) = (a.message.clone(), b.message.clone());
+        let ka = a.finish(&mb).expect("a");
+        let kb = b.finish(&ma).expect("b");
+        assert_eq!(ka, kb);
+        // The wrong code's side derives another key from the same message.
+        let kc = c.finish(&ma).expect("c");
+        assert_ne!(ka, kc);
+        assert!(KeyExchange::start(&code).finish(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn verification_uses_the_word_list() {
+        let v = verification_words(&[0, 1, 2, 255, 9]);
+        assert_eq!(
+            v,
+            format!("{}-{}-{}-{}", WORDS[0], WORDS[1], WORDS[2], WORDS[255])
+        );
+    }
+}
