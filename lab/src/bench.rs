@@ -11,6 +11,8 @@
 //! two peers' link-ups, and reported in ms and as a multiple of the bound: the
 //! earliest both peers can learn of the pairing (the larger one-way delay from
 //! the rendezvous) plus one A-B round trip for the crossing SYNs and their answers.
+//! The last column is what securing the link adds after that (link check, choice
+//! of the link, Noise handshake), in ms and in A-B round trips.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -97,6 +99,8 @@ pub struct Sample {
     pub times: Vec<Duration>,
     /// Attempts per peer of the successful runs.
     pub attempts: Vec<u32>,
+    /// Link check and encryption handshake after the punch, successful runs.
+    pub secure: Vec<Duration>,
     /// Successful runs whose punch time could not be measured.
     pub unmeasured: u32,
 }
@@ -114,6 +118,8 @@ pub struct PairResult {
     pub name: String,
     /// The bound of the pair (see the module docs).
     pub bound: Duration,
+    /// The emulated A-B round trip.
+    pub rtt_ab: Duration,
     /// punchline's results.
     pub ours: Sample,
     /// The baseline's results.
@@ -181,6 +187,7 @@ pub fn run(
         results.push(PairResult {
             name,
             bound,
+            rtt_ab: lab.rtt(Host::A, Host::B),
             ours,
             naive,
         });
@@ -203,6 +210,7 @@ fn one_run(
                 None => sample.unmeasured += 1,
             }
             sample.attempts.push(c.a_up.attempts.max(c.b_up.attempts));
+            sample.secure.extend(c.secure_time);
             c.finish()?;
         }
         Outcome::Failed(_) => {}
@@ -248,9 +256,9 @@ pub fn table(spec: &BenchSpec, results: &[PairResult]) -> String {
     );
     let _ = writeln!(
         out,
-        "| pair | bound ms | strategy | success | median ms | p95 ms | median ×bound | p95 ×bound | attempts/peer (median) |"
+        "| pair | bound ms | strategy | success | median ms | p95 ms | median ×bound | p95 ×bound | attempts/peer (median) | then secured, ms (×A-B RTT) |"
     );
-    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         for (name, s) in [(OURS.name, &r.ours), (NAIVE.name, &r.naive)] {
             let mut times = s.times.clone();
@@ -269,9 +277,19 @@ pub fn table(spec: &BenchSpec, results: &[PairResult]) -> String {
                     })
             };
             let (p50, p95) = (percentile(&times, 50), percentile(&times, 95));
+            let mut secure = s.secure.clone();
+            secure.sort();
+            let secured = percentile(&secure, 50).map_or("–".to_owned(), |d| {
+                let rtts = if r.rtt_ab.is_zero() {
+                    "LAN".to_owned()
+                } else {
+                    format!("{:.2}", d.as_secs_f64() / r.rtt_ab.as_secs_f64())
+                };
+                format!("{:.1} ({rtts})", d.as_secs_f64() * 1e3)
+            });
             let _ = writeln!(
                 out,
-                "| {} | {} | {name} | {}/{} ({:.0}%) | {} | {} | {} | {} | {} |",
+                "| {} | {} | {name} | {}/{} ({:.0}%) | {} | {} | {} | {} | {} | {secured} |",
                 r.name,
                 r.bound.as_millis(),
                 s.successes(),

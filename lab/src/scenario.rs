@@ -460,6 +460,9 @@ pub struct LinkUp {
     /// Wall-clock instant the TCP connection was established, from the peer's
     /// log (the go's timestamp plus the time after go of the status line).
     pub at: Option<SystemTime>,
+    /// Wall-clock instant the link was checked and the encryption handshake done
+    /// (the peer's "encrypted" log line).
+    pub secured_at: Option<SystemTime>,
 }
 
 /// Two peers with a direct link, still chatting.
@@ -474,6 +477,8 @@ pub struct Connected {
     pub b_up: LinkUp,
     /// From pairing to the later link-up, if the pairing instant is known.
     pub punch_time: Option<Duration>,
+    /// From the later link-up to the later end of the encryption handshake.
+    pub secure_time: Option<Duration>,
     /// A's fixed port.
     pub port_a: u16,
     /// B's fixed port.
@@ -568,12 +573,17 @@ pub fn punch(lab: &Lab, rv: &Rendezvous, bin: &Path, spec: &PunchSpec) -> Result
             (Some(paired), Some(ta), Some(tb)) => ta.max(tb).duration_since(paired).ok(),
             _ => None,
         };
+        let secure_time = match (a_up.at, b_up.at, a_up.secured_at, b_up.secured_at) {
+            (Some(ta), Some(tb), Some(sa), Some(sb)) => sa.max(sb).duration_since(ta.max(tb)).ok(),
+            _ => None,
+        };
         return Ok(Outcome::Connected(Box::new(Connected {
             a,
             b,
             a_up,
             b_up,
             punch_time,
+            secure_time,
             port_a: spec.port_a,
             port_b: spec.port_b,
         })));
@@ -621,7 +631,13 @@ fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
         .next()
         .and_then(|ts| humantime::parse_rfc3339(ts).ok())
         .map(|t| t + Duration::from_millis(elapsed_ms));
+    let secured = p.wait_stderr("punchline_peer: encrypted")?;
+    let secured_at = secured
+        .split_whitespace()
+        .next()
+        .and_then(|ts| humantime::parse_rfc3339(ts).ok());
     Ok(LinkUp {
+        secured_at,
         status: status.to_owned(),
         remote,
         candidate: candidate.to_owned(),

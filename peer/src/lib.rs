@@ -231,6 +231,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
 
     // 4. Prove both know the code; encrypt.
     let mut link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
+    tracing::info!(verification = link.verification(), "encrypted");
     status.status(&format!(
         "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {})",
         link.verification()

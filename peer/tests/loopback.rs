@@ -197,8 +197,10 @@ fn read_frame(s: &mut TcpStream) -> ServerToPeer {
 #[test]
 fn wrong_candidates_are_recognised_and_dropped() {
     // Alice announces two extra candidates: bob's own address (bob's attempt there
-    // is a self-connect: his SYN loops back onto his own socket) and a stranger
-    // that answers with garbage. Bob must end up on alice's real address.
+    // is a self-connect: his SYN loops back onto his own socket, and the link is
+    // up in microseconds, long before the real one) and a stranger that answers
+    // with garbage. Bob waits first, so he is the leader who picks the link: were
+    // the link check not to catch the self-connect, he would pick it.
     let rv = Rendezvous::start();
     let stranger = TcpListener::bind("127.0.0.1:0").expect("bind stranger");
     let stranger_addr = stranger.local_addr().expect("addr");
@@ -212,6 +214,13 @@ fn wrong_candidates_are_recognised_and_dropped() {
     let (pa, pb) = (free_port(), free_port());
     let self_candidate = loopback(pb).to_string();
     let stranger_candidate = stranger_addr.to_string();
+    let mut b = Peer::spawn(
+        rv.addr,
+        "bob",
+        "4-decoy-doors",
+        &["--port", &pb.to_string()],
+    );
+    b.wait_stderr("waiting for the other side");
     let mut a = Peer::spawn(
         rv.addr,
         "alice",
@@ -225,21 +234,11 @@ fn wrong_candidates_are_recognised_and_dropped() {
             &stranger_candidate,
         ],
     );
-    a.wait_stderr("waiting for the other side");
-    let mut cmd = peer_command(
-        rv.addr,
-        "bob",
-        "4-decoy-doors",
-        &["--port", &pb.to_string()],
-    );
-    cmd.env("RUST_LOG", "punchline_peer=debug");
-    let mut b = Peer::spawn_command(cmd, "bob");
     let status = b.wait_stderr("connected to alice");
     assert!(
         status.contains(&format!("direct link to 127.0.0.1:{pa} (public address)")),
         "{status}"
     );
-    b.wait_stderr("the link loops back to this peer");
     a.send("through the right door\n");
     assert_eq!(b.recv(), "alice: through the right door");
     b.send("indeed\n");

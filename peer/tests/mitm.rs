@@ -1,0 +1,185 @@
+//! A man-in-the-middle rendezvous cannot read or alter the chat.
+//!
+//! The fake rendezvous below does everything a malicious operator could: it tells
+//! each peer that the other is at an address of its own, answers each peer's
+//! SPAKE2 message with its own (made with a guessed code), punches a link to each
+//! peer, passes the link checks (it issued the session tokens and roles), and
+//! relays between the two links. Both peers must refuse to chat, with the
+//! wrong-code message, and nothing typed may reach the man in the middle.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use punchline_peer::net::fixed_port_socket;
+use punchline_peer::secure::KeyExchange;
+use punchline_proto::codes::Code;
+use punchline_proto::link::link_hello;
+use punchline_proto::{
+    FrameCodec, Go, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role, ServerToPeer,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{timeout, Instant};
+use tokio_util::codec::Framed;
+
+type ServerConn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;
+type LinkConn = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+/// A peer as the fake rendezvous saw it.
+struct Victim {
+    conn: ServerConn,
+    observed: SocketAddr,
+}
+
+async fn accept_victim(listener: &TcpListener) -> Victim {
+    let (stream, observed) = listener.accept().await.expect("accept");
+    let mut conn: ServerConn = Framed::new(stream, FrameCodec::new());
+    match conn.next().await {
+        Some(Ok(PeerToServer::Hello(_))) => {}
+        other => panic!("expected a hello, got {other:?}"),
+    }
+    conn.send(ServerToPeer::Welcome {
+        observed,
+        mapping: Mapping::Unknown,
+    })
+    .await
+    .expect("welcome");
+    Victim { conn, observed }
+}
+
+/// Connects from `local` to `peer` until the simultaneous open succeeds.
+async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let socket = fixed_port_socket(peer, local).expect("socket");
+        if let Ok(stream) = socket.connect(peer).await {
+            return stream;
+        }
+        assert!(Instant::now() < deadline, "could not punch to {peer}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs the link checks with a victim, posing as the other peer in `role`.
+async fn pose(stream: TcpStream, session: [u8; 16], role: Role) -> LinkConn {
+    let mut link: LinkConn = Framed::new(stream, FrameCodec::new());
+    link.send(link_hello(session, role))
+        .await
+        .expect("link hello");
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(PeerToPeer::LinkHello { .. }))
+    ));
+    match role {
+        // Posing as the leader: select this link.
+        Role::Leader => link.send(PeerToPeer::Select).await.expect("select"),
+        // Posing as the follower: the victim (leader) selects it.
+        Role::Follower => assert!(matches!(link.next().await, Some(Ok(PeerToPeer::Select)))),
+    }
+    link
+}
+
+/// Relays frames both ways until either side closes; returns every payload byte
+/// that came from `a`.
+async fn relay(mut a: LinkConn, mut b: LinkConn) -> Vec<u8> {
+    let mut from_a = Vec::new();
+    loop {
+        tokio::select! {
+            msg = a.next() => match msg {
+                Some(Ok(m)) => {
+                    if let PeerToPeer::Handshake(bytes) | PeerToPeer::Sealed(bytes) = &m {
+                        from_a.extend_from_slice(bytes);
+                    }
+                    if b.send(m).await.is_err() { break; }
+                }
+                _ => break,
+            },
+            msg = b.next() => match msg {
+                Some(Ok(m)) => if a.send(m).await.is_err() { break; },
+                _ => break,
+            },
+        }
+    }
+    from_a
+}
+
+async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
+    let mut alice = accept_victim(&listener).await;
+    let mut bob = accept_victim(&listener).await;
+    // SPAKE2 with each side under a guessed code.
+    let guess = Code::parse("1-guess-wrong").expect("code");
+    let here = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let go = |name: &str, at: u16, role, session| {
+        ServerToPeer::Go(Go {
+            peer: PeerInfo {
+                name: name.into(),
+                observed: here(at),
+                candidates: vec![],
+                mapping: Mapping::Independent,
+                pake: KeyExchange::start(&guess).message,
+            },
+            role,
+            session,
+        })
+    };
+    let (s1, s2) = ([1u8; 16], [2u8; 16]);
+    alice
+        .conn
+        .send(go("bob", m1, Role::Leader, s1))
+        .await
+        .expect("go");
+    bob.conn
+        .send(go("alice", m2, Role::Follower, s2))
+        .await
+        .expect("go");
+    let (to_alice, to_bob) = tokio::join!(punch(m1, alice.observed), punch(m2, bob.observed));
+    let (to_alice, to_bob) = tokio::join!(
+        pose(to_alice, s1, Role::Follower),
+        pose(to_bob, s2, Role::Leader)
+    );
+    relay(to_alice, to_bob).await
+}
+
+#[test]
+fn a_man_in_the_middle_cannot_read_or_join_the_chat() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let server = std_listener.local_addr().expect("addr");
+    let (m1, m2) = (free_port(), free_port());
+    let mitm = rt.spawn(async move {
+        let listener = TcpListener::from_std(std_listener).expect("listener");
+        timeout(LIMIT * 2, man_in_the_middle(listener, m1, m2)).await
+    });
+
+    let code = "1-right-code";
+    let mut alice = Peer::spawn(server, "alice", code, &[]);
+    alice.send("top secret line\n");
+    alice.wait_stderr("waiting for the other side");
+    thread::sleep(Duration::from_millis(100));
+    let mut bob = Peer::spawn(server, "bob", code, &[]);
+    bob.send("another secret\n");
+    for p in [&mut alice, &mut bob] {
+        assert!(!p.wait().success(), "{} must refuse the link", p.name());
+        p.wait_stderr("did not prove it knows the code");
+    }
+    assert_eq!(alice.rest_of_stdout(), Vec::<String>::new());
+    assert_eq!(bob.rest_of_stdout(), Vec::<String>::new());
+
+    let seen = rt
+        .block_on(mitm)
+        .expect("mitm task")
+        .expect("mitm finished in time");
+    assert!(!seen.is_empty(), "the relay carried the handshake");
+    let contains = |needle: &[u8]| seen.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(b"secret"),
+        "a typed line reached the man in the middle"
+    );
+}
