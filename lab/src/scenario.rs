@@ -341,7 +341,7 @@ fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-/// Wall-clock instants of "pair made" events by code (see the module docs).
+/// Wall-clock instants of "pair made" events by nameplate (see the module docs).
 static PAIR_TIMES: OnceLock<Mutex<HashMap<String, SystemTime>>> = OnceLock::new();
 
 /// Installs the global tracing subscriber that records pairing instants (plus
@@ -569,7 +569,9 @@ pub fn punch(lab: &Lab, rv: &Rendezvous, bin: &Path, spec: &PunchSpec) -> Result
     if a_line.starts_with("connected to") && b_line.starts_with("connected to") {
         let a_up = link_up(&mut a, &a_line)?;
         let b_up = link_up(&mut b, &b_line)?;
-        let punch_time = match (pair_time(&spec.code), a_up.at, b_up.at) {
+        // The rendezvous knows (and logs) only the nameplate of the code.
+        let nameplate = spec.code.split('-').next().unwrap_or_default();
+        let punch_time = match (pair_time(nameplate), a_up.at, b_up.at) {
             (Some(paired), Some(ta), Some(tb)) => ta.max(tb).duration_since(paired).ok(),
             _ => None,
         };

@@ -5,12 +5,13 @@
 //! the framing codec, the shape of codes and their word list ([`codes`]), the
 //! protocol version and the named limits. It also holds the
 //! pure state machines the rendezvous and the peer drive: the pairing table
-//! ([`pairing`]), the synchronised-go timing ([`timing`]), the punch retry cadence
+//! ([`pairing`]), the per-address limits ([`limits`]), the synchronised-go timing ([`timing`]), the punch retry cadence
 //! ([`punch`]) and the check that a punched link reaches the expected peer
 //! ([`link`]). Time is always passed in, so all of it is tested without sockets.
 
 pub mod codec;
 pub mod codes;
+pub mod limits;
 pub mod link;
 pub mod message;
 pub mod pairing;

@@ -19,12 +19,13 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use punchline_proto::limits::{Concurrent, Rate};
 use punchline_proto::pairing::{ConnId, Join, Rooms};
 use punchline_proto::timing::{go_delays, RttEstimator};
 use punchline_proto::{
@@ -61,6 +62,29 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Default cap on rooms (codes waiting or in use).
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
+
+/// Default cap on open connections from one IP address. Generous: many users can
+/// share one address behind a carrier NAT, and each needs one connection while it
+/// waits; a single host needs two for the few seconds of a meeting.
+pub const DEFAULT_CONNECTIONS_PER_ADDRESS: u32 = 64;
+
+/// Default rate of new connections from one IP address, per minute (after a burst
+/// of [`CONNECTION_BURST`]).
+pub const DEFAULT_CONNECTIONS_PER_MINUTE: u32 = 120;
+
+/// New connections one address may open at once before the rate applies.
+pub const CONNECTION_BURST: u32 = 30;
+
+/// Default rate of new codes (nameplates allocated, rooms opened) from one IP
+/// address, per minute (after a burst of [`CODE_BURST`]).
+pub const DEFAULT_CODES_PER_MINUTE: u32 = 30;
+
+/// New codes one address may open at once before the rate applies.
+pub const CODE_BURST: u32 = 10;
+
+/// Most addresses the per-address tables track; beyond it new addresses are
+/// refused until entries age out (only under a flood from that many addresses).
+pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
 /// How long a paired room stays reserved (a third peer gets "in use") if its peers
 /// never leave. They normally leave within the punch deadline.
@@ -101,6 +125,12 @@ pub struct Config {
     /// Hold the go back for the nearer peer so both receive it together. Off only
     /// for the benchmark baseline, which sends it to both at once.
     pub synchronise_go: bool,
+    /// Most open connections from one IP address.
+    pub connections_per_address: u32,
+    /// New connections per minute from one IP address.
+    pub connections_per_minute: u32,
+    /// New codes per minute from one IP address.
+    pub codes_per_minute: u32,
 }
 
 impl Default for Config {
@@ -111,6 +141,9 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_rooms: DEFAULT_MAX_ROOMS,
             synchronise_go: true,
+            connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
+            connections_per_minute: DEFAULT_CONNECTIONS_PER_MINUTE,
+            codes_per_minute: DEFAULT_CODES_PER_MINUTE,
         }
     }
 }
@@ -145,7 +178,27 @@ enum Event {
 
 struct Shared {
     rooms: Mutex<Rooms<Waiting>>,
+    limits: Mutex<Limits>,
     config: Config,
+}
+
+/// The per-address limits of the server.
+struct Limits {
+    open: Concurrent,
+    connects: Rate,
+    codes: Rate,
+}
+
+/// Whether a new connection may be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Admitted,
+    /// The server is at its total connection cap.
+    Busy,
+    /// This address has too many connections open.
+    TooManyOpen,
+    /// This address opens connections too fast.
+    TooFast,
 }
 
 impl Shared {
@@ -153,6 +206,35 @@ impl Shared {
         // A panic while holding this lock would be a bug in the pure pairing code;
         // the table is still structurally valid, so keep serving.
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn limits(&self) -> MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides on a new connection from `ip` while `serving` are open; an
+    /// admitted connection holds one of `ip`'s open slots until [`Self::release`].
+    fn admit(&self, ip: IpAddr, serving: usize) -> Admission {
+        if serving >= self.config.max_connections {
+            return Admission::Busy;
+        }
+        let mut limits = self.limits();
+        if !limits.connects.allow(ip, Instant::now().into_std()) {
+            return Admission::TooFast;
+        }
+        if !limits.open.acquire(ip) {
+            return Admission::TooManyOpen;
+        }
+        Admission::Admitted
+    }
+
+    fn release(&self, ip: IpAddr) {
+        self.limits().open.release(ip);
+    }
+
+    /// Counts a new code from `ip`; false if it opens codes too fast.
+    fn new_code(&self, ip: IpAddr) -> bool {
+        self.limits().codes.allow(ip, Instant::now().into_std())
     }
 }
 
@@ -187,8 +269,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let limits = Limits {
+        open: Concurrent::new(config.connections_per_address, MAX_TRACKED_ADDRESSES),
+        connects: Rate::new(
+            CONNECTION_BURST,
+            config.connections_per_minute,
+            MAX_TRACKED_ADDRESSES,
+        ),
+        codes: Rate::new(CODE_BURST, config.codes_per_minute, MAX_TRACKED_ADDRESSES),
+    };
     let shared = Arc::new(Shared {
         rooms: Mutex::new(Rooms::new(config.max_rooms, config.wait_ttl, PAIRED_HOLD)),
+        limits: Mutex::new(limits),
         config,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -202,14 +294,14 @@ pub async fn run(
         "main",
         |stream, addr, serving| {
             next_id += 1;
-            let busy = serving >= shared.config.max_connections;
+            let admission = shared.admit(canonical(addr).ip(), serving);
             Some(connection(
                 next_id,
                 stream,
                 addr,
                 shared.clone(),
                 stop_rx.clone(),
-                busy,
+                admission,
             ))
         },
     )
@@ -309,7 +401,13 @@ async fn accept_until<F, Fut>(
 async fn sweep(shared: Arc<Shared>) {
     loop {
         sleep(SWEEP_INTERVAL).await;
-        let expired = shared.rooms().expire(Instant::now().into_std());
+        let now = Instant::now().into_std();
+        {
+            let mut limits = shared.limits();
+            limits.connects.forget_full(now);
+            limits.codes.forget_full(now);
+        }
+        let expired = shared.rooms().expire(now);
         for (id, waiting) in expired {
             debug!(id, "wait expired");
             // Capacity 1 and this is the only event it will ever get.
@@ -325,10 +423,14 @@ async fn connection(
     addr: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    busy: bool,
+    admission: Admission,
 ) {
     let addr = canonical(addr);
-    match serve(id, stream, addr, &shared, stop, busy).await {
+    let result = serve(id, stream, addr, &shared, stop, admission).await;
+    if admission == Admission::Admitted {
+        shared.release(addr.ip());
+    }
+    match result {
         Ok(()) => debug!(id, %addr, "connection closed"),
         Err(e) => info!(id, %addr, error = %e, "connection ended"),
     }
@@ -353,7 +455,7 @@ async fn serve(
     observed: SocketAddr,
     shared: &Shared,
     mut stop: watch::Receiver<bool>,
-    busy: bool,
+    admission: Admission,
 ) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
     let mut estimator = RttEstimator::new();
@@ -361,20 +463,42 @@ async fn serve(
         estimator.add(rtt);
     }
     let mut conn = Framed::new(stream, FrameCodec::new());
-    if busy {
-        return reject(
-            &mut conn,
-            ErrorCode::Busy,
-            "the server is at its connection limit; try again in a minute",
-        )
-        .await;
+    let refusal = match admission {
+        Admission::Admitted => None,
+        Admission::Busy => Some("the server is at its connection limit; try again in a minute".to_owned()),
+        Admission::TooManyOpen => Some(format!(
+            "too many connections from your address {} (at most {}); close some and try again",
+            observed.ip(),
+            shared.config.connections_per_address
+        )),
+        Admission::TooFast => Some(format!(
+            "your address {} opens connections too fast (at most {} a minute); try again in a minute",
+            observed.ip(),
+            shared.config.connections_per_minute
+        )),
+    };
+    if let Some(message) = refusal {
+        return reject(&mut conn, ErrorCode::Busy, message).await;
     }
 
     // 1. Hello, after a nameplate allocation if the peer starts a new code.
     let Some(mut first) = next_request(&mut conn, shared.config.hello_timeout).await? else {
         return Ok(());
     };
+    let too_many_codes = || {
+        format!(
+            "your address {} opens new codes too fast (at most {} a minute); try again in a minute",
+            observed.ip(),
+            shared.config.codes_per_minute
+        )
+    };
+    // An allocation counts as the new code its hello then opens.
+    let mut code_counted = false;
     if matches!(first, PeerToServer::Allocate) {
+        code_counted = true;
+        if !shared.new_code(observed.ip()) {
+            return reject(&mut conn, ErrorCode::Busy, too_many_codes()).await;
+        }
         // The nameplate is not reserved between this answer and the hello (one
         // round trip); a peer that joins it by chance in between would pair with
         // this one, and the key exchange would fail for both: a failed guess.
@@ -484,7 +608,14 @@ async fn serve(
                 };
                 joined = Some((mine, my_delay));
             }
-            Join::Waiting => joined = None,
+            Join::Waiting => {
+                // A new room: counts against the address's rate of new codes.
+                if !code_counted && !shared.new_code(observed.ip()) {
+                    shared.rooms().leave(&code, id);
+                    return reject(&mut conn, ErrorCode::Busy, too_many_codes()).await;
+                }
+                joined = None
+            }
             Join::InUse => {
                 let msg = format!(
                     "code {code}-… is already in use by two peers: start again with a new code"

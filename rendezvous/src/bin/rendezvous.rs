@@ -56,6 +56,33 @@ struct Args {
     )]
     max_connections: usize,
 
+    /// Most open connections from one IP address
+    #[arg(
+        long,
+        env = "PUNCHLINE_CONNECTIONS_PER_ADDRESS",
+        value_name = "N",
+        default_value_t = 64
+    )]
+    connections_per_address: u32,
+
+    /// New connections per minute from one IP address (after a burst of 30)
+    #[arg(
+        long,
+        env = "PUNCHLINE_CONNECTIONS_PER_MINUTE",
+        value_name = "N",
+        default_value_t = 120
+    )]
+    connections_per_minute: u32,
+
+    /// New codes per minute from one IP address (after a burst of 10)
+    #[arg(
+        long,
+        env = "PUNCHLINE_CODES_PER_MINUTE",
+        value_name = "N",
+        default_value_t = 30
+    )]
+    codes_per_minute: u32,
+
     /// Most codes (waiting or paired) at once
     #[arg(
         long,
@@ -120,6 +147,9 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_rooms: args.max_rooms,
         synchronise_go: !args.unsynchronised_go,
+        connections_per_address: args.connections_per_address,
+        connections_per_minute: args.connections_per_minute,
+        codes_per_minute: args.codes_per_minute,
     };
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
     tracing::info!(addr = %main_addr, probe = ?probe_addr, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
