@@ -15,7 +15,7 @@
 //!
 //! The punch time needs the instant of pairing, which only the rendezvous knows:
 //! [`install_pair_clock`] installs a tracing layer that records the wall-clock
-//! time of each "pair made" event by code. The peers log the go with a wall-clock
+//! time of each "pair made" event by nameplate. The peers log the go with a wall-clock
 //! timestamp and print the time from the go to the established connection; both
 //! clocks are this machine's. The punch ends when TCP is established; checking
 //! that the link reaches the expected peer and agreeing on it take about one more
@@ -379,11 +379,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PairClock {
         let mut fields = Fields::default();
         event.record(&mut fields);
         if fields.message.as_deref() == Some("pair made") {
-            if let (Some(code), Some(times)) = (fields.code, PAIR_TIMES.get()) {
+            if let (Some(nameplate), Some(times)) = (fields.nameplate, PAIR_TIMES.get()) {
                 times
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(code, now);
+                    .insert(nameplate, now);
             }
         }
     }
@@ -392,14 +392,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PairClock {
 #[derive(Default)]
 struct Fields {
     message: Option<String>,
-    code: Option<String>,
+    nameplate: Option<String>,
 }
 
 impl tracing::field::Visit for Fields {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         match field.name() {
             "message" => self.message = Some(format!("{value:?}")),
-            "code" => self.code = Some(format!("{value:?}")),
+            "nameplate" => self.nameplate = Some(format!("{value:?}")),
             _ => {}
         }
     }
@@ -407,18 +407,18 @@ impl tracing::field::Visit for Fields {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         match field.name() {
             "message" => self.message = Some(value.to_owned()),
-            "code" => self.code = Some(value.to_owned()),
+            "nameplate" => self.nameplate = Some(value.to_owned()),
             _ => {}
         }
     }
 }
 
-fn pair_time(code: &str) -> Option<SystemTime> {
+fn pair_time(nameplate: &str) -> Option<SystemTime> {
     PAIR_TIMES
         .get()?
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(code)
+        .get(nameplate)
         .copied()
 }
 

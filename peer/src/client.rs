@@ -128,7 +128,11 @@ impl Rendezvous {
                 PeerError::Timeout("the rendezvous did not answer the allocation".into())
             })?;
         match reply {
-            Some(Ok(ServerToPeer::Allocated { nameplate })) => Ok(nameplate),
+            Some(Ok(ServerToPeer::Allocated { nameplate })) => {
+                punchline_proto::validate_nameplate(&nameplate)
+                    .map_err(|e| PeerError::Protocol(format!("the rendezvous allocated an {e}")))?;
+                Ok(nameplate)
+            }
             other => Err(unexpected(other, "a nameplate")),
         }
     }

@@ -22,7 +22,7 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
 use punchline_proto::punch::{AttemptFailure, RetryPolicy, ATTEMPT_TIMEOUT};
-use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken};
+use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken, MAX_CANDIDATES};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -96,10 +96,12 @@ pub struct PunchParams {
     pub policy: RetryPolicy,
 }
 
-/// The candidate addresses to try, public first, without duplicates.
+/// The candidate addresses to try, public first, without duplicates. At most
+/// [`MAX_CANDIDATES`] LAN candidates are taken, as many as a hello may carry: a
+/// hostile rendezvous cannot make us send SYNs to a long list of addresses.
 pub fn candidates(go: &Go) -> Vec<(SocketAddr, CandidateKind)> {
     let mut out = vec![(go.peer.observed, CandidateKind::Public)];
-    for &addr in &go.peer.candidates {
+    for &addr in go.peer.candidates.iter().take(MAX_CANDIDATES) {
         if !out.iter().any(|(a, _)| *a == addr) {
             out.push((addr, CandidateKind::Lan));
         }
@@ -462,6 +464,14 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c[0], (g.peer.observed, CandidateKind::Public));
         assert_eq!(c[1].1, CandidateKind::Lan);
+    }
+
+    #[test]
+    fn a_long_candidate_list_is_cut() {
+        let many: Vec<String> = (0..100).map(|i| format!("10.0.0.{i}:4000")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let c = candidates(&go("198.51.100.7:4000", &many));
+        assert_eq!(c.len(), 1 + MAX_CANDIDATES);
     }
 
     #[test]

@@ -119,30 +119,15 @@ impl SecureLink {
         let mut buf = vec![0u8; NOISE_MAX];
         let exchange = async {
             if role == Role::Leader {
-                let n = state.write_message(&[], &mut buf).map_err(noise_error)?;
-                send_frame(
-                    &mut link,
-                    PeerToPeer::Handshake(buf[..n].to_vec()),
-                    their_name,
-                )
-                .await?;
-                let msg = read_handshake(&mut link, their_name).await?;
-                // A wrong key shows here: the reply does not decrypt.
-                state
-                    .read_message(&msg, &mut buf)
-                    .map_err(|_| PeerError::BadCode(WRONG_CODE.into()))?;
-            } else {
-                let msg = read_handshake(&mut link, their_name).await?;
-                state
-                    .read_message(&msg, &mut buf)
-                    .map_err(|_| PeerError::BadCode(WRONG_CODE.into()))?;
-                let n = state.write_message(&[], &mut buf).map_err(noise_error)?;
-                send_frame(
-                    &mut link,
-                    PeerToPeer::Handshake(buf[..n].to_vec()),
-                    their_name,
-                )
-                .await?;
+                send_handshake(&mut state, &mut buf, &mut link, their_name).await?;
+            }
+            let msg = read_handshake(&mut link, their_name).await?;
+            // A wrong key shows here: the other's message does not decrypt.
+            state
+                .read_message(&msg, &mut buf)
+                .map_err(|_| PeerError::BadCode(WRONG_CODE.into()))?;
+            if role == Role::Follower {
+                send_handshake(&mut state, &mut buf, &mut link, their_name).await?;
             }
             Ok::<(), PeerError>(())
         };
@@ -198,7 +183,15 @@ impl SecureLink {
     }
 }
 
-async fn send_frame(link: &mut Link, msg: PeerToPeer, their_name: &str) -> Result<(), PeerError> {
+/// Writes our next handshake message and sends it.
+async fn send_handshake(
+    state: &mut snow::HandshakeState,
+    buf: &mut [u8],
+    link: &mut Link,
+    their_name: &str,
+) -> Result<(), PeerError> {
+    let n = state.write_message(&[], buf).map_err(noise_error)?;
+    let msg = PeerToPeer::Handshake(buf[..n].to_vec());
     link.send(msg).await.map_err(|e| PeerError::LinkLost {
         name: their_name.to_owned(),
         why: e.to_string(),

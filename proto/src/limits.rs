@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Open connections per address.
 pub struct Concurrent {
@@ -130,13 +130,10 @@ impl Rate {
     }
 }
 
-/// How long until a bucket of `rate` refills one event: for error messages.
-pub fn retry_after(per_minute: u32) -> Duration {
-    Duration::from_secs_f64(60.0 / f64::from(per_minute.max(1)))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn ip(n: u8) -> IpAddr {
@@ -193,10 +190,5 @@ mod tests {
         // Two seconds later both buckets are full again: forgotten, room for more.
         assert!(r.allow(ip(3), t0 + Duration::from_secs(2)));
         assert!(r.addresses() <= 2);
-    }
-
-    #[test]
-    fn retry_hint() {
-        assert_eq!(retry_after(30), Duration::from_secs(2));
     }
 }

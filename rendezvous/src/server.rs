@@ -439,13 +439,13 @@ async fn connection(
 /// Removes the connection from the pairing table whatever way it ends.
 struct RoomGuard<'a> {
     shared: &'a Shared,
-    code: String,
+    nameplate: String,
     id: ConnId,
 }
 
 impl Drop for RoomGuard<'_> {
     fn drop(&mut self) {
-        self.shared.rooms().leave(&self.code, self.id);
+        self.shared.rooms().leave(&self.nameplate, self.id);
     }
 }
 
@@ -536,7 +536,7 @@ async fn serve(
     }
 
     let Hello {
-        nameplate: code,
+        nameplate,
         name,
         candidates,
         probe_observed,
@@ -559,7 +559,7 @@ async fn serve(
     // At most two rounds: a second only if the waiting peer vanished as we joined.
     for _ in 0..2 {
         let outcome = shared.rooms().join(
-            &code,
+            &nameplate,
             id,
             Waiting {
                 events: events_tx.clone(),
@@ -593,11 +593,11 @@ async fn serve(
                     // The waiting peer's task ended (it disconnected) just before it
                     // could leave the table. Clear the room and join afresh.
                     let mut rooms = shared.rooms();
-                    rooms.leave(&code, other);
-                    rooms.leave(&code, id);
+                    rooms.leave(&nameplate, other);
+                    rooms.leave(&nameplate, id);
                     continue;
                 }
-                info!(code = %code, a = %value.info.observed, b = %observed,
+                info!(nameplate = %nameplate, a = %value.info.observed, b = %observed,
                       mapping_a = ?value.info.mapping, mapping_b = ?mapping,
                       rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt),
                       delay_a_ms = ms(their_delay), delay_b_ms = ms(my_delay), "pair made");
@@ -611,14 +611,14 @@ async fn serve(
             Join::Waiting => {
                 // A new room: counts against the address's rate of new codes.
                 if !code_counted && !shared.new_code(observed.ip()) {
-                    shared.rooms().leave(&code, id);
+                    shared.rooms().leave(&nameplate, id);
                     return reject(&mut conn, ErrorCode::Busy, too_many_codes()).await;
                 }
                 joined = None
             }
             Join::InUse => {
                 let msg = format!(
-                    "code {code}-… is already in use by two peers: start again with a new code"
+                    "code {nameplate}-… is already in use by two peers: start again with a new code"
                 );
                 return reject(&mut conn, ErrorCode::CodeInUse, msg).await;
             }
@@ -636,7 +636,7 @@ async fn serve(
     drop(events_tx);
     let _guard = RoomGuard {
         shared,
-        code: code.clone(),
+        nameplate: nameplate.clone(),
         id,
     };
 
@@ -646,7 +646,7 @@ async fn serve(
     let (go, delay) = match joined {
         Some(paired) => paired,
         None => {
-            info!(id, code = %code, %observed, ?mapping, "peer waiting");
+            info!(id, nameplate = %nameplate, %observed, ?mapping, "peer waiting");
             match wait_for_pair(&mut conn, &mut events, &mut estimator, &rtt_us, &mut stop).await? {
                 Some(paired) => paired,
                 None => return Ok(()),
@@ -682,10 +682,10 @@ async fn serve(
             attempts,
             elapsed_ms,
         }))) => {
-            info!(id, code = %code, public, attempts, elapsed_ms, "punch succeeded")
+            info!(id, nameplate = %nameplate, public, attempts, elapsed_ms, "punch succeeded")
         }
         Ok(Ok(Some(PunchOutcome::Failed { attempts }))) => {
-            info!(id, code = %code, attempts, "punch failed")
+            info!(id, nameplate = %nameplate, attempts, "punch failed")
         }
         Ok(Ok(None)) => debug!(id, "peer left without a report"),
         Ok(Err(e)) => return Err(e),

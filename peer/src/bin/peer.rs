@@ -35,7 +35,7 @@ struct Args {
     name: Option<String>,
 
     /// Seconds to keep trying to connect directly before giving up
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = punchline_proto::punch::PUNCH_DEADLINE.as_secs())]
     punch_timeout: u64,
 
     /// Do not tell the other side this host's own (LAN) addresses; you can then

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use punchline_rendezvous::{bind_default, run, run_probe, Config, DEFAULT_PORT, PROBE_PORT_OFFSET};
+use punchline_rendezvous::{
+    bind_default, run, run_probe, server, Config, DEFAULT_PORT, PROBE_PORT_OFFSET,
+};
 use tokio::net::TcpListener;
 
 /// Rendezvous server for punchline: introduces two peers that typed the same code
@@ -34,7 +36,7 @@ struct Args {
         long,
         env = "PUNCHLINE_WAIT_TTL",
         value_name = "SECS",
-        default_value_t = 600
+        default_value_t = server::DEFAULT_WAIT_TTL.as_secs()
     )]
     wait_ttl: u64,
 
@@ -43,7 +45,7 @@ struct Args {
         long,
         env = "PUNCHLINE_HELLO_TIMEOUT",
         value_name = "SECS",
-        default_value_t = 10
+        default_value_t = server::DEFAULT_HELLO_TIMEOUT.as_secs()
     )]
     hello_timeout: u64,
 
@@ -52,7 +54,7 @@ struct Args {
         long,
         env = "PUNCHLINE_MAX_CONNECTIONS",
         value_name = "N",
-        default_value_t = 10_000
+        default_value_t = server::DEFAULT_MAX_CONNECTIONS
     )]
     max_connections: usize,
 
@@ -61,7 +63,7 @@ struct Args {
         long,
         env = "PUNCHLINE_CONNECTIONS_PER_ADDRESS",
         value_name = "N",
-        default_value_t = 64
+        default_value_t = server::DEFAULT_CONNECTIONS_PER_ADDRESS
     )]
     connections_per_address: u32,
 
@@ -70,7 +72,7 @@ struct Args {
         long,
         env = "PUNCHLINE_CONNECTIONS_PER_MINUTE",
         value_name = "N",
-        default_value_t = 120
+        default_value_t = server::DEFAULT_CONNECTIONS_PER_MINUTE
     )]
     connections_per_minute: u32,
 
@@ -79,7 +81,7 @@ struct Args {
         long,
         env = "PUNCHLINE_CODES_PER_MINUTE",
         value_name = "N",
-        default_value_t = 30
+        default_value_t = server::DEFAULT_CODES_PER_MINUTE
     )]
     codes_per_minute: u32,
 
@@ -88,7 +90,7 @@ struct Args {
         long,
         env = "PUNCHLINE_MAX_ROOMS",
         value_name = "N",
-        default_value_t = 10_000
+        default_value_t = server::DEFAULT_MAX_ROOMS
     )]
     max_rooms: usize,
 
