@@ -149,6 +149,7 @@ pub fn serve_rendezvous(
         };
         let probe = tokio::spawn(punchline_rendezvous::run_probe(
             probe,
+            config.metrics.clone(),
             std::future::pending(),
         ));
         let shutdown = async {

@@ -7,7 +7,9 @@
 //! carries chat traffic. Entry point: [`run`], which tests call on a listener bound
 //! to port 0.
 
+pub mod metrics;
 mod rtt;
 pub mod server;
 
+pub use metrics::{serve_metrics, Metrics};
 pub use server::{bind_default, run, run_probe, Config, DEFAULT_PORT, PROBE_PORT_OFFSET};

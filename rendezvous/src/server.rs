@@ -39,6 +39,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{Metrics, Reject};
 use crate::rtt::kernel_rtt;
 
 /// Port the rendezvous listens on by default (TCP, all interfaces).
@@ -131,6 +132,8 @@ pub struct Config {
     pub connections_per_minute: u32,
     /// New codes per minute from one IP address.
     pub codes_per_minute: u32,
+    /// Where the server counts what it does (stats line, metrics endpoint).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for Config {
@@ -144,6 +147,7 @@ impl Default for Config {
             connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
             connections_per_minute: DEFAULT_CONNECTIONS_PER_MINUTE,
             codes_per_minute: DEFAULT_CODES_PER_MINUTE,
+            metrics: Arc::default(),
         }
     }
 }
@@ -330,6 +334,7 @@ const PROBE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// main port saw tells whether its NAT picks a new public port per destination.
 pub async fn run_probe(
     listener: TcpListener,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut tasks = JoinSet::new();
@@ -340,6 +345,7 @@ pub async fn run_probe(
         "probe",
         |stream, addr, serving| {
             // Past the cap the connection is dropped, which closes it.
+            let metrics = metrics.clone();
             (serving < MAX_PROBE_TASKS).then_some(async move {
                 let mut conn: Conn = Framed::new(stream, FrameCodec::new());
                 let answer = async {
@@ -349,8 +355,11 @@ pub async fn run_probe(
                     .await?;
                     conn.close().await
                 };
-                if let Err(e) = timeout(PROBE_SEND_TIMEOUT, answer).await.unwrap_or(Ok(())) {
-                    debug!(%addr, error = %e, "probe answer failed");
+                match timeout(PROBE_SEND_TIMEOUT, answer).await.unwrap_or(Ok(())) {
+                    Ok(()) => {
+                        metrics.probes.inc();
+                    }
+                    Err(e) => debug!(%addr, error = %e, "probe answer failed"),
                 }
             })
         },
@@ -367,7 +376,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Accepts connections on `listener` until `shutdown` completes. `handle` gets
 /// each connection and the number already being served, and returns the task
 /// that serves it (or `None` to drop it); finished tasks are reaped as it goes.
-async fn accept_until<F, Fut>(
+pub(crate) async fn accept_until<F, Fut>(
     listener: &TcpListener,
     shutdown: impl Future<Output = ()>,
     tasks: &mut JoinSet<()>,
@@ -407,7 +416,15 @@ async fn sweep(shared: Arc<Shared>) {
             limits.connects.forget_full(now);
             limits.codes.forget_full(now);
         }
-        let expired = shared.rooms().expire(now);
+        let expired = {
+            let mut rooms = shared.rooms();
+            let expired = rooms.expire(now);
+            let metrics = &shared.config.metrics;
+            metrics.waiting.set(gauge(rooms.waiting()));
+            metrics.rooms.set(gauge(rooms.len()));
+            metrics.expired.inc_by(expired.len() as u64);
+            expired
+        };
         for (id, waiting) in expired {
             debug!(id, "wait expired");
             // Capacity 1 and this is the only event it will ever get.
@@ -426,7 +443,11 @@ async fn connection(
     admission: Admission,
 ) {
     let addr = canonical(addr);
+    let metrics = shared.config.metrics.clone();
+    metrics.accepted.inc();
+    metrics.open.inc();
     let result = serve(id, stream, addr, &shared, stop, admission).await;
+    metrics.open.dec();
     if admission == Admission::Admitted {
         shared.release(addr.ip());
     }
@@ -463,26 +484,28 @@ async fn serve(
         estimator.add(rtt);
     }
     let mut conn = Framed::new(stream, FrameCodec::new());
+    let metrics = &*shared.config.metrics;
     let refusal = match admission {
         Admission::Admitted => None,
-        Admission::Busy => Some("the server is at its connection limit; try again in a minute".to_owned()),
-        Admission::TooManyOpen => Some(format!(
+        Admission::Busy => Some((Reject::server_full, "the server is at its connection limit; try again in a minute".to_owned())),
+        Admission::TooManyOpen => Some((Reject::address_open, format!(
             "too many connections from your address {} (at most {}); close some and try again",
             observed.ip(),
             shared.config.connections_per_address
-        )),
-        Admission::TooFast => Some(format!(
+        ))),
+        Admission::TooFast => Some((Reject::address_rate, format!(
             "your address {} opens connections too fast (at most {} a minute); try again in a minute",
             observed.ip(),
             shared.config.connections_per_minute
-        )),
+        ))),
     };
-    if let Some(message) = refusal {
-        return reject(&mut conn, ErrorCode::Busy, message).await;
+    if let Some((reason, message)) = refusal {
+        return reject(&mut conn, metrics, reason, message).await;
     }
 
     // 1. Hello, after a nameplate allocation if the peer starts a new code.
-    let Some(mut first) = next_request(&mut conn, shared.config.hello_timeout).await? else {
+    let Some(mut first) = next_request(&mut conn, metrics, shared.config.hello_timeout).await?
+    else {
         return Ok(());
     };
     let too_many_codes = || {
@@ -497,7 +520,7 @@ async fn serve(
     if matches!(first, PeerToServer::Allocate) {
         code_counted = true;
         if !shared.new_code(observed.ip()) {
-            return reject(&mut conn, ErrorCode::Busy, too_many_codes()).await;
+            return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
         }
         // The nameplate is not reserved between this answer and the hello (one
         // round trip); a peer that joins it by chance in between would pair with
@@ -505,13 +528,14 @@ async fn serve(
         let Some(nameplate) = shared.rooms().lowest_free_number() else {
             return reject(
                 &mut conn,
-                ErrorCode::Busy,
+                metrics,
+                Reject::rooms_full,
                 "no free nameplate; try again later",
             )
             .await;
         };
         send(&mut conn, ServerToPeer::Allocated { nameplate }).await?;
-        first = match next_request(&mut conn, shared.config.hello_timeout).await? {
+        first = match next_request(&mut conn, metrics, shared.config.hello_timeout).await? {
             Some(msg) => msg,
             None => return Ok(()),
         };
@@ -520,19 +544,20 @@ async fn serve(
         PeerToServer::Hello(hello) => hello,
         other => {
             let msg = format!("expected a hello, got {}", kind(&other));
-            return reject(&mut conn, ErrorCode::Malformed, msg).await;
+            return reject(&mut conn, metrics, Reject::malformed, msg).await;
         }
     };
     if hello.version != PROTOCOL_VERSION {
         return reject(
             &mut conn,
-            ErrorCode::VersionMismatch,
+            metrics,
+            Reject::version,
             version_message(hello.version),
         )
         .await;
     }
     if let Err(e) = validate_hello(&hello) {
-        return reject(&mut conn, ErrorCode::Malformed, e.to_string()).await;
+        return reject(&mut conn, metrics, Reject::malformed, e.to_string()).await;
     }
 
     let Hello {
@@ -597,6 +622,7 @@ async fn serve(
                     rooms.leave(&nameplate, id);
                     continue;
                 }
+                metrics.pairs.inc();
                 info!(nameplate = %nameplate, a = %value.info.observed, b = %observed,
                       mapping_a = ?value.info.mapping, mapping_b = ?mapping,
                       rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt),
@@ -612,7 +638,7 @@ async fn serve(
                 // A new room: counts against the address's rate of new codes.
                 if !code_counted && !shared.new_code(observed.ip()) {
                     shared.rooms().leave(&nameplate, id);
-                    return reject(&mut conn, ErrorCode::Busy, too_many_codes()).await;
+                    return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
                 }
                 joined = None
             }
@@ -620,12 +646,13 @@ async fn serve(
                 let msg = format!(
                     "code {nameplate}-… is already in use by two peers: start again with a new code"
                 );
-                return reject(&mut conn, ErrorCode::CodeInUse, msg).await;
+                return reject(&mut conn, metrics, Reject::code_in_use, msg).await;
             }
             Join::Full => {
                 return reject(
                     &mut conn,
-                    ErrorCode::Busy,
+                    metrics,
+                    Reject::rooms_full,
                     "the server holds too many codes right now; try again later",
                 )
                 .await;
@@ -647,7 +674,16 @@ async fn serve(
         Some(paired) => paired,
         None => {
             info!(id, nameplate = %nameplate, %observed, ?mapping, "peer waiting");
-            match wait_for_pair(&mut conn, &mut events, &mut estimator, &rtt_us, &mut stop).await? {
+            match wait_for_pair(
+                &mut conn,
+                metrics,
+                &mut events,
+                &mut estimator,
+                &rtt_us,
+                &mut stop,
+            )
+            .await?
+            {
                 Some(paired) => paired,
                 None => return Ok(()),
             }
@@ -676,7 +712,11 @@ async fn serve(
             }
         }
     });
-    match report.await {
+    let report = report.await;
+    if let Ok(Ok(Some(outcome))) = &report {
+        metrics.punch(outcome);
+    }
+    match report {
         Ok(Ok(Some(PunchOutcome::Direct {
             public,
             attempts,
@@ -698,6 +738,7 @@ async fn serve(
 /// left, the wait expired or the server stops (`None`).
 async fn wait_for_pair(
     conn: &mut Conn,
+    metrics: &Metrics,
     events: &mut mpsc::Receiver<Event>,
     estimator: &mut RttEstimator,
     rtt_us: &AtomicU64,
@@ -729,7 +770,7 @@ async fn wait_for_pair(
                 }
                 Some(Ok(other)) => {
                     let msg = format!("unexpected {} while waiting", kind(&other));
-                    return reject(conn, ErrorCode::Malformed, msg).await.map(|()| None);
+                    return reject(conn, metrics, Reject::malformed, msg).await.map(|()| None);
                 }
                 Some(Err(e)) => return Err(e.into()),
             },
@@ -751,11 +792,20 @@ async fn wait_for_pair(
 /// The next request before the hello, within `limit`. A frame of another
 /// protocol version is answered with a version error; a malformed one with a
 /// malformed error; both end the connection. `None`: the peer closed.
-async fn next_request(conn: &mut Conn, limit: Duration) -> Result<Option<PeerToServer>, ConnError> {
+async fn next_request(
+    conn: &mut Conn,
+    metrics: &Metrics,
+    limit: Duration,
+) -> Result<Option<PeerToServer>, ConnError> {
     match timeout(limit, conn.next()).await {
         Err(_) => {
-            let msg = ServerToPeer::error(ErrorCode::Malformed, "no hello received in time");
-            let _ = send(conn, msg).await;
+            let _ = reject(
+                conn,
+                metrics,
+                Reject::hello_timeout,
+                "no hello received in time",
+            )
+            .await;
             Err(ConnError::Timeout("waiting for hello"))
         }
         Ok(None) => Ok(None),
@@ -763,13 +813,11 @@ async fn next_request(conn: &mut Conn, limit: Duration) -> Result<Option<PeerToS
         Ok(Some(Err(CodecError::Decode {
             hello_version: Some(v),
             ..
-        }))) if v != PROTOCOL_VERSION => {
-            reject(conn, ErrorCode::VersionMismatch, version_message(v))
-                .await
-                .map(|()| None)
-        }
+        }))) if v != PROTOCOL_VERSION => reject(conn, metrics, Reject::version, version_message(v))
+            .await
+            .map(|()| None),
         Ok(Some(Err(CodecError::Io(e)))) => Err(CodecError::Io(e).into()),
-        Ok(Some(Err(e))) => reject(conn, ErrorCode::Malformed, format!("bad hello: {e}"))
+        Ok(Some(Err(e))) => reject(conn, metrics, Reject::malformed, format!("bad hello: {e}"))
             .await
             .map(|()| None),
     }
@@ -778,11 +826,13 @@ async fn next_request(conn: &mut Conn, limit: Duration) -> Result<Option<PeerToS
 /// Sends an error to the peer (best effort), then ends the connection with it.
 async fn reject(
     conn: &mut Conn,
-    code: ErrorCode,
+    metrics: &Metrics,
+    reason: Reject,
     message: impl Into<String>,
 ) -> Result<(), ConnError> {
     let message = message.into();
-    let _ = send(conn, ServerToPeer::error(code, message.clone())).await;
+    metrics.reject(reason);
+    let _ = send(conn, ServerToPeer::error(reason.code(), message.clone())).await;
     Err(ConnError::Rejected(message))
 }
 
@@ -816,6 +866,10 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 fn micros(d: Option<Duration>) -> u64 {
     d.map_or(0, |d| d.as_micros().try_into().unwrap_or(u64::MAX))
+}
+
+fn gauge(n: usize) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -262,7 +262,11 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
     let (server, _stop, _task) = start(Config::default()).await;
     let probe_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind probe");
     let probe_addr = probe_listener.local_addr().expect("addr");
-    tokio::spawn(run_probe(probe_listener, std::future::pending()));
+    tokio::spawn(run_probe(
+        probe_listener,
+        Default::default(),
+        std::future::pending(),
+    ));
 
     // Same local port to both server ports, as a peer does.
     let main = reusable(0);
@@ -335,4 +339,119 @@ async fn new_codes_get_the_lowest_free_nameplate() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_c, third) = allocate(server).await;
     assert_eq!(third, "1");
+}
+
+/// One HTTP request to the metrics endpoint; the whole answer.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect metrics");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = String::new();
+    timeout(WAIT, s.read_to_string(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("read answer");
+    answer
+}
+
+/// The value of one sample line (`name{labels} value`) of an exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
+    let metrics = std::sync::Arc::new(punchline_rendezvous::Metrics::default());
+    let config = Config {
+        metrics: metrics.clone(),
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let metrics_addr = metrics_listener.local_addr().expect("addr");
+    tokio::spawn(punchline_rendezvous::serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        std::future::pending(),
+    ));
+
+    // A pair that reports a direct punch, and one that reports failure.
+    for (code, outcome) in [
+        (
+            "21",
+            punchline_proto::PunchOutcome::Direct {
+                public: true,
+                attempts: 1,
+                elapsed_ms: 3,
+            },
+        ),
+        ("22", punchline_proto::PunchOutcome::Failed { attempts: 9 }),
+    ] {
+        let (mut a, _) = hello(server, code, "a", vec![]).await;
+        let (mut b, _) = hello(server, code, "b", vec![]).await;
+        go(&mut a).await;
+        go(&mut b).await;
+        a.send(PeerToServer::Report(outcome.clone()))
+            .await
+            .expect("report");
+        b.send(PeerToServer::Report(outcome)).await.expect("report");
+        assert_closed(&mut a).await;
+        assert_closed(&mut b).await;
+    }
+    // A third peer for a paired code, and a malformed hello.
+    let (mut a, _) = hello(server, "23", "a", vec![]).await;
+    let (mut b, _) = hello(server, "23", "b", vec![]).await;
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    send_hello(&mut c, "23", "c", vec![], None).await;
+    assert_eq!(error_code(&next(&mut c).await), Some(ErrorCode::CodeInUse));
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let mut d: Client = Framed::new(stream, FrameCodec::new());
+    send_hello(&mut d, "not-digits", "d", vec![], None).await;
+    assert_eq!(error_code(&next(&mut d).await), Some(ErrorCode::Malformed));
+    go(&mut a).await;
+    go(&mut b).await;
+
+    let answer = http_get(metrics_addr, "/metrics").await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("http answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let value =
+        |series: &str| sample(body, series).unwrap_or_else(|| panic!("{series} in\n{body}"));
+    assert_eq!(value("punchline_connections_total"), 8.0);
+    assert_eq!(value("punchline_pairs_total"), 3.0);
+    assert_eq!(value("punchline_punches_total{outcome=\"direct\"}"), 2.0);
+    assert_eq!(value("punchline_punches_total{outcome=\"failed\"}"), 2.0);
+    assert_eq!(
+        value("punchline_rejects_total{reason=\"code_in_use\"}"),
+        1.0
+    );
+    assert_eq!(value("punchline_rejects_total{reason=\"malformed\"}"), 1.0);
+    assert_eq!(
+        value("punchline_rejects_total{reason=\"address_rate\"}"),
+        0.0
+    );
+    // Pair 23 is still connected; c and d are gone once their tasks end.
+    assert_closed(&mut c).await;
+    assert_closed(&mut d).await;
+    let mut open = value("punchline_connections_open");
+    for _ in 0..50 {
+        if open == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let again = http_get(metrics_addr, "/metrics").await;
+        open = sample(&again, "punchline_connections_open").expect("open gauge");
+    }
+    assert_eq!(open, 2.0);
+    assert!(value("punchline_resident_memory_bytes") > 0.0);
+    let snapshot = metrics.snapshot();
+    assert_eq!((snapshot.pairs, snapshot.rejects), (3, 2));
+
+    let other = http_get(metrics_addr, "/").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use punchline_rendezvous::metrics::{log_stats, DEFAULT_STATS_INTERVAL};
 use punchline_rendezvous::{
-    bind_default, run, run_probe, server, Config, DEFAULT_PORT, PROBE_PORT_OFFSET,
+    bind_default, run, run_probe, serve_metrics, server, Config, Metrics, DEFAULT_PORT,
+    PROBE_PORT_OFFSET,
 };
 use tokio::net::TcpListener;
 
@@ -94,6 +96,20 @@ struct Args {
     )]
     max_rooms: usize,
 
+    /// Serve metrics (Prometheus text format) at http://ADDR:PORT/metrics; no
+    /// authentication, so keep it on loopback or a private address [default: off]
+    #[arg(long, env = "PUNCHLINE_METRICS", value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+
+    /// Seconds between stats lines in the log (0: none)
+    #[arg(
+        long,
+        env = "PUNCHLINE_STATS_INTERVAL",
+        value_name = "SECS",
+        default_value_t = DEFAULT_STATS_INTERVAL.as_secs()
+    )]
+    stats_interval: u64,
+
     /// Benchmark baseline: send the go to both peers at once, without holding it
     /// back for the nearer one
     #[arg(long, hide = true)]
@@ -143,6 +159,15 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
             "cannot open the probe port (choose one with --probe-listen, or --no-probe)",
         )?)
     };
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics = std::sync::Arc::new(Metrics::default());
     let config = Config {
         wait_ttl: Duration::from_secs(args.wait_ttl),
         hello_timeout: Duration::from_secs(args.hello_timeout),
@@ -152,12 +177,35 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         connections_per_address: args.connections_per_address,
         connections_per_minute: args.connections_per_minute,
         codes_per_minute: args.codes_per_minute,
+        metrics: metrics.clone(),
     };
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
     tracing::info!(addr = %main_addr, probe = ?probe_addr, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
-    let probe_task = probe.map(|p| tokio::spawn(run_probe(p, std::future::pending())));
+    let mut background = Vec::new();
+    if let Some(p) = probe {
+        background.push(tokio::spawn(run_probe(
+            p,
+            metrics.clone(),
+            std::future::pending(),
+        )));
+    }
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = %l.local_addr()?, "metrics at /metrics");
+        background.push(tokio::spawn(serve_metrics(
+            l,
+            metrics.clone(),
+            std::future::pending(),
+        )));
+    }
+    if args.stats_interval > 0 {
+        let interval = Duration::from_secs(args.stats_interval);
+        background.push(tokio::spawn(async move {
+            log_stats(metrics, interval).await;
+            Ok(())
+        }));
+    }
     let result = run(listener, config, shutdown_signal()).await;
-    if let Some(task) = probe_task {
+    for task in background {
         task.abort();
     }
     result?;
