@@ -33,7 +33,7 @@ use punchline_proto::{
     PeerToServer, PunchOutcome, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::codec::Framed;
@@ -167,12 +167,20 @@ enum ConnError {
 
 /// A waiting peer, as the pairing table holds it.
 struct Waiting {
-    events: mpsc::Sender<Event>,
+    events: oneshot::Sender<Event>,
     rtt_us: Arc<AtomicU64>,
     info: PeerInfo,
 }
 
-/// What reaches a waiting peer's task from elsewhere.
+/// Where a peer stands once it joined its code.
+enum Joined {
+    /// Second of the code: send this go after this delay.
+    Paired(Go, Duration),
+    /// First: wait for the one event the pairing table will send.
+    Waiting(oneshot::Receiver<Event>),
+}
+
+/// What reaches a waiting peer's task from elsewhere (once).
 enum Event {
     /// Paired: send this go after this delay.
     Go { go: Go, delay: Duration },
@@ -243,6 +251,16 @@ impl Shared {
 }
 
 type Conn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;
+
+/// Starting size of a connection's read and write buffers. Every message to and
+/// from the server but a hello fits in it, and the buffers grow on demand up to
+/// one frame; the codec's default (8 KiB each) would be most of what a waiting
+/// peer costs.
+const CONN_BUFFER: usize = 256;
+
+fn framed(stream: TcpStream) -> Conn {
+    Framed::with_capacity(stream, FrameCodec::new(), CONN_BUFFER)
+}
 
 /// Binds the default listening socket on `port`: IPv6 and IPv4 on all interfaces
 /// (one dual-stack socket), or IPv4 only where IPv6 is unavailable.
@@ -347,7 +365,7 @@ pub async fn run_probe(
             // Past the cap the connection is dropped, which closes it.
             let metrics = metrics.clone();
             (serving < MAX_PROBE_TASKS).then_some(async move {
-                let mut conn: Conn = Framed::new(stream, FrameCodec::new());
+                let mut conn = framed(stream);
                 let answer = async {
                     conn.send(ServerToPeer::Observed {
                         observed: canonical(addr),
@@ -427,8 +445,7 @@ async fn sweep(shared: Arc<Shared>) {
         };
         for (id, waiting) in expired {
             debug!(id, "wait expired");
-            // Capacity 1 and this is the only event it will ever get.
-            let _ = waiting.events.try_send(Event::Expired);
+            let _ = waiting.events.send(Event::Expired);
         }
     }
 }
@@ -483,7 +500,7 @@ async fn serve(
     if let Some(rtt) = kernel_rtt(&stream) {
         estimator.add(rtt);
     }
-    let mut conn = Framed::new(stream, FrameCodec::new());
+    let mut conn = framed(stream);
     let metrics = &*shared.config.metrics;
     let refusal = match admission {
         Admission::Admitted => None,
@@ -579,15 +596,15 @@ async fn serve(
 
     // 2. Pairing.
     let rtt_us = Arc::new(AtomicU64::new(micros(estimator.estimate())));
-    let (events_tx, mut events) = mpsc::channel(1);
     let mut joined = None;
     // At most two rounds: a second only if the waiting peer vanished as we joined.
     for _ in 0..2 {
+        let (events_tx, events) = oneshot::channel();
         let outcome = shared.rooms().join(
             &nameplate,
             id,
             Waiting {
-                events: events_tx.clone(),
+                events: events_tx,
                 rtt_us: rtt_us.clone(),
                 info: me.clone(),
             },
@@ -614,7 +631,7 @@ async fn serve(
                     go: theirs,
                     delay: their_delay,
                 };
-                if value.events.try_send(event).is_err() {
+                if value.events.send(event).is_err() {
                     // The waiting peer's task ended (it disconnected) just before it
                     // could leave the table. Clear the room and join afresh.
                     let mut rooms = shared.rooms();
@@ -632,7 +649,7 @@ async fn serve(
                     role: Role::Follower,
                     session,
                 };
-                joined = Some((mine, my_delay));
+                joined = Some(Joined::Paired(mine, my_delay));
             }
             Join::Waiting => {
                 // A new room: counts against the address's rate of new codes.
@@ -640,7 +657,7 @@ async fn serve(
                     shared.rooms().leave(&nameplate, id);
                     return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
                 }
-                joined = None
+                joined = Some(Joined::Waiting(events));
             }
             Join::InUse => {
                 let msg = format!(
@@ -660,7 +677,16 @@ async fn serve(
         }
         break;
     }
-    drop(events_tx);
+    let Some(joined) = joined else {
+        // The code's first peer vanished twice in a row as this one joined.
+        return reject(
+            &mut conn,
+            metrics,
+            Reject::rooms_full,
+            "could not join the code just now; try again",
+        )
+        .await;
+    };
     let _guard = RoomGuard {
         shared,
         nameplate: nameplate.clone(),
@@ -671,8 +697,8 @@ async fn serve(
     send(&mut conn, ServerToPeer::Welcome { observed, mapping }).await?;
 
     let (go, delay) = match joined {
-        Some(paired) => paired,
-        None => {
+        Joined::Paired(go, delay) => (go, delay),
+        Joined::Waiting(mut events) => {
             info!(id, nameplate = %nameplate, %observed, ?mapping, "peer waiting");
             match wait_for_pair(
                 &mut conn,
@@ -739,7 +765,7 @@ async fn serve(
 async fn wait_for_pair(
     conn: &mut Conn,
     metrics: &Metrics,
-    events: &mut mpsc::Receiver<Event>,
+    events: &mut oneshot::Receiver<Event>,
     estimator: &mut RttEstimator,
     rtt_us: &AtomicU64,
     stop: &mut watch::Receiver<bool>,
@@ -749,9 +775,9 @@ async fn wait_for_pair(
     let mut next_ping = Instant::now();
     loop {
         tokio::select! {
-            event = events.recv() => match event {
-                Some(Event::Go { go, delay }) => return Ok(Some((go, delay))),
-                Some(Event::Expired) | None => {
+            event = &mut *events => match event {
+                Ok(Event::Go { go, delay }) => return Ok(Some((go, delay))),
+                Ok(Event::Expired) | Err(_) => {
                     let msg = "nobody joined with this code in time; start again and share the code";
                     send(conn, ServerToPeer::error(ErrorCode::Expired, msg)).await?;
                     return Ok(None);

@@ -179,6 +179,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         codes_per_minute: args.codes_per_minute,
         metrics: metrics.clone(),
     };
+    check_file_limit(args.max_connections);
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
     tracing::info!(addr = %main_addr, probe = ?probe_addr, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
     let mut background = Vec::new();
@@ -216,6 +217,50 @@ fn default_listener(port: u16) -> anyhow::Result<TcpListener> {
     let std = bind_default(port).with_context(|| format!("cannot listen on port {port}"))?;
     std.set_nonblocking(true)?;
     Ok(TcpListener::from_std(std)?)
+}
+
+/// Descriptors the server needs beyond one per connection: listeners, the
+/// metrics endpoint and its scrapes, probe answers in flight, the runtime's own.
+const SPARE_FILES: u64 = 1100;
+
+/// Raises the soft limit on open files to the hard limit (every connection is a
+/// descriptor) and warns if even that is too low for `max_connections`, in which
+/// case accepts fail with "too many open files" before the cap is reached.
+fn check_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur >= limit.rlim_max {
+            false
+        } else {
+            let raise = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raise) == 0
+        }
+    };
+    let usable = if raised {
+        limit.rlim_max
+    } else {
+        limit.rlim_cur
+    };
+    let needed = max_connections as u64 + SPARE_FILES;
+    if usable < needed {
+        tracing::warn!(
+            open_files = usable,
+            max_connections,
+            "the open-file limit is below --max-connections plus {SPARE_FILES}; raise it (LimitNOFILE= in the systemd unit, ulimit -n) or lower --max-connections"
+        );
+    } else {
+        tracing::debug!(open_files = usable, "open-file limit");
+    }
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.
