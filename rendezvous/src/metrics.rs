@@ -58,6 +58,8 @@ pub enum Reject {
     malformed,
     /// No hello in time.
     hello_timeout,
+    /// A waiting peer stopped answering pings.
+    idle,
 }
 
 impl Reject {
@@ -71,7 +73,7 @@ impl Reject {
             | Reject::rooms_full => ErrorCode::Busy,
             Reject::code_in_use => ErrorCode::CodeInUse,
             Reject::version => ErrorCode::VersionMismatch,
-            Reject::malformed | Reject::hello_timeout => ErrorCode::Malformed,
+            Reject::malformed | Reject::hello_timeout | Reject::idle => ErrorCode::Malformed,
         }
     }
 }
@@ -264,7 +266,7 @@ impl Metrics {
     }
 }
 
-const ALL_REJECTS: [Reject; 9] = [
+const ALL_REJECTS: [Reject; 10] = [
     Reject::server_full,
     Reject::address_open,
     Reject::address_rate,
@@ -274,6 +276,7 @@ const ALL_REJECTS: [Reject; 9] = [
     Reject::version,
     Reject::malformed,
     Reject::hello_timeout,
+    Reject::idle,
 ];
 
 /// The resident memory of this process, from `/proc/self/statm`.

@@ -103,6 +103,11 @@ const EARLY_PING_INTERVAL: Duration = Duration::from_millis(200);
 /// peer's NAT mapping (the one the punch will use) from idling out.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Default time a waiting peer may leave our pings unanswered before it is taken
+/// for gone (its host or NAT mapping died without a reset) and dropped, freeing
+/// its code. Three ping intervals and a half.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(35);
+
 /// Bound on any single write to a peer: a peer that stops reading is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -119,6 +124,8 @@ pub struct Config {
     pub wait_ttl: Duration,
     /// How long a new connection has to send its hello.
     pub hello_timeout: Duration,
+    /// How long a waiting peer may leave pings unanswered.
+    pub idle_timeout: Duration,
     /// Most simultaneous connections; more are told the server is busy.
     pub max_connections: usize,
     /// Most rooms (codes) at once.
@@ -141,6 +148,7 @@ impl Default for Config {
         Config {
             wait_ttl: DEFAULT_WAIT_TTL,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_rooms: DEFAULT_MAX_ROOMS,
             synchronise_go: true,
@@ -703,6 +711,7 @@ async fn serve(
             match wait_for_pair(
                 &mut conn,
                 metrics,
+                shared.config.idle_timeout,
                 &mut events,
                 &mut estimator,
                 &rtt_us,
@@ -765,6 +774,7 @@ async fn serve(
 async fn wait_for_pair(
     conn: &mut Conn,
     metrics: &Metrics,
+    idle_timeout: Duration,
     events: &mut oneshot::Receiver<Event>,
     estimator: &mut RttEstimator,
     rtt_us: &AtomicU64,
@@ -773,6 +783,7 @@ async fn wait_for_pair(
     let mut seq: u32 = 0;
     let mut outstanding: Option<(u32, Instant)> = None;
     let mut next_ping = Instant::now();
+    let mut last_heard = Instant::now();
     loop {
         tokio::select! {
             event = &mut *events => match event {
@@ -786,6 +797,7 @@ async fn wait_for_pair(
             frame = conn.next() => match frame {
                 None => return Ok(None),
                 Some(Ok(PeerToServer::Pong { seq: got })) => {
+                    last_heard = Instant::now();
                     if let Some((want, sent)) = outstanding {
                         if got == want {
                             estimator.add(sent.elapsed());
@@ -801,11 +813,17 @@ async fn wait_for_pair(
                 Some(Err(e)) => return Err(e.into()),
             },
             _ = sleep_until(next_ping) => {
+                if last_heard.elapsed() >= idle_timeout {
+                    let msg = "no answer to pings for too long";
+                    return reject(conn, metrics, Reject::idle, msg).await.map(|()| None);
+                }
                 seq = seq.wrapping_add(1);
                 send(conn, ServerToPeer::Ping { seq }).await?;
                 let now = Instant::now();
                 outstanding = Some((seq, now));
-                next_ping = now + if seq < EARLY_PINGS { EARLY_PING_INTERVAL } else { PING_INTERVAL };
+                // At least three pings within the idle timeout.
+                let interval = if seq < EARLY_PINGS { EARLY_PING_INTERVAL } else { PING_INTERVAL };
+                next_ping = now + interval.min(idle_timeout / 3);
             }
             _ = stop.changed() => {
                 send(conn, ServerToPeer::error(ErrorCode::ShuttingDown, "the rendezvous server is shutting down")).await?;

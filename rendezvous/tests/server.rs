@@ -455,3 +455,38 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
     let other = http_get(metrics_addr, "/").await;
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 }
+
+#[tokio::test]
+async fn a_waiting_peer_that_stops_answering_pings_is_dropped_and_its_code_freed() {
+    let config = Config {
+        idle_timeout: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let (mut silent, _) = hello(server, "31", "a", vec![]).await;
+    // Read what the server sends, answer nothing.
+    let ended = timeout(WAIT, async {
+        loop {
+            match silent.next().await {
+                Some(Ok(ServerToPeer::Ping { .. })) => {}
+                Some(Ok(other)) => return Some(other),
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("dropped in time");
+    let reply = ended.expect("an error before the close");
+    assert!(
+        matches!(&reply, ServerToPeer::Error { message, .. } if message.contains("no answer to pings")),
+        "{reply:?}"
+    );
+    assert_closed(&mut silent).await;
+    // The code is free again, and a peer that answers pings stays.
+    let (mut a, _) = hello(server, "31", "b", vec![]).await;
+    let stays = timeout(Duration::from_millis(2500), next_after_pings(&mut a)).await;
+    assert!(
+        stays.is_err(),
+        "a peer answering pings was dropped: {stays:?}"
+    );
+}

@@ -51,6 +51,16 @@ struct Args {
     )]
     hello_timeout: u64,
 
+    /// Seconds a waiting peer may leave the server's pings unanswered before it is
+    /// dropped and its code freed
+    #[arg(
+        long,
+        env = "PUNCHLINE_IDLE_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = server::DEFAULT_IDLE_TIMEOUT.as_secs()
+    )]
+    idle_timeout: u64,
+
     /// Most simultaneous connections; more are told the server is busy
     #[arg(
         long,
@@ -171,6 +181,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
     let config = Config {
         wait_ttl: Duration::from_secs(args.wait_ttl),
         hello_timeout: Duration::from_secs(args.hello_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         max_connections: args.max_connections,
         max_rooms: args.max_rooms,
         synchronise_go: !args.unsynchronised_go,
