@@ -16,6 +16,12 @@ pub const RTT_WINDOW: usize = 8;
 /// broken path more than a far one; the hold must stay bounded either way.
 pub const MAX_GO_DELAY: Duration = Duration::from_secs(2);
 
+/// Shortest hold worth making: below it the go is sent at once. Timers do not
+/// resolve finer (tokio's wheel ticks every millisecond, so a 50 µs sleep lasts
+/// up to a millisecond and costs a timer), and sending at once is then at least as
+/// close to the ideal instant.
+pub const MIN_GO_DELAY: Duration = Duration::from_millis(1);
+
 /// Round-trip time estimate: the minimum of the last [`RTT_WINDOW`] samples.
 ///
 /// The minimum, not the mean: a sample can only be inflated (by scheduling,
@@ -49,9 +55,16 @@ impl RttEstimator {
 /// How long to hold back the go to each of two peers whose RTTs to the server are
 /// `rtt_a` and `rtt_b`, so both receive it at the same moment. The farther peer gets
 /// it at once; the nearer one later by half the difference (capped at
-/// [`MAX_GO_DELAY`]).
+/// [`MAX_GO_DELAY`], and none below [`MIN_GO_DELAY`]).
 pub fn go_delays(rtt_a: Duration, rtt_b: Duration) -> (Duration, Duration) {
-    let half_diff = |far: Duration, near: Duration| ((far - near) / 2).min(MAX_GO_DELAY);
+    let half_diff = |far: Duration, near: Duration| {
+        let d = ((far - near) / 2).min(MAX_GO_DELAY);
+        if d < MIN_GO_DELAY {
+            Duration::ZERO
+        } else {
+            d
+        }
+    };
     if rtt_a >= rtt_b {
         (Duration::ZERO, half_diff(rtt_a, rtt_b))
     } else {
@@ -81,6 +94,13 @@ mod tests {
     #[test]
     fn delay_is_capped() {
         assert_eq!(go_delays(Duration::from_secs(30), ms(1)).1, MAX_GO_DELAY);
+    }
+
+    #[test]
+    fn delays_below_a_millisecond_are_not_held() {
+        let us = Duration::from_micros;
+        assert_eq!(go_delays(us(1900), us(100)), (ms(0), ms(0)));
+        assert_eq!(go_delays(us(100), us(2100)), (ms(1), ms(0)));
     }
 
     #[test]
