@@ -74,7 +74,7 @@ pub struct Rendezvous {
     /// Where peers reach it.
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    thread: Option<thread::JoinHandle<Result<()>>>,
 }
 
 impl Rendezvous {
@@ -103,13 +103,11 @@ impl Rendezvous {
         };
         let (listener, probe) = (bind(addr)?, bind(probe_addr)?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = thread::Builder::new()
-            .name("rendezvous".into())
-            .spawn(move || serve_rendezvous(listener, probe, config, stopped))
-            .map_err(|source| LabError::Spawn {
-                command: "rendezvous thread".into(),
-                source,
-            })?;
+        // The server's runtime lives in the rendezvous namespace too, so the
+        // connections it opens itself (dial-backs) start there, like its listeners.
+        let thread = crate::netns::spawn_in(lab.netns(Host::Rv), "rendezvous", move || {
+            serve_rendezvous(listener, probe, config, stopped)
+        })?;
         Ok(Rendezvous {
             addr,
             stop: Some(stop),

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{
-    ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, PunchOutcome, ServerToPeer,
+    DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, PunchOutcome,
+    ServerToPeer,
 };
 use tokio::net::{lookup_host, TcpStream};
 use tokio::time::timeout;
@@ -101,6 +102,14 @@ impl Rendezvous {
         })
     }
 
+    /// Our end of the connection: local address and the fixed port.
+    pub fn local_addr(&self) -> Result<SocketAddr, PeerError> {
+        self.conn
+            .get_ref()
+            .local_addr()
+            .map_err(|e| PeerError::io("reading the local address", e))
+    }
+
     /// Connects from our fixed port to the rendezvous' probe port, which answers
     /// with the address it saw. `None` if it does not answer in time.
     pub async fn probe(&self, probe_port: u16) -> Option<SocketAddr> {
@@ -121,32 +130,76 @@ impl Rendezvous {
 
     /// Asks for a free nameplate for a new code.
     pub async fn allocate(&mut self) -> Result<String, PeerError> {
-        self.send(PeerToServer::Allocate).await?;
-        let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
-            .await
-            .map_err(|_| {
-                PeerError::Timeout("the rendezvous did not answer the allocation".into())
-            })?;
-        match reply {
-            Some(Ok(ServerToPeer::Allocated { nameplate })) => {
+        match self
+            .request(PeerToServer::Allocate, "the allocation", WELCOME_TIMEOUT)
+            .await?
+        {
+            ServerToPeer::Allocated { nameplate } => {
                 punchline_proto::validate_nameplate(&nameplate)
                     .map_err(|e| PeerError::Protocol(format!("the rendezvous allocated an {e}")))?;
                 Ok(nameplate)
             }
-            other => Err(unexpected(other, "a nameplate")),
+            other => Err(unexpected(Some(Ok(other)), "a nameplate")),
         }
     }
 
     /// Sends the hello; returns our observed (public) address and how our NAT
     /// maps our port.
     pub async fn hello(&mut self, hello: Hello) -> Result<(SocketAddr, Mapping), PeerError> {
-        self.send(PeerToServer::Hello(hello)).await?;
-        let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
+        let hello = PeerToServer::Hello(hello);
+        match self.request(hello, "the hello", WELCOME_TIMEOUT).await? {
+            ServerToPeer::Welcome { observed, mapping } => Ok((observed, mapping)),
+            other => Err(unexpected(Some(Ok(other)), "a welcome")),
+        }
+    }
+
+    /// Asks which address this connection comes from (our public address and
+    /// port as the main port sees them).
+    pub async fn reflect(&mut self) -> Result<SocketAddr, PeerError> {
+        match self
+            .request(PeerToServer::Reflect, "the reflection", WELCOME_TIMEOUT)
+            .await?
+        {
+            ServerToPeer::Observed { observed } => Ok(observed),
+            other => Err(unexpected(Some(Ok(other)), "our observed address")),
+        }
+    }
+
+    /// Asks the server to connect back to our public address, as an unsolicited
+    /// SYN would arrive; returns the address it dialled, what the SYN met, and
+    /// how long the answer took (ms).
+    pub async fn dial_back(&mut self) -> Result<(SocketAddr, DialBackResult, u32), PeerError> {
+        // The server waits up to 2.5 s for its SYN to be answered.
+        let limit = WELCOME_TIMEOUT;
+        match self
+            .request(PeerToServer::DialBack, "the dial-back", limit)
+            .await?
+        {
+            ServerToPeer::DialedBack {
+                target,
+                result,
+                elapsed_ms,
+            } => Ok((target, result, elapsed_ms)),
+            other => Err(unexpected(Some(Ok(other)), "the dial-back result")),
+        }
+    }
+
+    /// Sends `msg` and reads the answer (an error answer becomes an error).
+    async fn request(
+        &mut self,
+        msg: PeerToServer,
+        what: &str,
+        limit: Duration,
+    ) -> Result<ServerToPeer, PeerError> {
+        self.send(msg).await?;
+        let reply = timeout(limit, self.conn.next())
             .await
-            .map_err(|_| PeerError::Timeout("the rendezvous did not answer the hello".into()))?;
+            .map_err(|_| PeerError::Timeout(format!("the rendezvous did not answer {what}")))?;
         match reply {
-            Some(Ok(ServerToPeer::Welcome { observed, mapping })) => Ok((observed, mapping)),
-            other => Err(unexpected(other, "a welcome")),
+            Some(Ok(ServerToPeer::Error { .. })) | Some(Err(_)) | None => {
+                Err(unexpected(reply, what))
+            }
+            Some(Ok(answer)) => Ok(answer),
         }
     }
 

@@ -12,6 +12,7 @@
 
 pub mod chat;
 pub mod client;
+pub mod doctor;
 pub mod error;
 pub mod net;
 pub mod punch;
@@ -70,6 +71,10 @@ pub struct Options {
     pub retry: punchline_proto::punch::RetryPolicy,
     /// The rendezvous' probe port (default: its port + 1).
     pub probe_port: Option<u16>,
+    /// Prefix shown lines with the local time.
+    pub timestamps: bool,
+    /// Where the terminal keeps typed lines between chats (`None`: nowhere).
+    pub history: Option<std::path::PathBuf>,
 }
 
 /// Parses a code as typed.
@@ -230,6 +235,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     ));
 
     // 4. Prove both know the code; encrypt.
+    let kind = punched.kind.describe();
     let mut link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
     tracing::info!(verification = link.verification(), "encrypted");
     status.status(&format!(
@@ -238,13 +244,58 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     ));
 
     // 5. Chat.
+    let (local, remote) = link
+        .addresses()
+        .map_or(("?".to_owned(), "?".to_owned()), |(l, r)| {
+            (l.to_string(), r.to_string())
+        });
+    let facts = vec![
+        (
+            "path".to_owned(),
+            format!("direct TCP link ({kind}), {elapsed_ms} ms to punch"),
+        ),
+        (
+            "addresses".to_owned(),
+            format!("{local} (here) <-> {remote} (there)"),
+        ),
+        (
+            "you".to_owned(),
+            format!(
+                "public address {observed}; {}",
+                describe_mapping(mapping, Some(port), observed)
+            ),
+        ),
+        (
+            "other side".to_owned(),
+            format!(
+                "public address {}; {}",
+                go.peer.observed,
+                describe_mapping(go.peer.mapping, None, go.peer.observed)
+            ),
+        ),
+        (
+            "encryption".to_owned(),
+            format!(
+                "{} (key from the code by SPAKE2); verification {}",
+                secure::NOISE_PARAMS,
+                link.verification()
+            ),
+        ),
+    ];
+    let mut ctx = chat::ChatContext {
+        their_name: their_name.clone(),
+        our_name: opts.name.clone(),
+        facts,
+        stats: chat::ChatStats::default(),
+    };
+    let style = ui::Style::for_stdout(opts.timestamps);
     let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
-    let mut stats = chat::ChatStats::default();
     let (result, mut terminal) = match mode {
         Mode::Terminal => {
-            let mut term = ui::Terminal::start(tx, link.verification().to_owned())
+            let verification = link.verification().to_owned();
+            let mut term = ui::Terminal::start(tx, verification, style, opts.history.clone())
                 .map_err(|e| PeerError::io("cannot start the line editor", e))?;
-            let r = chat::chat(&mut link, &their_name, &mut rx, &mut term, &mut stats).await;
+            let r = chat::chat(&mut link, &mut ctx, &mut rx, &mut term).await;
             (r, Some(term))
         }
         Mode::Lines => {
@@ -254,14 +305,8 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
                     let _ = tx.send(chat::Input::Interrupted).await;
                 }
             });
-            let r = chat::chat(
-                &mut link,
-                &their_name,
-                &mut rx,
-                &mut ui::LinesOutput,
-                &mut stats,
-            )
-            .await;
+            let mut out = ui::LinesOutput { style };
+            let r = chat::chat(&mut link, &mut ctx, &mut rx, &mut out).await;
             (r, None)
         }
     };
@@ -269,14 +314,34 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         term.restore();
     }
     let end = result?;
-    let summary = format!("{} lines sent, {} received", stats.sent, stats.received);
+    let summary = format!(
+        "{} lines sent, {} received",
+        ctx.stats.sent, ctx.stats.received
+    );
     match end {
-        ChatEnd::TheyLeft => status.status(&format!("{their_name} left ({summary})")),
+        ChatEnd::TheyLeft => status.status(&format!("{} left ({summary})", ctx.their_name)),
         ChatEnd::WeLeft | ChatEnd::Interrupted => {
             status.status(&format!("bye ({summary}, all delivered)"))
         }
     }
     Ok(end)
+}
+
+/// A NAT's mapping in words, for `/info`: `local_port` is the port the host used
+/// (if known), `public` what the world saw.
+pub fn describe_mapping(mapping: Mapping, local_port: Option<u16>, public: SocketAddr) -> String {
+    let port = match local_port {
+        Some(p) if p == public.port() => ", local port kept",
+        Some(_) => ", local port changed",
+        None => "",
+    };
+    match mapping {
+        Mapping::Independent => format!("one public port for every destination{port}"),
+        Mapping::DependsOnDestination { first, second } => format!(
+            "a new public port per destination ({first}, then {second}): a \"symmetric\" NAT"
+        ),
+        Mapping::Unknown => "mapping not measured (the probe port did not answer)".to_owned(),
+    }
 }
 
 #[cfg(test)]

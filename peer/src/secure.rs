@@ -91,6 +91,8 @@ pub struct SecureLink {
     link: Link,
     noise: snow::TransportState,
     verification: String,
+    /// Sealed bytes sent and received (ciphertext with its tags).
+    bytes: (u64, u64),
 }
 
 fn noise_error(e: snow::Error) -> PeerError {
@@ -142,6 +144,7 @@ impl SecureLink {
             link,
             noise,
             verification,
+            bytes: (0, 0),
         })
     }
 
@@ -149,6 +152,22 @@ impl SecureLink {
     /// unless someone is in the middle.
     pub fn verification(&self) -> &str {
         &self.verification
+    }
+
+    /// The kernel's current RTT estimate for the link.
+    pub fn rtt(&self) -> Option<Duration> {
+        punchline_rendezvous::rtt::kernel_rtt(self.link.get_ref())
+    }
+
+    /// Sealed bytes sent and received so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.bytes
+    }
+
+    /// The link's local and remote addresses.
+    pub fn addresses(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        let s = self.link.get_ref();
+        Some((s.local_addr().ok()?, s.peer_addr().ok()?))
     }
 
     /// Seals and sends one message.
@@ -160,6 +179,7 @@ impl SecureLink {
             .write_message(&plain, &mut sealed)
             .map_err(std::io::Error::other)?;
         sealed.truncate(n);
+        self.bytes.0 += n as u64;
         self.link
             .send(PeerToPeer::Sealed(sealed))
             .await
@@ -170,7 +190,10 @@ impl SecureLink {
     /// Cancel-safe: the only await is the frame read.
     pub async fn recv(&mut self) -> Option<Result<Chat, String>> {
         let frame = match self.link.next().await? {
-            Ok(PeerToPeer::Sealed(sealed)) => sealed,
+            Ok(PeerToPeer::Sealed(sealed)) => {
+                self.bytes.1 += sealed.len() as u64;
+                sealed
+            }
             Ok(other) => return Some(Err(format!("unexpected message {other:?}"))),
             Err(e) => return Some(Err(e.to_string())),
         };

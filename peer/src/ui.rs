@@ -9,6 +9,7 @@
 //! Text from the other side is sanitised before it reaches a terminal or stdout.
 
 use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
@@ -27,12 +28,16 @@ pub const INPUT_CHANNEL: usize = 64;
 /// The terminal commands, as `/help` shows them.
 pub const HELP: &str = "\
 commands:
-  /help      show this help
-  /verify    show the words to compare with the other side: if they differ,
-             someone is intercepting the chat
-  /quit      say goodbye and leave (also Ctrl-D or Ctrl-C)
-  //text     send a line that starts with '/'
-anything else is sent to the other side as one line";
+  /help        show this help
+  /info        the link: direct or relayed, addresses, round-trip time, NAT
+               findings, encryption, lines and bytes each way
+  /verify      show the words to compare with the other side: if they differ,
+               someone is intercepting the chat
+  /nick NAME   go by another name (the other side is told)
+  /quit        say goodbye and leave (also Ctrl-D or Ctrl-C)
+  //text       send a line that starts with '/'
+anything else is sent to the other side as one line; up and down recall
+earlier lines";
 
 /// What a typed terminal line means.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +50,12 @@ pub enum Typed {
     Help,
     /// Show the verification words.
     Verify,
+    /// Show the link's details.
+    Info,
+    /// Change our name.
+    Nick(String),
+    /// A known command used wrongly: how to use it.
+    Usage(&'static str),
     /// An unknown `/command`.
     Unknown(String),
     /// Nothing to send.
@@ -59,14 +70,25 @@ pub fn parse_typed(line: &str) -> Typed {
     if let Some(rest) = line.strip_prefix("//") {
         return Typed::Send(format!("/{rest}"));
     }
-    match line.trim_end() {
-        "/quit" | "/exit" => Typed::Quit,
-        "/help" | "/?" => Typed::Help,
-        "/verify" => Typed::Verify,
-        cmd if cmd.starts_with('/') => {
-            Typed::Unknown(cmd.split_whitespace().next().unwrap_or(cmd).to_owned())
+    if !line.starts_with('/') {
+        return Typed::Send(line.to_owned());
+    }
+    let trimmed = line.trim();
+    let (cmd, rest) = trimmed
+        .split_once(char::is_whitespace)
+        .unwrap_or((trimmed, ""));
+    let rest = rest.trim();
+    match (cmd, rest.is_empty()) {
+        ("/quit" | "/exit", true) => Typed::Quit,
+        ("/help" | "/?", true) => Typed::Help,
+        ("/verify", true) => Typed::Verify,
+        ("/info", true) => Typed::Info,
+        ("/nick", false) => Typed::Nick(rest.to_owned()),
+        ("/nick", true) => Typed::Usage("/nick NAME: go by NAME from now on"),
+        ("/quit" | "/exit" | "/help" | "/?" | "/verify" | "/info", false) => {
+            Typed::Usage("that command takes no argument; /help lists the commands")
         }
-        _ => Typed::Send(line.to_owned()),
+        _ => Typed::Unknown(cmd.to_owned()),
     }
 }
 
@@ -101,19 +123,89 @@ pub fn spawn_stdin_lines(tx: mpsc::Sender<Input>) {
     });
 }
 
+/// How shown lines are dressed: the other's name in colour, optional timestamps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Style {
+    /// Colour names and dim status lines (ANSI escapes).
+    pub colour: bool,
+    /// Prefix lines with the local time.
+    pub timestamps: bool,
+}
+
+const NAME_COLOUR: &str = "\x1b[1;36m";
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
+
+impl Style {
+    /// Colour where it belongs: stdout is a terminal and `NO_COLOR` is not set
+    /// (to anything but the empty string, per no-color.org).
+    pub fn for_stdout(timestamps: bool) -> Style {
+        use std::io::IsTerminal;
+        Style {
+            colour: colour_wanted(std::env::var_os("NO_COLOR"), io::stdout().is_terminal()),
+            timestamps,
+        }
+    }
+
+    /// A received line: `NAME: TEXT`, both sanitised.
+    pub fn incoming(&self, name: &str, text: &str) -> String {
+        let (name, text) = (sanitize_for_terminal(name), sanitize_for_terminal(text));
+        if self.colour {
+            format!("{}{NAME_COLOUR}{name}{RESET}: {text}", self.stamp())
+        } else {
+            format!("{}{name}: {text}", self.stamp())
+        }
+    }
+
+    /// A status line, prefixed with `prefix`.
+    pub fn status(&self, prefix: &str, message: &str) -> String {
+        if self.colour {
+            format!("{DIM}{}{prefix}{message}{RESET}", self.stamp())
+        } else {
+            format!("{}{prefix}{message}", self.stamp())
+        }
+    }
+
+    fn stamp(&self) -> String {
+        if self.timestamps {
+            format!("[{}] ", local_time())
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Colour only on a terminal, and not when `NO_COLOR` holds anything.
+fn colour_wanted(no_colour: Option<std::ffi::OsString>, terminal: bool) -> bool {
+    terminal && no_colour.is_none_or(|v| v.is_empty())
+}
+
+/// The local wall-clock time as HH:MM:SS.
+fn local_time() -> String {
+    // SAFETY: time() with a null pointer only returns the time; localtime_r fills
+    // the zeroed tm it is given (plain data) and returns null on failure.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return "--:--:--".to_owned();
+        }
+        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    }
+}
+
 /// Output for pipes: `NAME: TEXT` lines on stdout, status on stderr.
-pub struct LinesOutput;
+#[derive(Default)]
+pub struct LinesOutput {
+    /// How lines are dressed.
+    pub style: Style,
+}
 
 impl Output for LinesOutput {
     fn incoming(&mut self, name: &str, text: &str) {
         let mut out = io::stdout().lock();
         // A closed stdout (the reader went away) is not a reason to stop the chat.
-        let _ = writeln!(
-            out,
-            "{}: {}",
-            sanitize_for_terminal(name),
-            sanitize_for_terminal(text)
-        );
+        let _ = writeln!(out, "{}", self.style.incoming(name, text));
         let _ = out.flush();
     }
 
@@ -127,7 +219,7 @@ pub struct StderrStatus;
 
 impl Output for StderrStatus {
     fn incoming(&mut self, name: &str, text: &str) {
-        LinesOutput.incoming(name, text);
+        LinesOutput::default().incoming(name, text);
     }
 
     fn status(&mut self, message: &str) {
@@ -135,23 +227,81 @@ impl Output for StderrStatus {
     }
 }
 
+/// Where typed lines are remembered between chats: `$XDG_DATA_HOME/punchline/history`,
+/// else `~/.local/share/punchline/history`. `None` without a home.
+pub fn default_history_path() -> Option<PathBuf> {
+    let nonempty = |v: std::ffi::OsString| (!v.is_empty()).then_some(v);
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .and_then(nonempty)
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(nonempty)
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })?;
+    Some(base.join("punchline").join("history"))
+}
+
+/// Creates the history file (and its folder) readable by the user only: it holds
+/// what was typed in chats.
+fn prepare_history(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
+/// Lines of history kept.
+pub const HISTORY_SIZE: usize = 1000;
+
 /// The interactive terminal: a line editor thread and its external printer.
 pub struct Terminal {
     printer: Box<dyn ExternalPrinter + Send>,
     saved: Option<libc::termios>,
+    style: Style,
 }
 
 impl Terminal {
     /// Starts the line editor; typed lines go to `tx`; `/verify` shows
-    /// `verification`.
-    pub fn start(tx: mpsc::Sender<Input>, verification: String) -> io::Result<Terminal> {
+    /// `verification`; lines typed are kept in `history` if given.
+    pub fn start(
+        tx: mpsc::Sender<Input>,
+        verification: String,
+        style: Style,
+        history: Option<PathBuf>,
+    ) -> io::Result<Terminal> {
         let saved = save_termios();
-        let mut editor = DefaultEditor::new().map_err(io::Error::other)?;
+        let config = rustyline::Config::builder()
+            .max_history_size(HISTORY_SIZE)
+            .map_err(io::Error::other)?
+            .auto_add_history(false)
+            .build();
+        let mut editor = DefaultEditor::with_config(config).map_err(io::Error::other)?;
+        let history = history.filter(|path| match prepare_history(path) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("-- history off: cannot use {}: {e}", path.display());
+                false
+            }
+        });
+        if let Some(path) = &history {
+            let _ = editor.load_history(path);
+        }
         let printer = editor.create_external_printer().map_err(io::Error::other)?;
-        thread::spawn(move || edit_loop(editor, tx, &verification));
+        thread::spawn(move || edit_loop(editor, tx, &verification, history));
         Ok(Terminal {
             printer: Box::new(printer),
             saved,
+            style,
         })
     }
 
@@ -173,18 +323,14 @@ impl Terminal {
 
 impl Output for Terminal {
     fn incoming(&mut self, name: &str, text: &str) {
-        let line = format!(
-            "{}: {}",
-            sanitize_for_terminal(name),
-            sanitize_for_terminal(text)
-        );
+        let line = self.style.incoming(name, text);
         if self.printer.print(line.clone()).is_err() {
             println!("{line}");
         }
     }
 
     fn status(&mut self, message: &str) {
-        let line = format!("-- {message}");
+        let line = self.style.status("-- ", message);
         if self.printer.print(line.clone()).is_err() {
             eprintln!("{line}");
         }
@@ -199,13 +345,28 @@ fn save_termios() -> Option<libc::termios> {
     (rc == 0).then_some(t)
 }
 
-fn edit_loop(mut editor: DefaultEditor, tx: mpsc::Sender<Input>, verification: &str) {
+fn edit_loop(
+    mut editor: DefaultEditor,
+    tx: mpsc::Sender<Input>,
+    verification: &str,
+    history: Option<PathBuf>,
+) {
     println!("type a line and press Enter to send it; /help for commands");
     loop {
         let input = match editor.readline("> ") {
             Ok(line) => {
-                match parse_typed(&line) {
-                    Typed::Empty => continue,
+                let typed = parse_typed(&line);
+                if matches!(typed, Typed::Send(_) | Typed::Nick(_)) {
+                    let _ = editor.add_history_entry(line.as_str());
+                    if let Some(path) = &history {
+                        let _ = editor.append_history(path);
+                    }
+                }
+                match typed {
+                    Typed::Empty => {
+                        println!("empty line: nothing sent");
+                        continue;
+                    }
                     Typed::Help => {
                         println!("{HELP}");
                         continue;
@@ -214,21 +375,24 @@ fn edit_loop(mut editor: DefaultEditor, tx: mpsc::Sender<Input>, verification: &
                         println!("verification: {verification}  (the other side must see the same words)");
                         continue;
                     }
+                    Typed::Usage(usage) => {
+                        println!("usage: {usage}");
+                        continue;
+                    }
                     Typed::Unknown(cmd) => {
                         println!("unknown command {cmd}: /help lists the commands (start with // to send a line beginning with /)");
                         continue;
                     }
                     Typed::Quit => Input::Quit,
-                    Typed::Send(text) => {
-                        let _ = editor.add_history_entry(line.as_str());
-                        Input::Line(text)
-                    }
+                    Typed::Info => Input::Info,
+                    Typed::Nick(name) => Input::Nick(name),
+                    Typed::Send(text) => Input::Line(text),
                 }
             }
             Err(ReadlineError::Interrupted) => Input::Interrupted,
             Err(_) => Input::Quit,
         };
-        let last = !matches!(input, Input::Line(_));
+        let last = matches!(input, Input::Quit | Input::Interrupted);
         if tx.blocking_send(input).is_err() || last {
             return;
         }
@@ -240,6 +404,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_wanted(None, true));
+        assert!(colour_wanted(Some("".into()), true));
+        assert!(!colour_wanted(Some("1".into()), true));
+        assert!(!colour_wanted(None, false));
+    }
+
+    #[test]
+    fn styles() {
+        let plain = Style::default();
+        assert_eq!(plain.incoming("bob", "hi\x1b[2J"), "bob: hi\u{FFFD}[2J");
+        assert_eq!(plain.status("-- ", "left"), "-- left");
+        let coloured = Style {
+            colour: true,
+            timestamps: false,
+        };
+        assert_eq!(coloured.incoming("bob", "hi"), "\x1b[1;36mbob\x1b[0m: hi");
+        let stamped = Style {
+            colour: false,
+            timestamps: true,
+        }
+        .incoming("bob", "hi");
+        // [HH:MM:SS] bob: hi
+        let (stamp, rest) = stamped.split_at(11);
+        assert_eq!(rest, "bob: hi");
+        assert!(stamp.starts_with('[') && stamp.ends_with("] "), "{stamped}");
+        assert!(
+            stamp[1..9].chars().all(|c| c.is_ascii_digit() || c == ':'),
+            "{stamped}"
+        );
+    }
+
+    #[test]
     fn typed_lines() {
         assert_eq!(parse_typed("hello"), Typed::Send("hello".into()));
         assert_eq!(parse_typed("  "), Typed::Empty);
@@ -247,6 +444,10 @@ mod tests {
         assert_eq!(parse_typed("/help"), Typed::Help);
         assert_eq!(parse_typed("/verify"), Typed::Verify);
         assert_eq!(parse_typed("/frob x"), Typed::Unknown("/frob".into()));
+        assert_eq!(parse_typed("/info"), Typed::Info);
+        assert_eq!(parse_typed("/nick  Ada L "), Typed::Nick("Ada L".into()));
+        assert!(matches!(parse_typed("/nick"), Typed::Usage(_)));
+        assert!(matches!(parse_typed("/quit now"), Typed::Usage(_)));
         assert_eq!(parse_typed("//etc/hosts"), Typed::Send("/etc/hosts".into()));
         assert_eq!(
             parse_typed(" leading space"),

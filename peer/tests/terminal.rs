@@ -76,6 +76,15 @@ impl Tmux {
         }
     }
 
+    /// The screen with its colours, as escape sequences.
+    fn screen_with_colours(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-e", "-p", "-t", &self.session])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn wait_text(&self, needle: &str) -> Vec<String> {
         self.wait_for(needle, |s| s.iter().any(|l| l.contains(needle)))
     }
@@ -116,8 +125,11 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     }
     let rv = Rendezvous::start();
     let peer = env!("CARGO_BIN_EXE_peer");
+    let data = std::env::temp_dir().join(format!("punchline-tty-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
     let term = Tmux::start(&format!(
-        "{peer} --server {} --name alice --no-lan 8-tty-check; echo EXIT=$?; sleep 30",
+        "env -u NO_COLOR XDG_DATA_HOME={} {peer} --server {} --name alice --no-lan 8-tty-check; echo EXIT=$?; sleep 30",
+        data.display(),
         rv.addr
     ));
     term.wait_text("waiting for the other side");
@@ -145,12 +157,29 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     );
     term.keys(&["Enter"]);
     assert_eq!(bob.recv(), "alice: half typed");
+    // The other's name is in colour on a terminal.
+    let coloured = term.screen_with_colours();
+    // (tmux re-renders the escapes: bold and cyan come back as \e[1m\e[36m.)
+    assert!(
+        coloured.contains("\x1b[36mbob"),
+        "no colour on the name:\n{coloured:?}"
+    );
+    // Typed lines are kept in a history file only the user can read.
+    let history = data.join("punchline/history");
+    let kept = std::fs::read_to_string(&history).unwrap_or_default();
+    assert!(kept.contains("half typed"), "history file: {kept:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&history)
+        .expect("history")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "history file mode {mode:o}");
 
     // History: Up brings the last line back.
     term.keys(&["Up"]);
     term.wait_for("the recalled line", |s| last_nonempty(s) == "> half typed");
     term.keys(&["C-u", "/help", "Enter"]);
-    term.wait_text("/quit      say goodbye and leave");
+    term.wait_text("/quit        say goodbye and leave");
     term.keys(&["/verify", "Enter"]);
     let words = bob.wait_stderr("encrypted; code confirmed");
     let words = words
@@ -162,12 +191,41 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     term.wait_text(&format!("verification: {words}"));
     term.keys(&["/nonsense", "Enter"]);
     term.wait_text("unknown command /nonsense");
+    term.keys(&["   ", "Enter"]);
+    term.wait_text("empty line: nothing sent");
+    term.keys(&["/nick", "Enter"]);
+    term.wait_text("usage: /nick NAME");
+
+    // /nick: the other side is told, and later lines carry the new name.
+    term.keys(&["/nick Ada", "Enter"]);
+    term.wait_text("you are now known as Ada");
+    bob.wait_stderr("alice is now known as Ada");
+    term.keys(&["renamed", "Enter"]);
+    assert_eq!(bob.recv(), "Ada: renamed");
+    bob.send("/nick has no meaning in a piped line\n");
+    term.wait_text("bob: /nick has no meaning in a piped line");
+
+    // /info: the path, the addresses, the RTT, the NAT findings, encryption, traffic.
+    term.keys(&["/info", "Enter"]);
+    let screen = term.wait_text("-- traffic");
+    let info = screen.join("\n");
+    for needle in [
+        "-- path         direct TCP link",
+        "-- addresses    127.0.0.1:",
+        "-- rtt          ",
+        "-- you          public address 127.0.0.1:",
+        "-- encryption   Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s",
+        "lines and",
+        "-- names        you are Ada, the other side is bob",
+    ] {
+        assert!(info.contains(needle), "no {needle:?} in /info:\n{info}");
+    }
 
     // Several lines arriving at once (a paste) are sent as separate lines, in order.
     term.keys(&["p1", "Enter", "p2", "Enter", "p3", "Enter"]);
-    assert_eq!(bob.recv(), "alice: p1");
-    assert_eq!(bob.recv(), "alice: p2");
-    assert_eq!(bob.recv(), "alice: p3");
+    assert_eq!(bob.recv(), "Ada: p1");
+    assert_eq!(bob.recv(), "Ada: p2");
+    assert_eq!(bob.recv(), "Ada: p3");
 
     // Text from the other side cannot drive the terminal.
     bob.send("\x1b[2Jgotcha\n");
@@ -177,5 +235,6 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     term.keys(&["/quit", "Enter"]);
     term.wait_text("EXIT=0");
     assert!(bob.wait().success());
-    bob.wait_stderr("alice left");
+    bob.wait_stderr("Ada left");
+    let _ = std::fs::remove_dir_all(&data);
 }

@@ -161,6 +161,29 @@ pub enum PeerToServer {
     Report(PunchOutcome),
     /// Before the hello: asks for a free nameplate for a new code.
     Allocate,
+    /// Asks for the address this connection came from, answered with
+    /// [`ServerToPeer::Observed`] (as the probe port does on accept). Used by
+    /// `peer doctor`, which needs no code; a hello may still follow.
+    Reflect,
+    /// Asks the server to open a TCP connection to the address this connection came
+    /// from, as an unsolicited inbound SYN would arrive, and say what happened
+    /// ([`ServerToPeer::DialedBack`]). Once per connection; the server dials only
+    /// the requesting address, never another.
+    DialBack,
+}
+
+/// What an unsolicited SYN from the rendezvous to a peer's public address met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DialBackResult {
+    /// A reset: the NAT, a firewall or the host's own stack refused it at once.
+    Refused,
+    /// No answer in time: dropped silently on the way.
+    NoAnswer,
+    /// It connected: something listens at that address (a port forwarded to a
+    /// listening program, or no NAT or firewall in the way of a listener).
+    Connected,
+    /// The server could not try (another error on its side).
+    Unknown,
 }
 
 /// Why the rendezvous refused or dropped a peer. Sent as a number so that a code
@@ -247,6 +270,15 @@ pub enum ServerToPeer {
         /// The connection's source address as the server sees it.
         observed: SocketAddr,
     },
+    /// The answer to [`PeerToServer::DialBack`].
+    DialedBack {
+        /// The address the server dialled.
+        target: SocketAddr,
+        /// What the SYN met.
+        result: DialBackResult,
+        /// How long until the result, in milliseconds.
+        elapsed_ms: u32,
+    },
 }
 
 impl ServerToPeer {
@@ -289,6 +321,11 @@ pub enum Chat {
     },
     /// The sender is leaving; it sends nothing after this.
     Bye,
+    /// The sender now goes by this name (see [`validate_name`]).
+    Nick {
+        /// The new name.
+        name: String,
+    },
 }
 
 /// Why a field of a message is not acceptable.

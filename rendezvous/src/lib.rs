@@ -8,7 +8,7 @@
 //! to port 0.
 
 pub mod metrics;
-mod rtt;
+pub mod rtt;
 pub mod server;
 
 pub use metrics::{serve_metrics, Metrics};

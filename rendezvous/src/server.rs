@@ -35,7 +35,7 @@ use punchline_proto::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
@@ -528,11 +528,8 @@ async fn serve(
         return reject(&mut conn, metrics, reason, message).await;
     }
 
-    // 1. Hello, after a nameplate allocation if the peer starts a new code.
-    let Some(mut first) = next_request(&mut conn, metrics, shared.config.hello_timeout).await?
-    else {
-        return Ok(());
-    };
+    // 1. Hello, after the requests that may come first: a nameplate allocation
+    //    if the peer starts a new code; reflection and dial-back for the doctor.
     let too_many_codes = || {
         format!(
             "your address {} opens new codes too fast (at most {} a minute); try again in a minute",
@@ -540,36 +537,47 @@ async fn serve(
             shared.config.codes_per_minute
         )
     };
+    // All of it within the hello timeout, counted from the accept.
+    let hello_deadline = Instant::now() + shared.config.hello_timeout;
     // An allocation counts as the new code its hello then opens.
     let mut code_counted = false;
-    if matches!(first, PeerToServer::Allocate) {
-        code_counted = true;
-        if !shared.new_code(observed.ip()) {
-            return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
-        }
-        // The nameplate is not reserved between this answer and the hello (one
-        // round trip); a peer that joins it by chance in between would pair with
-        // this one, and the key exchange would fail for both: a failed guess.
-        let Some(nameplate) = shared.rooms().lowest_free_number() else {
-            return reject(
-                &mut conn,
-                metrics,
-                Reject::rooms_full,
-                "no free nameplate; try again later",
-            )
-            .await;
+    let mut dialed = false;
+    let hello = loop {
+        let Some(request) = next_request(&mut conn, metrics, hello_deadline).await? else {
+            return Ok(());
         };
-        send(&mut conn, ServerToPeer::Allocated { nameplate }).await?;
-        first = match next_request(&mut conn, metrics, shared.config.hello_timeout).await? {
-            Some(msg) => msg,
-            None => return Ok(()),
-        };
-    }
-    let hello = match first {
-        PeerToServer::Hello(hello) => hello,
-        other => {
-            let msg = format!("expected a hello, got {}", kind(&other));
-            return reject(&mut conn, metrics, Reject::malformed, msg).await;
+        match request {
+            PeerToServer::Hello(hello) => break hello,
+            PeerToServer::Allocate if !code_counted => {
+                code_counted = true;
+                if !shared.new_code(observed.ip()) {
+                    return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
+                }
+                // The nameplate is not reserved between this answer and the hello
+                // (one round trip); a peer that joins it by chance in between would
+                // pair with this one, and the key exchange would fail for both: a
+                // failed guess.
+                let Some(nameplate) = shared.rooms().lowest_free_number() else {
+                    return reject(
+                        &mut conn,
+                        metrics,
+                        Reject::rooms_full,
+                        "no free nameplate; try again later",
+                    )
+                    .await;
+                };
+                send(&mut conn, ServerToPeer::Allocated { nameplate }).await?;
+            }
+            PeerToServer::Reflect => send(&mut conn, ServerToPeer::Observed { observed }).await?,
+            PeerToServer::DialBack if !dialed => {
+                dialed = true;
+                let answer = dial_back(observed).await;
+                send(&mut conn, answer).await?;
+            }
+            other => {
+                let msg = format!("expected a hello, got {}", kind(&other));
+                return reject(&mut conn, metrics, Reject::malformed, msg).await;
+            }
         }
     };
     if hello.version != PROTOCOL_VERSION {
@@ -839,9 +847,9 @@ async fn wait_for_pair(
 async fn next_request(
     conn: &mut Conn,
     metrics: &Metrics,
-    limit: Duration,
+    deadline: Instant,
 ) -> Result<Option<PeerToServer>, ConnError> {
-    match timeout(limit, conn.next()).await {
+    match timeout_at(deadline, conn.next()).await {
         Err(_) => {
             let _ = reject(
                 conn,
@@ -864,6 +872,33 @@ async fn next_request(
         Ok(Some(Err(e))) => reject(conn, metrics, Reject::malformed, format!("bad hello: {e}"))
             .await
             .map(|()| None),
+    }
+}
+
+/// How long a dial-back waits for its SYN to be answered: long enough for one
+/// retransmission (after 1 s), so a single lost SYN does not read as "dropped".
+pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_millis(2500);
+
+/// Opens a TCP connection to `target` (the requesting connection's own address)
+/// and reports what the SYN met; the connection, if any, is closed at once.
+async fn dial_back(target: SocketAddr) -> ServerToPeer {
+    use punchline_proto::DialBackResult;
+    let started = Instant::now();
+    let result = match timeout(DIAL_BACK_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(_stream)) => DialBackResult::Connected,
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => DialBackResult::Refused,
+        Ok(Err(e)) => {
+            debug!(%target, error = %e, "dial-back failed");
+            DialBackResult::Unknown
+        }
+        Err(_) => DialBackResult::NoAnswer,
+    };
+    let elapsed_ms = started.elapsed().as_millis().try_into().unwrap_or(u32::MAX);
+    debug!(%target, ?result, elapsed_ms, "dial-back");
+    ServerToPeer::DialedBack {
+        target,
+        result,
+        elapsed_ms,
     }
 }
 
@@ -899,6 +934,8 @@ fn kind(msg: &PeerToServer) -> &'static str {
         PeerToServer::Pong { .. } => "pong",
         PeerToServer::Report(_) => "report",
         PeerToServer::Allocate => "allocate",
+        PeerToServer::Reflect => "reflect",
+        PeerToServer::DialBack => "dial-back",
     }
 }
 

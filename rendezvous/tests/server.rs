@@ -490,3 +490,57 @@ async fn a_waiting_peer_that_stops_answering_pings_is_dropped_and_its_code_freed
         "a peer answering pings was dropped: {stays:?}"
     );
 }
+
+/// Sends `msg` and reads the answer.
+async fn ask(c: &mut Client, msg: PeerToServer) -> ServerToPeer {
+    c.send(msg).await.expect("send");
+    next(c).await
+}
+
+#[tokio::test]
+async fn reflect_and_dial_back_answer_the_doctor_then_a_hello_still_works() {
+    use punchline_proto::DialBackResult;
+    let (server, _stop, _task) = start(Config::default()).await;
+
+    // Nothing listens on the client's port: the dial-back is reset.
+    let stream = TcpStream::connect(server).await.expect("connect");
+    let local = stream.local_addr().expect("local");
+    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    assert_eq!(
+        ask(&mut c, PeerToServer::Reflect).await,
+        ServerToPeer::Observed { observed: local }
+    );
+    match ask(&mut c, PeerToServer::DialBack).await {
+        ServerToPeer::DialedBack { target, result, .. } => {
+            assert_eq!(target, local);
+            assert_eq!(result, DialBackResult::Refused);
+        }
+        other => panic!("expected a dial-back result, got {other:?}"),
+    }
+    // The hello still works after the doctor's questions.
+    send_hello(&mut c, "41", "doc", vec![], None).await;
+    assert!(
+        matches!(next(&mut c).await, ServerToPeer::Welcome { observed, .. } if observed == local)
+    );
+    drop(c);
+
+    // A listener on the client's own port (a port forward, say) accepts it.
+    let listener = reusable(0);
+    let port = listener.local_addr().expect("addr").port();
+    let listener = listener.listen(8).expect("listen");
+    let stream = reusable(port).connect(server).await.expect("connect");
+    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    match ask(&mut c, PeerToServer::DialBack).await {
+        ServerToPeer::DialedBack { result, .. } => assert_eq!(result, DialBackResult::Connected),
+        other => panic!("expected a dial-back result, got {other:?}"),
+    }
+    let (_, from) = timeout(WAIT, listener.accept())
+        .await
+        .expect("accepted")
+        .expect("accept");
+    assert_eq!(from.ip(), server.ip());
+    // Once per connection.
+    let again = ask(&mut c, PeerToServer::DialBack).await;
+    assert_eq!(error_code(&again), Some(ErrorCode::Malformed), "{again:?}");
+    assert_closed(&mut c).await;
+}

@@ -19,8 +19,11 @@ use punchline_proto::punch::RetryPolicy;
 /// `NAME: TEXT`. When stdin is not a terminal, each input line is one message and
 /// the peer exits once all of them are delivered.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Rendezvous server, HOST[:PORT] (default port 7425)
     #[arg(long, env = "PUNCHLINE_SERVER", value_name = "HOST:PORT")]
     server: Option<String>,
@@ -62,9 +65,38 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = punchline_proto::codes::DEFAULT_WORDS)]
     words: usize,
 
+    /// Prefix every shown line with the local time
+    #[arg(long)]
+    timestamps: bool,
+
+    /// Do not keep typed lines in the history file (by default they are kept in
+    /// $XDG_DATA_HOME/punchline/history, readable by you only)
+    #[arg(long)]
+    no_history: bool,
+
     /// The code the other side gave you, e.g. 7-guitar-orbit; without it, a new
     /// code is made and printed for you to pass on
     code: Option<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Check whether direct chats will work from this host, and why not: public
+    /// address, NAT mapping, what happens to unsolicited connections, the kernel's
+    /// simultaneous open, IPv6
+    Doctor {
+        /// Rendezvous server, HOST[:PORT] (default port 7425)
+        #[arg(long, env = "PUNCHLINE_SERVER", value_name = "HOST:PORT")]
+        server: Option<String>,
+
+        /// Local port to test from [default: one the OS picks]
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+
+        /// The rendezvous' probe port [default: its port + 1]
+        #[arg(long, value_name = "N")]
+        probe_port: Option<u16>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,11 +109,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Command::Doctor {
+        server,
+        port,
+        probe_port,
+    }) = args.command
+    {
+        let Some(server) = server else {
+            return no_server();
+        };
+        return doctor(&server, port.unwrap_or(0), probe_port);
+    }
     let Some(server) = args.server else {
-        eprintln!(
-            "peer: no rendezvous server given: use --server HOST:PORT or set PUNCHLINE_SERVER"
-        );
-        return ExitCode::from(2);
+        return no_server();
     };
     let opts = Options {
         server,
@@ -96,6 +136,12 @@ fn main() -> ExitCode {
         retry: match args.naive_retry_ms {
             Some(ms) => RetryPolicy::Fixed(Duration::from_millis(ms)),
             None => RetryPolicy::Adaptive,
+        },
+        timestamps: args.timestamps,
+        history: if args.no_history {
+            None
+        } else {
+            punchline_peer::ui::default_history_path()
         },
     };
     let mode = if std::io::stdin().is_terminal() {
@@ -116,6 +162,38 @@ fn main() -> ExitCode {
     match result {
         Ok(ChatEnd::WeLeft | ChatEnd::TheyLeft) => ExitCode::SUCCESS,
         Ok(ChatEnd::Interrupted) => ExitCode::from(130),
+        Err(e) => {
+            eprintln!("peer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn no_server() -> ExitCode {
+    eprintln!("peer: no rendezvous server given: use --server HOST:PORT or set PUNCHLINE_SERVER");
+    ExitCode::from(2)
+}
+
+/// `peer doctor`: prints the findings and the verdict; exit status 0 when direct
+/// chats should work, 1 when they cannot or the rendezvous is unreachable.
+fn doctor(server: &str, port: u16, probe_port: Option<u16>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("peer: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("checking this host against the rendezvous {server} (takes a few seconds)…");
+    match runtime.block_on(punchline_peer::doctor::examine(server, port, probe_port)) {
+        Ok(findings) => {
+            print!("{}", findings.report());
+            use punchline_peer::doctor::Outlook;
+            match findings.outlook() {
+                Outlook::Good | Outlook::Likely => ExitCode::SUCCESS,
+                Outlook::LanOnly | Outlook::Impossible => ExitCode::FAILURE,
+            }
+        }
         Err(e) => {
             eprintln!("peer: {e:#}");
             ExitCode::FAILURE
