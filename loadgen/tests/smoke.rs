@@ -15,7 +15,15 @@ fn a_small_bench_runs_every_phase_and_agrees_with_the_server() {
         rendezvous.display()
     );
     let out = Command::new(&loadgen)
-        .args(["bench", "--seconds", "1", "--concurrency", "4", "--sources", "3"])
+        .args([
+            "bench",
+            "--seconds",
+            "1",
+            "--concurrency",
+            "4",
+            "--sources",
+            "3",
+        ])
         .args(["--peers", "300", "--steps", "100", "--idle-seconds", "1"])
         .arg("--rendezvous")
         .arg(&rendezvous)
@@ -24,7 +32,10 @@ fn a_small_bench_runs_every_phase_and_agrees_with_the_server() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "loadgen failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("| raw connect+accept+close (ceiling) |"), "{stdout}");
+    assert!(
+        stdout.contains("| raw connect+accept+close (ceiling) |"),
+        "{stdout}"
+    );
     assert!(stdout.contains("| rendezvous pairs"), "{stdout}");
     // The server's own count of pairs matched and nothing was refused.
     assert!(stdout.contains(" 0 rejects"), "{stdout}");
@@ -32,5 +43,8 @@ fn a_small_bench_runs_every_phase_and_agrees_with_the_server() {
     for row in ["| 100 |", "| 300 |"] {
         assert!(stdout.contains(row), "no {row} row:\n{stdout}");
     }
-    assert!(stdout.contains("the server reports 300 waiting"), "{stdout}");
+    assert!(
+        stdout.contains("the server reports 300 waiting"),
+        "{stdout}"
+    );
 }
