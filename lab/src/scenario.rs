@@ -545,7 +545,10 @@ fn peer_command(
     }
     args.push(spec.code.clone().into());
     cmd.args(args)
-        .env("RUST_LOG", "punchline_peer=info")
+        .env(
+            "RUST_LOG",
+            std::env::var("PUNCHLINE_PEER_LOG").unwrap_or_else(|_| "punchline_peer=info".into()),
+        )
         .env_remove("PUNCHLINE_SERVER");
     cmd
 }

@@ -623,6 +623,42 @@ impl Lab {
         &self.side(side).routers
     }
 
+    /// Sets the connection tracking of every router of `side`: how long an
+    /// established TCP flow is remembered without traffic, and whether a packet
+    /// of a flow it does not know (or forgot) may be picked up mid-stream
+    /// (`nf_conntrack_tcp_loose`; home routers that forget a flow do not).
+    pub fn set_conntrack_tcp(&self, side: Side, established: Duration, loose: bool) -> Result<()> {
+        for ns in self.routers(side) {
+            let timeout = format!(
+                "net.netfilter.nf_conntrack_tcp_timeout_established={}",
+                established.as_secs()
+            );
+            let loose = format!("net.netfilter.nf_conntrack_tcp_loose={}", u8::from(loose));
+            cmd::ip_netns_exec(ns, "sysctl", &["-q", "-w", &timeout, &loose])?;
+        }
+        Ok(())
+    }
+
+    /// Loads an nftables ruleset (`nft -f -`) in the router of `side` nearest
+    /// the host, e.g. to cut a path for a while; see [`Lab::delete_table`].
+    pub fn nft(&self, side: Side, ruleset: &str) -> Result<()> {
+        let ns = self
+            .routers(side)
+            .first()
+            .ok_or_else(|| LabError::InvalidConfig(format!("side {side:?} has no router")))?;
+        cmd::ip_netns_exec_with_stdin(ns, NFT, &["-f", "-"], Some(ruleset)).map(drop)
+    }
+
+    /// Deletes an nftables table (`ip` family) from the router of `side`
+    /// nearest the host.
+    pub fn delete_table(&self, side: Side, table: &str) -> Result<()> {
+        let ns = self
+            .routers(side)
+            .first()
+            .ok_or_else(|| LabError::InvalidConfig(format!("side {side:?} has no router")))?;
+        cmd::ip_netns_exec(ns, NFT, &["delete", "table", "ip", table]).map(drop)
+    }
+
     /// Name of the internet router's namespace (where the WAN emulator runs).
     pub fn inet_netns(&self) -> &str {
         &self.inet

@@ -32,6 +32,7 @@ async fn pair() -> (TcpStream, TcpStream) {
 
 fn line() -> Chat {
     Chat::Line {
+        seq: 1_000,
         text: "x".repeat(LINE_LEN),
     }
 }

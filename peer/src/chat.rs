@@ -10,21 +10,33 @@
 //! 3. The answering `Bye` proves to the leaving side that everything it sent was
 //!    received; only then does it end successfully.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use punchline_proto::{sanitize_for_terminal, validate_line, validate_name, Chat};
 use tokio::sync::mpsc;
-use tokio::time::timeout;
+use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::error::PeerError;
-use crate::secure::SecureLink;
+use crate::secure::{RecvError, SecureLink};
 
 /// How long the leaving side waits for the other's answering goodbye.
 pub const BYE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bound on one write to the other peer: a peer that stops reading for this long
-/// is treated as gone.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one write to the other peer: a link that takes no data for this long
+/// is down.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A side that has sent nothing for this long sends a keepalive ([`Chat::Ping`]),
+/// which the other answers at once. Home routers forget idle TCP mappings after
+/// minutes at the earliest (some after 30 s of a half-open looking flow); traffic
+/// every 25 s keeps every mapping on the path alive.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(25);
+
+/// A line or keepalive not acknowledged within this long means the link is dead.
+/// So a dead link is found within 10 s when a line waits for its acknowledgement,
+/// and within 35 s (a keepalive interval, then this) when the chat is idle.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the user did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,64 +92,193 @@ pub struct ChatContext {
     pub facts: Vec<(String, String)>,
     /// Lines each way.
     pub stats: ChatStats,
+    /// Numbered lines, across links.
+    pub reliable: Reliable,
 }
 
-/// Runs the chat until one side leaves or the link fails.
+/// Lines, numbered and acknowledged, that outlive any one link.
+///
+/// Each direction numbers its lines from 1. The sender keeps a line until the
+/// other side acknowledges it; the receiver shows a line only if it is the next
+/// one expected, so a line resent after a new link is never shown twice.
+#[derive(Debug, Clone)]
+pub struct Reliable {
+    next_seq: u64,
+    unacked: VecDeque<Pending>,
+    next_expected: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    seq: u64,
+    text: String,
+    /// When it last went out on a link; `None` while no link carries it.
+    sent: Option<Instant>,
+}
+
+impl Default for Reliable {
+    fn default() -> Self {
+        Reliable {
+            next_seq: 1,
+            unacked: VecDeque::new(),
+            next_expected: 1,
+        }
+    }
+}
+
+impl Reliable {
+    /// Takes a typed line: numbers it and keeps it until acknowledged.
+    pub fn push(&mut self, text: String) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.unacked.push_back(Pending {
+            seq,
+            text,
+            sent: None,
+        });
+        seq
+    }
+
+    /// Lines not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
+    fn ack(&mut self, upto: u64) {
+        while self.unacked.front().is_some_and(|p| p.seq <= upto) {
+            self.unacked.pop_front();
+        }
+    }
+
+    /// A received line: `true` if it is new and in order (to be shown).
+    fn receive(&mut self, seq: u64) -> Result<bool, String> {
+        if seq == self.next_expected {
+            self.next_expected += 1;
+            Ok(true)
+        } else if seq < self.next_expected {
+            Ok(false)
+        } else {
+            Err(format!(
+                "line {seq} arrived while line {} was expected",
+                self.next_expected
+            ))
+        }
+    }
+
+    fn received_upto(&self) -> u64 {
+        self.next_expected - 1
+    }
+
+    /// When the oldest line on the link went out.
+    fn oldest_sent(&self) -> Option<Instant> {
+        self.unacked.iter().filter_map(|p| p.sent).min()
+    }
+}
+
+/// How the chat on one link ended.
+#[derive(Debug)]
+pub enum LinkEnd {
+    /// The chat is over.
+    Chat(ChatEnd),
+    /// The link failed (reset, silence, a path that stopped carrying): the chat
+    /// can go on over a new link, resumed with [`chat`]'s `resuming`.
+    Down(String),
+}
+
+/// Runs the chat over `link` until one side leaves or the link fails. With
+/// `resuming`, the link replaces a lost one: both sides first say what they have,
+/// and what the other side missed is sent again.
 pub async fn chat(
     link: &mut SecureLink,
     ctx: &mut ChatContext,
     input: &mut mpsc::Receiver<Input>,
     output: &mut dyn Output,
-) -> Result<ChatEnd, PeerError> {
+    resuming: bool,
+) -> Result<LinkEnd, PeerError> {
+    let mut link = Carrier::new(link);
+    if resuming {
+        if let Err(why) = link.resume(&mut ctx.reliable).await? {
+            return Ok(LinkEnd::Down(why));
+        }
+    }
+    if let Err(why) = link.flush(&mut ctx.reliable).await {
+        return Ok(LinkEnd::Down(why));
+    }
     let end = loop {
+        let deadline = link.next_deadline(&ctx.reliable);
         tokio::select! {
             typed = input.recv() => match typed {
-                Some(Input::Line(text)) => send_line(link, ctx, output, text).await?,
+                Some(Input::Line(text)) => {
+                    if let Err(why) = send_line(&mut link, ctx, output, text).await {
+                        return Ok(LinkEnd::Down(why));
+                    }
+                }
                 Some(Input::Nick(name)) => {
                     if let Err(e) = validate_name(&name) {
                         output.status(&format!("name not changed: {e}"));
                         continue;
                     }
-                    send(link, Chat::Nick { name: name.clone() }, &ctx.their_name).await?;
+                    if let Err(why) = link.send(Chat::Nick { name: name.clone() }).await {
+                        return Ok(LinkEnd::Down(why));
+                    }
                     output.status(&format!("you are now known as {name}"));
                     ctx.our_name = name;
                 }
                 Some(Input::Info) => {
-                    for line in info_lines(link, ctx) {
+                    for line in info_lines(link.inner, ctx) {
                         output.status(&line);
                     }
                 }
                 Some(Input::Quit) | None => break ChatEnd::WeLeft,
                 Some(Input::Interrupted) => break ChatEnd::Interrupted,
             },
-            received = link.recv() => match received {
-                Some(Ok(Chat::Bye)) => {
+            received = link.inner.recv() => {
+                let msg = match received {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(RecvError::Link(why))) => return Ok(LinkEnd::Down(why)),
+                    Some(Err(RecvError::Sealed(why))) => return Err(lost(&ctx.their_name, &why)),
+                    None => return Ok(LinkEnd::Down("closed without a goodbye".into())),
+                };
+                if msg == Chat::Bye {
                     // The other side still reads until our answering goodbye: send
                     // the lines already typed first, so none of them is lost.
                     while let Ok(typed) = input.try_recv() {
                         if let Input::Line(text) = typed {
-                            send_line(link, ctx, output, text).await?;
+                            let _ = send_line(&mut link, ctx, output, text).await;
                         }
                     }
                     // Answer so the other side knows everything arrived.
-                    let _ = timeout(BYE_TIMEOUT, link.send(&Chat::Bye)).await;
-                    let _ = timeout(BYE_TIMEOUT, link.close()).await;
-                    return Ok(ChatEnd::TheyLeft);
+                    let _ = timeout(BYE_TIMEOUT, link.inner.send(&Chat::Bye)).await;
+                    let _ = timeout(BYE_TIMEOUT, link.inner.close()).await;
+                    return Ok(LinkEnd::Chat(ChatEnd::TheyLeft));
                 }
-                Some(Ok(msg)) => show(msg, ctx, output),
-                Some(Err(e)) => return Err(lost(&ctx.their_name, &e)),
-                None => return Err(lost(&ctx.their_name, "closed without a goodbye")),
-            },
+                if let Err(why) = link.handle(msg, ctx, output).await? {
+                    return Ok(LinkEnd::Down(why));
+                }
+            }
+            _ = sleep_until(deadline) => {
+                if let Err(why) = link.tick(&ctx.reliable).await {
+                    return Ok(LinkEnd::Down(why));
+                }
+            }
         }
     };
-    send(link, Chat::Bye, &ctx.their_name).await?;
+    if let Err(why) = link.send(Chat::Bye).await {
+        return Err(lost(&ctx.their_name, &why));
+    }
     // Lines the other side sent before it saw our goodbye still arrive and are shown.
     let answered = timeout(BYE_TIMEOUT, async {
         loop {
-            match link.recv().await {
+            match link.inner.recv().await {
                 Some(Ok(Chat::Bye)) => return Ok(()),
-                Some(Ok(msg)) => show(msg, ctx, output),
-                Some(Err(e)) => return Err(lost(&ctx.their_name, &e)),
+                Some(Ok(msg)) => {
+                    if let Err(why) = link.handle(msg, ctx, output).await? {
+                        return Err(lost(&ctx.their_name, &why));
+                    }
+                }
+                Some(Err(RecvError::Link(e) | RecvError::Sealed(e))) => {
+                    return Err(lost(&ctx.their_name, &e))
+                }
                 None => {
                     return Err(lost(
                         &ctx.their_name,
@@ -158,43 +299,186 @@ pub async fn chat(
             )))
         }
     }
-    let _ = timeout(BYE_TIMEOUT, link.close()).await;
-    Ok(end)
+    let _ = timeout(BYE_TIMEOUT, link.inner.close()).await;
+    Ok(LinkEnd::Chat(end))
 }
 
-/// Sends one typed line, or tells the user why not.
+/// Keeps one link's timers: when we last sent, and an unanswered keepalive.
+struct Carrier<'a> {
+    inner: &'a mut SecureLink,
+    last_sent: Instant,
+    ping_sent: Option<Instant>,
+}
+
+/// `Err` with the reason: the link is down.
+type Sent = Result<(), String>;
+
+impl<'a> Carrier<'a> {
+    fn new(inner: &'a mut SecureLink) -> Self {
+        Carrier {
+            inner,
+            last_sent: Instant::now(),
+            ping_sent: None,
+        }
+    }
+
+    async fn send(&mut self, msg: Chat) -> Sent {
+        match timeout(SEND_TIMEOUT, self.inner.send(&msg)).await {
+            Ok(Ok(())) => {
+                self.last_sent = Instant::now();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the other side stopped reading for {} s",
+                SEND_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Sends every line not yet on this link, in order.
+    async fn flush(&mut self, reliable: &mut Reliable) -> Sent {
+        let waiting: Vec<(u64, String)> = reliable
+            .unacked
+            .iter()
+            .filter(|p| p.sent.is_none())
+            .map(|p| (p.seq, p.text.clone()))
+            .collect();
+        for (seq, text) in waiting {
+            self.send(Chat::Line { seq, text }).await?;
+            let now = Instant::now();
+            if let Some(p) = reliable.unacked.iter_mut().find(|p| p.seq == seq) {
+                p.sent = Some(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The first exchange on a link that replaces a lost one: each side says the
+    /// next line it expects; what the other has not got is sent again.
+    async fn resume(&mut self, reliable: &mut Reliable) -> Result<Sent, PeerError> {
+        if let Err(why) = self
+            .send(Chat::Resume {
+                next: reliable.next_expected,
+            })
+            .await
+        {
+            return Ok(Err(why));
+        }
+        let theirs = match timeout(ACK_TIMEOUT, self.inner.recv()).await {
+            Ok(Some(Ok(Chat::Resume { next }))) => next,
+            Ok(Some(Ok(other))) => {
+                return Err(PeerError::Protocol(format!(
+                    "expected the resume on the new link, got {other:?}"
+                )))
+            }
+            Ok(Some(Err(RecvError::Sealed(e)))) => return Err(PeerError::Protocol(e)),
+            Ok(Some(Err(RecvError::Link(e)))) => return Ok(Err(e)),
+            Ok(None) => return Ok(Err("closed during the resume".into())),
+            Err(_) => return Ok(Err("no resume from the other side in time".into())),
+        };
+        if theirs > reliable.next_seq {
+            return Err(PeerError::Protocol(format!(
+                "the other side claims line {} arrived, but only {} were sent",
+                theirs - 1,
+                reliable.next_seq - 1
+            )));
+        }
+        reliable.ack(theirs.saturating_sub(1));
+        for p in &mut reliable.unacked {
+            p.sent = None;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Acts on a received message other than the goodbye.
+    async fn handle(
+        &mut self,
+        msg: Chat,
+        ctx: &mut ChatContext,
+        output: &mut dyn Output,
+    ) -> Result<Sent, PeerError> {
+        match msg {
+            Chat::Line { seq, text } => {
+                let new = ctx.reliable.receive(seq).map_err(PeerError::Protocol)?;
+                if new {
+                    ctx.stats.received += 1;
+                    output.incoming(&ctx.their_name, &text);
+                }
+                let upto = ctx.reliable.received_upto();
+                return Ok(self.send(Chat::Ack { upto }).await);
+            }
+            Chat::Ack { upto } => {
+                ctx.reliable.ack(upto);
+                self.ping_sent = None;
+            }
+            Chat::Ping => {
+                let upto = ctx.reliable.received_upto();
+                return Ok(self.send(Chat::Ack { upto }).await);
+            }
+            Chat::Nick { name } => match validate_name(&name) {
+                Ok(()) => {
+                    let name = sanitize_for_terminal(&name);
+                    output.status(&format!("{} is now known as {name}", ctx.their_name));
+                    ctx.their_name = name;
+                }
+                Err(e) => output.status(&format!("{} sent an unusable name ({e})", ctx.their_name)),
+            },
+            // Only the first message of a resumed link; a late one changes nothing.
+            Chat::Resume { .. } | Chat::Bye => {}
+        }
+        Ok(Ok(()))
+    }
+
+    /// When the next timer is due: a keepalive, or an acknowledgement overdue.
+    fn next_deadline(&self, reliable: &Reliable) -> Instant {
+        let mut due = self.last_sent + HEARTBEAT_INTERVAL;
+        for sent in [reliable.oldest_sent(), self.ping_sent]
+            .into_iter()
+            .flatten()
+        {
+            due = due.min(sent + ACK_TIMEOUT);
+        }
+        due
+    }
+
+    /// Declares the link down if an acknowledgement is overdue; sends a
+    /// keepalive if we have been quiet.
+    async fn tick(&mut self, reliable: &Reliable) -> Sent {
+        let now = Instant::now();
+        let overdue = [reliable.oldest_sent(), self.ping_sent]
+            .into_iter()
+            .flatten()
+            .any(|sent| now >= sent + ACK_TIMEOUT);
+        if overdue {
+            return Err(format!(
+                "no acknowledgement for {} s",
+                ACK_TIMEOUT.as_secs()
+            ));
+        }
+        if now >= self.last_sent + HEARTBEAT_INTERVAL {
+            self.send(Chat::Ping).await?;
+            self.ping_sent.get_or_insert(now);
+        }
+        Ok(())
+    }
+}
+
+/// Takes one typed line: numbered, kept until acknowledged, and sent; or the
+/// user is told why not.
 async fn send_line(
-    link: &mut SecureLink,
+    link: &mut Carrier<'_>,
     ctx: &mut ChatContext,
     output: &mut dyn Output,
     text: String,
-) -> Result<(), PeerError> {
+) -> Sent {
     if let Err(e) = validate_line(&text) {
         output.status(&format!("not sent: {e}"));
         return Ok(());
     }
-    send(link, Chat::Line { text }, &ctx.their_name).await?;
+    ctx.reliable.push(text);
     ctx.stats.sent += 1;
-    Ok(())
-}
-
-/// Shows a received message other than the goodbye.
-fn show(msg: Chat, ctx: &mut ChatContext, output: &mut dyn Output) {
-    match msg {
-        Chat::Line { text } => {
-            ctx.stats.received += 1;
-            output.incoming(&ctx.their_name, &text);
-        }
-        Chat::Nick { name } => match validate_name(&name) {
-            Ok(()) => {
-                let name = sanitize_for_terminal(&name);
-                output.status(&format!("{} is now known as {name}", ctx.their_name));
-                ctx.their_name = name;
-            }
-            Err(e) => output.status(&format!("{} sent an unusable name ({e})", ctx.their_name)),
-        },
-        Chat::Bye => {}
-    }
+    link.flush(&mut ctx.reliable).await
 }
 
 /// What `/info` prints: the fixed facts, then the live numbers.
@@ -210,25 +494,14 @@ fn info_lines(link: &SecureLink, ctx: &ChatContext) -> Vec<String> {
     lines.push(format!("{:<12} {rtt}", "rtt"));
     let (sent, received) = link.bytes();
     lines.push(format!(
-        "{:<12} {} lines and {sent} bytes sent, {} lines and {received} bytes received (on the wire)",
-        "traffic", ctx.stats.sent, ctx.stats.received
+        "{:<12} {} lines and {sent} bytes sent, {} lines and {received} bytes received (encrypted, this link); {} awaiting acknowledgement",
+        "traffic", ctx.stats.sent, ctx.stats.received, ctx.reliable.unacked()
     ));
     lines.push(format!(
         "{:<12} you are {}, the other side is {}",
         "names", ctx.our_name, ctx.their_name
     ));
     lines
-}
-
-async fn send(link: &mut SecureLink, msg: Chat, their_name: &str) -> Result<(), PeerError> {
-    match timeout(SEND_TIMEOUT, link.send(&msg)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(lost(their_name, &e.to_string())),
-        Err(_) => Err(PeerError::Timeout(format!(
-            "{their_name} stopped reading for {} s",
-            SEND_TIMEOUT.as_secs()
-        ))),
-    }
 }
 
 fn lost(their_name: &str, why: &str) -> PeerError {

@@ -39,6 +39,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// (a NAT that dropped the mapping, a server that died without closing).
 pub const WAIT_SILENCE_TIMEOUT: Duration = Duration::from_secs(35);
 
+/// How long the server has to close after our punch report.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Bound on one write to the rendezvous.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -219,9 +222,20 @@ impl Rendezvous {
 
     /// Reports the punch outcome and closes the connection (best effort: the
     /// report only feeds the server's statistics).
+    ///
+    /// The server closes first once it has the report, so the TIME_WAIT of this
+    /// connection stays on its side: our fixed port can reach the same server
+    /// again at once (a new link after a drop). Should it not close in time, the
+    /// connection is reset instead, which leaves no TIME_WAIT either.
     pub async fn finish(mut self, outcome: PunchOutcome) {
         let _ = self.send(PeerToServer::Report(outcome)).await;
-        let _ = timeout(Duration::from_secs(1), self.conn.close()).await;
+        let closed = timeout(FINISH_TIMEOUT, async {
+            while let Some(Ok(_)) = self.conn.next().await {}
+        })
+        .await;
+        if closed.is_err() {
+            let _ = socket2::SockRef::from(self.conn.get_ref()).set_linger(Some(Duration::ZERO));
+        }
     }
 
     async fn send(&mut self, msg: PeerToServer) -> Result<(), PeerError> {

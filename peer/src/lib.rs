@@ -53,7 +53,8 @@ pub enum Mode {
 pub struct Options {
     /// Rendezvous `HOST[:PORT]`.
     pub server: String,
-    /// Fixed local port (0: the OS picks one, then it is kept).
+    /// Fixed local port (0: the OS picks one, kept for the meeting and the
+    /// punch; a new link after a drop then gets a fresh one).
     pub port: u16,
     /// Name shown to the other side.
     pub name: String,
@@ -120,7 +121,15 @@ pub fn with_default_port(server: &str) -> String {
     }
 }
 
-/// Runs a whole session: meet, punch, chat. Returns how the chat ended.
+/// How long a peer whose link dropped keeps trying to get a new one before it
+/// gives up (and says which lines were not delivered).
+pub const RESUME_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Pause between two attempts to re-establish a link.
+const RESUME_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs a whole session: meet, punch, chat; meet and punch again whenever the
+/// link drops. Returns how the chat ended.
 pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let typed_code = opts.code.as_deref().map(parse_code).transpose()?;
     if !(punchline_proto::codes::MIN_WORDS..=punchline_proto::codes::MAX_WORDS)
@@ -141,10 +150,6 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let mut rendezvous = client::Rendezvous::connect(&server, opts.port).await?;
     let port = rendezvous.local_port;
     tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
-    let probe_port = opts
-        .probe_port
-        .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
-    let probe_observed = rendezvous.probe(probe_port).await;
     let code = match typed_code {
         Some(code) => code,
         None => {
@@ -162,9 +167,294 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             code
         }
     };
-    let exchange = secure::KeyExchange::start(&code);
 
-    // 2. Hello and wait.
+    // 2.-4. Meet, punch, secure.
+    let met = meet(&opts, rendezvous, &code, None, &mut status).await?;
+    let their_name = sanitize_for_terminal(&met.go.peer.name);
+    status.status(&format!("connected to {their_name}: {}", met.describe()));
+    status.status(&format!(
+        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {})",
+        met.link.verification()
+    ));
+
+    // 5. Chat, over new links as needed.
+    let mut ctx = chat::ChatContext {
+        their_name,
+        our_name: opts.name.clone(),
+        facts: met.facts(),
+        stats: chat::ChatStats::default(),
+        reliable: chat::Reliable::default(),
+    };
+    let style = ui::Style::for_stdout(opts.timestamps);
+    let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
+    let verification = met.link.verification().to_owned();
+    let mut terminal = None;
+    let mut lines_out = ui::LinesOutput { style };
+    match mode {
+        Mode::Terminal => {
+            let term = ui::Terminal::start(tx, verification, style, opts.history.clone())
+                .map_err(|e| PeerError::io("cannot start the line editor", e))?;
+            terminal = Some(term);
+        }
+        Mode::Lines => {
+            ui::spawn_stdin_lines(tx.clone());
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = tx.send(chat::Input::Interrupted).await;
+                }
+            });
+        }
+    }
+    let result = {
+        let output: &mut dyn chat::Output = match terminal.as_mut() {
+            Some(term) => term,
+            None => &mut lines_out,
+        };
+        converse(&opts, &code, met, &mut ctx, &mut rx, output).await
+    };
+    if let Some(term) = terminal.as_mut() {
+        term.restore();
+    }
+    let end = result?;
+    let summary = format!(
+        "{} lines sent, {} received",
+        ctx.stats.sent, ctx.stats.received
+    );
+    match end {
+        ChatEnd::TheyLeft => status.status(&format!("{} left ({summary})", ctx.their_name)),
+        ChatEnd::WeLeft | ChatEnd::Interrupted => {
+            status.status(&format!("bye ({summary}, all delivered)"))
+        }
+    }
+    Ok(end)
+}
+
+/// The chat over `met`'s link, and over a new link (met again through the
+/// rendezvous, with the session of the first) each time a link drops.
+async fn converse(
+    opts: &Options,
+    code: &Code,
+    mut met: Met,
+    ctx: &mut chat::ChatContext,
+    input: &mut mpsc::Receiver<chat::Input>,
+    output: &mut dyn chat::Output,
+) -> Result<ChatEnd, PeerError> {
+    let session = met.go.session;
+    let mut resuming = false;
+    loop {
+        let why = match chat::chat(&mut met.link, ctx, input, output, resuming).await? {
+            chat::LinkEnd::Chat(end) => return Ok(end),
+            chat::LinkEnd::Down(why) => why,
+        };
+        met.link.abort();
+        let dropped = Instant::now();
+        output.status(&format!(
+            "link to {} dropped ({why}); reconnecting through the rendezvous…",
+            ctx.their_name
+        ));
+        let symmetric_here = met.mapping.is_symmetric();
+        met = relink(opts, code, session, symmetric_here, ctx, input, output).await?;
+        output.status(&format!(
+            "link back after {:.1} s: {}",
+            dropped.elapsed().as_secs_f64(),
+            met.describe()
+        ));
+        ctx.facts = met.facts();
+        resuming = true;
+    }
+}
+
+/// Meets the other peer again with the chat's session until a new link is up,
+/// for at most [`RESUME_DEADLINE`]. Lines typed meanwhile are kept for the new
+/// link; leaving meanwhile ends the chat with the count of lines not delivered.
+async fn relink(
+    opts: &Options,
+    code: &Code,
+    session: punchline_proto::SessionToken,
+    symmetric_here: bool,
+    ctx: &mut chat::ChatContext,
+    input: &mut mpsc::Receiver<chat::Input>,
+    output: &mut dyn chat::Output,
+) -> Result<Met, PeerError> {
+    let server = with_default_port(&opts.server);
+    // A new link gets a new local port: the old link's addresses still have
+    // state on the path. A NAT keeps the old flow's entry in its CLOSE state as
+    // long as resets keep coming, and Linux conntrack takes a SYN from outside
+    // for such an entry as invalid, so it never reaches the host; each side's
+    // router answers the other's SYNs with resets, which keep the entries
+    // alive, and the two sides never meet on those ports again. Only when our
+    // NAT gives every destination its own port does the user's chosen port (a
+    // forwarded one) matter more; then it is kept.
+    let port = if symmetric_here { opts.port } else { 0 };
+    let deadline = Instant::now() + RESUME_DEADLINE;
+    let mut quiet = QuietStatus;
+    let attempt = async {
+        loop {
+            let tried = async {
+                let rendezvous = client::Rendezvous::connect(&server, port).await?;
+                meet(opts, rendezvous, code, Some(session), &mut quiet).await
+            };
+            match tokio::time::timeout_at(deadline, tried).await {
+                Ok(Ok(met)) => return Ok(met),
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "no new link yet");
+                    tokio::time::sleep(RESUME_RETRY_PAUSE).await;
+                }
+                Err(_) => {
+                    return Err(PeerError::Timeout(format!(
+                        "no new link within {} s",
+                        RESUME_DEADLINE.as_secs()
+                    )))
+                }
+            }
+        }
+    };
+    tokio::pin!(attempt);
+    loop {
+        tokio::select! {
+            result = &mut attempt => {
+                return result.map_err(|e| undelivered(e, ctx));
+            }
+            typed = input.recv() => match typed {
+                Some(chat::Input::Line(text)) => {
+                    if let Err(e) = punchline_proto::validate_line(&text) {
+                        output.status(&format!("not sent: {e}"));
+                    } else {
+                        ctx.reliable.push(text);
+                        ctx.stats.sent += 1;
+                        output.status("(kept; it goes out once the link is back)");
+                    }
+                }
+                Some(chat::Input::Info) => output.status("no link right now: reconnecting"),
+                Some(chat::Input::Nick(_)) => output.status("name not changed: no link right now"),
+                Some(chat::Input::Quit | chat::Input::Interrupted) | None => {
+                    return Err(undelivered(
+                        PeerError::LinkLost {
+                            name: ctx.their_name.clone(),
+                            why: "you left while reconnecting".into(),
+                        },
+                        ctx,
+                    ));
+                }
+            },
+        }
+    }
+}
+
+/// `e`, with the count of lines the other side did not confirm.
+fn undelivered(e: PeerError, ctx: &chat::ChatContext) -> PeerError {
+    match ctx.reliable.unacked() {
+        0 => e,
+        n => PeerError::LinkLost {
+            name: ctx.their_name.clone(),
+            why: format!(
+                "{e}; {n} line{} not confirmed as delivered",
+                if n == 1 { "" } else { "s" }
+            ),
+        },
+    }
+}
+
+/// Status messages of a meeting that are not worth showing during a reconnect.
+struct QuietStatus;
+
+impl chat::Output for QuietStatus {
+    fn incoming(&mut self, _: &str, _: &str) {}
+    fn status(&mut self, message: &str) {
+        tracing::info!(message, "reconnect");
+    }
+}
+
+/// A met peer: the go and our view of the meeting, and the secured link.
+struct Met {
+    go: punchline_proto::Go,
+    observed: SocketAddr,
+    mapping: Mapping,
+    local_port: u16,
+    remote: SocketAddr,
+    kind: punch::CandidateKind,
+    attempts: u32,
+    elapsed_ms: u128,
+    link: secure::SecureLink,
+}
+
+impl Met {
+    fn describe(&self) -> String {
+        format!(
+            "direct link to {} ({}), {} ms after go, {} attempt{}",
+            self.remote,
+            self.kind.describe(),
+            self.elapsed_ms,
+            self.attempts,
+            if self.attempts == 1 { "" } else { "s" },
+        )
+    }
+
+    /// What `/info` shows about this link.
+    fn facts(&self) -> Vec<(String, String)> {
+        let (local, remote) = self
+            .link
+            .addresses()
+            .map_or(("?".to_owned(), "?".to_owned()), |(l, r)| {
+                (l.to_string(), r.to_string())
+            });
+        vec![
+            (
+                "path".to_owned(),
+                format!(
+                    "direct TCP link ({}), {} ms to punch",
+                    self.kind.describe(),
+                    self.elapsed_ms
+                ),
+            ),
+            (
+                "addresses".to_owned(),
+                format!("{local} (here) <-> {remote} (there)"),
+            ),
+            (
+                "you".to_owned(),
+                format!(
+                    "public address {}; {}",
+                    self.observed,
+                    describe_mapping(self.mapping, Some(self.local_port), self.observed)
+                ),
+            ),
+            (
+                "other side".to_owned(),
+                format!(
+                    "public address {}; {}",
+                    self.go.peer.observed,
+                    describe_mapping(self.go.peer.mapping, None, self.go.peer.observed)
+                ),
+            ),
+            (
+                "encryption".to_owned(),
+                format!(
+                    "{} (key from the code by SPAKE2); verification {}",
+                    secure::NOISE_PARAMS,
+                    self.link.verification()
+                ),
+            ),
+        ]
+    }
+}
+
+/// Probe, hello and wait on `rendezvous`, then punch and secure the link:
+/// steps 2 to 4 of a session. With `resume`, the peers meet by the session of
+/// a chat whose link dropped.
+async fn meet(
+    opts: &Options,
+    mut rendezvous: client::Rendezvous,
+    code: &Code,
+    resume: Option<punchline_proto::SessionToken>,
+    status: &mut dyn chat::Output,
+) -> Result<Met, PeerError> {
+    let port = rendezvous.local_port;
+    let probe_port = opts
+        .probe_port
+        .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
+    let probe_observed = rendezvous.probe(probe_port).await;
+    let exchange = secure::KeyExchange::start(code);
     let mut candidates = if opts.lan_candidates {
         net::lan_candidates(port)
     } else {
@@ -181,11 +471,14 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             candidates,
             probe_observed,
             pake: exchange.message.clone(),
+            resume,
         })
         .await?;
-    status.status(&format!(
-        "waiting for the other side to join with the code (your public address: {observed}, local port {port})"
-    ));
+    if resume.is_none() {
+        status.status(&format!(
+            "waiting for the other side to join with the code (your public address: {observed}, local port {port})"
+        ));
+    }
     if let Mapping::DependsOnDestination { first, second } = mapping {
         status.status(&format!(
             "warning: your NAT gives each destination its own public port (the rendezvous saw {first} and {second}): \
@@ -198,7 +491,6 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let psk = exchange.finish(&go.peer.pake)?;
     tracing::info!(peer = %their_name, observed = %go.peer.observed, role = %go.role, "go");
 
-    // 3. Punch.
     let params = punch::PunchParams {
         local_port: port,
         deadline: opts.punch_timeout,
@@ -226,105 +518,19 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
         })
         .await;
-    status.status(&format!(
-        "connected to {their_name}: direct link to {} ({}), {elapsed_ms} ms after go, {} attempt{}",
-        punched.remote,
-        punched.kind.describe(),
-        punched.attempts,
-        if punched.attempts == 1 { "" } else { "s" },
-    ));
-
-    // 4. Prove both know the code; encrypt.
-    let kind = punched.kind.describe();
-    let mut link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
+    let link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
     tracing::info!(verification = link.verification(), "encrypted");
-    status.status(&format!(
-        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {})",
-        link.verification()
-    ));
-
-    // 5. Chat.
-    let (local, remote) = link
-        .addresses()
-        .map_or(("?".to_owned(), "?".to_owned()), |(l, r)| {
-            (l.to_string(), r.to_string())
-        });
-    let facts = vec![
-        (
-            "path".to_owned(),
-            format!("direct TCP link ({kind}), {elapsed_ms} ms to punch"),
-        ),
-        (
-            "addresses".to_owned(),
-            format!("{local} (here) <-> {remote} (there)"),
-        ),
-        (
-            "you".to_owned(),
-            format!(
-                "public address {observed}; {}",
-                describe_mapping(mapping, Some(port), observed)
-            ),
-        ),
-        (
-            "other side".to_owned(),
-            format!(
-                "public address {}; {}",
-                go.peer.observed,
-                describe_mapping(go.peer.mapping, None, go.peer.observed)
-            ),
-        ),
-        (
-            "encryption".to_owned(),
-            format!(
-                "{} (key from the code by SPAKE2); verification {}",
-                secure::NOISE_PARAMS,
-                link.verification()
-            ),
-        ),
-    ];
-    let mut ctx = chat::ChatContext {
-        their_name: their_name.clone(),
-        our_name: opts.name.clone(),
-        facts,
-        stats: chat::ChatStats::default(),
-    };
-    let style = ui::Style::for_stdout(opts.timestamps);
-    let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
-    let (result, mut terminal) = match mode {
-        Mode::Terminal => {
-            let verification = link.verification().to_owned();
-            let mut term = ui::Terminal::start(tx, verification, style, opts.history.clone())
-                .map_err(|e| PeerError::io("cannot start the line editor", e))?;
-            let r = chat::chat(&mut link, &mut ctx, &mut rx, &mut term).await;
-            (r, Some(term))
-        }
-        Mode::Lines => {
-            ui::spawn_stdin_lines(tx.clone());
-            tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    let _ = tx.send(chat::Input::Interrupted).await;
-                }
-            });
-            let mut out = ui::LinesOutput { style };
-            let r = chat::chat(&mut link, &mut ctx, &mut rx, &mut out).await;
-            (r, None)
-        }
-    };
-    if let Some(term) = terminal.as_mut() {
-        term.restore();
-    }
-    let end = result?;
-    let summary = format!(
-        "{} lines sent, {} received",
-        ctx.stats.sent, ctx.stats.received
-    );
-    match end {
-        ChatEnd::TheyLeft => status.status(&format!("{} left ({summary})", ctx.their_name)),
-        ChatEnd::WeLeft | ChatEnd::Interrupted => {
-            status.status(&format!("bye ({summary}, all delivered)"))
-        }
-    }
-    Ok(end)
+    Ok(Met {
+        observed,
+        mapping,
+        local_port: port,
+        remote: punched.remote,
+        kind: punched.kind,
+        attempts: punched.attempts,
+        elapsed_ms,
+        link,
+        go,
+    })
 }
 
 /// A NAT's mapping in words, for `/info`: `local_port` is the port the host used

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::codec::{decode_payload, encode_payload};
 use punchline_proto::codes::{Code, WORDS};
-use punchline_proto::{Chat, PeerToPeer, Role, MAX_FRAME_SIZE};
+use punchline_proto::{Chat, CodecError, PeerToPeer, Role, MAX_FRAME_SIZE};
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 use tokio::time::timeout;
 
@@ -84,6 +84,17 @@ impl KeyExchange {
             .map_err(|_| PeerError::Protocol("key derivation failed".into()))?;
         Ok(psk)
     }
+}
+
+/// Why a message could not be received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecvError {
+    /// The connection failed (reset, timeout): the link is down, the chat can go
+    /// on over a new one.
+    Link(String),
+    /// A message failed authentication or is not what the protocol allows: the
+    /// other side (or someone on the path) misbehaves.
+    Sealed(String),
 }
 
 /// The link after the handshake: sealed chat messages.
@@ -188,16 +199,27 @@ impl SecureLink {
 
     /// Receives and opens one message; `None` when the other side closed.
     /// Cancel-safe: the only await is the frame read.
-    pub async fn recv(&mut self) -> Option<Result<Chat, String>> {
+    pub async fn recv(&mut self) -> Option<Result<Chat, RecvError>> {
         let frame = match self.link.next().await? {
             Ok(PeerToPeer::Sealed(sealed)) => {
                 self.bytes.1 += sealed.len() as u64;
                 sealed
             }
-            Ok(other) => return Some(Err(format!("unexpected message {other:?}"))),
-            Err(e) => return Some(Err(e.to_string())),
+            Ok(other) => {
+                return Some(Err(RecvError::Sealed(format!(
+                    "unexpected message {other:?}"
+                ))))
+            }
+            Err(CodecError::Io(e)) => return Some(Err(RecvError::Link(e.to_string()))),
+            Err(e) => return Some(Err(RecvError::Sealed(e.to_string()))),
         };
-        Some(open(&mut self.noise, &frame))
+        Some(open(&mut self.noise, &frame).map_err(RecvError::Sealed))
+    }
+
+    /// Drops the link with a reset rather than a close: no TIME_WAIT is left on
+    /// our fixed port, so a new link to the same address can be punched at once.
+    pub fn abort(self) {
+        let _ = socket2::SockRef::from(self.link.get_ref()).set_linger(Some(Duration::ZERO));
     }
 
     /// Closes the sending direction.
@@ -297,6 +319,7 @@ mod tests {
     fn sealed_lines_open_on_the_other_side() {
         let (mut a, mut b) = transport_pair();
         let msg = Chat::Line {
+            seq: 1,
             text: "hello".into(),
         };
         let sealed = seal(&mut a, &encode_payload(&msg).expect("encode"));

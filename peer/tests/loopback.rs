@@ -168,6 +168,7 @@ fn raw_hello(server: SocketAddr, nameplate: &str, name: &str) -> TcpStream {
         candidates: vec![],
         probe_observed: None,
         pake: vec![],
+        resume: None,
     });
     write_frame(&mut s, &encode_payload(&hello).expect("encode"));
     assert!(matches!(read_frame(&mut s), ServerToPeer::Welcome { .. }));
@@ -281,6 +282,7 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
         candidates: vec![],
         probe_observed: None,
         pake: vec![],
+        resume: None,
     });
     write_frame(&mut other, &encode_payload(&hello).expect("encode"));
     let (code, message) = read_error(&mut other);

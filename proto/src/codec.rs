@@ -188,9 +188,10 @@ mod tests {
                 prop::collection::vec(addr(), 0..10),
                 prop::option::of(addr()),
                 prop::collection::vec(any::<u8>(), 0..40),
+                prop::option::of(any::<[u8; 16]>()),
             )
                 .prop_map(
-                    |(version, nameplate, name, candidates, probe_observed, pake)| {
+                    |(version, nameplate, name, candidates, probe_observed, pake, resume)| {
                         PeerToServer::Hello(Hello {
                             version,
                             nameplate,
@@ -198,10 +199,13 @@ mod tests {
                             candidates,
                             probe_observed,
                             pake,
+                            resume,
                         })
                     }
                 ),
             Just(PeerToServer::Allocate),
+            Just(PeerToServer::Reflect),
+            Just(PeerToServer::DialBack),
             any::<u32>().prop_map(|seq| PeerToServer::Pong { seq }),
             (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(public, attempts, ms)| {
                 PeerToServer::Report(PunchOutcome::Direct {
@@ -268,7 +272,11 @@ mod tests {
     fn chat() -> impl Strategy<Value = Chat> {
         prop_oneof![
             Just(Chat::Bye),
-            ".{0,300}".prop_map(|text| Chat::Line { text }),
+            (any::<u64>(), ".{0,300}").prop_map(|(seq, text)| Chat::Line { seq, text }),
+            "\\PC{0,40}".prop_map(|name| Chat::Nick { name }),
+            any::<u64>().prop_map(|upto| Chat::Ack { upto }),
+            Just(Chat::Ping),
+            any::<u64>().prop_map(|next| Chat::Resume { next }),
         ]
     }
 
@@ -410,6 +418,7 @@ mod tests {
     #[test]
     fn longest_line_fits_in_a_frame_when_sealed() {
         let line = Chat::Line {
+            seq: u64::MAX,
             text: "é".repeat(MAX_LINE_BYTES / 2),
         };
         let plain = encode_payload(&line).expect("encodes");

@@ -99,6 +99,11 @@ pub struct Hello {
     /// The peer's SPAKE2 message, opaque to the rendezvous, handed to the other
     /// peer with the go.
     pub pake: Vec<u8>,
+    /// Set when the two peers already chatted and lost their link: the session
+    /// token of that chat. The rendezvous then pairs this peer with the other one
+    /// holding the same token (not by nameplate, which may have been reused
+    /// since), so both can punch again and resume.
+    pub resume: Option<SessionToken>,
 }
 
 /// Everything one peer learns about the other when the pair is made.
@@ -312,10 +317,17 @@ pub enum PeerToPeer {
 }
 
 /// What travels sealed over the link once the Noise handshake is done.
+///
+/// Lines carry a sequence number per direction, counted from 1 over the whole
+/// chat (across links): the receiver acknowledges them, the sender keeps what is
+/// not yet acknowledged, and after a new link the two sides tell each other what
+/// they have ([`Chat::Resume`]) so that nothing is lost or shown twice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Chat {
     /// One chat line.
     Line {
+        /// Its sequence number.
+        seq: u64,
         /// The text, without line terminator.
         text: String,
     },
@@ -325,6 +337,20 @@ pub enum Chat {
     Nick {
         /// The new name.
         name: String,
+    },
+    /// Every line up to this sequence number arrived (cumulative).
+    Ack {
+        /// The highest sequence number received in order.
+        upto: u64,
+    },
+    /// Keepalive: answered at once with an [`Chat::Ack`]. Keeps NAT mappings
+    /// from idling out and proves the link still carries traffic.
+    Ping,
+    /// First message on a new link that replaces a lost one: the next sequence
+    /// number the sender expects; the other side resends from there.
+    Resume {
+        /// The next sequence number expected.
+        next: u64,
     },
 }
 

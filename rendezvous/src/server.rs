@@ -599,8 +599,15 @@ async fn serve(
         candidates,
         probe_observed,
         pake,
+        resume,
         ..
     } = hello;
+    // Peers resuming a chat meet in a room named after its session, apart from
+    // the nameplates (which may have been given to someone else since).
+    let nameplate = match resume {
+        Some(session) => resume_room(&session),
+        None => nameplate,
+    };
     let mapping = classify_mapping(observed, probe_observed.map(canonical));
     let me = PeerInfo {
         name,
@@ -676,9 +683,13 @@ async fn serve(
                 joined = Some(Joined::Waiting(events));
             }
             Join::InUse => {
-                let msg = format!(
-                    "code {nameplate}-… is already in use by two peers: start again with a new code"
-                );
+                let msg = if resume.is_some() {
+                    "this chat is already being resumed by two peers".to_owned()
+                } else {
+                    format!(
+                        "code {nameplate}-… is already in use by two peers: start again with a new code"
+                    )
+                };
                 return reject(&mut conn, metrics, Reject::code_in_use, msg).await;
             }
             Join::Full => {
@@ -947,6 +958,17 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 fn micros(d: Option<Duration>) -> u64 {
     d.map_or(0, |d| d.as_micros().try_into().unwrap_or(u64::MAX))
+}
+
+/// The room of a resumed chat: `r` and the session token in hex (never a valid
+/// nameplate, which is all digits).
+fn resume_room(session: &SessionToken) -> String {
+    let mut room = String::with_capacity(1 + 2 * session.len());
+    room.push('r');
+    for b in session {
+        room.push_str(&format!("{b:02x}"));
+    }
+    room
 }
 
 fn gauge(n: usize) -> i64 {

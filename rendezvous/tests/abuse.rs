@@ -55,6 +55,7 @@ async fn hello_from(ip: IpAddr, server: SocketAddr, nameplate: &str, name: &str)
         candidates: vec![],
         probe_observed: None,
         pake: vec![],
+        resume: None,
     }))
     .await
     .expect("send hello");

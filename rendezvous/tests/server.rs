@@ -55,6 +55,7 @@ async fn send_hello(
         probe_observed,
         // Opaque to the server: the peer's name stands in for a SPAKE2 message.
         pake: name.as_bytes().to_vec(),
+        resume: None,
     }))
     .await
     .expect("send hello");
