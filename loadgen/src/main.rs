@@ -457,6 +457,7 @@ async fn say_hello(source: Ipv4Addr, server: SocketAddr, nameplate: u64) -> anyh
         candidates: Vec::new(),
         probe_observed: None,
         pake: vec![0; 33],
+        resume: None,
     }))
     .await?;
     match next_message(&mut c).await? {

@@ -1,0 +1,6 @@
+//! Fuzz target: see `punchline_proto::fuzzing::peer_from_rendezvous`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    punchline_proto::fuzzing::peer_from_rendezvous(data);
+});
