@@ -553,18 +553,30 @@ fn peer_command(
     cmd
 }
 
-/// Starts A, waits until it waits for the other side, starts B, and returns when
-/// both report the link or both gave up.
-pub fn punch(lab: &Lab, rv: &Rendezvous, bin: &Path, spec: &PunchSpec) -> Result<Outcome> {
+/// Starts A ("alice"), waits until it waits for the other side, then starts B
+/// ("bob"); returns both, their outcome still to come.
+pub fn start_pair(
+    lab: &Lab,
+    rv: &Rendezvous,
+    bin: &Path,
+    spec: &PunchSpec,
+) -> Result<(PeerProcess, PeerProcess)> {
     let mut a = PeerProcess::spawn(
         peer_command(lab, Host::A, bin, rv.addr, "alice", spec.port_a, spec),
         "alice",
     )?;
     a.wait_stderr("waiting for the other side")?;
-    let mut b = PeerProcess::spawn(
+    let b = PeerProcess::spawn(
         peer_command(lab, Host::B, bin, rv.addr, "bob", spec.port_b, spec),
         "bob",
     )?;
+    Ok((a, b))
+}
+
+/// Starts A, waits until it waits for the other side, starts B, and returns when
+/// both report the link or both gave up.
+pub fn punch(lab: &Lab, rv: &Rendezvous, bin: &Path, spec: &PunchSpec) -> Result<Outcome> {
+    let (mut a, mut b) = start_pair(lab, rv, bin, spec)?;
     let ends = ["connected to ", "peer: "];
     let a_line = a.wait_stderr_starting(&ends)?;
     let b_line = b.wait_stderr_starting(&ends)?;

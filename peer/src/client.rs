@@ -14,14 +14,14 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{
     DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, PunchOutcome,
-    ServerToPeer,
+    ServerToPeer, MAX_RELAY_CHUNK,
 };
 use tokio::net::{lookup_host, TcpStream};
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
 
 use crate::error::{describe_attempts, PeerError};
-use crate::net::fixed_port_socket;
+use crate::net::{fixed_port_socket, LinkStream};
 
 /// Time allowed to open the TCP connection to one rendezvous address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -228,7 +228,12 @@ impl Rendezvous {
     /// again at once (a new link after a drop). Should it not close in time, the
     /// connection is reset instead, which leaves no TIME_WAIT either.
     pub async fn finish(mut self, outcome: PunchOutcome) {
+        let direct = matches!(outcome, PunchOutcome::Direct { .. });
         let _ = self.send(PeerToServer::Report(outcome)).await;
+        if !direct {
+            // Nothing follows a failure: no new link will reuse this port.
+            return;
+        }
         let closed = timeout(FINISH_TIMEOUT, async {
             while let Some(Ok(_)) = self.conn.next().await {}
         })
@@ -238,11 +243,84 @@ impl Rendezvous {
         }
     }
 
+    /// After a failed punch: reports it and asks the server to relay. Once it
+    /// agrees, returns the local end of a byte stream it carries to the other
+    /// peer; a task bridges the two until either side closes, and the link over
+    /// it is encrypted end to end like a direct one.
+    pub async fn relay(mut self, attempts: u32) -> Result<LinkStream, PeerError> {
+        self.send(PeerToServer::Report(PunchOutcome::Failed { attempts }))
+            .await?;
+        self.send(PeerToServer::Relay).await?;
+        loop {
+            let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
+                .await
+                .map_err(|_| {
+                    PeerError::Timeout("the rendezvous did not answer the relay request".into())
+                })?;
+            match reply {
+                Some(Ok(ServerToPeer::Relaying)) => break,
+                Some(Ok(ServerToPeer::Ping { seq })) => {
+                    self.send(PeerToServer::Pong { seq }).await?
+                }
+                other => return Err(unexpected(other, "the relay")),
+            }
+        }
+        let (ours, theirs) = tokio::io::duplex(RELAY_BUFFER);
+        tokio::spawn(bridge(self.conn, theirs));
+        Ok(LinkStream::Relayed(ours))
+    }
+
     async fn send(&mut self, msg: PeerToServer) -> Result<(), PeerError> {
         timeout(SEND_TIMEOUT, self.conn.send(msg))
             .await
             .map_err(|_| PeerError::Timeout("the rendezvous is not reading".into()))??;
         Ok(())
+    }
+}
+
+/// Buffer of the in-process stream between the chat and the relay bridge.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Carries bytes between the chat's end of a relayed link (`stream`) and the
+/// rendezvous, cut into pieces of at most [`MAX_RELAY_CHUNK`]. Ends when either
+/// side closes or fails; the chat then sees its link close and reconnects.
+async fn bridge(
+    mut conn: Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>,
+    stream: tokio::io::DuplexStream,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_chat, mut to_chat) = tokio::io::split(stream);
+    let mut buf = vec![0u8; MAX_RELAY_CHUNK];
+    loop {
+        tokio::select! {
+            n = from_chat.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let piece = PeerToServer::Relayed(buf[..n].to_vec());
+                    if timeout(SEND_TIMEOUT, conn.send(piece)).await.map_or(true, |r| r.is_err()) {
+                        break;
+                    }
+                }
+            },
+            msg = conn.next() => match msg {
+                Some(Ok(ServerToPeer::Relayed(bytes))) => {
+                    if to_chat.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(ServerToPeer::Ping { seq })) => {
+                    let _ = conn.send(PeerToServer::Pong { seq }).await;
+                }
+                Some(Ok(ServerToPeer::Error { message, .. })) => {
+                    tracing::warn!("the rendezvous ended the relay: {message}");
+                    break;
+                }
+                other => {
+                    tracing::info!(?other, "relay closed");
+                    break;
+                }
+            },
+        }
     }
 }
 

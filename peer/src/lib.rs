@@ -76,6 +76,9 @@ pub struct Options {
     pub timestamps: bool,
     /// Where the terminal keeps typed lines between chats (`None`: nowhere).
     pub history: Option<std::path::PathBuf>,
+    /// When no direct link forms, chat through the rendezvous (still end-to-end
+    /// encrypted) if it relays.
+    pub relay: bool,
 }
 
 /// Parses a code as typed.
@@ -365,52 +368,74 @@ impl chat::Output for QuietStatus {
     }
 }
 
+/// How the link of a met peer runs.
+enum Path {
+    /// Punched.
+    Direct {
+        remote: SocketAddr,
+        kind: punch::CandidateKind,
+        attempts: u32,
+        elapsed_ms: u128,
+    },
+    /// Through the rendezvous, because the punch failed for this reason.
+    Relayed { why: String },
+}
+
 /// A met peer: the go and our view of the meeting, and the secured link.
 struct Met {
     go: punchline_proto::Go,
     observed: SocketAddr,
     mapping: Mapping,
     local_port: u16,
-    remote: SocketAddr,
-    kind: punch::CandidateKind,
-    attempts: u32,
-    elapsed_ms: u128,
+    path: Path,
     link: secure::SecureLink,
 }
 
 impl Met {
     fn describe(&self) -> String {
-        format!(
-            "direct link to {} ({}), {} ms after go, {} attempt{}",
-            self.remote,
-            self.kind.describe(),
-            self.elapsed_ms,
-            self.attempts,
-            if self.attempts == 1 { "" } else { "s" },
-        )
+        match &self.path {
+            Path::Direct {
+                remote,
+                kind,
+                attempts,
+                elapsed_ms,
+            } => format!(
+                "direct link to {remote} ({}), {elapsed_ms} ms after go, {attempts} attempt{}",
+                kind.describe(),
+                if *attempts == 1 { "" } else { "s" },
+            ),
+            Path::Relayed { why } => format!(
+                "relayed via the rendezvous (end-to-end encrypted; it sees only ciphertext): direct connection failed because {why}"
+            ),
+        }
     }
 
     /// What `/info` shows about this link.
     fn facts(&self) -> Vec<(String, String)> {
-        let (local, remote) = self
-            .link
-            .addresses()
-            .map_or(("?".to_owned(), "?".to_owned()), |(l, r)| {
-                (l.to_string(), r.to_string())
-            });
-        vec![
+        let (path, addresses) = match (&self.path, self.link.addresses()) {
             (
-                "path".to_owned(),
+                Path::Direct {
+                    kind, elapsed_ms, ..
+                },
+                Some((local, remote)),
+            ) => (
                 format!(
-                    "direct TCP link ({}), {} ms to punch",
-                    self.kind.describe(),
-                    self.elapsed_ms
+                    "direct TCP link ({}), {elapsed_ms} ms to punch",
+                    kind.describe()
                 ),
-            ),
-            (
-                "addresses".to_owned(),
                 format!("{local} (here) <-> {remote} (there)"),
             ),
+            (Path::Direct { remote, .. }, None) => {
+                ("direct TCP link".to_owned(), remote.to_string())
+            }
+            (Path::Relayed { why }, _) => (
+                format!("relayed via the rendezvous (direct connection failed because {why})"),
+                "through the rendezvous; the other side's public address is below".to_owned(),
+            ),
+        };
+        vec![
+            ("path".to_owned(), path),
+            ("addresses".to_owned(), addresses),
             (
                 "you".to_owned(),
                 format!(
@@ -500,6 +525,36 @@ async fn meet(
     };
     let punched = match punch::punch(&go, &params, start).await {
         Ok(p) => p,
+        Err(PeerError::PunchFailed {
+            name,
+            attempts,
+            secs,
+            diagnosis,
+        }) if opts.relay => {
+            let stream = match rendezvous.relay(attempts).await {
+                Ok(stream) => stream,
+                Err(refused) => {
+                    return Err(PeerError::PunchFailed {
+                        name,
+                        attempts,
+                        secs,
+                        diagnosis: format!("{diagnosis}\nNo relay either: {refused}."),
+                    })
+                }
+            };
+            let link = tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
+            let link = secure::SecureLink::handshake(link, go.role, &psk, &their_name).await?;
+            let why = first_sentence(&diagnosis);
+            tracing::info!(verification = link.verification(), "relayed and encrypted");
+            return Ok(Met {
+                observed,
+                mapping,
+                local_port: port,
+                path: Path::Relayed { why },
+                link,
+                go,
+            });
+        }
         Err(e) => {
             let attempts = match &e {
                 PeerError::PunchFailed { attempts, .. } => *attempts,
@@ -524,13 +579,29 @@ async fn meet(
         observed,
         mapping,
         local_port: port,
-        remote: punched.remote,
-        kind: punched.kind,
-        attempts: punched.attempts,
-        elapsed_ms,
+        path: Path::Direct {
+            remote: punched.remote,
+            kind: punched.kind,
+            attempts: punched.attempts,
+            elapsed_ms,
+        },
         link,
         go,
     })
+}
+
+/// The first sentence of a diagnosis, lower-cased at the start, for "because …".
+fn first_sentence(text: &str) -> String {
+    let first = text
+        .split_terminator(['.', '\n'])
+        .next()
+        .unwrap_or(text)
+        .trim();
+    let mut chars = first.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => "no candidate answered".to_owned(),
+    }
 }
 
 /// A NAT's mapping in words, for `/info`: `local_port` is the port the host used

@@ -73,3 +73,69 @@ mod tests {
         assert_eq!(b.local_addr().expect("bound").port(), port);
     }
 }
+
+/// What a link between the peers runs on: a direct TCP connection (punched), or
+/// a byte stream relayed through the rendezvous ([`crate::client::Rendezvous::relay`]).
+/// Both carry the same frames, encrypted end to end.
+pub enum LinkStream {
+    /// A direct TCP connection.
+    Tcp(tokio::net::TcpStream),
+    /// The local end of a stream the rendezvous relays.
+    Relayed(tokio::io::DuplexStream),
+}
+
+impl LinkStream {
+    /// The TCP connection, if direct.
+    pub fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self {
+            LinkStream::Tcp(s) => Some(s),
+            LinkStream::Relayed(_) => None,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for LinkStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LinkStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

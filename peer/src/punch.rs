@@ -31,10 +31,10 @@ use tokio_util::codec::Framed;
 use tracing::debug;
 
 use crate::error::PeerError;
-use crate::net::fixed_port_socket;
+use crate::net::{fixed_port_socket, LinkStream};
 
 /// The framed link between the two peers.
-pub type Link = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
+pub type Link = Framed<LinkStream, FrameCodec<PeerToPeer, PeerToPeer>>;
 
 /// Time the far end of a fresh link has to send its link hello. The real peer
 /// sends it at once; anything slower is some other program.
@@ -330,7 +330,7 @@ enum Verify {
 
 /// Exchanges link hellos on a fresh connection.
 async fn verify(stream: TcpStream, session: &SessionToken, role: Role) -> Result<Link, Verify> {
-    let mut link = Framed::new(stream, FrameCodec::new());
+    let mut link = Framed::new(LinkStream::Tcp(stream), FrameCodec::new());
     let exchange = async {
         link.send(link_hello(*session, role)).await?;
         link.next().await.transpose()

@@ -165,9 +165,9 @@ impl SecureLink {
         &self.verification
     }
 
-    /// The kernel's current RTT estimate for the link.
+    /// The kernel's current RTT estimate for the link, if it is direct.
     pub fn rtt(&self) -> Option<Duration> {
-        punchline_rendezvous::rtt::kernel_rtt(self.link.get_ref())
+        punchline_rendezvous::rtt::kernel_rtt(self.link.get_ref().tcp()?)
     }
 
     /// Sealed bytes sent and received so far.
@@ -175,9 +175,9 @@ impl SecureLink {
         self.bytes
     }
 
-    /// The link's local and remote addresses.
+    /// The link's local and remote addresses, if it is direct.
     pub fn addresses(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
-        let s = self.link.get_ref();
+        let s = self.link.get_ref().tcp()?;
         Some((s.local_addr().ok()?, s.peer_addr().ok()?))
     }
 
@@ -219,7 +219,9 @@ impl SecureLink {
     /// Drops the link with a reset rather than a close: no TIME_WAIT is left on
     /// our fixed port, so a new link to the same address can be punched at once.
     pub fn abort(self) {
-        let _ = socket2::SockRef::from(self.link.get_ref()).set_linger(Some(Duration::ZERO));
+        if let Some(tcp) = self.link.get_ref().tcp() {
+            let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+        }
     }
 
     /// Closes the sending direction.

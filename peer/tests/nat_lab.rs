@@ -1,7 +1,8 @@
 //! The punch through real kernel NATs: the NAT lab's matrix of pairs, each side
 //! behind its own kind of NAT, with asymmetric emulated delays (A 5 ms, B 40 ms,
 //! rendezvous 20 ms one way). Every punchable pair must connect directly and chat
-//! both ways; a symmetric NAT must fail with a clear diagnosis.
+//! both ways; a symmetric NAT must fail with a clear diagnosis where the
+//! rendezvous does not relay (relaying is tested in `relay_lab.rs`).
 //!
 //! Needs root and the lab's tools; skips loudly otherwise (fails instead when
 //! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
@@ -130,13 +131,17 @@ fn same_lan() {
 }
 
 #[test]
-fn symmetric_home_fails_with_a_clear_diagnosis() {
+fn symmetric_home_fails_with_a_clear_diagnosis_where_nothing_relays() {
     let name = "symmetric-home";
     if !available_or_skip(name) {
         return;
     }
     let lab = lab(LabConfig::new(NatKind::Symmetric, NatKind::Home));
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let config = Config {
+        relay: false,
+        ..Config::default()
+    };
+    let rv = Rendezvous::start(&lab, config).expect("rendezvous starts");
     let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
     let outcome = punch(&lab, &rv, bin, &spec(name, Duration::from_secs(5)))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -153,6 +158,10 @@ fn symmetric_home_fails_with_a_clear_diagnosis() {
         assert!(
             text.contains("symmetric"),
             "{who} does not name the likely cause: {text}"
+        );
+        assert!(
+            text.contains("No relay either") && text.contains("does not relay"),
+            "{who} does not say the relay was refused: {text}"
         );
     }
     eprintln!(

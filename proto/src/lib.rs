@@ -44,6 +44,10 @@ pub const MAX_NAMEPLATE_LEN: usize = codes::MAX_NAMEPLATE_DIGITS;
 /// message over Ed25519 is 33 bytes; the rest is room for another group later.
 pub const MAX_PAKE_LEN: usize = 128;
 
+/// Largest piece of a relayed byte stream in one [`PeerToServer::Relayed`] or
+/// [`ServerToPeer::Relayed`] message.
+pub const MAX_RELAY_CHUNK: usize = 8 * 1024;
+
 /// Longest display name, in characters.
 pub const MAX_NAME_CHARS: usize = 32;
 

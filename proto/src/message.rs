@@ -175,6 +175,13 @@ pub enum PeerToServer {
     /// ([`ServerToPeer::DialedBack`]). Once per connection; the server dials only
     /// the requesting address, never another.
     DialBack,
+    /// After a failed punch: carry this pair's traffic through the server. Answered
+    /// with [`ServerToPeer::Relaying`], or an error if the server does not relay
+    /// (or not now).
+    Relay,
+    /// Relayed bytes for the other peer (a piece of its link's byte stream: the
+    /// server neither reads nor cuts it, and sees only ciphertext).
+    Relayed(Vec<u8>),
 }
 
 /// What an unsolicited SYN from the rendezvous to a peer's public address met.
@@ -207,6 +214,8 @@ pub enum ErrorCode {
     Busy,
     /// The server is shutting down.
     ShuttingDown,
+    /// The server does not relay, or not this much, or not now.
+    RelayUnavailable,
     /// A code this version does not know.
     Other(u16),
 }
@@ -221,6 +230,7 @@ impl ErrorCode {
             ErrorCode::Malformed => 4,
             ErrorCode::Busy => 5,
             ErrorCode::ShuttingDown => 6,
+            ErrorCode::RelayUnavailable => 7,
             ErrorCode::Other(n) => n,
         }
     }
@@ -234,6 +244,7 @@ impl ErrorCode {
             4 => ErrorCode::Malformed,
             5 => ErrorCode::Busy,
             6 => ErrorCode::ShuttingDown,
+            7 => ErrorCode::RelayUnavailable,
             n => ErrorCode::Other(n),
         }
     }
@@ -275,6 +286,10 @@ pub enum ServerToPeer {
         /// The connection's source address as the server sees it.
         observed: SocketAddr,
     },
+    /// The relay is on: [`PeerToServer::Relayed`] bytes now reach the other peer.
+    Relaying,
+    /// Relayed bytes from the other peer.
+    Relayed(Vec<u8>),
     /// The answer to [`PeerToServer::DialBack`].
     DialedBack {
         /// The address the server dialled.

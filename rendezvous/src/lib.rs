@@ -3,8 +3,9 @@
 //! It tells each peer the address its NAT shows to the world (the observed
 //! address) — on its main port and, for comparison, on a probe port ([`run_probe`])
 //! — pairs the two peers of a code, measures its RTT to each, and sends both
-//! the synchronised "go" with the other's addresses so their SYNs cross. It never
-//! carries chat traffic. Entry point: [`run`], which tests call on a listener bound
+//! the synchronised "go" with the other's addresses so their SYNs cross. When the
+//! punch fails, it can relay the pair's link, which stays end-to-end encrypted
+//! (it sees only ciphertext). Entry point: [`run`], which tests call on a listener bound
 //! to port 0.
 
 pub mod metrics;

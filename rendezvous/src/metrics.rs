@@ -15,6 +15,8 @@
 //! | `punchline_punches_total{outcome}` | counter | punch reports: `direct`, `failed` |
 //! | `punchline_rejects_total{reason}` | counter | connections refused, by [`Reject`] |
 //! | `punchline_probes_total` | counter | probe-port connections answered |
+//! | `punchline_relaying` | gauge | connections relaying (two a relayed pair) |
+//! | `punchline_relayed_bytes_total` | counter | bytes relayed between peers |
 //! | `punchline_resident_memory_bytes` | gauge | the process's resident memory |
 
 use std::fmt;
@@ -60,6 +62,12 @@ pub enum Reject {
     hello_timeout,
     /// A waiting peer stopped answering pings.
     idle,
+    /// A relay was asked of a server that does not relay.
+    relay_off,
+    /// A relay was asked while the server relays all it may.
+    relay_full,
+    /// A relayed pair spent its allowance of bytes.
+    relay_budget,
 }
 
 impl Reject {
@@ -74,6 +82,9 @@ impl Reject {
             Reject::code_in_use => ErrorCode::CodeInUse,
             Reject::version => ErrorCode::VersionMismatch,
             Reject::malformed | Reject::hello_timeout | Reject::idle => ErrorCode::Malformed,
+            Reject::relay_off | Reject::relay_full | Reject::relay_budget => {
+                ErrorCode::RelayUnavailable
+            }
         }
     }
 }
@@ -105,6 +116,8 @@ pub struct Metrics {
     pub(crate) pairs: Counter,
     pub(crate) expired: Counter,
     pub(crate) probes: Counter,
+    pub(crate) relaying: Gauge,
+    pub(crate) relayed_bytes: Counter,
     punches: Family<PunchLabels, Counter>,
     rejects: Family<RejectLabels, Counter>,
     resident: Gauge,
@@ -121,6 +134,8 @@ impl Default for Metrics {
             pairs: Counter::default(),
             expired: Counter::default(),
             probes: Counter::default(),
+            relaying: Gauge::default(),
+            relayed_bytes: Counter::default(),
             punches: Family::default(),
             rejects: Family::default(),
             resident: Gauge::default(),
@@ -156,6 +171,16 @@ impl Default for Metrics {
             "probes",
             "Probe-port connections answered",
             m.probes.clone(),
+        );
+        r.register(
+            "relaying",
+            "Connections relaying (two a relayed pair)",
+            m.relaying.clone(),
+        );
+        r.register(
+            "relayed_bytes",
+            "Bytes relayed between peers whose punch failed",
+            m.relayed_bytes.clone(),
         );
         r.register(
             "punches",
@@ -266,7 +291,7 @@ impl Metrics {
     }
 }
 
-const ALL_REJECTS: [Reject; 10] = [
+const ALL_REJECTS: [Reject; 13] = [
     Reject::server_full,
     Reject::address_open,
     Reject::address_rate,
@@ -277,6 +302,9 @@ const ALL_REJECTS: [Reject; 10] = [
     Reject::malformed,
     Reject::hello_timeout,
     Reject::idle,
+    Reject::relay_off,
+    Reject::relay_full,
+    Reject::relay_budget,
 ];
 
 /// The resident memory of this process, from `/proc/self/statm`.

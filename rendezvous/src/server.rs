@@ -33,7 +33,7 @@ use punchline_proto::{
     PeerToServer, PunchOutcome, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
@@ -60,6 +60,14 @@ pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on simultaneous connections. Each costs a task and two small
 /// buffers; the cap keeps memory bounded under a flood of connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default cap on pairs relayed at once. A relayed chat costs two connections,
+/// two small queues and the bytes it sends; the cap bounds the bandwidth a
+/// flood of failed punches can claim.
+pub const DEFAULT_MAX_RELAYS: usize = 200;
+
+/// Default allowance of relayed bytes per pair: about 100,000 chat lines.
+pub const DEFAULT_RELAY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Default cap on rooms (codes waiting or in use).
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
@@ -141,6 +149,12 @@ pub struct Config {
     pub codes_per_minute: u32,
     /// Where the server counts what it does (stats line, metrics endpoint).
     pub metrics: Arc<Metrics>,
+    /// Relay the traffic of pairs whose punch failed.
+    pub relay: bool,
+    /// Most pairs relayed at once.
+    pub max_relays: usize,
+    /// Most bytes relayed for one pair (both directions together).
+    pub relay_bytes: u64,
 }
 
 impl Default for Config {
@@ -156,6 +170,9 @@ impl Default for Config {
             connections_per_minute: DEFAULT_CONNECTIONS_PER_MINUTE,
             codes_per_minute: DEFAULT_CODES_PER_MINUTE,
             metrics: Arc::default(),
+            relay: true,
+            max_relays: DEFAULT_MAX_RELAYS,
+            relay_bytes: DEFAULT_RELAY_BYTES,
         }
     }
 }
@@ -183,7 +200,7 @@ struct Waiting {
 /// Where a peer stands once it joined its code.
 enum Joined {
     /// Second of the code: send this go after this delay.
-    Paired(Go, Duration),
+    Paired(Go, Duration, RelayEnd),
     /// First: wait for the one event the pairing table will send.
     Waiting(oneshot::Receiver<Event>),
 }
@@ -191,13 +208,19 @@ enum Joined {
 /// What reaches a waiting peer's task from elsewhere (once).
 enum Event {
     /// Paired: send this go after this delay.
-    Go { go: Go, delay: Duration },
+    Go {
+        go: Go,
+        delay: Duration,
+        relay: RelayEnd,
+    },
     /// Nobody came in time.
     Expired,
 }
 
 struct Shared {
     rooms: Mutex<Rooms<Waiting>>,
+    /// Connections relaying now.
+    relaying: std::sync::atomic::AtomicUsize,
     limits: Mutex<Limits>,
     config: Config,
 }
@@ -310,6 +333,7 @@ pub async fn run(
     };
     let shared = Arc::new(Shared {
         rooms: Mutex::new(Rooms::new(config.max_rooms, config.wait_ttl, PAIRED_HOLD)),
+        relaying: Default::default(),
         limits: Mutex::new(limits),
         config,
     });
@@ -650,9 +674,12 @@ async fn serve(
                     role: Role::Leader,
                     session,
                 };
+                let budget = Arc::new(AtomicU64::new(shared.config.relay_bytes));
+                let (relay_mine, relay_theirs) = relay_ends(budget);
                 let event = Event::Go {
                     go: theirs,
                     delay: their_delay,
+                    relay: relay_theirs,
                 };
                 if value.events.send(event).is_err() {
                     // The waiting peer's task ended (it disconnected) just before it
@@ -672,7 +699,7 @@ async fn serve(
                     role: Role::Follower,
                     session,
                 };
-                joined = Some(Joined::Paired(mine, my_delay));
+                joined = Some(Joined::Paired(mine, my_delay, relay_mine));
             }
             Join::Waiting => {
                 // A new room: counts against the address's rate of new codes.
@@ -723,8 +750,8 @@ async fn serve(
     // Welcome, once the code is known to be usable.
     send(&mut conn, ServerToPeer::Welcome { observed, mapping }).await?;
 
-    let (go, delay) = match joined {
-        Joined::Paired(go, delay) => (go, delay),
+    let (go, delay, relay) = match joined {
+        Joined::Paired(go, delay, relay) => (go, delay, relay),
         Joined::Waiting(mut events) => {
             info!(id, nameplate = %nameplate, %observed, ?mapping, "peer waiting");
             match wait_for_pair(
@@ -750,11 +777,28 @@ async fn serve(
     }
     send(&mut conn, ServerToPeer::Go(go)).await?;
     debug!(id, delay_ms = ms(delay), "go sent");
-    let report = timeout(REPORT_TIMEOUT, async {
+    // The report, or after a failed punch a request to relay.
+    let next = timeout(REPORT_TIMEOUT, async {
         loop {
             match conn.next().await {
-                None => return Ok(None),
-                Some(Ok(PeerToServer::Report(outcome))) => return Ok(Some(outcome)),
+                None => return Ok(false),
+                Some(Ok(PeerToServer::Report(outcome))) => {
+                    metrics.punch(&outcome);
+                    match outcome {
+                        PunchOutcome::Direct {
+                            public,
+                            attempts,
+                            elapsed_ms,
+                        } => {
+                            info!(id, nameplate = %nameplate, public, attempts, elapsed_ms, "punch succeeded");
+                            return Ok(false);
+                        }
+                        PunchOutcome::Failed { attempts } => {
+                            info!(id, nameplate = %nameplate, attempts, "punch failed")
+                        }
+                    }
+                }
+                Some(Ok(PeerToServer::Relay)) => return Ok(true),
                 Some(Ok(PeerToServer::Pong { .. })) => {}
                 Some(Ok(other)) => {
                     return Err(ConnError::Protocol(format!(
@@ -766,26 +810,137 @@ async fn serve(
             }
         }
     });
-    let report = report.await;
-    if let Ok(Ok(Some(outcome))) = &report {
-        metrics.punch(outcome);
-    }
-    match report {
-        Ok(Ok(Some(PunchOutcome::Direct {
-            public,
-            attempts,
-            elapsed_ms,
-        }))) => {
-            info!(id, nameplate = %nameplate, public, attempts, elapsed_ms, "punch succeeded")
+    match next.await {
+        Ok(Ok(true)) => relay_for(&mut conn, shared, relay, &mut stop, id).await,
+        Ok(Ok(false)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            debug!(id, "no punch report in time");
+            Ok(())
         }
-        Ok(Ok(Some(PunchOutcome::Failed { attempts }))) => {
-            info!(id, nameplate = %nameplate, attempts, "punch failed")
-        }
-        Ok(Ok(None)) => debug!(id, "peer left without a report"),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => debug!(id, "no punch report in time"),
     }
-    Ok(())
+}
+
+/// Queue of relayed pieces between the two tasks of a pair.
+const RELAY_QUEUE: usize = 32;
+
+/// A relay with no traffic either way for this long is closed. A chat sends a
+/// keepalive every 25 s, so only a dead pair is this quiet.
+pub const RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One task's end of its pair's relay: pieces for the other peer go out on `tx`,
+/// pieces from it come in on `rx`; `budget` is what the pair may still send.
+struct RelayEnd {
+    tx: mpsc::Sender<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
+    budget: Arc<AtomicU64>,
+}
+
+fn relay_ends(budget: Arc<AtomicU64>) -> (RelayEnd, RelayEnd) {
+    let (to_b, from_a) = mpsc::channel(RELAY_QUEUE);
+    let (to_a, from_b) = mpsc::channel(RELAY_QUEUE);
+    (
+        RelayEnd {
+            tx: to_b,
+            rx: from_b,
+            budget: budget.clone(),
+        },
+        RelayEnd {
+            tx: to_a,
+            rx: from_a,
+            budget,
+        },
+    )
+}
+
+/// Gives back a relay slot however the relay ends.
+struct RelaySlot<'a>(&'a Shared);
+
+impl Drop for RelaySlot<'_> {
+    fn drop(&mut self) {
+        self.0.relaying.fetch_sub(1, Ordering::Relaxed);
+        self.0.config.metrics.relaying.dec();
+    }
+}
+
+/// Carries this peer's relayed bytes to the other peer of the pair and back,
+/// until either leaves, the pair's allowance is spent, the relay idles, or the
+/// server stops. The server never looks inside: it is the peers' encrypted link.
+async fn relay_for(
+    conn: &mut Conn,
+    shared: &Shared,
+    mut end: RelayEnd,
+    stop: &mut watch::Receiver<bool>,
+    id: ConnId,
+) -> Result<(), ConnError> {
+    let metrics = &*shared.config.metrics;
+    if !shared.config.relay {
+        let msg = "this rendezvous does not relay; a direct connection is the only way through it";
+        return reject(conn, metrics, Reject::relay_off, msg).await;
+    }
+    // Two connections a pair.
+    let cap = shared.config.max_relays.saturating_mul(2);
+    if shared.relaying.fetch_add(1, Ordering::Relaxed) >= cap {
+        shared.relaying.fetch_sub(1, Ordering::Relaxed);
+        let msg = format!(
+            "the rendezvous already relays as many chats as it may ({}); try again later",
+            shared.config.max_relays
+        );
+        return reject(conn, metrics, Reject::relay_full, msg).await;
+    }
+    metrics.relaying.inc();
+    let _slot = RelaySlot(shared);
+    send(conn, ServerToPeer::Relaying).await?;
+    info!(id, "relaying");
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            frame = conn.next() => match frame {
+                Some(Ok(PeerToServer::Relayed(bytes))) => {
+                    last = Instant::now();
+                    if bytes.len() > punchline_proto::MAX_RELAY_CHUNK {
+                        return Err(ConnError::Protocol(format!("relayed piece of {} bytes", bytes.len())));
+                    }
+                    let n = bytes.len() as u64;
+                    let spent = end.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(n));
+                    if spent.is_err() {
+                        let msg = format!(
+                            "this chat used up what the rendezvous relays for one chat ({} bytes); a direct connection has no such limit",
+                            shared.config.relay_bytes
+                        );
+                        return reject(conn, metrics, Reject::relay_budget, msg).await;
+                    }
+                    metrics.relayed_bytes.inc_by(n);
+                    if timeout(SEND_TIMEOUT, end.tx.send(bytes)).await.map_or(true, |r| r.is_err()) {
+                        // The other peer's side is gone or stuck: closing tells this
+                        // peer its link dropped.
+                        return Ok(());
+                    }
+                }
+                Some(Ok(PeerToServer::Pong { .. } | PeerToServer::Report(_))) => {}
+                None => return Ok(()),
+                Some(Ok(other)) => {
+                    return Err(ConnError::Protocol(format!("unexpected {} while relaying", kind(&other))))
+                }
+                Some(Err(e)) => return Err(e.into()),
+            },
+            piece = end.rx.recv() => match piece {
+                Some(bytes) => {
+                    last = Instant::now();
+                    send(conn, ServerToPeer::Relayed(bytes)).await?;
+                }
+                None => return Ok(()),
+            },
+            _ = sleep_until(last + RELAY_IDLE_TIMEOUT) => {
+                debug!(id, "relay idle");
+                return Ok(());
+            }
+            _ = stop.changed() => {
+                send(conn, ServerToPeer::error(ErrorCode::ShuttingDown, "the rendezvous server is shutting down")).await?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The waiting phase: ping, collect RTT samples, until paired (`Some`), or the peer
@@ -798,7 +953,7 @@ async fn wait_for_pair(
     estimator: &mut RttEstimator,
     rtt_us: &AtomicU64,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<(Go, Duration)>, ConnError> {
+) -> Result<Option<(Go, Duration, RelayEnd)>, ConnError> {
     let mut seq: u32 = 0;
     let mut outstanding: Option<(u32, Instant)> = None;
     let mut next_ping = Instant::now();
@@ -806,7 +961,7 @@ async fn wait_for_pair(
     loop {
         tokio::select! {
             event = &mut *events => match event {
-                Ok(Event::Go { go, delay }) => return Ok(Some((go, delay))),
+                Ok(Event::Go { go, delay, relay }) => return Ok(Some((go, delay, relay))),
                 Ok(Event::Expired) | Err(_) => {
                     let msg = "nobody joined with this code in time; start again and share the code";
                     send(conn, ServerToPeer::error(ErrorCode::Expired, msg)).await?;
@@ -947,6 +1102,8 @@ fn kind(msg: &PeerToServer) -> &'static str {
         PeerToServer::Allocate => "allocate",
         PeerToServer::Reflect => "reflect",
         PeerToServer::DialBack => "dial-back",
+        PeerToServer::Relay => "relay request",
+        PeerToServer::Relayed(_) => "relayed data",
     }
 }
 

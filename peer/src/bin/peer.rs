@@ -69,6 +69,12 @@ struct Args {
     #[arg(long)]
     timestamps: bool,
 
+    /// If no direct link forms, give up rather than chat through the rendezvous
+    /// (a relayed chat is still end-to-end encrypted: the rendezvous sees only
+    /// ciphertext, and when, and how much)
+    #[arg(long)]
+    no_relay: bool,
+
     /// Do not keep typed lines in the history file (by default they are kept in
     /// $XDG_DATA_HOME/punchline/history, readable by you only)
     #[arg(long)]
@@ -138,6 +144,7 @@ fn main() -> ExitCode {
             None => RetryPolicy::Adaptive,
         },
         timestamps: args.timestamps,
+        relay: !args.no_relay,
         history: if args.no_history {
             None
         } else {

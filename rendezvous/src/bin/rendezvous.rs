@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 /// Rendezvous server for punchline: introduces two peers that typed the same code
 /// and times their simultaneous connect so a direct TCP link forms through their
-/// NATs. It never carries chat traffic.
+/// NATs. When a punch fails it can relay the pair's end-to-end encrypted traffic.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -106,6 +106,29 @@ struct Args {
     )]
     max_rooms: usize,
 
+    /// Do not relay: peers whose punch fails get no chat (by default their
+    /// encrypted traffic is relayed, which the server cannot read)
+    #[arg(long, env = "PUNCHLINE_NO_RELAY")]
+    no_relay: bool,
+
+    /// Most pairs relayed at once
+    #[arg(
+        long,
+        env = "PUNCHLINE_MAX_RELAYS",
+        value_name = "N",
+        default_value_t = server::DEFAULT_MAX_RELAYS
+    )]
+    max_relays: usize,
+
+    /// Most bytes relayed for one pair, both ways together
+    #[arg(
+        long,
+        env = "PUNCHLINE_RELAY_BYTES",
+        value_name = "BYTES",
+        default_value_t = server::DEFAULT_RELAY_BYTES
+    )]
+    relay_bytes: u64,
+
     /// Serve metrics (Prometheus text format) at http://ADDR:PORT/metrics; no
     /// authentication, so keep it on loopback or a private address [default: off]
     #[arg(long, env = "PUNCHLINE_METRICS", value_name = "ADDR:PORT")]
@@ -189,6 +212,9 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         connections_per_minute: args.connections_per_minute,
         codes_per_minute: args.codes_per_minute,
         metrics: metrics.clone(),
+        relay: !args.no_relay,
+        max_relays: args.max_relays,
+        relay_bytes: args.relay_bytes,
     };
     check_file_limit(args.max_connections);
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());

@@ -1,0 +1,141 @@
+//! When punching cannot work, the chat goes through the rendezvous as a relay,
+//! still encrypted end to end; and a direct chat does not depend on the
+//! rendezvous once it runs.
+//!
+//! Needs root and the lab's tools; skips loudly otherwise (fails instead when
+//! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
+
+use std::path::Path;
+use std::time::Duration;
+
+use punchline_lab::prereq::available_or_skip;
+use punchline_lab::scenario::{punch, start_pair, Outcome, PunchSpec, Rendezvous, OURS};
+use punchline_lab::{Lab, LabConfig, NatKind, WanConfig};
+use punchline_rendezvous::Config;
+
+fn lab(a: NatKind, b: NatKind) -> Lab {
+    Lab::build(&LabConfig::new(a, b).with_wan(WanConfig::delays_ms(5, 10, 5))).expect("lab")
+}
+
+fn spec(code: &str) -> PunchSpec {
+    PunchSpec {
+        code: code.into(),
+        port_a: 40000,
+        port_b: 40001,
+        strategy: OURS,
+        punch_timeout: Duration::from_secs(5),
+    }
+}
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_peer"))
+}
+
+/// Both peers report a relayed link, and 50 lines each way arrive in order.
+fn chat_through_the_relay(name: &str, a: NatKind, b: NatKind) {
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(a, b);
+    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let (mut alice, mut bob) = start_pair(&lab, &rv, bin(), &spec("3-relay-chat")).expect("peers");
+    for p in [&mut alice, &mut bob] {
+        let line = p
+            .wait_stderr_starting(&["connected to ", "peer: "])
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+        assert!(
+            line.contains("relayed via the rendezvous") && line.contains("failed because"),
+            "{}: {line}",
+            p.name
+        );
+        eprintln!("{}: {line}", p.name);
+        p.wait_stderr("encrypted; code confirmed")
+            .expect("encrypted");
+    }
+    for i in 0..50 {
+        alice.send(&format!("to bob {i}\n")).expect("send");
+        bob.send(&format!("to alice {i}\n")).expect("send");
+    }
+    for i in 0..50 {
+        assert_eq!(bob.recv().expect("line"), format!("alice: to bob {i}"));
+        assert_eq!(alice.recv().expect("line"), format!("bob: to alice {i}"));
+    }
+    alice.close_stdin();
+    assert!(
+        alice.wait().expect("alice exits").success(),
+        "{:?}",
+        alice.drain_stderr()
+    );
+    assert!(
+        bob.wait().expect("bob exits").success(),
+        "{:?}",
+        bob.drain_stderr()
+    );
+}
+
+#[test]
+fn symmetric_home_chats_through_the_relay() {
+    chat_through_the_relay("relay-symmetric-home", NatKind::Symmetric, NatKind::Home);
+}
+
+#[test]
+fn symmetric_symmetric_chats_through_the_relay() {
+    chat_through_the_relay(
+        "relay-symmetric-symmetric",
+        NatKind::Symmetric,
+        NatKind::Symmetric,
+    );
+}
+
+#[test]
+fn a_relay_at_its_cap_is_refused_with_a_clear_message() {
+    let name = "relay-capped";
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(NatKind::Symmetric, NatKind::Home);
+    let config = Config {
+        max_relays: 0,
+        ..Config::default()
+    };
+    let rv = Rendezvous::start(&lab, config).expect("rendezvous");
+    let outcome = punch(&lab, &rv, bin(), &spec("4-relay-capped")).expect("peers run");
+    let Outcome::Failed(f) = outcome else {
+        panic!("connected although the relay is capped at zero");
+    };
+    for text in [&f.a_error, &f.b_error] {
+        assert!(text.contains("No relay either"), "{text}");
+        assert!(text.contains("relays as many chats as it may"), "{text}");
+    }
+}
+
+/// A direct chat does not go through the rendezvous: stopping it, and starting
+/// it again, changes nothing for the chat.
+#[test]
+fn a_direct_chat_carries_on_while_the_rendezvous_restarts() {
+    let name = "rendezvous-restart";
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(NatKind::Home, NatKind::Rst);
+    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let Outcome::Connected(mut c) =
+        punch(&lab, &rv, bin(), &spec("2-restart-chat")).expect("punch")
+    else {
+        panic!("no direct link");
+    };
+    c.a.send("before the restart\n").expect("send");
+    assert_eq!(c.b.recv().expect("line"), "alice: before the restart");
+    drop(rv);
+    c.b.send("while it is down\n").expect("send");
+    assert_eq!(c.a.recv().expect("line"), "bob: while it is down");
+    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous again");
+    c.a.send("after it is back\n").expect("send");
+    assert_eq!(c.b.recv().expect("line"), "alice: after it is back");
+    for p in [&mut c.a, &mut c.b] {
+        let seen = p.drain_stderr().join("\n");
+        assert!(!seen.contains("dropped"), "{}: {seen}", p.name);
+    }
+    c.finish().expect("both leave cleanly");
+    drop(rv);
+}
