@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use punchline_peer::net::LinkStream;
 use punchline_peer::secure::SecureLink;
 use punchline_proto::{Chat, FrameCodec, Role};
 use tokio::net::{TcpListener, TcpStream};
@@ -62,8 +63,18 @@ async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
     let psk = [9u8; 32];
     let start = Instant::now();
     let (x, y) = tokio::join!(
-        SecureLink::handshake(Framed::new(a, FrameCodec::new()), Role::Leader, &psk, "b"),
-        SecureLink::handshake(Framed::new(b, FrameCodec::new()), Role::Follower, &psk, "a"),
+        SecureLink::handshake(
+            Framed::new(LinkStream::Tcp(a), FrameCodec::new()),
+            Role::Leader,
+            &psk,
+            "b"
+        ),
+        SecureLink::handshake(
+            Framed::new(LinkStream::Tcp(b), FrameCodec::new()),
+            Role::Follower,
+            &psk,
+            "a"
+        ),
     );
     let took = start.elapsed();
     (x.expect("handshake"), y.expect("handshake"), took)
