@@ -52,28 +52,6 @@ pub fn lan_candidates(port: u16) -> Vec<SocketAddr> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn candidates_have_the_port_and_no_loopback() {
-        for c in lan_candidates(4242) {
-            assert_eq!(c.port(), 4242);
-            assert!(!c.ip().is_loopback(), "{c}");
-        }
-    }
-
-    #[tokio::test]
-    async fn two_sockets_share_the_fixed_port() {
-        let dest: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let a = fixed_port_socket(dest, 0).expect("first");
-        let port = a.local_addr().expect("bound").port();
-        let b = fixed_port_socket(dest, port).expect("second on the same port");
-        assert_eq!(b.local_addr().expect("bound").port(), port);
-    }
-}
-
 /// What a link between the peers runs on: a direct TCP connection (punched), or
 /// a byte stream relayed through the rendezvous ([`crate::client::Rendezvous::relay`]).
 /// Both carry the same frames, encrypted end to end.
@@ -137,5 +115,27 @@ impl tokio::io::AsyncWrite for LinkStream {
             LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_have_the_port_and_no_loopback() {
+        for c in lan_candidates(4242) {
+            assert_eq!(c.port(), 4242);
+            assert!(!c.ip().is_loopback(), "{c}");
+        }
+    }
+
+    #[tokio::test]
+    async fn two_sockets_share_the_fixed_port() {
+        let dest: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let a = fixed_port_socket(dest, 0).expect("first");
+        let port = a.local_addr().expect("bound").port();
+        let b = fixed_port_socket(dest, port).expect("second on the same port");
+        assert_eq!(b.local_addr().expect("bound").port(), port);
     }
 }
