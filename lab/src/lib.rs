@@ -34,6 +34,7 @@ pub mod names;
 pub mod nat;
 pub mod netns;
 pub mod prereq;
+pub mod resilience;
 pub mod scenario;
 pub mod topology;
 pub mod wan;

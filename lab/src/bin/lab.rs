@@ -26,6 +26,10 @@ enum Cmd {
     /// Benchmark the punch on each pair of NAT kinds against a naive baseline and
     /// print a Markdown table (needs the workspace's `peer` binary built).
     Bench(BenchArgs),
+    /// Benchmark a chat that survives: recovery after a reset and a cut (time to
+    /// flow again, lines lost or doubled), and a relayed link against a direct
+    /// one; print a Markdown report.
+    BenchResilience(ResilienceArgs),
     /// Remove lab namespaces whose creating process is gone.
     Cleanup {
         /// Remove every lab namespace, also those of running labs.
@@ -89,6 +93,43 @@ struct BenchArgs {
     /// Also write the table, with a heading, to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ResilienceArgs {
+    /// Cut-and-restore rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Seconds the path stays cut.
+    #[arg(long, default_value_t = 5)]
+    cut: u64,
+    /// The peer binary [default: `peer` next to this executable].
+    #[arg(long)]
+    peer: Option<std::path::PathBuf>,
+    /// Also write the report, with a heading, to this file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+fn bench_resilience(args: &ResilienceArgs) -> anyhow::Result<()> {
+    let peer = punchline_lab::scenario::peer_binary(args.peer.clone())?;
+    let report = punchline_lab::resilience::run(
+        &peer,
+        args.rounds.max(1),
+        std::time::Duration::from_secs(args.cut),
+        |line| eprintln!("{line}"),
+    )
+    .context("running the benchmark")?;
+    print!("{report}");
+    if let Some(path) = &args.out {
+        let text = format!(
+            "# Resilience benchmark (NAT lab)\n\nCommand: `sudo target/release/lab bench-resilience --out {}` ({} cores).\n\n{report}",
+            path.display(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 impl BenchArgs {
@@ -244,6 +285,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Cmd::Up(args) => up(args),
         Cmd::Bench(args) => bench(args),
+        Cmd::BenchResilience(args) => bench_resilience(args),
         Cmd::Cleanup { all } => cleanup(*all),
     };
     match result {
