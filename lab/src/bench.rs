@@ -171,6 +171,7 @@ pub fn run(
                     port_b: port + 1,
                     strategy,
                     punch_timeout: timeout,
+                    extra_args: Vec::new(),
                 };
                 one_run(&lab, rv, peer_bin, &spec, sample)?;
             }

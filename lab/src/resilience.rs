@@ -32,6 +32,7 @@ fn spec(code: String) -> PunchSpec {
         port_b: 40001,
         strategy: OURS,
         punch_timeout: Duration::from_secs(10),
+        extra_args: Vec::new(),
     }
 }
 

@@ -517,6 +517,8 @@ pub struct PunchSpec {
     pub strategy: Strategy,
     /// The peers' punch deadline.
     pub punch_timeout: Duration,
+    /// More arguments for both peers.
+    pub extra_args: Vec<String>,
 }
 
 fn peer_command(
@@ -543,6 +545,7 @@ fn peer_command(
         args.push("--naive-retry-ms".into());
         args.push(pause.as_millis().to_string().into());
     }
+    args.extend(spec.extra_args.iter().map(OsString::from));
     args.push(spec.code.clone().into());
     cmd.args(args)
         .env(

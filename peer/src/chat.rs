@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use punchline_proto::{sanitize_for_terminal, validate_line, validate_name, Chat};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::error::PeerError;
@@ -175,26 +175,37 @@ impl Reliable {
     }
 }
 
-/// How the chat on one link ended.
+/// How the chat on one link ended (for now).
 #[derive(Debug)]
-pub enum LinkEnd {
+pub enum LinkEnd<T> {
     /// The chat is over.
     Chat(ChatEnd),
     /// The link failed (reset, silence, a path that stopped carrying): the chat
     /// can go on over a new link, resumed with [`chat`]'s `resuming`.
     Down(String),
+    /// Time to try for a direct link (`upgrade_at` came, or the other side asked
+    /// with [`Chat::TryDirect`]); the chat goes on over this link meanwhile.
+    TryDirect,
+    /// The replacement link came ([`chat`]'s `replacement`): switch to it.
+    Replaced(T),
 }
 
 /// Runs the chat over `link` until one side leaves or the link fails. With
 /// `resuming`, the link replaces a lost one: both sides first say what they have,
 /// and what the other side missed is sent again.
-pub async fn chat(
+///
+/// `upgrade_at`: when to stop and ask for a direct link ([`LinkEnd::TryDirect`]);
+/// `replacement`: a link being prepared, returned as [`LinkEnd::Replaced`] once
+/// it comes.
+pub async fn chat<T>(
     link: &mut SecureLink,
     ctx: &mut ChatContext,
     input: &mut mpsc::Receiver<Input>,
     output: &mut dyn Output,
     resuming: bool,
-) -> Result<LinkEnd, PeerError> {
+    upgrade_at: Option<Instant>,
+    mut replacement: Option<&mut oneshot::Receiver<T>>,
+) -> Result<LinkEnd<T>, PeerError> {
     let mut link = Carrier::new(link);
     if resuming {
         if let Err(why) = link.resume(&mut ctx.reliable).await? {
@@ -206,7 +217,15 @@ pub async fn chat(
     }
     let end = loop {
         let deadline = link.next_deadline(&ctx.reliable);
+        let replaced = async {
+            match replacement.as_mut() {
+                Some(rx) => rx.await.ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some(new) = replaced => return Ok(LinkEnd::Replaced(new)),
+            _ = sleep_until(upgrade_at.unwrap_or_else(far_future)) => return Ok(LinkEnd::TryDirect),
             typed = input.recv() => match typed {
                 Some(Input::Line(text)) => {
                     if let Err(why) = send_line(&mut link, ctx, output, text).await {
@@ -239,6 +258,9 @@ pub async fn chat(
                     Some(Err(RecvError::Sealed(why))) => return Err(lost(&ctx.their_name, &why)),
                     None => return Ok(LinkEnd::Down("closed without a goodbye".into())),
                 };
+                if msg == Chat::TryDirect {
+                    return Ok(LinkEnd::TryDirect);
+                }
                 if msg == Chat::Bye {
                     // The other side still reads until our answering goodbye: send
                     // the lines already typed first, so none of them is lost.
@@ -301,6 +323,11 @@ pub async fn chat(
     }
     let _ = timeout(BYE_TIMEOUT, link.inner.close()).await;
     Ok(LinkEnd::Chat(end))
+}
+
+/// An instant that does not come.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 /// Keeps one link's timers: when we last sent, and an unanswered keepalive.
@@ -425,7 +452,8 @@ impl<'a> Carrier<'a> {
                 Err(e) => output.status(&format!("{} sent an unusable name ({e})", ctx.their_name)),
             },
             // Only the first message of a resumed link; a late one changes nothing.
-            Chat::Resume { .. } | Chat::Bye => {}
+            // The others are handled by the chat loop.
+            Chat::Resume { .. } | Chat::Bye | Chat::TryDirect => {}
         }
         Ok(Ok(()))
     }

@@ -23,10 +23,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use punchline_proto::{
-    codes::Code, sanitize_for_terminal, validate_name, Hello, Mapping, PunchOutcome,
+    codes::Code, sanitize_for_terminal, validate_name, Chat, Hello, Mapping, PunchOutcome, Role,
     MAX_CANDIDATES, PROTOCOL_VERSION,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use chat::ChatEnd;
@@ -79,6 +79,8 @@ pub struct Options {
     /// When no direct link forms, chat through the rendezvous (still end-to-end
     /// encrypted) if it relays.
     pub relay: bool,
+    /// While relayed, how often to try for a direct link again.
+    pub upgrade_interval: Duration,
 }
 
 /// Parses a code as typed.
@@ -127,6 +129,10 @@ pub fn with_default_port(server: &str) -> String {
 /// How long a peer whose link dropped keeps trying to get a new one before it
 /// gives up (and says which lines were not delivered).
 pub const RESUME_DEADLINE: Duration = Duration::from_secs(120);
+
+/// While relayed, how often the peers try again for a direct link (a NAT's
+/// behaviour or the network can change: a laptop moves, a firewall rule goes).
+pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Pause between two attempts to re-establish a link.
 const RESUME_RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -244,11 +250,59 @@ async fn converse(
 ) -> Result<ChatEnd, PeerError> {
     let session = met.go.session;
     let mut resuming = false;
+    // A direct link being tried for in the background while relayed.
+    let mut attempt: Option<oneshot::Receiver<Result<Met, PeerError>>> = None;
+    let mut next_upgrade = Instant::now() + opts.upgrade_interval;
     loop {
-        let why = match chat::chat(&mut met.link, ctx, input, output, resuming).await? {
+        // On a relayed link the leader asks, now and then, to try for a direct one.
+        let upgrade_at = (met.is_relayed() && met.go.role == Role::Leader && attempt.is_none())
+            .then_some(next_upgrade);
+        let ended = chat::chat(
+            &mut met.link,
+            ctx,
+            input,
+            output,
+            resuming,
+            upgrade_at,
+            attempt.as_mut(),
+        )
+        .await?;
+        resuming = false;
+        let why = match ended {
             chat::LinkEnd::Chat(end) => return Ok(end),
             chat::LinkEnd::Down(why) => why,
+            chat::LinkEnd::TryDirect => {
+                if met.go.role == Role::Leader {
+                    let _ = met.link.send(&Chat::TryDirect).await;
+                }
+                next_upgrade = Instant::now() + opts.upgrade_interval;
+                if attempt.is_none() {
+                    attempt = Some(try_direct(opts, code, session));
+                }
+                continue;
+            }
+            chat::LinkEnd::Replaced(Ok(direct)) => {
+                // The relayed link goes quiet now, but stays open a little: the
+                // other side may still be finishing its switch, and must not see
+                // its old link drop meanwhile.
+                let old = std::mem::replace(&mut met, direct);
+                tokio::spawn(async move {
+                    tokio::time::sleep(chat::ACK_TIMEOUT).await;
+                    drop(old);
+                });
+                attempt = None;
+                output.status(&format!("switched to a {}", met.describe()));
+                ctx.facts = met.facts();
+                resuming = true;
+                continue;
+            }
+            chat::LinkEnd::Replaced(Err(e)) => {
+                tracing::info!(error = %e, "still no direct link; staying relayed");
+                attempt = None;
+                continue;
+            }
         };
+        attempt = None;
         met.link.abort();
         let dropped = Instant::now();
         output.status(&format!(
@@ -264,7 +318,38 @@ async fn converse(
         ));
         ctx.facts = met.facts();
         resuming = true;
+        next_upgrade = Instant::now() + opts.upgrade_interval;
     }
+}
+
+/// Longest a background try for a direct link may take: the meeting at the
+/// rendezvous (the other side asks at the same moment) and the punch.
+const TRY_DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts a try for a direct link in the background: meet the other peer again
+/// by session, from a fresh port, punch, secure; no relay this time.
+fn try_direct(
+    opts: &Options,
+    code: &Code,
+    session: punchline_proto::SessionToken,
+) -> oneshot::Receiver<Result<Met, PeerError>> {
+    let (tx, rx) = oneshot::channel();
+    let opts = Options {
+        relay: false,
+        ..opts.clone()
+    };
+    let code = code.clone();
+    tokio::spawn(async move {
+        let tried = tokio::time::timeout(TRY_DIRECT_TIMEOUT, async {
+            let server = with_default_port(&opts.server);
+            let rendezvous = client::Rendezvous::connect(&server, 0).await?;
+            meet(&opts, rendezvous, &code, Some(session), &mut QuietStatus).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(PeerError::Timeout("no direct link in time".into())));
+        let _ = tx.send(tried);
+    });
+    rx
 }
 
 /// Meets the other peer again with the chat's session until a new link is up,
@@ -392,6 +477,10 @@ struct Met {
 }
 
 impl Met {
+    fn is_relayed(&self) -> bool {
+        matches!(self.path, Path::Relayed { .. })
+    }
+
     fn describe(&self) -> String {
         match &self.path {
             Path::Direct {
@@ -472,7 +561,7 @@ async fn meet(
     mut rendezvous: client::Rendezvous,
     code: &Code,
     resume: Option<punchline_proto::SessionToken>,
-    status: &mut dyn chat::Output,
+    status: &mut (dyn chat::Output + Send),
 ) -> Result<Met, PeerError> {
     let port = rendezvous.local_port;
     let probe_port = opts

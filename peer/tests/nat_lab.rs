@@ -31,6 +31,7 @@ fn spec(code: &str, punch_timeout: Duration) -> PunchSpec {
         port_b: 40001,
         strategy: OURS,
         punch_timeout,
+        extra_args: Vec::new(),
     }
 }
 

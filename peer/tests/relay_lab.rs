@@ -24,6 +24,7 @@ fn spec(code: &str) -> PunchSpec {
         port_b: 40001,
         strategy: OURS,
         punch_timeout: Duration::from_secs(5),
+        extra_args: Vec::new(),
     }
 }
 
@@ -138,4 +139,82 @@ fn a_direct_chat_carries_on_while_the_rendezvous_restarts() {
     }
     c.finish().expect("both leave cleanly");
     drop(rv);
+}
+
+/// Relayed while the direct path is cut; once it is back, the peers' background
+/// try for a direct link succeeds and the chat switches over to it, with every
+/// line typed meanwhile arriving exactly once, in order.
+#[test]
+fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
+    let name = "relay-upgrade";
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(NatKind::Home, NatKind::Home);
+    let b_public = lab.public_addr(punchline_lab::Host::B);
+    let cut = format!(
+        "table ip cut {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    \
+         meta l4proto tcp ip daddr {b_public} reject with tcp reset\n    \
+         meta l4proto tcp ip saddr {b_public} reject with tcp reset\n  }}\n}}\n"
+    );
+    lab.nft(punchline_lab::Side::A, &cut)
+        .expect("cut the direct path");
+    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let spec = PunchSpec {
+        punch_timeout: Duration::from_secs(2),
+        extra_args: vec!["--upgrade-interval".into(), "3".into()],
+        ..spec("5-relay-upgrade")
+    };
+    let (mut alice, mut bob) = start_pair(&lab, &rv, bin(), &spec).expect("peers");
+    for p in [&mut alice, &mut bob] {
+        let line = p
+            .wait_stderr_starting(&["connected to ", "peer: "])
+            .expect("an outcome");
+        assert!(
+            line.contains("relayed via the rendezvous"),
+            "{}: {line}",
+            p.name
+        );
+    }
+    const LINES: u32 = 40;
+    for i in 1..=LINES {
+        alice.send(&format!("a{i}\n")).expect("send");
+        bob.send(&format!("b{i}\n")).expect("send");
+        if i == 5 {
+            lab.delete_table(punchline_lab::Side::A, "cut")
+                .expect("restore the path");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for p in [&mut alice, &mut bob] {
+        let line = p
+            .wait_stderr("switched to a direct link")
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+        eprintln!("{}: {line}", p.name);
+    }
+    for (p, from, prefix) in [(&mut bob, "alice", 'a'), (&mut alice, "bob", 'b')] {
+        let got: Vec<String> = (0..LINES)
+            .map_while(|_| p.try_recv(Duration::from_secs(30)))
+            .collect();
+        let want: Vec<String> = (1..=LINES)
+            .map(|i| format!("{from}: {prefix}{i}"))
+            .collect();
+        assert_eq!(got, want, "{} received", p.name);
+        assert!(
+            p.try_recv(Duration::from_secs(1)).is_none(),
+            "{}: a line came twice",
+            p.name
+        );
+    }
+    alice.close_stdin();
+    assert!(
+        alice.wait().expect("alice exits").success(),
+        "{:?}",
+        alice.drain_stderr()
+    );
+    assert!(
+        bob.wait().expect("bob exits").success(),
+        "{:?}",
+        bob.drain_stderr()
+    );
 }

@@ -22,6 +22,7 @@ fn connect(lab: &Lab, rv: &Rendezvous, code: &str) -> Box<Connected> {
         port_b: 40001,
         strategy: OURS,
         punch_timeout: Duration::from_secs(10),
+        extra_args: Vec::new(),
     };
     match punch(lab, rv, Path::new(env!("CARGO_BIN_EXE_peer")), &spec)
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()))

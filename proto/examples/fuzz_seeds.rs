@@ -44,6 +44,8 @@ fn main() -> std::io::Result<()> {
         PeerToServer::Allocate,
         PeerToServer::Reflect,
         PeerToServer::DialBack,
+        PeerToServer::Relay,
+        PeerToServer::Relayed(vec![0xee; 120]),
     ];
     // A whole conversation in one stream, too, as the server reads it.
     write_stream(&root.join("rendezvous_input"), &to_server)?;
@@ -81,6 +83,8 @@ fn main() -> std::io::Result<()> {
             result: punchline_proto::DialBackResult::NoAnswer,
             elapsed_ms: 2500,
         },
+        ServerToPeer::Relaying,
+        ServerToPeer::Relayed(vec![0xdd; 120]),
     ];
     write_stream(&root.join("peer_from_rendezvous"), &to_peer)?;
 
@@ -108,6 +112,7 @@ fn main() -> std::io::Result<()> {
         Chat::Ack { upto: 7 },
         Chat::Ping,
         Chat::Resume { next: 3 },
+        Chat::TryDirect,
     ]
     .iter()
     .enumerate()

@@ -367,6 +367,10 @@ pub enum Chat {
         /// The next sequence number expected.
         next: u64,
     },
+    /// On a relayed link, from the side the rendezvous named leader: let us both
+    /// try for a direct link now (through the rendezvous again, by session); the
+    /// relay carries on until one is up.
+    TryDirect,
 }
 
 /// Why a field of a message is not acceptable.

@@ -75,6 +75,10 @@ struct Args {
     #[arg(long)]
     no_relay: bool,
 
+    /// While relayed, seconds between tries for a direct link
+    #[arg(long, value_name = "SECS", default_value_t = punchline_peer::UPGRADE_INTERVAL.as_secs(), hide = true)]
+    upgrade_interval: u64,
+
     /// Do not keep typed lines in the history file (by default they are kept in
     /// $XDG_DATA_HOME/punchline/history, readable by you only)
     #[arg(long)]
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
         },
         timestamps: args.timestamps,
         relay: !args.no_relay,
+        upgrade_interval: Duration::from_secs(args.upgrade_interval.max(1)),
         history: if args.no_history {
             None
         } else {
