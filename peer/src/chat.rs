@@ -94,6 +94,9 @@ pub struct ChatContext {
     pub stats: ChatStats,
     /// Numbered lines, across links.
     pub reliable: Reliable,
+    /// The last round trip measured by the chat itself (a line or keepalive
+    /// and its acknowledgement).
+    pub rtt: Option<Duration>,
 }
 
 /// Lines, numbered and acknowledged, that outlive any one link.
@@ -436,6 +439,16 @@ impl<'a> Carrier<'a> {
                 return Ok(self.send(Chat::Ack { upto }).await);
             }
             Chat::Ack { upto } => {
+                let now = Instant::now();
+                let line_sent = ctx
+                    .reliable
+                    .unacked
+                    .iter()
+                    .find(|p| p.seq == upto)
+                    .and_then(|p| p.sent);
+                if let Some(sent) = line_sent.or(self.ping_sent) {
+                    ctx.rtt = Some(now - sent);
+                }
                 ctx.reliable.ack(upto);
                 self.ping_sent = None;
             }
@@ -516,9 +529,15 @@ fn info_lines(link: &SecureLink, ctx: &ChatContext) -> Vec<String> {
         .iter()
         .map(|(label, value)| format!("{label:<12} {value}"))
         .collect();
-    let rtt = link.rtt().map_or("unknown".to_owned(), |d| {
-        format!("{:.1} ms (the kernel's estimate)", d.as_secs_f64() * 1000.0)
-    });
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let rtt = match (link.rtt(), ctx.rtt) {
+        (Some(kernel), _) => format!("{:.1} ms (the kernel's estimate)", ms(kernel)),
+        (None, Some(chat)) => format!(
+            "{:.1} ms (the last line or keepalive and its acknowledgement)",
+            ms(chat)
+        ),
+        (None, None) => "not measured yet (after the first line or keepalive)".to_owned(),
+    };
     lines.push(format!("{:<12} {rtt}", "rtt"));
     let (sent, received) = link.bytes();
     lines.push(format!(

@@ -193,6 +193,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         facts: met.facts(),
         stats: chat::ChatStats::default(),
         reliable: chat::Reliable::default(),
+        rtt: None,
     };
     let style = ui::Style::for_stdout(opts.timestamps);
     let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
