@@ -629,12 +629,21 @@ impl Lab {
     /// (`nf_conntrack_tcp_loose`; home routers that forget a flow do not).
     pub fn set_conntrack_tcp(&self, side: Side, established: Duration, loose: bool) -> Result<()> {
         for ns in self.routers(side) {
-            let timeout = format!(
-                "net.netfilter.nf_conntrack_tcp_timeout_established={}",
-                established.as_secs()
-            );
-            let loose = format!("net.netfilter.nf_conntrack_tcp_loose={}", u8::from(loose));
-            cmd::ip_netns_exec(ns, "sysctl", &["-q", "-w", &timeout, &loose])?;
+            // /proc/sys/net is per namespace: a thread inside `ns` sets its values.
+            netns::run_in(ns, || -> Result<()> {
+                let set = |name: &str, value: String| {
+                    let path = format!("/proc/sys/net/netfilter/{name}");
+                    std::fs::write(&path, value).map_err(|source| LabError::Io {
+                        what: format!("writing {path} in {ns}"),
+                        source,
+                    })
+                };
+                set(
+                    "nf_conntrack_tcp_timeout_established",
+                    established.as_secs().to_string(),
+                )?;
+                set("nf_conntrack_tcp_loose", u8::from(loose).to_string())
+            })??;
         }
         Ok(())
     }
