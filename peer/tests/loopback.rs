@@ -470,3 +470,38 @@ fn interrupt(pid: u32) {
         .args(["-INT", &pid.to_string()])
         .status();
 }
+
+/// `peer doctor` against a rendezvous on IPv6 loopback: it reaches it over IPv6,
+/// reflects both ports, has the server dial back (reset: nothing listens), and
+/// proves the kernel's self-connect.
+#[test]
+fn the_doctor_checks_a_rendezvous_over_ipv6() {
+    let rv = Rendezvous::on(
+        std::net::Ipv6Addr::LOCALHOST.into(),
+        punchline_rendezvous::Config::default(),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peer"))
+        .args(["doctor", "--server", &rv.addr.to_string()])
+        .env_remove("PUNCHLINE_SERVER")
+        .output()
+        .expect("run peer doctor");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "NAT                      no: this host has a public address",
+        "mapping                  endpoint-independent",
+        "unsolicited inbound SYN  reset at once",
+        "simultaneous open        works",
+        &format!(
+            "IPv6                     reachable at {}; it sees this host as [::1]:",
+            rv.addr
+        ),
+        "verdict: direct chats should work",
+    ] {
+        assert!(report.contains(needle), "no {needle:?} in:\n{report}");
+    }
+}

@@ -27,10 +27,15 @@ impl Rendezvous {
 
     /// Serves on 127.0.0.1, with the probe port next to the main port.
     pub fn with_config(config: Config) -> Rendezvous {
+        Self::on(std::net::Ipv4Addr::LOCALHOST.into(), config)
+    }
+
+    /// Serves on `ip`, with the probe port next to the main port.
+    pub fn on(ip: std::net::IpAddr, config: Config) -> Rendezvous {
         let (listener, probe) = loop {
-            let main = TcpListener::bind("127.0.0.1:0").expect("bind rendezvous");
+            let main = TcpListener::bind((ip, 0)).expect("bind rendezvous");
             let port = main.local_addr().expect("addr").port();
-            if let Ok(probe) = TcpListener::bind(("127.0.0.1", port.wrapping_add(1))) {
+            if let Ok(probe) = TcpListener::bind((ip, port.wrapping_add(1))) {
                 break (main, probe);
             }
         };
