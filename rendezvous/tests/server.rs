@@ -395,12 +395,20 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
         let (mut b, _) = hello(server, code, "b", vec![]).await;
         go(&mut a).await;
         go(&mut b).await;
+        let direct = matches!(outcome, punchline_proto::PunchOutcome::Direct { .. });
         a.send(PeerToServer::Report(outcome.clone()))
             .await
             .expect("report");
         b.send(PeerToServer::Report(outcome)).await.expect("report");
-        assert_closed(&mut a).await;
-        assert_closed(&mut b).await;
+        if direct {
+            // After a direct punch the server closes first.
+            assert_closed(&mut a).await;
+            assert_closed(&mut b).await;
+        } else {
+            // After a failure it waits for a relay request; peers that want none
+            // just leave.
+            drop((a, b));
+        }
     }
     // A third peer for a paired code, and a malformed hello.
     let (mut a, _) = hello(server, "23", "a", vec![]).await;
@@ -544,4 +552,75 @@ async fn reflect_and_dial_back_answer_the_doctor_then_a_hello_still_works() {
     let again = ask(&mut c, PeerToServer::DialBack).await;
     assert_eq!(error_code(&again), Some(ErrorCode::Malformed), "{again:?}");
     assert_closed(&mut c).await;
+}
+
+/// Pairs two clients and has both ask for the relay after a failed punch.
+async fn relayed_pair(
+    server: SocketAddr,
+    code: &str,
+) -> (Client, Client, ServerToPeer, ServerToPeer) {
+    let (mut a, _) = hello(server, code, "a", vec![]).await;
+    let (mut b, _) = hello(server, code, "b", vec![]).await;
+    go(&mut a).await;
+    go(&mut b).await;
+    let failed = PeerToServer::Report(punchline_proto::PunchOutcome::Failed { attempts: 3 });
+    for c in [&mut a, &mut b] {
+        c.send(failed.clone()).await.expect("report");
+    }
+    let ra = ask(&mut a, PeerToServer::Relay).await;
+    let rb = ask(&mut b, PeerToServer::Relay).await;
+    (a, b, ra, rb)
+}
+
+#[tokio::test]
+async fn a_failed_pair_is_relayed_both_ways_within_its_allowance() {
+    let config = Config {
+        relay_bytes: 1000,
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let (mut a, mut b, ra, rb) = relayed_pair(server, "51").await;
+    assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
+    a.send(PeerToServer::Relayed(b"to b".to_vec()))
+        .await
+        .expect("send");
+    assert_eq!(next(&mut b).await, ServerToPeer::Relayed(b"to b".to_vec()));
+    b.send(PeerToServer::Relayed(b"to a".to_vec()))
+        .await
+        .expect("send");
+    assert_eq!(next(&mut a).await, ServerToPeer::Relayed(b"to a".to_vec()));
+    // Past the pair's allowance (1000 bytes, both ways together) the relay ends.
+    a.send(PeerToServer::Relayed(vec![0; 995]))
+        .await
+        .expect("send");
+    let refusal = next(&mut a).await;
+    assert_eq!(
+        error_code(&refusal),
+        Some(ErrorCode::RelayUnavailable),
+        "{refusal:?}"
+    );
+    assert_closed(&mut a).await;
+    // The other side's relay closes with it.
+    assert_closed(&mut b).await;
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_relay_says_so() {
+    let config = Config {
+        relay: false,
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let (_a, _b, ra, rb) = relayed_pair(server, "52").await;
+    for reply in [ra, rb] {
+        assert_eq!(
+            error_code(&reply),
+            Some(ErrorCode::RelayUnavailable),
+            "{reply:?}"
+        );
+        assert!(
+            matches!(&reply, ServerToPeer::Error { message, .. } if message.contains("does not relay")),
+            "{reply:?}"
+        );
+    }
 }
