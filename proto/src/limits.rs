@@ -130,6 +130,44 @@ impl Rate {
     }
 }
 
+/// A pace for a stream of bytes: a bucket of `burst` bytes refilled at
+/// `per_sec`. Instead of refusing, it says how long to wait before sending, so a
+/// sender held to it slows down (and TCP's flow control passes that on).
+#[derive(Debug, Clone)]
+pub struct Pace {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pace {
+    /// A full bucket of `burst` bytes, refilled at `per_sec` bytes a second.
+    pub fn new(per_sec: u64, burst: u64, now: Instant) -> Self {
+        let burst = burst.max(1) as f64;
+        Pace {
+            per_sec: per_sec.max(1) as f64,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes `n` bytes; returns how long to wait before sending them (zero if
+    /// the bucket held enough).
+    pub fn take(&mut self, n: usize, now: Instant) -> std::time::Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.per_sec)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -190,5 +228,22 @@ mod tests {
         // Two seconds later both buckets are full again: forgotten, room for more.
         assert!(r.allow(ip(3), t0 + Duration::from_secs(2)));
         assert!(r.addresses() <= 2);
+    }
+
+    #[test]
+    fn a_pace_lets_a_burst_through_then_spaces_the_rest() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(1000, 500, t0);
+        assert_eq!(pace.take(500, t0), Duration::ZERO);
+        // 250 bytes more: a quarter of a second at 1000 B/s.
+        assert_eq!(pace.take(250, t0), Duration::from_millis(250));
+        // Once that time has passed the debt is paid, and the next 100 bytes
+        // wait a tenth of a second again.
+        let t1 = t0 + Duration::from_millis(250);
+        assert_eq!(pace.take(100, t1), Duration::from_millis(100));
+        // A long pause refills the bucket, but only up to the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(pace.take(500, t2), Duration::ZERO);
+        assert!(pace.take(1, t2) > Duration::ZERO);
     }
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::limits::{Concurrent, Rate};
+use punchline_proto::limits::{Concurrent, Pace, Rate};
 use punchline_proto::pairing::{ConnId, Join, Rooms};
 use punchline_proto::timing::{go_delays, RttEstimator};
 use punchline_proto::{
@@ -68,6 +68,11 @@ pub const DEFAULT_MAX_RELAYS: usize = 200;
 
 /// Default allowance of relayed bytes per pair: about 100,000 chat lines.
 pub const DEFAULT_RELAY_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Default pace of a relayed pair, bytes a second: about 500 chat lines a second,
+/// after a burst of four seconds' worth. With [`DEFAULT_MAX_RELAYS`] pairs that
+/// bounds what relaying can take to about 25 MiB/s.
+pub const DEFAULT_RELAY_RATE: u64 = 128 * 1024;
 
 /// Default cap on rooms (codes waiting or in use).
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
@@ -155,6 +160,8 @@ pub struct Config {
     pub max_relays: usize,
     /// Most bytes relayed for one pair (both directions together).
     pub relay_bytes: u64,
+    /// Bytes a second relayed for one pair (both directions together).
+    pub relay_rate: u64,
 }
 
 impl Default for Config {
@@ -173,6 +180,7 @@ impl Default for Config {
             relay: true,
             max_relays: DEFAULT_MAX_RELAYS,
             relay_bytes: DEFAULT_RELAY_BYTES,
+            relay_rate: DEFAULT_RELAY_RATE,
         }
     }
 }
@@ -674,8 +682,8 @@ async fn serve(
                     role: Role::Leader,
                     session,
                 };
-                let budget = Arc::new(AtomicU64::new(shared.config.relay_bytes));
-                let (relay_mine, relay_theirs) = relay_ends(budget);
+                let (relay_mine, relay_theirs) =
+                    relay_ends(shared.config.relay_bytes, shared.config.relay_rate);
                 let event = Event::Go {
                     go: theirs,
                     delay: their_delay,
@@ -834,24 +842,39 @@ struct RelayEnd {
     tx: mpsc::Sender<Vec<u8>>,
     rx: mpsc::Receiver<Vec<u8>>,
     budget: Arc<AtomicU64>,
+    /// The pair's pace, both directions together.
+    pace: Arc<Mutex<Pace>>,
 }
 
-fn relay_ends(budget: Arc<AtomicU64>) -> (RelayEnd, RelayEnd) {
+fn relay_ends(budget: u64, rate: u64) -> (RelayEnd, RelayEnd) {
     let (to_b, from_a) = mpsc::channel(RELAY_QUEUE);
     let (to_a, from_b) = mpsc::channel(RELAY_QUEUE);
+    let budget = Arc::new(AtomicU64::new(budget));
+    let burst = rate.saturating_mul(RELAY_BURST_SECONDS);
+    let pace = Arc::new(Mutex::new(Pace::new(
+        rate,
+        burst,
+        Instant::now().into_std(),
+    )));
     (
         RelayEnd {
             tx: to_b,
             rx: from_b,
             budget: budget.clone(),
+            pace: pace.clone(),
         },
         RelayEnd {
             tx: to_a,
             rx: from_a,
             budget,
+            pace,
         },
     )
 }
+
+/// A relayed pair may send this many seconds' worth of its rate at once (a
+/// pasted page, say) before the pace applies.
+const RELAY_BURST_SECONDS: u64 = 4;
 
 /// Gives back a relay slot however the relay ends.
 struct RelaySlot<'a>(&'a Shared);
@@ -911,6 +934,16 @@ async fn relay_for(
                         return reject(conn, metrics, Reject::relay_budget, msg).await;
                     }
                     metrics.relayed_bytes.inc_by(n);
+                    let wait = end
+                        .pace
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(bytes.len(), Instant::now().into_std());
+                    if !wait.is_zero() {
+                        // Held to the pair's pace: reading from this peer waits too,
+                        // so its sending slows down by TCP's own flow control.
+                        sleep(wait).await;
+                    }
                     if timeout(SEND_TIMEOUT, end.tx.send(bytes)).await.map_or(true, |r| r.is_err()) {
                         // The other peer's side is gone or stuck: closing tells this
                         // peer its link dropped.

@@ -624,3 +624,28 @@ async fn a_server_that_does_not_relay_says_so() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_relay_faster_than_its_pace_is_slowed_not_cut_off() {
+    let config = Config {
+        relay_rate: 2000,
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let (mut a, mut b, ra, rb) = relayed_pair(server, "53").await;
+    assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
+    // 12,000 bytes against a burst of 8,000 and 2,000 a second: all of it arrives.
+    for _ in 0..12 {
+        a.send(PeerToServer::Relayed(vec![7; 1000]))
+            .await
+            .expect("send");
+    }
+    let mut got = 0;
+    while got < 12_000 {
+        match next(&mut b).await {
+            ServerToPeer::Relayed(piece) => got += piece.len(),
+            other => panic!("expected relayed bytes, got {other:?}"),
+        }
+    }
+    assert_eq!(got, 12_000);
+}

@@ -129,6 +129,16 @@ struct Args {
     )]
     relay_bytes: u64,
 
+    /// Bytes a second relayed for one pair, both ways together (after a burst of
+    /// four seconds' worth); a faster sender is slowed down, not cut off
+    #[arg(
+        long,
+        env = "PUNCHLINE_RELAY_RATE",
+        value_name = "BYTES",
+        default_value_t = server::DEFAULT_RELAY_RATE
+    )]
+    relay_rate: u64,
+
     /// Serve metrics (Prometheus text format) at http://ADDR:PORT/metrics; no
     /// authentication, so keep it on loopback or a private address [default: off]
     #[arg(long, env = "PUNCHLINE_METRICS", value_name = "ADDR:PORT")]
@@ -215,6 +225,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         relay: !args.no_relay,
         max_relays: args.max_relays,
         relay_bytes: args.relay_bytes,
+        relay_rate: args.relay_rate,
     };
     check_file_limit(args.max_connections);
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
