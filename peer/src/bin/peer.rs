@@ -15,9 +15,14 @@ use punchline_proto::punch::RetryPolicy;
 /// who runs `peer CODE`. The rendezvous server introduces the two peers; then both
 /// connect to each other at the same moment from a fixed local port, so a direct
 /// TCP link forms through both NATs (TCP simultaneous open), and the chat runs over
-/// it, end-to-end encrypted with a key only holders of the code can derive. Lines typed are sent; lines received are shown as
-/// `NAME: TEXT`. When stdin is not a terminal, each input line is one message and
-/// the peer exits once all of them are delivered.
+/// it, end-to-end encrypted with a key only holders of the code can derive. If no
+/// direct link forms, the rendezvous relays the encrypted chat instead; if the link
+/// drops, both sides reconnect and resume without losing a line.
+///
+/// Lines typed are sent; lines received are shown as `NAME: TEXT`. When stdin is
+/// not a terminal, each input line is one message and the peer exits once all of
+/// them are delivered. `peer doctor` checks whether direct chats will work from
+/// this host.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Args {
