@@ -287,7 +287,7 @@ async fn try_candidate(c: Candidate) {
             AttemptFailure::NoAnswer => t.no_answer += 1,
             AttemptFailure::AddressBusy | AttemptFailure::Other => t.other += 1,
         });
-        let pause = c.policy.pause(failure, c.start.elapsed(), attempt);
+        let pause = c.policy.pause(failure, c.start.elapsed());
         tracing::trace!(addr = %c.addr, attempt, ?failure, ?pause, "attempt failed");
         if pause.is_zero() {
             // A zero-length tokio sleep still waits for the next timer tick (1 ms);

@@ -10,13 +10,9 @@
 //!   first [`FAST_WINDOW`] after the go, retry immediately: the rate is clocked by
 //!   the round trip (each attempt waits for its RST), and on a path with almost no
 //!   delay (loopback, a LAN) the two sides' SYN_SENT windows are microseconds long,
-//!   so only a fast succession of attempts overlaps them (a few hundred on a LAN).
-//!   At most [`FAST_ATTEMPTS`] of them, though: when the reset comes from a router
-//!   next door (a NAT or firewall that rejects rather than drops) the round trip is
-//!   tens of microseconds, and an unbounded window would send over ten thousand
-//!   SYNs. After the window, or that many attempts, the other side is evidently not
-//!   answering yet: slow down to [`RETRY_REFUSED_SLOW`] to stay polite towards
-//!   whatever is at that address.
+//!   so only a fast succession of attempts overlaps them. After the window the other
+//!   side is evidently not answering yet: slow down to [`RETRY_REFUSED_SLOW`] to stay
+//!   polite towards whatever is at that address.
 //! - No answer within [`ATTEMPT_TIMEOUT`]: the SYN was dropped (a NAT filtering
 //!   unsolicited inbound) and no SYN of the other side arrived either. Start over at
 //!   once: a new SYN re-opens our NAT's mapping.
@@ -35,9 +31,6 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2500);
 
 /// Time after the go during which a refused attempt is retried at once.
 pub const FAST_WINDOW: Duration = Duration::from_secs(1);
-
-/// Most immediate retries on one candidate within the fast window.
-pub const FAST_ATTEMPTS: u32 = 512;
 
 /// Pause after a refused attempt once the fast window is over.
 pub const RETRY_REFUSED_SLOW: Duration = Duration::from_millis(250);
@@ -58,13 +51,11 @@ pub enum AttemptFailure {
     Other,
 }
 
-/// The pause before the next attempt, after `failure` ended attempt number
-/// `attempt` (from 1) on one candidate, `since_go` after the go.
-pub fn retry_pause(failure: AttemptFailure, since_go: Duration, attempt: u32) -> Duration {
+/// The pause before the next attempt, after `failure` ended an attempt on one
+/// candidate, `since_go` after the go.
+pub fn retry_pause(failure: AttemptFailure, since_go: Duration) -> Duration {
     match failure {
-        AttemptFailure::Refused if since_go < FAST_WINDOW && attempt < FAST_ATTEMPTS => {
-            Duration::ZERO
-        }
+        AttemptFailure::Refused if since_go < FAST_WINDOW => Duration::ZERO,
         AttemptFailure::Refused => RETRY_REFUSED_SLOW,
         AttemptFailure::NoAnswer => Duration::ZERO,
         AttemptFailure::AddressBusy => RETRY_ADDR_BUSY,
@@ -85,11 +76,10 @@ pub enum RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The pause after `failure` ended attempt number `attempt`, `since_go`
-    /// after the go.
-    pub fn pause(self, failure: AttemptFailure, since_go: Duration, attempt: u32) -> Duration {
+    /// The pause after `failure`, `since_go` after the go.
+    pub fn pause(self, failure: AttemptFailure, since_go: Duration) -> Duration {
         match self {
-            RetryPolicy::Adaptive => retry_pause(failure, since_go, attempt),
+            RetryPolicy::Adaptive => retry_pause(failure, since_go),
             RetryPolicy::Fixed(pause) => pause,
         }
     }
@@ -102,34 +92,15 @@ mod tests {
     #[test]
     fn refusals_slow_down_after_the_fast_window() {
         let early = Duration::from_millis(3);
+        assert_eq!(retry_pause(AttemptFailure::Refused, early), Duration::ZERO);
         assert_eq!(
-            retry_pause(AttemptFailure::Refused, early, 1),
-            Duration::ZERO
-        );
-        assert_eq!(
-            retry_pause(AttemptFailure::Refused, FAST_WINDOW, 1),
+            retry_pause(AttemptFailure::Refused, FAST_WINDOW),
             RETRY_REFUSED_SLOW
         );
+        assert_eq!(retry_pause(AttemptFailure::NoAnswer, early), Duration::ZERO);
         assert_eq!(
-            retry_pause(AttemptFailure::NoAnswer, early, 1),
-            Duration::ZERO
-        );
-        assert_eq!(
-            retry_pause(AttemptFailure::AddressBusy, early, 1),
+            retry_pause(AttemptFailure::AddressBusy, early),
             RETRY_ADDR_BUSY
-        );
-    }
-
-    #[test]
-    fn immediate_retries_stop_after_a_few_hundred() {
-        let early = Duration::from_millis(3);
-        assert_eq!(
-            retry_pause(AttemptFailure::Refused, early, FAST_ATTEMPTS - 1),
-            Duration::ZERO
-        );
-        assert_eq!(
-            retry_pause(AttemptFailure::Refused, early, FAST_ATTEMPTS),
-            RETRY_REFUSED_SLOW
         );
     }
 
@@ -140,7 +111,7 @@ mod tests {
         let mut n = 0;
         while t < PUNCH_DEADLINE {
             n += 1;
-            t += retry_pause(AttemptFailure::Refused, t, n);
+            t += retry_pause(AttemptFailure::Refused, t);
         }
         assert!(n <= 40, "{n} slow attempts per candidate is too many");
     }
@@ -153,10 +124,10 @@ mod tests {
             AttemptFailure::NoAnswer,
             AttemptFailure::Other,
         ] {
-            assert_eq!(p.pause(f, Duration::ZERO, 1), Duration::from_millis(100));
+            assert_eq!(p.pause(f, Duration::ZERO), Duration::from_millis(100));
         }
         assert_eq!(
-            RetryPolicy::Adaptive.pause(AttemptFailure::Refused, Duration::ZERO, 1),
+            RetryPolicy::Adaptive.pause(AttemptFailure::Refused, Duration::ZERO),
             Duration::ZERO
         );
     }
