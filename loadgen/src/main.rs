@@ -526,7 +526,7 @@ async fn hold(server: &Server, sources: &[Ipv4Addr], args: &BenchArgs) -> anyhow
     let mut opened = 0usize;
     println!();
     println!(
-        "| waiting peers | server RSS | RSS per waiting peer (over the empty server's {:.1} MiB) | kernel TCP buffers per socket |",
+        "| waiting peers | server RSS | RSS per waiting peer (over the empty server's {:.1} MiB) | kernel slab per socket (both ends are on this host) |",
         mib(base)
     );
     println!("|---:|---:|---:|---:|");
@@ -596,26 +596,16 @@ async fn hold(server: &Server, sources: &[Ipv4Addr], args: &BenchArgs) -> anyhow
     Ok(())
 }
 
-/// Memory the kernel holds for TCP socket buffers, all sockets of the host
-/// (`mem` of /proc/net/sockstat, in pages).
+/// The kernel's slab memory (`Slab` of /proc/meminfo): where socket structures,
+/// their files and inodes live. Host-wide, so only its growth over a step says
+/// something, and only roughly (other work on the host moves it too).
 fn kernel_tcp_bytes() -> u64 {
-    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    let pages = sockstat
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
         .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| {
-            let mut words = l.split_whitespace();
-            while let Some(w) = words.next() {
-                if w == "mem" {
-                    return words.next()?.parse::<u64>().ok();
-                }
-            }
-            None
-        })
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
-    pages * page
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Lets the server's sweeper (500 ms) and allocator settle before a reading.
