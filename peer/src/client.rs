@@ -266,8 +266,12 @@ impl Rendezvous {
             }
         }
         let (ours, theirs) = tokio::io::duplex(RELAY_BUFFER);
-        tokio::spawn(bridge(self.conn, theirs));
-        Ok(LinkStream::Relayed(ours))
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            bridge(self.conn, theirs).await;
+            let _ = done_tx.send(());
+        });
+        Ok(LinkStream::Relayed(ours, Some(done)))
     }
 
     async fn send(&mut self, msg: PeerToServer) -> Result<(), PeerError> {
@@ -286,6 +290,16 @@ const RELAY_BUFFER: usize = 64 * 1024;
 /// side closes or fails; the chat then sees its link close and reconnects.
 async fn bridge(
     mut conn: Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>,
+    stream: tokio::io::DuplexStream,
+) {
+    relay_pieces(&mut conn, stream).await;
+    // Everything was written with a flush; close our side so the server sees
+    // the end after the last piece.
+    let _ = timeout(SEND_TIMEOUT, conn.close()).await;
+}
+
+async fn relay_pieces(
+    conn: &mut Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>,
     stream: tokio::io::DuplexStream,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

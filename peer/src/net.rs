@@ -58,16 +58,31 @@ pub fn lan_candidates(port: u16) -> Vec<SocketAddr> {
 pub enum LinkStream {
     /// A direct TCP connection.
     Tcp(tokio::net::TcpStream),
-    /// The local end of a stream the rendezvous relays.
-    Relayed(tokio::io::DuplexStream),
+    /// The local end of a stream the rendezvous relays, and the signal that the
+    /// task carrying it to the rendezvous has passed on everything and closed.
+    Relayed(
+        tokio::io::DuplexStream,
+        Option<tokio::sync::oneshot::Receiver<()>>,
+    ),
 }
 
 impl LinkStream {
+    /// Once the link is shut down: waits (up to `limit`) until the relay has
+    /// passed on everything written, so nothing is lost when the process exits
+    /// right after. Nothing to wait for on a direct link: the kernel has it.
+    pub async fn drained(&mut self, limit: std::time::Duration) {
+        if let LinkStream::Relayed(_, done) = self {
+            if let Some(done) = done.take() {
+                let _ = tokio::time::timeout(limit, done).await;
+            }
+        }
+    }
+
     /// The TCP connection, if direct.
     pub fn tcp(&self) -> Option<&tokio::net::TcpStream> {
         match self {
             LinkStream::Tcp(s) => Some(s),
-            LinkStream::Relayed(_) => None,
+            LinkStream::Relayed(..) => None,
         }
     }
 }
@@ -80,7 +95,7 @@ impl tokio::io::AsyncRead for LinkStream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            LinkStream::Relayed(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -93,7 +108,7 @@ impl tokio::io::AsyncWrite for LinkStream {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            LinkStream::Relayed(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -103,7 +118,7 @@ impl tokio::io::AsyncWrite for LinkStream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_flush(cx),
+            LinkStream::Relayed(s, _) => std::pin::Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -113,7 +128,7 @@ impl tokio::io::AsyncWrite for LinkStream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            LinkStream::Relayed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            LinkStream::Relayed(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
         }
     }
 }

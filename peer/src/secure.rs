@@ -86,6 +86,10 @@ impl KeyExchange {
     }
 }
 
+/// How long closing a relayed link waits for the relay to pass on what was
+/// written last (the goodbye).
+const RELAY_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a message could not be received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecvError {
@@ -227,6 +231,7 @@ impl SecureLink {
     /// Closes the sending direction.
     pub async fn close(&mut self) {
         let _ = self.link.close().await;
+        self.link.get_mut().drained(RELAY_DRAIN_TIMEOUT).await;
     }
 }
 
