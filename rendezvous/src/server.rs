@@ -892,7 +892,7 @@ impl Drop for RelaySlot<'_> {
 async fn relay_for(
     conn: &mut Conn,
     shared: &Shared,
-    mut end: RelayEnd,
+    end: RelayEnd,
     stop: &mut watch::Receiver<bool>,
     id: ConnId,
 ) -> Result<(), ConnError> {
@@ -916,16 +916,28 @@ async fn relay_for(
     send(conn, ServerToPeer::Relaying).await?;
     info!(id, "relaying");
     let mut last = Instant::now();
+    // A piece read from this peer, waiting for its time (the pair's pace) and for
+    // room in the other task's queue. While one waits, nothing more is read from
+    // this peer (TCP's flow control slows it down), but pieces for it are still
+    // passed on: two tasks each waiting for the other to make room cannot stall.
+    let mut pending: Option<(Vec<u8>, Instant)> = None;
+    let RelayEnd {
+        tx,
+        mut rx,
+        budget,
+        pace,
+    } = end;
     loop {
+        let due = pending.as_ref().map(|(_, at)| *at);
         tokio::select! {
-            frame = conn.next() => match frame {
+            frame = conn.next(), if pending.is_none() => match frame {
                 Some(Ok(PeerToServer::Relayed(bytes))) => {
                     last = Instant::now();
                     if bytes.len() > punchline_proto::MAX_RELAY_CHUNK {
                         return Err(ConnError::Protocol(format!("relayed piece of {} bytes", bytes.len())));
                     }
                     let n = bytes.len() as u64;
-                    let spent = end.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(n));
+                    let spent = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(n));
                     if spent.is_err() {
                         let msg = format!(
                             "this chat used up what the rendezvous relays for one chat ({} bytes); a direct connection has no such limit",
@@ -934,21 +946,11 @@ async fn relay_for(
                         return reject(conn, metrics, Reject::relay_budget, msg).await;
                     }
                     metrics.relayed_bytes.inc_by(n);
-                    let wait = end
-                        .pace
+                    let wait = pace
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .take(bytes.len(), Instant::now().into_std());
-                    if !wait.is_zero() {
-                        // Held to the pair's pace: reading from this peer waits too,
-                        // so its sending slows down by TCP's own flow control.
-                        sleep(wait).await;
-                    }
-                    if timeout(SEND_TIMEOUT, end.tx.send(bytes)).await.map_or(true, |r| r.is_err()) {
-                        // The other peer's side is gone or stuck: closing tells this
-                        // peer its link dropped.
-                        return Ok(());
-                    }
+                    pending = Some((bytes, Instant::now() + wait));
                 }
                 Some(Ok(PeerToServer::Pong { .. } | PeerToServer::Report(_))) => {}
                 None => return Ok(()),
@@ -957,7 +959,18 @@ async fn relay_for(
                 }
                 Some(Err(e)) => return Err(e.into()),
             },
-            piece = end.rx.recv() => match piece {
+            permit = async {
+                if let Some(at) = due {
+                    sleep_until(at).await;
+                }
+                tx.reserve().await
+            }, if due.is_some() => match (permit, pending.take()) {
+                (Ok(permit), Some((bytes, _))) => permit.send(bytes),
+                // The other peer's side is gone: closing tells this peer its link
+                // dropped.
+                _ => return Ok(()),
+            },
+            piece = rx.recv() => match piece {
                 Some(bytes) => {
                     last = Instant::now();
                     send(conn, ServerToPeer::Relayed(bytes)).await?;

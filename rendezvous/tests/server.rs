@@ -649,3 +649,48 @@ async fn a_relay_faster_than_its_pace_is_slowed_not_cut_off() {
     }
     assert_eq!(got, 12_000);
 }
+
+/// Both peers send more than the pair's pace lets through at once, at the same
+/// time, while reading: neither direction may stall the other, and every byte
+/// arrives.
+#[tokio::test]
+async fn a_relay_carries_both_directions_at_once_beyond_its_pace() {
+    let config = Config {
+        relay_rate: 4000,
+        ..Config::default()
+    };
+    let (server, _stop, _task) = start(config).await;
+    let (a, b, ra, rb) = relayed_pair(server, "54").await;
+    assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
+    const PIECES: usize = 200;
+    const SIZE: usize = 100;
+    // 20,000 bytes each way, 40,000 in all, against a burst of 16,000.
+    let run = |c: Client| {
+        tokio::spawn(async move {
+            let (mut sink, mut stream) = c.split();
+            let writer = async {
+                for _ in 0..PIECES {
+                    sink.send(PeerToServer::Relayed(vec![1; SIZE]))
+                        .await
+                        .expect("send");
+                }
+                sink
+            };
+            let reader = async {
+                let mut got = 0;
+                while got < PIECES * SIZE {
+                    match timeout(Duration::from_secs(30), stream.next()).await {
+                        Ok(Some(Ok(ServerToPeer::Relayed(piece)))) => got += piece.len(),
+                        other => panic!("after {got} bytes: {other:?}"),
+                    }
+                }
+                got
+            };
+            let (_sink, got) = tokio::join!(writer, reader);
+            got
+        })
+    };
+    let (got_a, got_b) = tokio::join!(run(a), run(b));
+    assert_eq!(got_a.expect("a"), PIECES * SIZE);
+    assert_eq!(got_b.expect("b"), PIECES * SIZE);
+}
