@@ -171,7 +171,9 @@ pub fn run(
                     port_b: port + 1,
                     strategy,
                     punch_timeout: timeout,
-                    extra_args: Vec::new(),
+                    // The punch is what is measured: a failure must stay one,
+                    // not turn into a relayed chat.
+                    extra_args: vec!["--no-relay".into()],
                 };
                 one_run(&lab, rv, peer_bin, &spec, sample)?;
             }

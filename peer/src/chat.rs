@@ -9,6 +9,12 @@
 //!    ends.
 //! 3. The answering `Bye` proves to the leaving side that everything it sent was
 //!    received; only then does it end successfully.
+//!
+//! Lines are numbered and acknowledged ([`Reliable`]), so a chat outlives its
+//! link: when no acknowledgement comes within [`ACK_TIMEOUT`] (a keepalive goes
+//! out after [`HEARTBEAT_INTERVAL`] of quiet), [`chat`] returns
+//! [`LinkEnd::Down`]; the caller gets a new link and calls [`chat`] again with
+//! `resuming`, and the two sides resend what the other missed.
 
 use std::collections::VecDeque;
 use std::time::Duration;

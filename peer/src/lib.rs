@@ -3,12 +3,16 @@
 //!
 //! 1. Bind the fixed port and connect to the rendezvous from it ([`client`]).
 //! 2. Say hello (nameplate, name, LAN candidates, SPAKE2 message); learn our
-//!    public address; wait for
-//!    the other peer and the synchronised go.
+//!    public address; wait for the other peer and the synchronised go.
 //! 3. Punch on all candidates at once; keep the one link both sides agree on
-//!    ([`punch`]). The rendezvous connection stays open until then.
+//!    ([`punch`]). The rendezvous connection stays open until then. If no link
+//!    forms, ask the rendezvous to relay instead ([`client::Rendezvous::relay`]).
 //! 4. Confirm the code and encrypt with Noise over the link ([`secure`]).
-//! 5. Chat over the link ([`chat`]), typed and shown by [`ui`].
+//! 5. Chat over the link ([`chat`]), typed and shown by [`ui`]. When the link
+//!    drops, steps 2 to 4 run again by the chat's session and the chat resumes;
+//!    while relayed, the peers try for a direct link now and then.
+//!
+//! [`doctor`] checks a host's NAT and kernel against a rendezvous, without a chat.
 
 pub mod chat;
 pub mod client;
@@ -656,13 +660,13 @@ async fn meet(
     };
     let elapsed_ms = punched.elapsed.as_millis();
     tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
-    rendezvous
-        .finish(PunchOutcome::Direct {
-            public: punched.kind == punch::CandidateKind::Public,
-            attempts: punched.attempts,
-            elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
-        })
-        .await;
+    // The report and the closing handshake with the rendezvous (a round trip to
+    // it) go on beside the encryption handshake, not before it.
+    tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
+        public: punched.kind == punch::CandidateKind::Public,
+        attempts: punched.attempts,
+        elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
+    }));
     let link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
     tracing::info!(verification = link.verification(), "encrypted");
     Ok(Met {
