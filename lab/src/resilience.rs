@@ -66,11 +66,6 @@ pub fn recovery_round(bin: &Path, round: u32, cut: Duration) -> Result<Recovery>
         return Err(failure("no direct link to start from"));
     };
     let b_public = lab.public_addr(Host::B);
-    let ruleset = format!(
-        "table ip cut {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    \
-         meta l4proto tcp ip daddr {b_public} reject with tcp reset\n    \
-         meta l4proto tcp ip saddr {b_public} reject with tcp reset\n  }}\n}}\n"
-    );
     const TICK: Duration = Duration::from_millis(100);
     let before = Duration::from_secs(1);
     let after = Duration::from_secs(4);
@@ -88,12 +83,12 @@ pub fn recovery_round(bin: &Path, round: u32, cut: Duration) -> Result<Recovery>
         c.b.send(&format!("b{n}\n"))?;
         let t = started.elapsed();
         if !cut_done && t >= before {
-            lab.nft(Side::A, &ruleset)?;
+            lab.cut_path(Side::A, b_public)?;
             cut_done = true;
             first_in_cut = Some(n + 1);
         }
         if cut_done && restored.is_none() && t >= before + cut {
-            lab.delete_table(Side::A, "cut")?;
+            lab.restore_path(Side::A)?;
             restored = Some(Instant::now());
         }
         let tick_end = Instant::now() + TICK;

@@ -556,6 +556,22 @@ fn peer_command(
     cmd
 }
 
+/// A ends its input (its goodbye); both must then exit successfully.
+pub fn leave(a: &mut PeerProcess, b: &mut PeerProcess) -> Result<()> {
+    a.close_stdin();
+    let sa = a.wait()?;
+    let sb = b.wait()?;
+    if sa.success() && sb.success() {
+        Ok(())
+    } else {
+        let (err_a, err_b) = (a.drain_stderr().to_vec(), b.drain_stderr().to_vec());
+        Err(LabError::Scenario(format!(
+            "exit statuses: {} {sa}, {} {sb}\n{}: {err_a:?}\n{}: {err_b:?}",
+            a.name, b.name, a.name, b.name
+        )))
+    }
+}
+
 /// Starts A ("alice"), waits until it waits for the other side, then starts B
 /// ("bob"); returns both, their outcome still to come.
 pub fn start_pair(
@@ -736,18 +752,7 @@ impl Connected {
 
     /// A leaves (end of input); both must exit successfully.
     pub fn finish(mut self) -> Result<()> {
-        self.a.close_stdin();
-        let a = self.a.wait()?;
-        let b = self.b.wait()?;
-        if a.success() && b.success() {
-            Ok(())
-        } else {
-            Err(LabError::Scenario(format!(
-                "exit statuses: alice {a}, bob {b}\nalice: {:?}\nbob: {:?}",
-                self.a.drain_stderr(),
-                self.b.drain_stderr()
-            )))
-        }
+        leave(&mut self.a, &mut self.b)
     }
 }
 

@@ -37,6 +37,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::cmd::{self, NFT};
+
+/// The nftables table of [`Lab::cut_path`].
+const CUT_TABLE: &str = "cut";
 use crate::error::{LabError, Result};
 use crate::names;
 use crate::nat::{NatKind, RouterRules, WAN_IF};
@@ -648,24 +651,35 @@ impl Lab {
         Ok(())
     }
 
-    /// Loads an nftables ruleset (`nft -f -`) in the router of `side` nearest
-    /// the host, e.g. to cut a path for a while; see [`Lab::delete_table`].
-    pub fn nft(&self, side: Side, ruleset: &str) -> Result<()> {
-        let ns = self
-            .routers(side)
-            .first()
-            .ok_or_else(|| LabError::InvalidConfig(format!("side {side:?} has no router")))?;
-        cmd::ip_netns_exec_with_stdin(ns, NFT, &["-f", "-"], Some(ruleset)).map(drop)
+    /// Cuts TCP between the host of `side` and `peer` (an address on the other
+    /// side) in the router of `side` nearest the host: every packet either way is
+    /// answered with a reset, so a connection between them breaks at once and new
+    /// ones are refused, until [`Lab::restore_path`].
+    pub fn cut_path(&self, side: Side, peer: Ipv4Addr) -> Result<()> {
+        let ruleset = format!(
+            "table ip {CUT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    \
+             meta l4proto tcp ip daddr {peer} reject with tcp reset\n    \
+             meta l4proto tcp ip saddr {peer} reject with tcp reset\n  }}\n}}\n"
+        );
+        cmd::ip_netns_exec_with_stdin(self.edge_router(side)?, NFT, &["-f", "-"], Some(&ruleset))
+            .map(drop)
     }
 
-    /// Deletes an nftables table (`ip` family) from the router of `side`
-    /// nearest the host.
-    pub fn delete_table(&self, side: Side, table: &str) -> Result<()> {
-        let ns = self
-            .routers(side)
+    /// Undoes [`Lab::cut_path`].
+    pub fn restore_path(&self, side: Side) -> Result<()> {
+        cmd::ip_netns_exec(
+            self.edge_router(side)?,
+            NFT,
+            &["delete", "table", "ip", CUT_TABLE],
+        )
+        .map(drop)
+    }
+
+    fn edge_router(&self, side: Side) -> Result<&str> {
+        self.routers(side)
             .first()
-            .ok_or_else(|| LabError::InvalidConfig(format!("side {side:?} has no router")))?;
-        cmd::ip_netns_exec(ns, NFT, &["delete", "table", "ip", table]).map(drop)
+            .map(String::as_str)
+            .ok_or_else(|| LabError::InvalidConfig(format!("side {side:?} has no router")))
     }
 
     /// Name of the internet router's namespace (where the WAN emulator runs).

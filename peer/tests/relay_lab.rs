@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use punchline_lab::prereq::available_or_skip;
-use punchline_lab::scenario::{punch, start_pair, Outcome, PunchSpec, Rendezvous, OURS};
+use punchline_lab::scenario::{leave, punch, start_pair, Outcome, PunchSpec, Rendezvous, OURS};
 use punchline_lab::{Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
@@ -61,17 +61,7 @@ fn chat_through_the_relay(name: &str, a: NatKind, b: NatKind) {
         assert_eq!(bob.recv().expect("line"), format!("alice: to bob {i}"));
         assert_eq!(alice.recv().expect("line"), format!("bob: to alice {i}"));
     }
-    alice.close_stdin();
-    assert!(
-        alice.wait().expect("alice exits").success(),
-        "{:?}",
-        alice.drain_stderr()
-    );
-    assert!(
-        bob.wait().expect("bob exits").success(),
-        "{:?}",
-        bob.drain_stderr()
-    );
+    leave(&mut alice, &mut bob).expect("both leave cleanly");
 }
 
 #[test]
@@ -152,12 +142,7 @@ fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
     }
     let lab = lab(NatKind::Home, NatKind::Home);
     let b_public = lab.public_addr(punchline_lab::Host::B);
-    let cut = format!(
-        "table ip cut {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    \
-         meta l4proto tcp ip daddr {b_public} reject with tcp reset\n    \
-         meta l4proto tcp ip saddr {b_public} reject with tcp reset\n  }}\n}}\n"
-    );
-    lab.nft(punchline_lab::Side::A, &cut)
+    lab.cut_path(punchline_lab::Side::A, b_public)
         .expect("cut the direct path");
     let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
     let spec = PunchSpec {
@@ -181,7 +166,7 @@ fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
         alice.send(&format!("a{i}\n")).expect("send");
         bob.send(&format!("b{i}\n")).expect("send");
         if i == 5 {
-            lab.delete_table(punchline_lab::Side::A, "cut")
+            lab.restore_path(punchline_lab::Side::A)
                 .expect("restore the path");
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -206,15 +191,5 @@ fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
             p.name
         );
     }
-    alice.close_stdin();
-    assert!(
-        alice.wait().expect("alice exits").success(),
-        "{:?}",
-        alice.drain_stderr()
-    );
-    assert!(
-        bob.wait().expect("bob exits").success(),
-        "{:?}",
-        bob.drain_stderr()
-    );
+    leave(&mut alice, &mut bob).expect("both leave cleanly");
 }

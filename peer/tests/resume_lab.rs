@@ -93,11 +93,6 @@ fn a_reset_and_cut_link_resumes_without_losing_or_doubling_a_line() {
     let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
     let mut c = connect(&lab, &rv, "6-cut-chat");
     let b_public = lab.public_addr(Host::B);
-    let cut = format!(
-        "table ip cut {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    \
-         meta l4proto tcp ip daddr {b_public} reject with tcp reset\n    \
-         meta l4proto tcp ip saddr {b_public} reject with tcp reset\n  }}\n}}\n"
-    );
     const LINES: u32 = 40;
     let started = Instant::now();
     let mut cut_at = None;
@@ -106,11 +101,11 @@ fn a_reset_and_cut_link_resumes_without_losing_or_doubling_a_line() {
         c.a.send(&format!("a{i}\n")).expect("alice types");
         c.b.send(&format!("b{i}\n")).expect("bob types");
         if i == 6 {
-            lab.nft(Side::A, &cut).expect("cut the path");
+            lab.cut_path(Side::A, b_public).expect("cut the path");
             cut_at = Some(started.elapsed());
         }
         if i == 16 {
-            lab.delete_table(Side::A, "cut").expect("restore the path");
+            lab.restore_path(Side::A).expect("restore the path");
             restored_at = Some(started.elapsed());
         }
         thread::sleep(Duration::from_millis(500));
