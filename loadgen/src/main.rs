@@ -453,8 +453,6 @@ async fn say_hello(source: Ipv4Addr, server: SocketAddr, nameplate: u64) -> anyh
     c.send(PeerToServer::Hello(Hello {
         version: PROTOCOL_VERSION,
         nameplate: nameplate.to_string(),
-        name: "load".into(),
-        candidates: Vec::new(),
         probe_observed: None,
         pake: vec![0; 33],
         resume: None,

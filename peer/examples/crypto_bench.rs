@@ -60,20 +60,25 @@ async fn plain_round() -> Duration {
 
 async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
     let (a, b) = pair().await;
-    let psk = [9u8; 32];
+    let psk = punchline_peer::secure::Secret::from_key([9u8; 32]);
+    let intro = |name: &str, chat_role| punchline_proto::Introduction {
+        name: name.into(),
+        chat_role,
+    };
+    let (ia, ib) = (intro("a", Role::Leader), intro("b", Role::Follower));
     let start = Instant::now();
     let (x, y) = tokio::join!(
         SecureLink::handshake(
             Framed::new(LinkStream::Tcp(a), FrameCodec::new()),
             Role::Leader,
             &psk,
-            "b"
+            &ia
         ),
         SecureLink::handshake(
             Framed::new(LinkStream::Tcp(b), FrameCodec::new()),
             Role::Follower,
             &psk,
-            "a"
+            &ib
         ),
     );
     let took = start.elapsed();

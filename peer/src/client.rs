@@ -220,6 +220,26 @@ impl Rendezvous {
         }
     }
 
+    /// After the go: sends our sealed box (our candidates) for the other peer.
+    pub async fn send_sealed(&mut self, sealed: Vec<u8>) -> Result<(), PeerError> {
+        self.send(PeerToServer::Sealed(sealed)).await
+    }
+
+    /// After the go: the other peer's sealed box, as the rendezvous passes it on
+    /// (answering pings meanwhile). The caller bounds the wait (the punch's
+    /// deadline); `Err` if the server closes or says something else.
+    pub async fn receive_sealed(&mut self) -> Result<Vec<u8>, PeerError> {
+        loop {
+            match self.conn.next().await {
+                Some(Ok(ServerToPeer::Sealed(sealed))) => return Ok(sealed),
+                Some(Ok(ServerToPeer::Ping { seq })) => {
+                    self.send(PeerToServer::Pong { seq }).await?
+                }
+                other => return Err(unexpected(other, "the other side's sealed candidates")),
+            }
+        }
+    }
+
     /// Reports the punch outcome and closes the connection (best effort: the
     /// report only feeds the server's statistics).
     ///
@@ -259,6 +279,8 @@ impl Rendezvous {
                 })?;
             match reply {
                 Some(Ok(ServerToPeer::Relaying)) => break,
+                // The other side's box, come after the punch gave up: too late.
+                Some(Ok(ServerToPeer::Sealed(_))) => {}
                 Some(Ok(ServerToPeer::Ping { seq })) => {
                     self.send(PeerToServer::Pong { seq }).await?
                 }
@@ -325,6 +347,7 @@ async fn relay_pieces(
                 Some(Ok(ServerToPeer::Ping { seq })) => {
                     let _ = conn.send(PeerToServer::Pong { seq }).await;
                 }
+                Some(Ok(ServerToPeer::Sealed(_))) => {}
                 Some(Ok(ServerToPeer::Error { message, .. })) => {
                     tracing::warn!("the rendezvous ended the relay: {message}");
                     break;

@@ -72,6 +72,13 @@ pub enum PeerError {
     /// The encryption handshake failed: a wrong code or an interception.
     #[error("{0}")]
     BadCode(String),
+    /// A later link of the chat failed to prove it holds the chat's secret:
+    /// someone other than the other peer answered.
+    #[error("{0}")]
+    NotAuthenticated(String),
+    /// The rendezvous paired two of this peer's own meetings with each other.
+    #[error("the new link led back to this peer itself")]
+    MetItself,
     /// A timeout while talking to the other peer.
     #[error("{0}")]
     Timeout(String),

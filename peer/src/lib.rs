@@ -27,8 +27,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use punchline_proto::{
-    codes::Code, sanitize_for_terminal, validate_name, Chat, Hello, Mapping, PunchOutcome, Role,
-    MAX_CANDIDATES, PROTOCOL_VERSION,
+    codes::Code, sanitize_for_terminal, validate_name, Chat, Hello, Introduction, Mapping,
+    PunchOutcome, Role, SealedCandidates, MAX_CANDIDATES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -182,12 +182,12 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     };
 
     // 2.-4. Meet, punch, secure.
-    let met = meet(&opts, rendezvous, &code, None, &mut status).await?;
-    let their_name = sanitize_for_terminal(&met.go.peer.name);
+    let met = meet(&opts, rendezvous, Keying::Code(&code), &mut status).await?;
+    let their_name = sanitize_for_terminal(&met.link.their_introduction().name);
     status.status(&format!("connected to {their_name}: {}", met.describe()));
     status.status(&format!(
         "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {})",
-        met.link.verification()
+        met.chat.words
     ));
 
     // 5. Chat, over new links as needed.
@@ -201,7 +201,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     };
     let style = ui::Style::for_stdout(opts.timestamps);
     let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
-    let verification = met.link.verification().to_owned();
+    let verification = met.chat.words.clone();
     let mut terminal = None;
     let mut lines_out = ui::LinesOutput { style };
     match mode {
@@ -224,7 +224,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             Some(term) => term,
             None => &mut lines_out,
         };
-        converse(&opts, &code, met, &mut ctx, &mut rx, output).await
+        converse(&opts, met, &mut ctx, &mut rx, output).await
     };
     if let Some(term) = terminal.as_mut() {
         term.restore();
@@ -243,20 +243,26 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     Ok(end)
 }
 
+/// How many later links may fail to authenticate before the chat ends: the
+/// first failure is shown and one more try is made; a second means someone keeps
+/// answering in the other peer's place.
+pub const MAX_AUTH_FAILURES: u32 = 2;
+
 /// The chat over `met`'s link, and over a new link (met again through the
-/// rendezvous, with the session of the first) each time a link drops.
+/// rendezvous, in the chat's own room and keyed by its secret) each time a link
+/// drops.
 async fn converse(
     opts: &Options,
-    code: &Code,
     mut met: Met,
     ctx: &mut chat::ChatContext,
     input: &mut mpsc::Receiver<chat::Input>,
     output: &mut dyn chat::Output,
 ) -> Result<ChatEnd, PeerError> {
-    let session = met.go.session;
+    let keys = met.chat.clone();
     let mut resuming = false;
+    let mut auth_failures = 0;
     // A direct link being tried for in the background while relayed.
-    let mut attempt: Option<oneshot::Receiver<Result<Met, PeerError>>> = None;
+    let mut attempt: Option<Background> = None;
     let mut next_upgrade = Instant::now() + opts.upgrade_interval;
     loop {
         // On a relayed link the leader asks, now and then, to try for a direct one.
@@ -269,7 +275,7 @@ async fn converse(
             output,
             resuming,
             upgrade_at,
-            attempt.as_mut(),
+            attempt.as_mut().map(|a| &mut a.result),
         )
         .await?;
         resuming = false;
@@ -282,7 +288,7 @@ async fn converse(
                 }
                 next_upgrade = Instant::now() + opts.upgrade_interval;
                 if attempt.is_none() {
-                    attempt = Some(try_direct(opts, code, session));
+                    attempt = Some(try_direct(opts, &keys));
                 }
                 continue;
             }
@@ -302,11 +308,13 @@ async fn converse(
                 continue;
             }
             chat::LinkEnd::Replaced(Err(e)) => {
-                tracing::info!(error = %e, "still no direct link; staying relayed");
                 attempt = None;
+                authentication_failed(&e, &mut auth_failures, ctx, output)?;
+                tracing::info!(error = %e, "still no direct link; staying relayed");
                 continue;
             }
         };
+        // The background try must not meet our own reconnect in the chat's room.
         attempt = None;
         met.link.abort();
         let dropped = Instant::now();
@@ -315,7 +323,16 @@ async fn converse(
             ctx.their_name
         ));
         let symmetric_here = met.mapping.is_symmetric();
-        met = relink(opts, code, session, symmetric_here, ctx, input, output).await?;
+        met = relink(
+            opts,
+            &keys,
+            symmetric_here,
+            &mut auth_failures,
+            ctx,
+            input,
+            output,
+        )
+        .await?;
         output.status(&format!(
             "link back after {:.1} s: {}",
             dropped.elapsed().as_secs_f64(),
@@ -327,44 +344,94 @@ async fn converse(
     }
 }
 
+/// Shows a later link's failed authentication (`e`) to the user at once, and
+/// ends the chat (`Err`) when it is the [`MAX_AUTH_FAILURES`]th. Any other error
+/// passes as `Ok`.
+fn authentication_failed(
+    e: &PeerError,
+    failures: &mut u32,
+    ctx: &chat::ChatContext,
+    output: &mut dyn chat::Output,
+) -> Result<(), PeerError> {
+    let PeerError::NotAuthenticated(why) = e else {
+        return Ok(());
+    };
+    *failures += 1;
+    tracing::warn!(
+        failures = *failures,
+        why,
+        "a new link failed authentication"
+    );
+    if *failures >= MAX_AUTH_FAILURES {
+        return Err(undelivered(
+            PeerError::NotAuthenticated(format!(
+                "a new link failed authentication {failures} times ({why}): someone who does not \
+                 hold this chat's secret keeps answering in {}'s place — the rendezvous, or someone \
+                 on the path to it, is interfering. The chat ends here; start a new one with a new \
+                 code, and compare the /verify words",
+                ctx.their_name
+            )),
+            ctx,
+        ));
+    }
+    output.status(&format!(
+        "warning: a new link failed authentication ({why}): someone who does not hold this \
+         chat's secret answered in {}'s place — the rendezvous, or someone on the path to it, may \
+         be interfering. Nothing was sent to it. One more try; a second failure ends the chat.",
+        ctx.their_name
+    ));
+    Ok(())
+}
+
 /// Longest a background try for a direct link may take: the meeting at the
 /// rendezvous (the other side asks at the same moment) and the punch.
 const TRY_DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A try for a direct link running in the background; dropping it stops it
+/// (so it can never meet our own reconnect in the chat's room).
+struct Background {
+    result: oneshot::Receiver<Result<Met, PeerError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Starts a try for a direct link in the background: meet the other peer again
-/// by session, from a fresh port, punch, secure; no relay this time.
-fn try_direct(
-    opts: &Options,
-    code: &Code,
-    session: punchline_proto::SessionToken,
-) -> oneshot::Receiver<Result<Met, PeerError>> {
+/// in the chat's room, from a fresh port, punch, secure; no relay this time.
+fn try_direct(opts: &Options, keys: &ChatKeys) -> Background {
     let (tx, rx) = oneshot::channel();
     let opts = Options {
         relay: false,
         ..opts.clone()
     };
-    let code = code.clone();
-    tokio::spawn(async move {
+    let keys = keys.clone();
+    let task = tokio::spawn(async move {
         let tried = tokio::time::timeout(TRY_DIRECT_TIMEOUT, async {
             let server = with_default_port(&opts.server);
             let rendezvous = client::Rendezvous::connect(&server, 0).await?;
-            meet(&opts, rendezvous, &code, Some(session), &mut QuietStatus).await
+            meet(&opts, rendezvous, Keying::Chat(&keys), &mut QuietStatus).await
         })
         .await
         .unwrap_or_else(|_| Err(PeerError::Timeout("no direct link in time".into())));
         let _ = tx.send(tried);
     });
-    rx
+    Background { result: rx, task }
 }
 
-/// Meets the other peer again with the chat's session until a new link is up,
-/// for at most [`RESUME_DEADLINE`]. Lines typed meanwhile are kept for the new
-/// link; leaving meanwhile ends the chat with the count of lines not delivered.
+/// Meets the other peer again in the chat's room until a new link is up, for at
+/// most [`RESUME_DEADLINE`]. Lines typed meanwhile are kept for the new link;
+/// leaving meanwhile ends the chat with the count of lines not delivered. A new
+/// link that fails to authenticate is shown at once, and ends the chat at the
+/// [`MAX_AUTH_FAILURES`]th.
 async fn relink(
     opts: &Options,
-    code: &Code,
-    session: punchline_proto::SessionToken,
+    keys: &ChatKeys,
     symmetric_here: bool,
+    auth_failures: &mut u32,
     ctx: &mut chat::ChatContext,
     input: &mut mpsc::Receiver<chat::Input>,
     output: &mut dyn chat::Output,
@@ -380,56 +447,57 @@ async fn relink(
     // forwarded one) matter more; then it is kept.
     let port = if symmetric_here { opts.port } else { 0 };
     let deadline = Instant::now() + RESUME_DEADLINE;
-    let mut quiet = QuietStatus;
-    let attempt = async {
-        loop {
-            let tried = async {
-                let rendezvous = client::Rendezvous::connect(&server, port).await?;
-                meet(opts, rendezvous, code, Some(session), &mut quiet).await
-            };
-            match tokio::time::timeout_at(deadline, tried).await {
-                Ok(Ok(met)) => return Ok(met),
-                Ok(Err(e)) => {
-                    tracing::info!(error = %e, "no new link yet");
-                    tokio::time::sleep(RESUME_RETRY_PAUSE).await;
-                }
-                Err(_) => {
-                    return Err(PeerError::Timeout(format!(
+    loop {
+        let tried = async {
+            let rendezvous = client::Rendezvous::connect(&server, port).await?;
+            meet(opts, rendezvous, Keying::Chat(keys), &mut QuietStatus).await
+        };
+        let tried = tokio::time::timeout_at(deadline, tried);
+        tokio::pin!(tried);
+        // Lines typed while no link carries them.
+        let result = loop {
+            tokio::select! {
+                result = &mut tried => break result,
+                typed = input.recv() => match typed {
+                    Some(chat::Input::Line(text)) => {
+                        if let Err(e) = punchline_proto::validate_line(&text) {
+                            output.status(&format!("not sent: {e}"));
+                        } else {
+                            ctx.reliable.push(text);
+                            ctx.stats.sent += 1;
+                            output.status("(kept; it goes out once the link is back)");
+                        }
+                    }
+                    Some(chat::Input::Info) => output.status("no link right now: reconnecting"),
+                    Some(chat::Input::Nick(_)) => output.status("name not changed: no link right now"),
+                    Some(chat::Input::Quit | chat::Input::Interrupted) | None => {
+                        return Err(undelivered(
+                            PeerError::LinkLost {
+                                name: ctx.their_name.clone(),
+                                why: "you left while reconnecting".into(),
+                            },
+                            ctx,
+                        ));
+                    }
+                },
+            }
+        };
+        match result {
+            Ok(Ok(met)) => return Ok(met),
+            Ok(Err(e)) => {
+                authentication_failed(&e, auth_failures, ctx, output)?;
+                tracing::info!(error = %e, "no new link yet");
+                tokio::time::sleep(RESUME_RETRY_PAUSE).await;
+            }
+            Err(_) => {
+                return Err(undelivered(
+                    PeerError::Timeout(format!(
                         "no new link within {} s",
                         RESUME_DEADLINE.as_secs()
-                    )))
-                }
+                    )),
+                    ctx,
+                ))
             }
-        }
-    };
-    tokio::pin!(attempt);
-    loop {
-        tokio::select! {
-            result = &mut attempt => {
-                return result.map_err(|e| undelivered(e, ctx));
-            }
-            typed = input.recv() => match typed {
-                Some(chat::Input::Line(text)) => {
-                    if let Err(e) = punchline_proto::validate_line(&text) {
-                        output.status(&format!("not sent: {e}"));
-                    } else {
-                        ctx.reliable.push(text);
-                        ctx.stats.sent += 1;
-                        output.status("(kept; it goes out once the link is back)");
-                    }
-                }
-                Some(chat::Input::Info) => output.status("no link right now: reconnecting"),
-                Some(chat::Input::Nick(_)) => output.status("name not changed: no link right now"),
-                Some(chat::Input::Quit | chat::Input::Interrupted) | None => {
-                    return Err(undelivered(
-                        PeerError::LinkLost {
-                            name: ctx.their_name.clone(),
-                            why: "you left while reconnecting".into(),
-                        },
-                        ctx,
-                    ));
-                }
-            },
         }
     }
 }
@@ -471,6 +539,27 @@ enum Path {
     Relayed { why: String },
 }
 
+/// What a meeting authenticates with.
+#[derive(Clone, Copy)]
+enum Keying<'a> {
+    /// The chat's first meeting: the code, by SPAKE2 through the rendezvous.
+    Code(&'a Code),
+    /// A later meeting of the chat: its secret.
+    Chat(&'a ChatKeys),
+}
+
+/// What a chat keeps from its first link for every later one.
+#[derive(Clone)]
+struct ChatKeys {
+    /// The chat's secret (from the code's key and the first handshake).
+    secret: secure::Secret,
+    /// Our role on the first link, fixed for the chat.
+    role: Role,
+    /// The verification words of the first link, which the secret binds every
+    /// later link to.
+    words: String,
+}
+
 /// A met peer: the go and our view of the meeting, and the secured link.
 struct Met {
     go: punchline_proto::Go,
@@ -479,6 +568,7 @@ struct Met {
     local_port: u16,
     path: Path,
     link: secure::SecureLink,
+    chat: ChatKeys,
 }
 
 impl Met {
@@ -549,9 +639,9 @@ impl Met {
             (
                 "encryption".to_owned(),
                 format!(
-                    "{} (key from the code by SPAKE2); verification {}",
+                    "{} (key from the code by SPAKE2 on the first link, from the chat's secret on later ones); verification {}",
                     secure::NOISE_PARAMS,
-                    self.link.verification()
+                    self.chat.words
                 ),
             ),
         ]
@@ -559,13 +649,12 @@ impl Met {
 }
 
 /// Probe, hello and wait on `rendezvous`, then punch and secure the link:
-/// steps 2 to 4 of a session. With `resume`, the peers meet by the session of
-/// a chat whose link dropped.
+/// steps 2 to 4 of a session. With [`Keying::Chat`], the peers meet again in the
+/// chat's room and authenticate with its secret (the code is not used again).
 async fn meet(
     opts: &Options,
     mut rendezvous: client::Rendezvous,
-    code: &Code,
-    resume: Option<punchline_proto::SessionToken>,
+    keying: Keying<'_>,
     status: &mut (dyn chat::Output + Send),
 ) -> Result<Met, PeerError> {
     let port = rendezvous.local_port;
@@ -573,27 +662,31 @@ async fn meet(
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
     let probe_observed = rendezvous.probe(probe_port).await;
-    let exchange = secure::KeyExchange::start(code);
-    let mut candidates = if opts.lan_candidates {
-        net::lan_candidates(port)
-    } else {
-        Vec::new()
+    let (exchange, hello) = match keying {
+        Keying::Code(code) => {
+            let exchange = secure::KeyExchange::start(code);
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                nameplate: code.nameplate.clone(),
+                probe_observed,
+                pake: exchange.message.clone(),
+                resume: None,
+            };
+            (Some(exchange), hello)
+        }
+        Keying::Chat(keys) => {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                nameplate: String::new(),
+                probe_observed,
+                pake: Vec::new(),
+                resume: Some(keys.secret.resume_room()),
+            };
+            (None, hello)
+        }
     };
-    candidates.extend(opts.extra_candidates.iter().copied());
-    candidates.dedup();
-    candidates.truncate(MAX_CANDIDATES);
-    let (observed, mapping) = rendezvous
-        .hello(Hello {
-            version: PROTOCOL_VERSION,
-            nameplate: code.nameplate.clone(),
-            name: opts.name.clone(),
-            candidates,
-            probe_observed,
-            pake: exchange.message.clone(),
-            resume,
-        })
-        .await?;
-    if resume.is_none() {
+    let (observed, mapping) = rendezvous.hello(hello).await?;
+    if exchange.is_some() {
         status.status(&format!(
             "waiting for the other side to join with the code (your public address: {observed}, local port {port})"
         ));
@@ -606,9 +699,26 @@ async fn meet(
     }
     let go = rendezvous.wait_for_go().await?;
     let start = Instant::now();
-    let their_name = sanitize_for_terminal(&go.peer.name);
-    let psk = exchange.finish(&go.peer.pake)?;
-    tracing::info!(peer = %their_name, observed = %go.peer.observed, role = %go.role, "go");
+    let (secret, chat_role) = match (exchange, keying) {
+        (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
+        (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
+        (None, Keying::Code(_)) => unreachable!("a first meeting always starts the exchange"),
+    };
+    tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
+
+    // Our candidates travel sealed: only the other peer can open them.
+    let mut candidates = if opts.lan_candidates {
+        net::lan_candidates(port)
+    } else {
+        Vec::new()
+    };
+    candidates.extend(opts.extra_candidates.iter().copied());
+    candidates.dedup();
+    candidates.truncate(MAX_CANDIDATES);
+    let sealed = secret.seal_candidates(go.role, &go.session, &SealedCandidates { candidates })?;
+    if let Err(e) = rendezvous.send_sealed(sealed).await {
+        tracing::debug!(error = %e, "could not send our candidates");
+    }
 
     let params = punch::PunchParams {
         local_port: port,
@@ -617,7 +727,56 @@ async fn meet(
         our_mapping: mapping,
         policy: opts.retry,
     };
-    let punched = match punch::punch(&go, &params, start).await {
+    let punched = {
+        let (late_tx, late_rx) = oneshot::channel();
+        let punching = punch::punch(&go, &params, start, late_rx);
+        tokio::pin!(punching);
+        enum First {
+            Punched(Result<punch::Punched, PeerError>),
+            Opened(Result<Vec<SocketAddr>, PeerError>),
+        }
+        let first = tokio::select! {
+            punched = &mut punching => First::Punched(punched),
+            opened = async {
+                let sealed = rendezvous.receive_sealed().await?;
+                match secret.open_candidates(go.role.other(), &go.session, &sealed) {
+                    Some(opened) => Ok(opened.candidates),
+                    None if secret.is_code_key() => Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into())),
+                    None => Err(PeerError::NotAuthenticated(
+                        "the other side's candidates were not sealed with this chat's secret".into(),
+                    )),
+                }
+            } => First::Opened(opened),
+        };
+        match first {
+            First::Punched(punched) => punched,
+            First::Opened(Ok(theirs)) => {
+                let _ = late_tx.send(theirs);
+                punching.await
+            }
+            First::Opened(Err(e @ (PeerError::BadCode(_) | PeerError::NotAuthenticated(_)))) => {
+                return Err(e)
+            }
+            First::Opened(Err(e)) => {
+                tracing::debug!(error = %e, "no candidates from the other side");
+                drop(late_tx);
+                punching.await
+            }
+        }
+    };
+    let ours = Introduction {
+        name: opts.name.clone(),
+        chat_role,
+    };
+    let keep = |link: &secure::SecureLink| match keying {
+        Keying::Code(_) => ChatKeys {
+            secret: secret.chat(link.handshake_hash()),
+            role: chat_role,
+            words: link.verification().to_owned(),
+        },
+        Keying::Chat(keys) => keys.clone(),
+    };
+    let punched = match punched {
         Ok(p) => p,
         Err(PeerError::PunchFailed {
             name,
@@ -637,14 +796,15 @@ async fn meet(
                 }
             };
             let link = tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
-            let link = secure::SecureLink::handshake(link, go.role, &psk, &their_name).await?;
+            let link = secure::SecureLink::handshake(link, go.role, &secret, &ours).await?;
             let why = first_sentence(&diagnosis);
-            tracing::info!(verification = link.verification(), "relayed and encrypted");
+            tracing::info!("relayed and encrypted");
             return Ok(Met {
                 observed,
                 mapping,
                 local_port: port,
                 path: Path::Relayed { why },
+                chat: keep(&link),
                 link,
                 go,
             });
@@ -667,8 +827,8 @@ async fn meet(
         attempts: punched.attempts,
         elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
     }));
-    let link = secure::SecureLink::handshake(punched.link, go.role, &psk, &their_name).await?;
-    tracing::info!(verification = link.verification(), "encrypted");
+    let link = secure::SecureLink::handshake(punched.link, go.role, &secret, &ours).await?;
+    tracing::info!("encrypted");
     Ok(Met {
         observed,
         mapping,
@@ -679,6 +839,7 @@ async fn meet(
             attempts: punched.attempts,
             elapsed_ms,
         },
+        chat: keep(&link),
         link,
         go,
     })

@@ -52,6 +52,21 @@ pub fn lan_candidates(port: u16) -> Vec<SocketAddr> {
     out
 }
 
+/// This host's own interface addresses, loopback excluded.
+pub fn own_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = if_addrs::get_if_addrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<IpAddr> = interfaces
+        .iter()
+        .filter(|i| !i.is_loopback())
+        .map(|i| i.ip())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What a link between the peers runs on: a direct TCP connection (punched), or
 /// a byte stream relayed through the rendezvous ([`crate::client::Rendezvous::relay`]).
 /// Both carry the same frames, encrypted end to end.

@@ -14,7 +14,7 @@
 //!    is dropped, so exactly one TCP connection survives on both ends.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
 use punchline_proto::punch::{AttemptFailure, RetryPolicy, ATTEMPT_TIMEOUT};
 use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken, MAX_CANDIDATES};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
@@ -96,17 +96,95 @@ pub struct PunchParams {
     pub policy: RetryPolicy,
 }
 
-/// The candidate addresses to try, public first, without duplicates. At most
-/// [`MAX_CANDIDATES`] LAN candidates are taken, as many as a hello may carry: a
-/// hostile rendezvous cannot make us send SYNs to a long list of addresses.
-pub fn candidates(go: &Go) -> Vec<(SocketAddr, CandidateKind)> {
-    let mut out = vec![(go.peer.observed, CandidateKind::Public)];
-    for &addr in go.peer.candidates.iter().take(MAX_CANDIDATES) {
-        if !out.iter().any(|(a, _)| *a == addr) {
-            out.push((addr, CandidateKind::Lan));
+/// Whether `addr`, offered by the other side (or by the rendezvous), is worth a
+/// SYN from this host. A hostile rendezvous or stranger could otherwise make us
+/// send SYNs wherever it likes, and an honest one's LAN candidates often point
+/// into our own LAN (most homes use the same private range). Dropped:
+///
+/// - port 0, unspecified, multicast and broadcast addresses: nothing answers
+///   there, or everybody does;
+/// - loopback, unless this host itself reaches the rendezvous over loopback
+///   (both peers on one machine, as when trying it out);
+/// - IPv6 link-local (it needs a scope the other host cannot know);
+/// - a family this host has no address of;
+/// - one of this host's own addresses while the other side's public address is
+///   not ours: two homes using the same private range, not the other peer.
+pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
+    let ip = addr.ip().to_canonical();
+    if addr.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    if let IpAddr::V4(v4) = ip {
+        if v4.is_broadcast() {
+            return false;
         }
     }
-    out
+    if let IpAddr::V6(v6) = ip {
+        if v6.is_unicast_link_local() {
+            return false;
+        }
+    }
+    if ip.is_loopback() {
+        return here.observed.ip().to_canonical().is_loopback();
+    }
+    if !here.own.iter().any(|own| own.is_ipv4() == ip.is_ipv4()) {
+        return false;
+    }
+    if here.own.contains(&ip) && !here.same_public_address {
+        return false;
+    }
+    true
+}
+
+/// What [`sane_candidate`] knows of this host.
+#[derive(Debug, Clone)]
+pub struct Here {
+    /// Our address as the rendezvous saw it.
+    pub observed: SocketAddr,
+    /// This host's own interface addresses (loopback excluded).
+    pub own: Vec<IpAddr>,
+    /// The other side's public address has our public IP: it is behind our NAT,
+    /// or on this very host.
+    pub same_public_address: bool,
+}
+
+impl Here {
+    /// This host, for a punch towards the peer whose public address is `theirs`.
+    pub fn new(observed: SocketAddr, theirs: SocketAddr) -> Here {
+        Here {
+            observed,
+            own: crate::net::own_addresses(),
+            same_public_address: observed.ip().to_canonical() == theirs.ip().to_canonical(),
+        }
+    }
+}
+
+/// Most candidates of one IP address: the public address and a port forwarded
+/// by hand on the same router are two; more would only multiply the SYNs one
+/// address receives.
+pub const MAX_CANDIDATES_PER_IP: usize = 2;
+
+/// Adds the sane ones among `offered` to `list` as `kind`, without duplicates,
+/// at most [`MAX_CANDIDATES`] + 1 in all and [`MAX_CANDIDATES_PER_IP`] per IP:
+/// a hostile party cannot make us send SYNs to a long list of addresses.
+pub fn add_candidates(
+    list: &mut Vec<(SocketAddr, CandidateKind)>,
+    offered: &[SocketAddr],
+    kind: CandidateKind,
+    here: &Here,
+) {
+    for &addr in offered {
+        if list.len() > MAX_CANDIDATES {
+            break;
+        }
+        let same_ip = list.iter().filter(|(a, _)| a.ip() == addr.ip()).count();
+        if sane_candidate(addr, here)
+            && !list.iter().any(|(a, _)| *a == addr)
+            && same_ip < MAX_CANDIDATES_PER_IP
+        {
+            list.push((addr, kind));
+        }
+    }
 }
 
 /// What happened on one candidate, for the diagnosis when everything fails.
@@ -120,11 +198,12 @@ struct Tally {
     last_error: Option<String>,
 }
 
-type Tallies = Arc<Mutex<Vec<Tally>>>;
+/// Every candidate tried so far, with what happened on it.
+type Tallies = Arc<Mutex<Vec<(SocketAddr, CandidateKind, Tally)>>>;
 
 fn with_tally<R>(tallies: &Tallies, i: usize, f: impl FnOnce(&mut Tally) -> R) -> R {
     let mut t = tallies.lock().unwrap_or_else(|e| e.into_inner());
-    f(&mut t[i])
+    f(&mut t[i].2)
 }
 
 /// A link that reached the expected peer.
@@ -136,43 +215,81 @@ struct Verified {
 }
 
 /// Punches a direct link to the peer of `go`. `start` is when the go arrived.
-pub async fn punch(go: &Go, params: &PunchParams, start: Instant) -> Result<Punched, PeerError> {
-    let mut candidates = candidates(go);
+/// The other side's public address is tried at once; its LAN and extra
+/// candidates come later on `late` (they travel sealed, so that only a holder
+/// of the code learns them) and are tried as they come.
+pub async fn punch(
+    go: &Go,
+    params: &PunchParams,
+    start: Instant,
+    late: oneshot::Receiver<Vec<SocketAddr>>,
+) -> Result<Punched, PeerError> {
+    let here = Here::new(params.our_observed, go.peer.observed);
+    let mut first = Vec::new();
     let mut deadline = start + params.deadline;
-    if params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric() {
+    let lan_only = params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric();
+    if lan_only {
         // Our SYNs would leave from a port the other side was not told about, or
         // go to a port its NAT never opened for us: fail fast, unless the other
         // side is on one of our LANs.
-        candidates.retain(|(_, kind)| *kind == CandidateKind::Lan);
         deadline = start + params.deadline.min(LAN_ONLY_DEADLINE);
+    } else {
+        add_candidates(
+            &mut first,
+            &[go.peer.observed],
+            CandidateKind::Public,
+            &here,
+        );
     }
-    let tallies: Tallies = Arc::new(Mutex::new(vec![Tally::default(); candidates.len()]));
-    let (tx, mut rx) = mpsc::channel(candidates.len());
+    let tallies: Tallies = Arc::new(Mutex::new(Vec::new()));
+    // Room for every candidate's one verified link, so no task ever waits.
+    let (tx, mut rx) = mpsc::channel(MAX_CANDIDATES + 1);
+    let template = Candidate {
+        index: 0,
+        addr: go.peer.observed,
+        kind: CandidateKind::Public,
+        port: params.local_port,
+        session: go.session,
+        role: go.role,
+        start,
+        deadline,
+        policy: params.policy,
+        tallies: tallies.clone(),
+        found: tx,
+    };
     let mut tasks = JoinSet::new();
-    for (i, &(addr, kind)) in candidates.iter().enumerate() {
-        tasks.spawn(try_candidate(Candidate {
-            index: i,
-            addr,
-            kind,
-            port: params.local_port,
-            session: go.session,
-            role: go.role,
-            start,
-            deadline,
-            policy: params.policy,
-            tallies: tallies.clone(),
-            found: tx.clone(),
-        }));
+    for &(addr, kind) in &first {
+        tasks.spawn(try_candidate(template.for_candidate(addr, kind)));
     }
-    drop(tx);
+    // The late candidates get their own tasks, under one that owns them (and
+    // with them a sender of `rx`, so `rx` stays open until they are known).
+    let late_tasks = tokio::spawn(async move {
+        let mut set = JoinSet::new();
+        if let Ok(offered) = late.await {
+            let mut known = first;
+            let before = known.len();
+            add_candidates(&mut known, &offered, CandidateKind::Lan, &here);
+            debug!(
+                offered = offered.len(),
+                kept = known.len() - before,
+                "late candidates"
+            );
+            for &(addr, kind) in &known[before..] {
+                set.spawn(try_candidate(template.for_candidate(addr, kind)));
+            }
+        }
+        drop(template);
+        while set.join_next().await.is_some() {}
+    });
 
     let chosen = match go.role {
         Role::Leader => lead(&mut rx, deadline).await,
         Role::Follower => follow(&mut rx, deadline + SELECT_GRACE).await,
     };
     tasks.abort_all();
-    let tallies = tallies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let attempts = tallies.iter().map(|t| t.attempts).sum();
+    late_tasks.abort();
+    let tried = tallies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let attempts = tried.iter().map(|(_, _, t)| t.attempts).sum();
     match chosen {
         Some(v) => Ok(Punched {
             link: v.link,
@@ -182,13 +299,17 @@ pub async fn punch(go: &Go, params: &PunchParams, start: Instant) -> Result<Punc
             elapsed: v.elapsed,
         }),
         None => Err(PeerError::PunchFailed {
-            name: go.peer.name.clone(),
+            name: THE_OTHER_SIDE.to_owned(),
             attempts,
             secs: start.elapsed().as_secs_f64(),
-            diagnosis: diagnose(go, params, &candidates, &tallies),
+            diagnosis: diagnose(go, params, &tried),
         }),
     }
 }
+
+/// How the other peer is named before its name is known (it comes with the
+/// encryption handshake).
+pub const THE_OTHER_SIDE: &str = "the other side";
 
 /// Leader: the first verified link wins; tell the follower.
 async fn lead(rx: &mut mpsc::Receiver<Verified>, deadline: Instant) -> Option<Verified> {
@@ -230,6 +351,7 @@ async fn follow(rx: &mut mpsc::Receiver<Verified>, deadline: Instant) -> Option<
 }
 
 struct Candidate {
+    /// Position in the tallies.
     index: usize,
     addr: SocketAddr,
     kind: CandidateKind,
@@ -241,6 +363,25 @@ struct Candidate {
     policy: RetryPolicy,
     tallies: Tallies,
     found: mpsc::Sender<Verified>,
+}
+
+impl Candidate {
+    /// The same punch towards another candidate, registered in the tallies.
+    fn for_candidate(&self, addr: SocketAddr, kind: CandidateKind) -> Candidate {
+        let index = {
+            let mut t = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+            t.push((addr, kind, Tally::default()));
+            t.len() - 1
+        };
+        Candidate {
+            index,
+            addr,
+            kind,
+            tallies: self.tallies.clone(),
+            found: self.found.clone(),
+            ..*self
+        }
+    }
 }
 
 /// Connects to one candidate from the fixed port until a verified link, a proof
@@ -351,12 +492,7 @@ async fn verify(stream: TcpStream, session: &SessionToken, role: Role) -> Result
 }
 
 /// The likely reason no candidate worked, in words.
-fn diagnose(
-    go: &Go,
-    params: &PunchParams,
-    candidates: &[(SocketAddr, CandidateKind)],
-    tallies: &[Tally],
-) -> String {
+fn diagnose(go: &Go, params: &PunchParams, tried: &[(SocketAddr, CandidateKind, Tally)]) -> String {
     let mut lines = Vec::new();
     if let Mapping::DependsOnDestination { first, second } = params.our_mapping {
         lines.push(format!(
@@ -376,8 +512,13 @@ fn diagnose(
     }
     if !lines.is_empty() {
         // The cause is known; only the LAN candidates were tried.
-        let lan: Vec<String> = candidates.iter().map(|(a, _)| a.to_string()).collect();
-        if !lan.is_empty() {
+        let lan: Vec<String> = tried.iter().map(|(a, _, _)| a.to_string()).collect();
+        if lan.is_empty() {
+            lines.push(
+                "The other side offered no LAN address this host could try, so it cannot be on a network shared with this one."
+                    .to_owned(),
+            );
+        } else {
             lines.push(format!(
                 "The other side's LAN addresses ({}) did not answer either: it is not on a network shared with this one.",
                 lan.join(", ")
@@ -385,7 +526,10 @@ fn diagnose(
         }
         return lines.join("\n");
     }
-    let their_local_port = go.peer.candidates.first().map(|c| c.port());
+    let their_local_port = tried
+        .iter()
+        .find(|(_, kind, _)| *kind == CandidateKind::Lan)
+        .map(|(a, _, _)| a.port());
     if let (Some(local), Mapping::Unknown) = (their_local_port, go.peer.mapping) {
         if local != go.peer.observed.port() {
             lines.push(format!(
@@ -404,8 +548,8 @@ fn diagnose(
             params.our_observed.port()
         ));
     }
-    let refused: u32 = tallies.iter().map(|t| t.refused).sum();
-    let no_answer: u32 = tallies.iter().map(|t| t.no_answer).sum();
+    let refused: u32 = tried.iter().map(|(_, _, t)| t.refused).sum();
+    let no_answer: u32 = tried.iter().map(|(_, _, t)| t.no_answer).sum();
     if refused > 0 && refused >= no_answer {
         lines.push(
             "Most attempts were refused (a reset came back): the other side's NAT or firewall \
@@ -420,7 +564,7 @@ fn diagnose(
                 .to_owned(),
         );
     }
-    for ((addr, _), t) in candidates.iter().zip(tallies) {
+    for (addr, _, t) in tried {
         if let Some(r) = &t.rejected {
             lines.push(format!("{addr}: {r}."));
         } else if let Some(e) = &t.last_error {
@@ -438,15 +582,10 @@ mod tests {
     use super::*;
     use punchline_proto::PeerInfo;
 
-    fn go(observed: &str, candidates: &[&str]) -> Go {
+    fn go(observed: &str) -> Go {
         Go {
             peer: PeerInfo {
-                name: "bob".into(),
                 observed: observed.parse().expect("addr"),
-                candidates: candidates
-                    .iter()
-                    .map(|c| c.parse().expect("addr"))
-                    .collect(),
                 mapping: Mapping::Unknown,
                 pake: Vec::new(),
             },
@@ -455,29 +594,87 @@ mod tests {
         }
     }
 
-    #[test]
-    fn public_first_then_lan_without_duplicates() {
-        let g = go(
-            "198.51.100.7:4000",
-            &["192.168.1.9:4000", "198.51.100.7:4000"],
-        );
-        let c = candidates(&g);
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0], (g.peer.observed, CandidateKind::Public));
-        assert_eq!(c[1].1, CandidateKind::Lan);
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    fn here() -> Here {
+        Here {
+            observed: addr("203.0.113.1:5000"),
+            own: vec!["192.168.1.2".parse().expect("ip")],
+            same_public_address: false,
+        }
+    }
+
+    fn tried(
+        list: &[(&str, CandidateKind)],
+        tally: Tally,
+    ) -> Vec<(SocketAddr, CandidateKind, Tally)> {
+        list.iter()
+            .map(|(a, k)| (addr(a), *k, tally.clone()))
+            .collect()
     }
 
     #[test]
-    fn a_long_candidate_list_is_cut() {
-        let many: Vec<String> = (0..100).map(|i| format!("10.0.0.{i}:4000")).collect();
-        let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        let c = candidates(&go("198.51.100.7:4000", &many));
-        assert_eq!(c.len(), 1 + MAX_CANDIDATES);
+    fn only_sane_candidates_are_dialled() {
+        let h = here();
+        for ok in ["198.51.100.7:4000", "192.168.1.9:4000", "10.0.0.1:1"] {
+            assert!(sane_candidate(addr(ok), &h), "{ok}");
+        }
+        for bad in [
+            "198.51.100.7:0",
+            "0.0.0.0:4000",
+            "127.0.0.1:4000",
+            "224.0.0.1:4000",
+            "255.255.255.255:4000",
+            "[::1]:4000",
+            "[::]:4000",
+            "[fe80::1]:4000",
+            "[ff02::1]:4000",
+            "[2001:db8::1]:4000", // no IPv6 here
+            "[::ffff:127.0.0.1]:4000",
+            "192.168.1.2:4001", // our own address, the other side is elsewhere
+        ] {
+            assert!(!sane_candidate(addr(bad), &h), "{bad}");
+        }
+        // Both peers on this host (a try on one machine): loopback and our own
+        // addresses are the other peer.
+        let local = Here {
+            observed: addr("127.0.0.1:5000"),
+            own: h.own.clone(),
+            same_public_address: true,
+        };
+        assert!(sane_candidate(addr("127.0.0.1:4000"), &local));
+        assert!(sane_candidate(addr("192.168.1.2:4001"), &local));
+    }
+
+    #[test]
+    fn candidates_are_capped_in_number_and_per_address() {
+        let h = here();
+        let mut list = Vec::new();
+        add_candidates(
+            &mut list,
+            &[addr("198.51.100.7:4000")],
+            CandidateKind::Public,
+            &h,
+        );
+        let same_ip: Vec<SocketAddr> = (1..10)
+            .map(|p| SocketAddr::new("198.51.100.7".parse().expect("ip"), p))
+            .collect();
+        add_candidates(&mut list, &same_ip, CandidateKind::Lan, &h);
+        assert_eq!(list.len(), MAX_CANDIDATES_PER_IP);
+        let many: Vec<SocketAddr> = (0..100)
+            .map(|i| addr(&format!("10.0.0.{i}:4000")))
+            .collect();
+        add_candidates(&mut list, &many, CandidateKind::Lan, &h);
+        assert_eq!(list.len(), MAX_CANDIDATES + 1);
+        add_candidates(&mut list, &many, CandidateKind::Lan, &h);
+        assert_eq!(list.len(), MAX_CANDIDATES + 1, "no duplicates, no growth");
     }
 
     #[test]
     fn diagnosis_names_a_port_changing_nat() {
-        let g = go("198.51.100.7:61234", &["192.168.1.9:4000"]);
+        let g = go("198.51.100.7:61234");
         let params = PunchParams {
             local_port: 5000,
             deadline: Duration::from_secs(10),
@@ -485,16 +682,18 @@ mod tests {
             our_mapping: Mapping::Unknown,
             policy: RetryPolicy::Adaptive,
         };
-        let c = candidates(&g);
-        let tallies = vec![
+        let t = tried(
+            &[
+                ("198.51.100.7:61234", CandidateKind::Public),
+                ("192.168.1.9:4000", CandidateKind::Lan),
+            ],
             Tally {
                 attempts: 4,
                 no_answer: 4,
                 ..Tally::default()
-            };
-            c.len()
-        ];
-        let d = diagnose(&g, &params, &c, &tallies);
+            },
+        );
+        let d = diagnose(&g, &params, &t);
         assert!(d.contains("symmetric"), "{d}");
         assert!(d.contains("local 4000, public 61234"), "{d}");
         assert!(d.contains("no answer"), "{d}");
@@ -502,7 +701,7 @@ mod tests {
 
     #[test]
     fn diagnosis_names_a_measured_symmetric_nat() {
-        let mut g = go("198.51.100.7:61234", &["192.168.1.9:4000"]);
+        let mut g = go("198.51.100.7:61234");
         g.peer.mapping = Mapping::DependsOnDestination {
             first: 61234,
             second: 61240,
@@ -514,9 +713,44 @@ mod tests {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
         };
-        let c = candidates(&g);
-        let d = diagnose(&g, &params, &c, &vec![Tally::default(); c.len()]);
+        let d = diagnose(&g, &params, &[]);
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
+        assert!(d.contains("offered no LAN address"), "{d}");
         assert!(!d.contains("This side"), "{d}");
+    }
+
+    /// The crash of a punch with no candidate at all (a symmetric NAT on one
+    /// side, no LAN candidates on the other): it fails at once, with the cause.
+    #[tokio::test]
+    async fn no_candidate_at_all_fails_at_once() {
+        let mut g = go("198.51.100.7:61234");
+        g.peer.mapping = Mapping::DependsOnDestination {
+            first: 61234,
+            second: 61240,
+        };
+        let params = PunchParams {
+            local_port: 0,
+            deadline: Duration::from_secs(10),
+            our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            our_mapping: Mapping::Independent,
+            policy: RetryPolicy::Adaptive,
+        };
+        let (tx, rx) = oneshot::channel();
+        tx.send(Vec::new()).expect("send");
+        let started = Instant::now();
+        let Err(PeerError::PunchFailed { diagnosis, .. }) = punch(&g, &params, started, rx).await
+        else {
+            panic!("a punch with no candidate succeeded");
+        };
+        assert!(
+            started.elapsed() < LAN_ONLY_DEADLINE,
+            "it waited for the deadline"
+        );
+        assert!(diagnosis.contains("symmetric"), "{diagnosis}");
+        // The late candidates never come (the other side sent no box): the
+        // deadline ends it.
+        let (tx, rx) = oneshot::channel::<Vec<SocketAddr>>();
+        drop(tx);
+        assert!(punch(&g, &params, Instant::now(), rx).await.is_err());
     }
 }

@@ -1,29 +1,46 @@
-//! End-to-end encryption and authentication with the code.
+//! End-to-end encryption and authentication with the code, once per chat.
 //!
 //! 1. Key exchange, through the rendezvous: each peer starts SPAKE2 (symmetric
 //!    mode) with the whole code as password and sends its message with its hello;
 //!    the rendezvous hands it to the other peer with the go ([`KeyExchange`]). Both
 //!    derive the same key only if both typed the same code. The rendezvous sees
 //!    the messages but cannot test a guess without talking to a peer, so an
-//!    attacker gets one online guess per code.
-//! 2. Confirmation, over the punched link: a Noise `NNpsk0` handshake (leader
+//!    attacker gets one online guess per code. This runs **once per chat**.
+//! 2. Sealed candidates: right after the go each peer sends its LAN and extra
+//!    candidates through the rendezvous, sealed with a key from the exchange
+//!    ([`Secret::seal_candidates`]). A stranger who joined the nameplate without
+//!    the code learns none of them, and a box that does not open shows at once
+//!    that the other side has another key (a wrong code, or a guess).
+//! 3. Confirmation, over the punched link: a Noise `NNpsk0` handshake (leader
 //!    initiates) whose pre-shared key is derived from the SPAKE2 key with HKDF and
-//!    a purpose label ([`SecureLink::handshake`]). A wrong code, or a man in the
-//!    middle that ran SPAKE2 with each side, makes the keys differ and the
-//!    handshake fail on both sides; nothing typed has been sent yet.
-//! 3. Every chat message is then a Noise transport message ([`SecureLink`]): a
+//!    a purpose label ([`SecureLink::handshake`]). Its two payloads carry each
+//!    side's [`Introduction`] (name, role in the chat), encrypted. A wrong code, or
+//!    a man in the middle that ran SPAKE2 with each side, makes the keys differ
+//!    and the handshake fail on both sides; nothing typed has been sent yet.
+//! 4. The chat's secret ([`Secret::chat`]) is derived from the SPAKE2 key and the
+//!    first handshake's hash. Every later link of the chat (after a drop, a relay,
+//!    the switch to a direct link) meets in a room derived from it, seals its
+//!    candidates with it and keys its handshake with it: the code is never used
+//!    again, so cutting links gives an attacker no new guess at it.
+//! 5. Every chat message is then a Noise transport message ([`SecureLink`]): a
 //!    sealed [`Chat`] inside a [`PeerToPeer::Sealed`] frame. Lines are at most
 //!    [`punchline_proto::MAX_LINE_BYTES`], so one line is always one message
 //!    (longer lines are refused by the sender, not split).
-//! 4. The handshake hash, the same on both sides only without a man in the
-//!    middle, gives a short verification string users can compare (`/verify`).
+//! 6. The first handshake's hash, the same on both sides only without a man in
+//!    the middle, gives the chat's verification words (`/verify`): 48 bits, too
+//!    many for a man in the middle to grind its keys into a match.
 
 use std::time::Duration;
 
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use futures::{SinkExt, StreamExt};
 use punchline_proto::codec::{decode_payload, encode_payload};
 use punchline_proto::codes::{Code, WORDS};
-use punchline_proto::{Chat, CodecError, PeerToPeer, Role, MAX_FRAME_SIZE};
+use punchline_proto::{
+    validate_candidates, validate_name, Chat, CodecError, Introduction, PeerToPeer, ResumeRoom,
+    Role, SealedCandidates, SessionToken, MAX_FRAME_SIZE, RESUME_ROOM_LEN,
+};
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 use tokio::time::timeout;
 
@@ -35,10 +52,25 @@ use crate::punch::Link;
 pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 
 /// SPAKE2 identity: binds the exchange to this application and protocol.
-const SPAKE2_IDENTITY: &[u8] = b"punchline/1 spake2";
+const SPAKE2_IDENTITY: &[u8] = b"punchline/2 spake2";
 
-/// HKDF purpose label of the Noise pre-shared key.
-const PSK_LABEL: &[u8] = b"punchline/1 noise psk";
+/// HKDF purpose label of the first link's Noise pre-shared key (from the code).
+const FIRST_PSK_LABEL: &[u8] = b"punchline/2 first link psk";
+
+/// HKDF purpose label of the chat's secret (from the code's key and the first
+/// handshake's hash).
+const CHAT_LABEL: &[u8] = b"punchline/2 chat secret";
+
+/// HKDF purpose label of a later link's Noise pre-shared key (from the chat's
+/// secret).
+const LATER_PSK_LABEL: &[u8] = b"punchline/2 later link psk";
+
+/// HKDF purpose label of the resume room (from the chat's secret).
+const ROOM_LABEL: &[u8] = b"punchline/2 resume room";
+
+/// HKDF purpose labels of the sealed candidates, by the sender's role.
+const BOX_LABEL_LEADER: &[u8] = b"punchline/2 candidates from the leader";
+const BOX_LABEL_FOLLOWER: &[u8] = b"punchline/2 candidates from the follower";
 
 /// Time allowed for the Noise handshake over the link (two messages).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,13 +78,22 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest Noise message (the Noise specification's limit).
 const NOISE_MAX: usize = 65_535;
 
-/// The words of the verification string.
-const VERIFY_WORDS: usize = 4;
+/// The words of the verification string: 6 words of 8 bits. A man in the
+/// middle who knows the code (and so can complete both handshakes) must make
+/// the two hashes agree on these 48 bits; it controls only its own ephemeral
+/// key, chosen before the hash is known, so it needs about 2^48 handshakes.
+pub const VERIFY_WORDS: usize = 6;
 
-/// What the user is told when the handshake fails.
+/// What the user is told when the first handshake fails.
 pub const WRONG_CODE: &str = "the other side did not prove it knows the code: either one of you \
 typed it wrong, or someone tried to intercept the connection. Nothing you type was sent. Start \
 again with a new code.";
+
+/// What the user is told when the other side's sealed candidates do not open
+/// with our key: it holds another key, so it typed another code.
+pub const WRONG_CODE_BOX: &str = "someone joined with a different code: either the other side \
+typed it wrong, or someone is guessing codes. It learned nothing about you but your public \
+address, and this code is now used up: start again with a new code.";
 
 /// The first half of SPAKE2, started before the hello.
 pub struct KeyExchange {
@@ -71,18 +112,151 @@ impl KeyExchange {
         KeyExchange { state, message }
     }
 
-    /// Finishes with the other peer's message; returns the Noise pre-shared key.
-    pub fn finish(self, theirs: &[u8]) -> Result<[u8; 32], PeerError> {
+    /// Finishes with the other peer's message: the key of the code.
+    pub fn finish(self, theirs: &[u8]) -> Result<Secret, PeerError> {
         let key = self.state.finish(theirs).map_err(|e| {
             PeerError::Protocol(format!(
                 "the other side's key-exchange message is invalid: {e:?}"
             ))
         })?;
-        let mut psk = [0u8; 32];
+        let mut secret = [0u8; 32];
         hkdf::Hkdf::<sha2::Sha256>::new(None, &key)
-            .expand(PSK_LABEL, &mut psk)
+            .expand(b"punchline/2 code key", &mut secret)
             .map_err(|_| PeerError::Protocol("key derivation failed".into()))?;
-        Ok(psk)
+        Ok(Secret {
+            key: secret,
+            from_code: true,
+        })
+    }
+}
+
+/// A secret the two peers share: the key of the code (from SPAKE2, for the
+/// first link), or the chat's secret (for every later link).
+#[derive(Clone)]
+pub struct Secret {
+    key: [u8; 32],
+    from_code: bool,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    fn derive(&self, salt: Option<&[u8]>, label: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(salt, &self.key)
+            .expand(label, &mut out)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        out
+    }
+
+    /// A chat's secret from raw key bytes (for tests and benchmarks; a real
+    /// chat's secret comes from [`Secret::chat`]).
+    pub fn from_key(key: [u8; 32]) -> Secret {
+        Secret {
+            key,
+            from_code: false,
+        }
+    }
+
+    /// True for the key of the code, false for a chat's secret.
+    pub fn is_code_key(&self) -> bool {
+        self.from_code
+    }
+
+    /// The Noise pre-shared key of a link keyed by this secret.
+    pub fn psk(&self) -> [u8; 32] {
+        if self.from_code {
+            self.derive(None, FIRST_PSK_LABEL)
+        } else {
+            self.derive(None, LATER_PSK_LABEL)
+        }
+    }
+
+    /// The chat's secret, from the code's key and the first link's handshake
+    /// hash: it binds every later link to the first one (and so to the words
+    /// both users may have compared).
+    pub fn chat(&self, handshake_hash: &[u8]) -> Secret {
+        Secret {
+            key: self.derive(Some(handshake_hash), CHAT_LABEL),
+            from_code: false,
+        }
+    }
+
+    /// The room where the two peers of the chat meet again.
+    pub fn resume_room(&self) -> ResumeRoom {
+        let full = self.derive(None, ROOM_LABEL);
+        let mut room = [0u8; RESUME_ROOM_LEN];
+        room.copy_from_slice(&full[..RESUME_ROOM_LEN]);
+        room
+    }
+
+    fn box_cipher(&self, sender: Role) -> XChaCha20Poly1305 {
+        let label = match sender {
+            Role::Leader => BOX_LABEL_LEADER,
+            Role::Follower => BOX_LABEL_FOLLOWER,
+        };
+        XChaCha20Poly1305::new(&self.derive(None, label).into())
+    }
+
+    /// Seals our candidates for the other peer of the meeting `session`, sent by
+    /// the peer with role `sender`. A random nonce: the same secret seals a box
+    /// at every meeting of the chat.
+    pub fn seal_candidates(
+        &self,
+        sender: Role,
+        session: &SessionToken,
+        candidates: &SealedCandidates,
+    ) -> Result<Vec<u8>, PeerError> {
+        let plain = encode_payload(candidates)
+            .map_err(|e| PeerError::Protocol(format!("encoding our candidates: {e}")))?;
+        let mut nonce = [0u8; 24];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| PeerError::io("no randomness for a nonce", std::io::Error::other(e)))?;
+        let sealed = self
+            .box_cipher(sender)
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: session,
+                },
+            )
+            .map_err(|_| PeerError::Protocol("sealing our candidates failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens the other peer's box (sent by the peer with role `sender` for the
+    /// meeting `session`). `None` if it does not open: it was sealed with
+    /// another key, or altered.
+    pub fn open_candidates(
+        &self,
+        sender: Role,
+        session: &SessionToken,
+        sealed: &[u8],
+    ) -> Option<SealedCandidates> {
+        if sealed.len() < 24 {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(24);
+        let plain = self
+            .box_cipher(sender)
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: body,
+                    aad: session,
+                },
+            )
+            .ok()?;
+        let opened: SealedCandidates = decode_payload(&plain).ok()?;
+        validate_candidates(&opened).ok()?;
+        Some(opened)
     }
 }
 
@@ -106,6 +280,8 @@ pub struct SecureLink {
     link: Link,
     noise: snow::TransportState,
     verification: String,
+    hash: Vec<u8>,
+    their: Introduction,
     /// Sealed bytes sent and received (ciphertext with its tags).
     bytes: (u64, u64),
 }
@@ -114,53 +290,91 @@ fn noise_error(e: snow::Error) -> PeerError {
     PeerError::Protocol(format!("encryption: {e}"))
 }
 
+/// Why the handshake failed to authenticate, for the user.
+fn not_authenticated(secret: &Secret) -> PeerError {
+    if secret.is_code_key() {
+        PeerError::BadCode(WRONG_CODE.into())
+    } else {
+        PeerError::NotAuthenticated(
+            "the far end of the new link does not hold this chat's secret".into(),
+        )
+    }
+}
+
 impl SecureLink {
-    /// Runs the Noise handshake on `link`: the leader writes first.
+    /// Runs the Noise handshake on `link`, keyed by `secret`: the leader writes
+    /// first; each side's payload is its introduction. A link to ourselves (an
+    /// introduction with our own chat role) is refused.
     pub async fn handshake(
         mut link: Link,
         role: Role,
-        psk: &[u8; 32],
-        their_name: &str,
+        secret: &Secret,
+        ours: &Introduction,
     ) -> Result<SecureLink, PeerError> {
         let params = NOISE_PARAMS
             .parse()
             .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
+        let psk = secret.psk();
         let builder = snow::Builder::new(params)
-            .psk(0, psk)
+            .psk(0, &psk)
             .map_err(noise_error)?;
         let mut state = match role {
             Role::Leader => builder.build_initiator(),
             Role::Follower => builder.build_responder(),
         }
         .map_err(noise_error)?;
+        let intro = encode_payload(ours)
+            .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
         let mut buf = vec![0u8; NOISE_MAX];
         let exchange = async {
             if role == Role::Leader {
-                send_handshake(&mut state, &mut buf, &mut link, their_name).await?;
+                send_handshake(&mut state, &intro, &mut buf, &mut link).await?;
             }
-            let msg = read_handshake(&mut link, their_name).await?;
+            let msg = read_handshake(&mut link, secret).await?;
             // A wrong key shows here: the other's message does not decrypt.
-            state
+            let n = state
                 .read_message(&msg, &mut buf)
-                .map_err(|_| PeerError::BadCode(WRONG_CODE.into()))?;
+                .map_err(|_| not_authenticated(secret))?;
+            let theirs: Introduction = decode_payload(&buf[..n])
+                .map_err(|e| PeerError::Protocol(format!("the other side's introduction: {e}")))?;
             if role == Role::Follower {
-                send_handshake(&mut state, &mut buf, &mut link, their_name).await?;
+                send_handshake(&mut state, &intro, &mut buf, &mut link).await?;
             }
-            Ok::<(), PeerError>(())
+            Ok::<Introduction, PeerError>(theirs)
         };
-        timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
-            PeerError::Timeout(format!(
-                "{their_name} did not complete the encryption handshake"
-            ))
+        let mut their = timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
+            PeerError::Timeout("the other side did not complete the encryption handshake".into())
         })??;
-        let verification = verification_words(state.get_handshake_hash());
+        if their.chat_role == ours.chat_role {
+            return Err(PeerError::MetItself);
+        }
+        if validate_name(&their.name).is_err() {
+            their.name = punchline_proto::sanitize_for_terminal(&their.name)
+                .chars()
+                .take(punchline_proto::MAX_NAME_CHARS)
+                .collect();
+        }
+        let hash = state.get_handshake_hash().to_vec();
+        let verification = verification_words(&hash);
         let noise = state.into_transport_mode().map_err(noise_error)?;
         Ok(SecureLink {
             link,
             noise,
             verification,
+            hash,
+            their,
             bytes: (0, 0),
         })
+    }
+
+    /// The handshake's hash (equal on both sides unless someone is in the middle).
+    pub fn handshake_hash(&self) -> &[u8] {
+        &self.hash
+    }
+
+    /// What the other side said of itself in the handshake.
+    pub fn their_introduction(&self) -> &Introduction {
+        &self.their
     }
 
     /// The short string both users see with `/verify`: equal on both sides
@@ -211,7 +425,8 @@ impl SecureLink {
             }
             Ok(other) => {
                 return Some(Err(RecvError::Sealed(format!(
-                    "unexpected message {other:?}"
+                    "unexpected {}",
+                    describe_frame(&other)
                 ))))
             }
             Err(CodecError::Io(e)) => return Some(Err(RecvError::Link(e.to_string()))),
@@ -235,33 +450,44 @@ impl SecureLink {
     }
 }
 
-/// Writes our next handshake message and sends it.
+/// Writes our next handshake message, with `payload`, and sends it.
 async fn send_handshake(
     state: &mut snow::HandshakeState,
+    payload: &[u8],
     buf: &mut [u8],
     link: &mut Link,
-    their_name: &str,
 ) -> Result<(), PeerError> {
-    let n = state.write_message(&[], buf).map_err(noise_error)?;
+    let n = state.write_message(payload, buf).map_err(noise_error)?;
     let msg = PeerToPeer::Handshake(buf[..n].to_vec());
     link.send(msg).await.map_err(|e| PeerError::LinkLost {
-        name: their_name.to_owned(),
+        name: crate::punch::THE_OTHER_SIDE.to_owned(),
         why: e.to_string(),
     })
 }
 
-async fn read_handshake(link: &mut Link, their_name: &str) -> Result<Vec<u8>, PeerError> {
+async fn read_handshake(link: &mut Link, secret: &Secret) -> Result<Vec<u8>, PeerError> {
     match link.next().await {
         Some(Ok(PeerToPeer::Handshake(msg))) => Ok(msg),
         // The other side closes when our first message does not decrypt for it.
-        None => Err(PeerError::BadCode(WRONG_CODE.into())),
+        None => Err(not_authenticated(secret)),
         Some(Ok(other)) => Err(PeerError::Protocol(format!(
-            "expected the encryption handshake from {their_name}, got {other:?}"
+            "expected the encryption handshake, got {}",
+            describe_frame(&other)
         ))),
         Some(Err(e)) => Err(PeerError::LinkLost {
-            name: their_name.to_owned(),
+            name: crate::punch::THE_OTHER_SIDE.to_owned(),
             why: e.to_string(),
         }),
+    }
+}
+
+/// A frame's kind, for an error message (never its content).
+fn describe_frame(frame: &PeerToPeer) -> &'static str {
+    match frame {
+        PeerToPeer::LinkHello { .. } => "a link hello",
+        PeerToPeer::Select => "a link selection",
+        PeerToPeer::Handshake(_) => "a handshake message",
+        PeerToPeer::Sealed(_) => "a sealed message",
     }
 }
 
@@ -272,9 +498,9 @@ fn open(noise: &mut snow::TransportState, sealed: &[u8]) -> Result<Chat, String>
         return Err("sealed message too large".into());
     }
     let mut plain = vec![0u8; sealed.len()];
-    let n = noise
-        .read_message(sealed, &mut plain)
-        .map_err(|_| "a message failed authentication (altered on the way?)".to_owned())?;
+    let n = noise.read_message(sealed, &mut plain).map_err(|_| {
+        "failed authentication (altered, injected or replayed on the way)".to_owned()
+    })?;
     decode_payload(&plain[..n]).map_err(|e| e.to_string())
 }
 
@@ -380,19 +606,55 @@ mod tests {
         let (ma, mb) = (a.message.clone(), b.message.clone());
         let ka = a.finish(&mb).expect("a");
         let kb = b.finish(&ma).expect("b");
-        assert_eq!(ka, kb);
+        assert_eq!(ka.psk(), kb.psk());
         // The wrong code's side derives another key from the same message.
         let kc = c.finish(&ma).expect("c");
-        assert_ne!(ka, kc);
+        assert_ne!(ka.psk(), kc.psk());
         assert!(KeyExchange::start(&code).finish(&[1, 2, 3]).is_err());
+        // The chat's secret differs from the code's key in every use.
+        let chat = ka.chat(&[1; 32]);
+        assert_ne!(chat.psk(), ka.psk());
+        assert_ne!(chat.resume_room(), ka.chat(&[2; 32]).resume_room());
+        assert_eq!(chat.resume_room(), kb.chat(&[1; 32]).resume_room());
+    }
+
+    #[test]
+    fn sealed_candidates_open_only_with_the_key_role_and_session() {
+        let code = Code::parse("7-guitar-orbit").expect("code");
+        let (a, b) = (KeyExchange::start(&code), KeyExchange::start(&code));
+        let (ma, mb) = (a.message.clone(), b.message.clone());
+        let (ka, kb) = (a.finish(&mb).expect("a"), b.finish(&ma).expect("b"));
+        let c = SealedCandidates {
+            candidates: vec!["192.168.1.9:4000".parse().expect("addr")],
+        };
+        let sealed = ka
+            .seal_candidates(Role::Leader, &[3; 16], &c)
+            .expect("seal");
+        assert!(!sealed.windows(4).any(|w| w == [192, 168, 1, 9]));
+        assert_eq!(kb.open_candidates(Role::Leader, &[3; 16], &sealed), Some(c));
+        // Reflected back as if from the other role, or replayed into another
+        // meeting, or altered: it does not open.
+        assert_eq!(kb.open_candidates(Role::Follower, &[3; 16], &sealed), None);
+        assert_eq!(kb.open_candidates(Role::Leader, &[4; 16], &sealed), None);
+        let mut altered = sealed.clone();
+        altered[30] ^= 1;
+        assert_eq!(kb.open_candidates(Role::Leader, &[3; 16], &altered), None);
+        // Another code's key does not open it.
+        let wrong = Code::parse("7-guitar-orchid").expect("code");
+        let kc = KeyExchange::start(&wrong).finish(&ma).expect("c");
+        assert_eq!(kc.open_candidates(Role::Leader, &[3; 16], &sealed), None);
+        assert_eq!(kb.open_candidates(Role::Leader, &[3; 16], &[]), None);
     }
 
     #[test]
     fn verification_uses_the_word_list() {
-        let v = verification_words(&[0, 1, 2, 255, 9]);
+        let v = verification_words(&[0, 1, 2, 255, 9, 10, 11]);
         assert_eq!(
             v,
-            format!("{}-{}-{}-{}", WORDS[0], WORDS[1], WORDS[2], WORDS[255])
+            format!(
+                "{}-{}-{}-{}-{}-{}",
+                WORDS[0], WORDS[1], WORDS[2], WORDS[255], WORDS[9], WORDS[10]
+            )
         );
     }
 }

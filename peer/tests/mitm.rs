@@ -115,12 +115,10 @@ async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
     // SPAKE2 with each side under a guessed code.
     let guess = Code::parse("1-guess-wrong").expect("code");
     let here = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let go = |name: &str, at: u16, role, session| {
+    let go = |_name: &str, at: u16, role, session| {
         ServerToPeer::Go(Go {
             peer: PeerInfo {
-                name: name.into(),
                 observed: here(at),
-                candidates: vec![],
                 mapping: Mapping::Independent,
                 pake: KeyExchange::start(&guess).message,
             },

@@ -23,11 +23,6 @@ fn main() -> std::io::Result<()> {
     let hello = Hello {
         version: PROTOCOL_VERSION,
         nameplate: "17".into(),
-        name: "ada".into(),
-        candidates: vec![
-            "192.168.1.20:40000".parse().expect("addr"),
-            "[fd00::2]:40000".parse().expect("addr"),
-        ],
         probe_observed: Some("198.51.100.7:40000".parse().expect("addr")),
         pake: vec![0x42; 33],
         resume: Some([5; 16]),
@@ -46,14 +41,13 @@ fn main() -> std::io::Result<()> {
         PeerToServer::DialBack,
         PeerToServer::Relay,
         PeerToServer::Relayed(vec![0xee; 120]),
+        PeerToServer::Sealed(vec![0xab; 90]),
     ];
     // A whole conversation in one stream, too, as the server reads it.
     write_stream(&root.join("rendezvous_input"), &to_server)?;
 
     let info = PeerInfo {
-        name: "bob".into(),
         observed: "203.0.113.9:51000".parse().expect("addr"),
-        candidates: hello.candidates.clone(),
         mapping: Mapping::DependsOnDestination {
             first: 51000,
             second: 51007,
@@ -85,6 +79,7 @@ fn main() -> std::io::Result<()> {
         },
         ServerToPeer::Relaying,
         ServerToPeer::Relayed(vec![0xdd; 120]),
+        ServerToPeer::Sealed(vec![0xcd; 90]),
     ];
     write_stream(&root.join("peer_from_rendezvous"), &to_peer)?;
 

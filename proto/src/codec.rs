@@ -184,25 +184,22 @@ mod tests {
             (
                 any::<u16>(),
                 "[0-9]{0,12}",
-                "\\PC{0,40}",
-                prop::collection::vec(addr(), 0..10),
                 prop::option::of(addr()),
                 prop::collection::vec(any::<u8>(), 0..40),
-                prop::option::of(any::<[u8; 16]>()),
+                prop::option::of(any::<[u8; RESUME_ROOM_LEN]>()),
             )
-                .prop_map(
-                    |(version, nameplate, name, candidates, probe_observed, pake, resume)| {
-                        PeerToServer::Hello(Hello {
-                            version,
-                            nameplate,
-                            name,
-                            candidates,
-                            probe_observed,
-                            pake,
-                            resume,
-                        })
-                    }
-                ),
+                .prop_map(|(version, nameplate, probe_observed, pake, resume)| {
+                    PeerToServer::Hello(Hello {
+                        version,
+                        nameplate,
+                        probe_observed,
+                        pake,
+                        resume,
+                    })
+                }),
+            Just(PeerToServer::Relay),
+            prop::collection::vec(any::<u8>(), 0..100).prop_map(PeerToServer::Relayed),
+            prop::collection::vec(any::<u8>(), 0..100).prop_map(PeerToServer::Sealed),
             Just(PeerToServer::Allocate),
             Just(PeerToServer::Reflect),
             Just(PeerToServer::DialBack),
@@ -229,28 +226,25 @@ mod tests {
             "[0-9]{1,9}".prop_map(|nameplate| ServerToPeer::Allocated { nameplate }),
             any::<u32>().prop_map(|seq| ServerToPeer::Ping { seq }),
             (
-                ".{0,40}",
                 addr(),
-                prop::collection::vec(addr(), 0..10),
                 role(),
                 any::<[u8; SESSION_LEN]>(),
                 (mapping(), prop::collection::vec(any::<u8>(), 0..40)),
             )
-                .prop_map(
-                    |(name, observed, candidates, role, session, (mapping, pake))| {
-                        ServerToPeer::Go(Go {
-                            peer: PeerInfo {
-                                name,
-                                observed,
-                                candidates,
-                                mapping,
-                                pake,
-                            },
-                            role,
-                            session,
-                        })
-                    }
-                ),
+                .prop_map(|(observed, role, session, (mapping, pake))| {
+                    ServerToPeer::Go(Go {
+                        peer: PeerInfo {
+                            observed,
+                            mapping,
+                            pake,
+                        },
+                        role,
+                        session,
+                    })
+                }),
+            Just(ServerToPeer::Relaying),
+            prop::collection::vec(any::<u8>(), 0..100).prop_map(ServerToPeer::Relayed),
+            prop::collection::vec(any::<u8>(), 0..100).prop_map(ServerToPeer::Sealed),
         ]
     }
 
@@ -277,6 +271,7 @@ mod tests {
             any::<u64>().prop_map(|upto| Chat::Ack { upto }),
             Just(Chat::Ping),
             any::<u64>().prop_map(|next| Chat::Resume { next }),
+            Just(Chat::TryDirect),
         ]
     }
 

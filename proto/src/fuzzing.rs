@@ -82,9 +82,13 @@ where
 pub fn rendezvous_input(data: &[u8]) -> usize {
     let _ = peek_hello_version(data);
     frames::<PeerToServer>(data, |msg| {
+        if let PeerToServer::Sealed(sealed) = msg {
+            if crate::validate_sealed(sealed).is_ok() {
+                assert!(sealed.len() <= crate::MAX_SEALED_LEN);
+            }
+        }
         if let PeerToServer::Hello(hello) = msg {
             if validate_hello(hello).is_ok() {
-                assert!(hello.candidates.len() <= crate::MAX_CANDIDATES);
                 assert!(hello.pake.len() <= crate::MAX_PAKE_LEN);
             }
             if let Some(probe) = hello.probe_observed {
@@ -99,7 +103,6 @@ pub fn rendezvous_input(data: &[u8]) -> usize {
 pub fn peer_from_rendezvous(data: &[u8]) -> usize {
     frames::<ServerToPeer>(data, |msg| match msg {
         ServerToPeer::Error { message, .. } => printable(message),
-        ServerToPeer::Go(go) => printable(&go.peer.name),
         _ => {}
     })
 }

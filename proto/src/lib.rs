@@ -24,7 +24,7 @@ pub use message::*;
 
 /// Version of the wire protocol. Both the rendezvous and the other peer must speak
 /// exactly this version; a mismatch is reported with a clear error, never guessed at.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame (payload after the 4-byte length prefix) anyone accepts.
 ///
@@ -58,3 +58,10 @@ pub const MAX_CANDIDATES: usize = 8;
 
 /// Length of the random session token the rendezvous gives both peers of a pair.
 pub const SESSION_LEN: usize = 16;
+
+/// Length of a resumed chat's room name (see [`ResumeRoom`]).
+pub const RESUME_ROOM_LEN: usize = 16;
+
+/// Largest sealed box ([`PeerToServer::Sealed`]): [`MAX_CANDIDATES`] IPv6
+/// addresses with ports, their encoding and the authentication tag fit easily.
+pub const MAX_SEALED_LEN: usize = 512;

@@ -13,12 +13,20 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    MAX_CANDIDATES, MAX_LINE_BYTES, MAX_NAMEPLATE_LEN, MAX_NAME_CHARS, MAX_PAKE_LEN, SESSION_LEN,
+    MAX_CANDIDATES, MAX_LINE_BYTES, MAX_NAMEPLATE_LEN, MAX_NAME_CHARS, MAX_PAKE_LEN,
+    MAX_SEALED_LEN, RESUME_ROOM_LEN, SESSION_LEN,
 };
 
 /// Random token the rendezvous gives both peers of one pair; each punched link
-/// proves it reaches the expected peer by showing it.
+/// proves it reaches the expected peer by showing it. It travels in clear (the
+/// rendezvous and anyone on the path to it know it): it tells links apart, it
+/// authenticates nothing.
 pub type SessionToken = [u8; SESSION_LEN];
+
+/// The room in which the two peers of a chat meet again after their link
+/// dropped. Derived from the chat's secret (which only the two peers hold), so
+/// nobody else can compute it in advance; it is not the session token.
+pub type ResumeRoom = [u8; RESUME_ROOM_LEN];
 
 /// Which side leads the asymmetric steps after the punch (choosing the one link
 /// both keep). Assigned by the rendezvous: the two ends of a simultaneous open are
@@ -88,36 +96,31 @@ pub struct Hello {
     /// [`crate::PROTOCOL_VERSION`] of the sender. First field: see the module docs.
     pub version: u16,
     /// The nameplate of the code (see [`validate_nameplate`]): the room to meet
-    /// in. The rest of the code never leaves the peer.
+    /// in. The rest of the code never leaves the peer. Ignored with `resume`.
     pub nameplate: String,
-    /// Name shown to the other side (see [`validate_name`]).
-    pub name: String,
-    /// The peer's own interface addresses with its fixed port (LAN candidates).
-    pub candidates: Vec<SocketAddr>,
     /// What the rendezvous' probe port saw as this peer's address, if it answered.
     pub probe_observed: Option<SocketAddr>,
     /// The peer's SPAKE2 message, opaque to the rendezvous, handed to the other
-    /// peer with the go.
+    /// peer with the go. Empty with `resume` (the code is used once per chat).
     pub pake: Vec<u8>,
-    /// Set when the two peers already chatted and lost their link: the session
-    /// token of that chat. The rendezvous then pairs this peer with the other one
-    /// holding the same token (not by nameplate, which may have been reused
-    /// since), so both can punch again and resume.
-    pub resume: Option<SessionToken>,
+    /// Set when the two peers already chatted and lost their link: the room of
+    /// that chat, derived from its secret. The rendezvous then pairs this peer
+    /// with the other one in the same room (not by nameplate, which may have been
+    /// reused since), so both can punch again and resume.
+    pub resume: Option<ResumeRoom>,
 }
 
-/// Everything one peer learns about the other when the pair is made.
+/// What one peer learns about the other when the pair is made. Only what the
+/// punch to the public address needs: the other's name and LAN candidates travel
+/// later, sealed with the key of the code ([`PeerToServer::Sealed`]), so a
+/// stranger who joins a nameplate without the code learns neither.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
-    /// The other's name.
-    pub name: String,
     /// The other's address as the rendezvous saw it (its NAT's public mapping).
     pub observed: SocketAddr,
-    /// The other's own interface addresses (LAN candidates).
-    pub candidates: Vec<SocketAddr>,
     /// How the other's NAT maps its port.
     pub mapping: Mapping,
-    /// The other's SPAKE2 message.
+    /// The other's SPAKE2 message (empty when resuming a chat).
     pub pake: Vec<u8>,
 }
 
@@ -182,6 +185,11 @@ pub enum PeerToServer {
     /// Relayed bytes for the other peer (a piece of its link's byte stream: the
     /// server neither reads nor cuts it, and sees only ciphertext).
     Relayed(Vec<u8>),
+    /// After the go, once: a box for the other peer of the pair, sealed with a key
+    /// only a holder of the code (or of the chat's secret) derives. It holds the
+    /// sender's LAN and extra candidates ([`SealedCandidates`]). The server passes
+    /// it on as [`ServerToPeer::Sealed`]; at most [`MAX_SEALED_LEN`] bytes.
+    Sealed(Vec<u8>),
 }
 
 /// What an unsolicited SYN from the rendezvous to a peer's public address met.
@@ -299,6 +307,8 @@ pub enum ServerToPeer {
         /// How long until the result, in milliseconds.
         elapsed_ms: u32,
     },
+    /// The other peer's [`PeerToServer::Sealed`] box, passed on unread.
+    Sealed(Vec<u8>),
 }
 
 impl ServerToPeer {
@@ -329,6 +339,28 @@ pub enum PeerToPeer {
     Handshake(Vec<u8>),
     /// A Noise transport message; its plaintext is a bincode [`Chat`].
     Sealed(Vec<u8>),
+}
+
+/// What the sealed box of [`PeerToServer::Sealed`] holds, once opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCandidates {
+    /// The sender's own interface addresses with its fixed port, and any it
+    /// announced by hand. At most [`MAX_CANDIDATES`].
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// The payload of each side's Noise handshake message: who the sender is.
+/// Encrypted (the pre-shared key is mixed in before the first message), so only
+/// the other peer reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Introduction {
+    /// The sender's display name (see [`validate_name`]).
+    pub name: String,
+    /// The role the sender had on the chat's first link. Fixed for the whole
+    /// chat, unlike the role of each link: the two sides always differ, so a
+    /// peer that meets itself (two of its own meetings paired by the rendezvous)
+    /// notices.
+    pub chat_role: Role,
 }
 
 /// What travels sealed over the link once the Noise handshake is done.
@@ -388,6 +420,9 @@ pub enum InvalidField {
     /// Too many candidate addresses.
     #[error("too many candidate addresses ({0}, at most {MAX_CANDIDATES})")]
     TooManyCandidates(usize),
+    /// A sealed box larger than [`MAX_SEALED_LEN`].
+    #[error("sealed box too long ({0} bytes, at most {MAX_SEALED_LEN})")]
+    SealedTooLong(usize),
     /// A chat line longer than [`MAX_LINE_BYTES`].
     #[error("line too long ({0} bytes, at most {MAX_LINE_BYTES})")]
     LineTooLong(usize),
@@ -418,15 +453,31 @@ pub fn validate_name(name: &str) -> Result<(), InvalidField> {
 
 /// Checks the fields of a hello other than the version.
 pub fn validate_hello(hello: &Hello) -> Result<(), InvalidField> {
-    validate_nameplate(&hello.nameplate)?;
-    validate_name(&hello.name)?;
-    if hello.candidates.len() > MAX_CANDIDATES {
-        return Err(InvalidField::TooManyCandidates(hello.candidates.len()));
+    if hello.resume.is_none() {
+        validate_nameplate(&hello.nameplate)?;
     }
     if hello.pake.len() > MAX_PAKE_LEN {
         return Err(InvalidField::PakeTooLong(hello.pake.len()));
     }
     Ok(())
+}
+
+/// Checks the size of a sealed box.
+pub fn validate_sealed(sealed: &[u8]) -> Result<(), InvalidField> {
+    if sealed.len() > MAX_SEALED_LEN {
+        Err(InvalidField::SealedTooLong(sealed.len()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks opened candidates.
+pub fn validate_candidates(c: &SealedCandidates) -> Result<(), InvalidField> {
+    if c.candidates.len() > MAX_CANDIDATES {
+        Err(InvalidField::TooManyCandidates(c.candidates.len()))
+    } else {
+        Ok(())
+    }
 }
 
 /// Checks a chat line before it is sent.

@@ -30,7 +30,7 @@ use punchline_proto::pairing::{ConnId, Join, Rooms};
 use punchline_proto::timing::{go_delays, RttEstimator};
 use punchline_proto::{
     classify_mapping, validate_hello, CodecError, ErrorCode, FrameCodec, Go, Hello, PeerInfo,
-    PeerToServer, PunchOutcome, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
+    PeerToServer, PunchOutcome, ResumeRoom, Role, ServerToPeer, SessionToken, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -627,24 +627,21 @@ async fn serve(
 
     let Hello {
         nameplate,
-        name,
-        candidates,
         probe_observed,
         pake,
         resume,
         ..
     } = hello;
-    // Peers resuming a chat meet in a room named after its session, apart from
-    // the nameplates (which may have been given to someone else since).
+    // Peers resuming a chat meet in the room they derived from its secret,
+    // apart from the nameplates (which may have been given to someone else
+    // since).
     let nameplate = match resume {
-        Some(session) => resume_room(&session),
+        Some(room) => resume_room(&room),
         None => nameplate,
     };
     let mapping = classify_mapping(observed, probe_observed.map(canonical));
     let me = PeerInfo {
-        name,
         observed,
-        candidates,
         mapping,
         pake,
     };
@@ -785,10 +782,39 @@ async fn serve(
     }
     send(&mut conn, ServerToPeer::Go(go)).await?;
     debug!(id, delay_ms = ms(delay), "go sent");
-    // The report, or after a failed punch a request to relay.
+    // The report, or after a failed punch a request to relay; meanwhile each
+    // peer's sealed box (its candidates, which only the other peer can open)
+    // passes to the other, once each way.
+    let mut relay = relay;
     let next = timeout(REPORT_TIMEOUT, async {
         loop {
-            match conn.next().await {
+            let frame = tokio::select! {
+                frame = conn.next() => frame,
+                sealed = async {
+                    match relay.sealed_in.as_mut() {
+                        Some(rx) => rx.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    relay.sealed_in = None;
+                    if let Ok(sealed) = sealed {
+                        send(&mut conn, ServerToPeer::Sealed(sealed)).await?;
+                    }
+                    continue;
+                }
+            };
+            match frame {
+                Some(Ok(PeerToServer::Sealed(sealed))) => {
+                    if let Err(e) = punchline_proto::validate_sealed(&sealed) {
+                        return Err(ConnError::Protocol(e.to_string()));
+                    }
+                    match relay.sealed_out.take() {
+                        Some(tx) => {
+                            let _ = tx.send(sealed);
+                        }
+                        None => return Err(ConnError::Protocol("a second sealed box".into())),
+                    }
+                }
                 None => return Ok(false),
                 Some(Ok(PeerToServer::Report(outcome))) => {
                     metrics.punch(&outcome);
@@ -839,6 +865,10 @@ pub const RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// One task's end of its pair's relay: pieces for the other peer go out on `tx`,
 /// pieces from it come in on `rx`; `budget` is what the pair may still send.
 struct RelayEnd {
+    /// This peer's sealed box, for the other peer (once).
+    sealed_out: Option<oneshot::Sender<Vec<u8>>>,
+    /// The other peer's sealed box, for this peer.
+    sealed_in: Option<oneshot::Receiver<Vec<u8>>>,
     tx: mpsc::Sender<Vec<u8>>,
     rx: mpsc::Receiver<Vec<u8>>,
     budget: Arc<AtomicU64>,
@@ -849,6 +879,8 @@ struct RelayEnd {
 fn relay_ends(budget: u64, rate: u64) -> (RelayEnd, RelayEnd) {
     let (to_b, from_a) = mpsc::channel(RELAY_QUEUE);
     let (to_a, from_b) = mpsc::channel(RELAY_QUEUE);
+    let (sealed_to_b, sealed_from_a) = oneshot::channel();
+    let (sealed_to_a, sealed_from_b) = oneshot::channel();
     let budget = Arc::new(AtomicU64::new(budget));
     let burst = rate.saturating_mul(RELAY_BURST_SECONDS);
     let pace = Arc::new(Mutex::new(Pace::new(
@@ -858,12 +890,16 @@ fn relay_ends(budget: u64, rate: u64) -> (RelayEnd, RelayEnd) {
     )));
     (
         RelayEnd {
+            sealed_out: Some(sealed_to_b),
+            sealed_in: Some(sealed_from_b),
             tx: to_b,
             rx: from_b,
             budget: budget.clone(),
             pace: pace.clone(),
         },
         RelayEnd {
+            sealed_out: Some(sealed_to_a),
+            sealed_in: Some(sealed_from_a),
             tx: to_a,
             rx: from_a,
             budget,
@@ -926,6 +962,7 @@ async fn relay_for(
         mut rx,
         budget,
         pace,
+        ..
     } = end;
     loop {
         let due = pending.as_ref().map(|(_, at)| *at);
@@ -952,7 +989,7 @@ async fn relay_for(
                         .take(bytes.len(), Instant::now().into_std());
                     pending = Some((bytes, Instant::now() + wait));
                 }
-                Some(Ok(PeerToServer::Pong { .. } | PeerToServer::Report(_))) => {}
+                Some(Ok(PeerToServer::Pong { .. } | PeerToServer::Report(_) | PeerToServer::Sealed(_))) => {}
                 None => return Ok(()),
                 Some(Ok(other)) => {
                     return Err(ConnError::Protocol(format!("unexpected {} while relaying", kind(&other))))
@@ -1150,6 +1187,7 @@ fn kind(msg: &PeerToServer) -> &'static str {
         PeerToServer::DialBack => "dial-back",
         PeerToServer::Relay => "relay request",
         PeerToServer::Relayed(_) => "relayed data",
+        PeerToServer::Sealed(_) => "sealed box",
     }
 }
 
@@ -1163,12 +1201,12 @@ fn micros(d: Option<Duration>) -> u64 {
     d.map_or(0, |d| d.as_micros().try_into().unwrap_or(u64::MAX))
 }
 
-/// The room of a resumed chat: `r` and the session token in hex (never a valid
-/// nameplate, which is all digits).
-fn resume_room(session: &SessionToken) -> String {
-    let mut room = String::with_capacity(1 + 2 * session.len());
+/// The room of a resumed chat: `r` and the room the peers derived, in hex (never
+/// a valid nameplate, which is all digits).
+fn resume_room(derived: &ResumeRoom) -> String {
+    let mut room = String::with_capacity(1 + 2 * derived.len());
     room.push('r');
-    for b in session {
+    for b in derived {
         room.push_str(&format!("{b:02x}"));
     }
     room

@@ -46,13 +46,11 @@ async fn connect_from(ip: IpAddr, server: SocketAddr) -> TcpStream {
     socket.connect(server).await.expect("connect")
 }
 
-async fn hello_from(ip: IpAddr, server: SocketAddr, nameplate: &str, name: &str) -> Client {
+async fn hello_from(ip: IpAddr, server: SocketAddr, nameplate: &str, _name: &str) -> Client {
     let mut c: Client = Framed::new(connect_from(ip, server).await, FrameCodec::new());
     c.send(PeerToServer::Hello(Hello {
         version: PROTOCOL_VERSION,
         nameplate: nameplate.into(),
-        name: name.into(),
-        candidates: vec![],
         probe_observed: None,
         pake: vec![],
         resume: None,

@@ -47,11 +47,11 @@ async fn send_hello(
     candidates: Vec<SocketAddr>,
     probe_observed: Option<SocketAddr>,
 ) {
+    // Candidates no longer travel in the hello (they go sealed after the go).
+    let _ = candidates;
     c.send(PeerToServer::Hello(Hello {
         version: PROTOCOL_VERSION,
         nameplate: nameplate.into(),
-        name: name.into(),
-        candidates,
         probe_observed,
         // Opaque to the server: the peer's name stands in for a SPAKE2 message.
         pake: name.as_bytes().to_vec(),
@@ -141,12 +141,8 @@ async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
         pings >= 2,
         "the waiting peer is pinged for its RTT ({pings})"
     );
-    assert_eq!(go_a.peer.name, "bob");
     assert_eq!(go_a.peer.observed, addr_b);
-    assert!(go_a.peer.candidates.is_empty());
-    assert_eq!(go_b.peer.name, "alice");
     assert_eq!(go_b.peer.observed, addr_a);
-    assert_eq!(go_b.peer.candidates, vec![lan_a]);
     assert_eq!(go_a.session, go_b.session);
     assert_ne!(go_a.session, [0; 16]);
     assert_eq!(go_a.role, Role::Leader);
@@ -154,6 +150,33 @@ async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
     // Each gets the other's key-exchange message, untouched.
     assert_eq!(go_a.peer.pake, b"bob");
     assert_eq!(go_b.peer.pake, b"alice");
+
+    // Each peer's sealed box reaches the other, untouched, once.
+    let mut a = _a;
+    a.send(PeerToServer::Sealed(b"box from alice".to_vec()))
+        .await
+        .expect("send");
+    b.send(PeerToServer::Sealed(b"box from bob".to_vec()))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_after_pings(&mut b).await,
+        ServerToPeer::Sealed(b"box from alice".to_vec())
+    );
+    assert_eq!(
+        next_after_pings(&mut a).await,
+        ServerToPeer::Sealed(b"box from bob".to_vec())
+    );
+    // A second box is a protocol violation: the connection ends.
+    a.send(PeerToServer::Sealed(vec![1; 10]))
+        .await
+        .expect("send");
+    assert!(
+        timeout(WAIT, async { while let Some(Ok(_)) = a.next().await {} })
+            .await
+            .is_ok()
+    );
+    let _ = lan_a;
 }
 
 #[tokio::test]
@@ -217,15 +240,18 @@ async fn a_silent_connection_is_dropped_after_the_hello_timeout() {
 #[tokio::test]
 async fn invalid_hello_fields_are_rejected() {
     let (server, _stop, _task) = start(Config::default()).await;
-    for (code, name, n_candidates) in [
-        ("bad nameplate!", "a", 0),
-        ("10", "\u{1b}[31m", 0),
-        ("11", "a", 100),
-    ] {
+    for (code, pake_len) in [("bad nameplate!", 1), ("", 1), ("11", 1000)] {
         let stream = TcpStream::connect(server).await.expect("connect");
         let mut c: Client = Framed::new(stream, FrameCodec::new());
-        let candidates = vec!["192.0.2.1:1".parse().expect("addr"); n_candidates];
-        send_hello(&mut c, code, name, candidates, None).await;
+        c.send(PeerToServer::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            nameplate: code.into(),
+            probe_observed: None,
+            pake: vec![7; pake_len],
+            resume: None,
+        }))
+        .await
+        .expect("send hello");
         let reply = next(&mut c).await;
         assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
     }
