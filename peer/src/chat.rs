@@ -269,7 +269,7 @@ pub async fn chat<T>(
                     // but the chat is. A new link (keyed by the chat's secret)
                     // carries on from where this one stopped.
                     Some(Err(RecvError::Sealed(why))) => {
-                        tracing::warn!(why, "a message on the link failed authentication");
+                        tracing::info!(why, "a message on the link failed authentication");
                         return Ok(LinkEnd::Down(format!("a message on it {why}")));
                     }
                     None => return Ok(LinkEnd::Down("closed without a goodbye".into())),

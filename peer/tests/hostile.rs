@@ -1,0 +1,541 @@
+//! A hostile rendezvous, and a stranger who knows only the nameplate.
+//!
+//! The rendezvous below is the test's own: it speaks the protocol, but it can
+//! cut the chat's link whenever the test says so, and it pairs a resuming peer
+//! with an impostor of its choosing. With it:
+//!
+//! - the chat's later links never use the code again: the resuming hellos carry
+//!   no key-exchange message, and they meet in a room derived from the chat's
+//!   secret (the same for both peers, and not the session token, which the go
+//!   carries in clear);
+//! - an impostor that does not hold the chat's secret gets no chat, whether it
+//!   seals its candidates with another key or knows the code itself; the user is
+//!   told at the first failure, and after one more try the chat ends with a clear
+//!   message. Nothing typed reaches the impostor.
+//!
+//! And with the real rendezvous: a stranger who joins a waiting peer's nameplate
+//! learns neither its name nor its LAN addresses, and the waiting peer is told
+//! plainly that someone joined with a different code.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use punchline_peer::net::LinkStream;
+use punchline_peer::secure::{KeyExchange, Secret, SecureLink};
+use punchline_proto::codes::Code;
+use punchline_proto::{
+    FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToServer, Role, SealedCandidates,
+    ServerToPeer, PROTOCOL_VERSION,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tokio_util::codec::Framed;
+
+type ServerConn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A mapping that makes a peer skip the punch to the public address (so the
+/// test rendezvous relays the link, and can cut it).
+const SYMMETRIC: Mapping = Mapping::DependsOnDestination {
+    first: 1,
+    second: 2,
+};
+
+/// A peer that said hello to the test rendezvous.
+struct Arrival {
+    conn: ServerConn,
+    observed: SocketAddr,
+    hello: Hello,
+}
+
+/// Accepts the next connection that says hello (probe connections to the main
+/// port do not happen: the probe port is elsewhere), welcomes it with `mapping`.
+async fn arrive(listener: &TcpListener, mapping: impl Fn(SocketAddr) -> Mapping) -> Arrival {
+    loop {
+        let (stream, observed) = listener.accept().await.expect("accept");
+        let mut conn: ServerConn = Framed::new(stream, FrameCodec::new());
+        let Some(Ok(PeerToServer::Hello(hello))) = conn.next().await else {
+            continue;
+        };
+        conn.send(ServerToPeer::Welcome {
+            observed,
+            mapping: mapping(observed),
+        })
+        .await
+        .expect("welcome");
+        return Arrival {
+            conn,
+            observed,
+            hello,
+        };
+    }
+}
+
+/// The go for a peer paired with `other`.
+fn go(
+    other_observed: SocketAddr,
+    other_pake: Vec<u8>,
+    role: Role,
+    session: [u8; 16],
+) -> ServerToPeer {
+    ServerToPeer::Go(Go {
+        peer: PeerInfo {
+            observed: other_observed,
+            mapping: SYMMETRIC,
+            pake: other_pake,
+        },
+        role,
+        session,
+    })
+}
+
+/// Reads from a peer after its go until it asks for the relay (its sealed box,
+/// if it sends one, goes to `forward`), and agrees.
+async fn until_relay(conn: &mut ServerConn, forward: Option<&mut ServerConn>) {
+    let mut forward = forward;
+    loop {
+        match conn.next().await {
+            Some(Ok(PeerToServer::Sealed(b))) => {
+                if let Some(to) = forward.as_mut() {
+                    to.send(ServerToPeer::Sealed(b)).await.expect("forward box");
+                }
+            }
+            Some(Ok(PeerToServer::Relay)) => {
+                conn.send(ServerToPeer::Relaying).await.expect("relaying");
+                return;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("peer left before asking for the relay: {other:?}"),
+        }
+    }
+}
+
+/// Relays between two peers until `cut` fires; then drops both connections.
+async fn relay_until(mut a: ServerConn, mut b: ServerConn, cut: oneshot::Receiver<()>) {
+    tokio::pin!(cut);
+    loop {
+        tokio::select! {
+            _ = &mut cut => return,
+            m = a.next() => match m {
+                Some(Ok(PeerToServer::Relayed(x))) => b.send(ServerToPeer::Relayed(x)).await.expect("to b"),
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+            m = b.next() => match m {
+                Some(Ok(PeerToServer::Relayed(x))) => a.send(ServerToPeer::Relayed(x)).await.expect("to a"),
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+        }
+    }
+}
+
+/// How an impostor tries to pass for the other peer of a resumed chat.
+#[derive(Debug, Clone, Copy)]
+enum Impostor {
+    /// Seals "its candidates" with a key of its own.
+    SealsWithAnotherKey,
+    /// Knows the code, and keys the link's handshake with it (as on a first link).
+    KnowsTheCode,
+}
+
+/// Plays `impostor` against a resuming peer, as the other side with `role`
+/// towards it; returns every byte the peer sent it on the link.
+async fn impersonate(mut victim: Arrival, impostor: Impostor, code: &Code) -> Vec<u8> {
+    let session = [0x5a; 16];
+    // The victim leads the link with the first impostor and follows with the
+    // second, so both sides of the handshake are tried.
+    let (victim_role, impostor_role) = match impostor {
+        Impostor::SealsWithAnotherKey => (Role::Leader, Role::Follower),
+        Impostor::KnowsTheCode => (Role::Follower, Role::Leader),
+    };
+    let theirs = KeyExchange::start(code);
+    let pake = theirs.message.clone();
+    victim
+        .conn
+        .send(go(
+            "127.0.0.1:9".parse().expect("addr"),
+            pake.clone(),
+            victim_role,
+            session,
+        ))
+        .await
+        .expect("go");
+    let secret = match impostor {
+        Impostor::SealsWithAnotherKey => {
+            let other = Secret::from_key([0x42; 32]);
+            let sealed = other
+                .seal_candidates(
+                    impostor_role,
+                    &session,
+                    &SealedCandidates { candidates: vec![] },
+                )
+                .expect("seal");
+            victim
+                .conn
+                .send(ServerToPeer::Sealed(sealed))
+                .await
+                .expect("box");
+            // The victim must refuse it and leave: nothing more to do.
+            let mut seen = Vec::new();
+            while let Ok(Some(Ok(m))) = timeout(LIMIT, victim.conn.next()).await {
+                if let PeerToServer::Relayed(x) = m {
+                    seen.extend(x);
+                }
+            }
+            return seen;
+        }
+        // The code's key, as a rendezvous that knows the code and answers a
+        // first meeting's key exchange would have it.
+        Impostor::KnowsTheCode => theirs
+            .finish(&KeyExchange::start(code).message)
+            .expect("spake2"),
+    };
+    // No box: the victim's punch (to its LAN candidates only) fails at once,
+    // and it asks for the relay, which the impostor then plays.
+    until_relay(&mut victim.conn, None).await;
+    let (ours, relay_end) = tokio::io::duplex(64 * 1024);
+    let handshake = async move {
+        let link = Framed::new(LinkStream::Relayed(ours, None), FrameCodec::new());
+        let intro = Introduction {
+            name: "bob".into(),
+            chat_role: Role::Follower,
+        };
+        SecureLink::handshake(link, impostor_role, &secret, &intro).await
+    };
+    let pump = async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from_impostor, mut to_impostor) = tokio::io::split(relay_end);
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            tokio::select! {
+                n = from_impostor.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if victim.conn.send(ServerToPeer::Relayed(buf[..n].to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                m = victim.conn.next() => match m {
+                    Some(Ok(PeerToServer::Relayed(x))) => {
+                        seen.extend_from_slice(&x);
+                        if to_impostor.write_all(&x).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                },
+            }
+        }
+        seen
+    };
+    let (shook, seen) = tokio::join!(timeout(LIMIT, handshake), timeout(LIMIT, pump));
+    assert!(
+        !matches!(shook, Ok(Ok(_))),
+        "the impostor completed a handshake with the victim"
+    );
+    seen.unwrap_or_default()
+}
+
+/// What the test rendezvous saw of the resumed meetings.
+#[derive(Debug, Default)]
+struct Seen {
+    session: [u8; 16],
+    /// Hellos of resuming peers: (the victim's?, the hello).
+    resumes: Vec<(bool, Hello)>,
+    /// Bytes the impostors received from the victim.
+    impostor_got: Vec<u8>,
+}
+
+/// The hostile rendezvous: pairs alice (from `alice_port`) and bob honestly
+/// over its relay, cuts their link when `cut` fires, then meets alice's resume
+/// hellos with impostors (first one that seals with another key, then one that
+/// knows the code) while bob's wait unanswered.
+async fn hostile_rendezvous(
+    listener: TcpListener,
+    alice_port: u16,
+    code: Code,
+    cut: oneshot::Receiver<()>,
+) -> Seen {
+    let mapping = move |observed: SocketAddr| {
+        // Alice's NAT "is symmetric", so she keeps her port on every new link
+        // and the test can tell her connections from bob's.
+        if observed.port() == alice_port {
+            SYMMETRIC
+        } else {
+            Mapping::Independent
+        }
+    };
+    let mut seen = Seen::default();
+    let mut alice = arrive(&listener, mapping).await;
+    let mut bob = arrive(&listener, mapping).await;
+    if alice.observed.port() != alice_port {
+        std::mem::swap(&mut alice, &mut bob);
+    }
+    seen.session = [0x11; 16];
+    let go_alice = go(
+        bob.observed,
+        bob.hello.pake.clone(),
+        Role::Leader,
+        seen.session,
+    );
+    let go_bob = go(
+        alice.observed,
+        alice.hello.pake.clone(),
+        Role::Follower,
+        seen.session,
+    );
+    alice.conn.send(go_alice).await.expect("go");
+    bob.conn.send(go_bob).await.expect("go");
+    // Each asks for the relay once its punch (LAN candidates only, none given)
+    // fails; their boxes pass between them as an honest rendezvous passes them.
+    let (mut a, mut b) = (alice.conn, bob.conn);
+    let (ra, rb) = tokio::join!(
+        timeout(LIMIT, until_relay(&mut a, None)),
+        timeout(LIMIT, until_relay(&mut b, None))
+    );
+    ra.expect("alice asks for the relay");
+    rb.expect("bob asks for the relay");
+    relay_until(a, b, cut).await;
+
+    // The cut: both come back in the chat's room.
+    let mut waiting = Vec::new();
+    let mut impostors = [Impostor::SealsWithAnotherKey, Impostor::KnowsTheCode].into_iter();
+    let mut played = 0;
+    loop {
+        // Once both impostors played, a third try of alice's would come within
+        // her pause between tries (1 s); wait a few times that.
+        let wait = if played < 2 {
+            LIMIT
+        } else {
+            Duration::from_secs(5)
+        };
+        let arrival = match timeout(wait, arrive(&listener, mapping)).await {
+            Ok(a) => a,
+            Err(_) => break,
+        };
+        let is_alice = arrival.observed.port() == alice_port;
+        seen.resumes.push((is_alice, arrival.hello.clone()));
+        if !is_alice {
+            waiting.push(arrival);
+            continue;
+        }
+        match impostors.next() {
+            Some(impostor) => {
+                played += 1;
+                let got = impersonate(arrival, impostor, &code).await;
+                seen.impostor_got.extend(got);
+            }
+            // A third try from alice: the test fails on it.
+            None => waiting.push(arrival),
+        }
+    }
+    drop(waiting);
+    seen
+}
+
+#[test]
+fn after_a_cut_impostors_get_no_chat_and_the_user_is_told() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let server = std_listener.local_addr().expect("addr");
+    let code_text = "3-right-code";
+    let code = Code::parse(code_text).expect("code");
+    let alice_port = free_port();
+    let (cut_tx, cut_rx) = oneshot::channel();
+    let rv = rt.spawn(async move {
+        let listener = TcpListener::from_std(std_listener).expect("listener");
+        hostile_rendezvous(listener, alice_port, code, cut_rx).await
+    });
+    // The probe port (the next one up) is closed: the probe fails at once.
+    let port = alice_port.to_string();
+    let mut alice = Peer::spawn(
+        server,
+        "alice",
+        code_text,
+        &["--port", &port, "--punch-timeout", "2"],
+    );
+    alice.wait_stderr("waiting for the other side");
+    let mut bob = Peer::spawn(server, "bob", code_text, &["--punch-timeout", "2"]);
+    alice.wait_stderr("connected to bob: relayed");
+    bob.wait_stderr("connected to alice: relayed");
+    alice.send(
+        "hello bob
+",
+    );
+    assert_eq!(bob.recv(), "alice: hello bob");
+    bob.send(
+        "hello alice
+",
+    );
+    assert_eq!(alice.recv(), "bob: hello alice");
+
+    cut_tx.send(()).expect("cut");
+    alice.wait_stderr("reconnecting");
+    alice.send("a secret typed after the cut\n");
+    alice.wait_stderr("warning: a new link failed authentication");
+    assert!(!alice.wait().success(), "alice must end the chat");
+    let last = alice.wait_stderr("failed authentication 2 times");
+    assert!(
+        last.starts_with("peer: ") && last.contains("1 line not confirmed"),
+        "{last}"
+    );
+    drop(bob);
+
+    let seen = rt.block_on(rv).expect("rendezvous task");
+    let alice_tries: Vec<&Hello> = seen
+        .resumes
+        .iter()
+        .filter(|(is_alice, _)| *is_alice)
+        .map(|(_, h)| h)
+        .collect();
+    assert_eq!(
+        alice_tries.len(),
+        2,
+        "one try, then one more after the warning, then no more"
+    );
+    let bob_tries: Vec<&Hello> = seen
+        .resumes
+        .iter()
+        .filter(|(is_alice, _)| !*is_alice)
+        .map(|(_, h)| h)
+        .collect();
+    assert!(!bob_tries.is_empty(), "bob tried to resume as well");
+    for hello in alice_tries.iter().chain(&bob_tries) {
+        assert_eq!(hello.version, PROTOCOL_VERSION);
+        assert!(hello.pake.is_empty(), "the code is not used again");
+        let room = hello
+            .resume
+            .expect("a resuming hello names the chat's room");
+        assert_eq!(Some(room), alice_tries[0].resume, "both derive one room");
+        assert_ne!(
+            &room[..],
+            &seen.session[..],
+            "the room is not the session token"
+        );
+    }
+    let contains = |needle: &[u8]| seen.impostor_got.windows(needle.len()).any(|w| w == needle);
+    assert!(!contains(b"secret"), "a typed line reached an impostor");
+}
+
+#[test]
+fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::{Decoder, Encoder};
+
+    let rv = Rendezvous::start();
+    // Besides its LAN addresses (none here: the harness runs peers with
+    // --no-lan), a candidate offered by hand must stay hidden too.
+    let mut alice = Peer::spawn(
+        rv.addr,
+        "alice-the-waiting-one",
+        "5-right-code",
+        &["--candidate", "10.99.88.77:4242"],
+    );
+    alice.wait_stderr("waiting for the other side");
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (raw, opened) = rt.block_on(async {
+        let mut stream = TcpStream::connect(rv.addr).await.expect("connect");
+        let mut codec = FrameCodec::<ServerToPeer, PeerToServer>::new();
+        let send = |codec: &mut FrameCodec<ServerToPeer, PeerToServer>, msg| {
+            let mut out = BytesMut::new();
+            codec.encode(msg, &mut out).expect("encode");
+            out
+        };
+        let guess = KeyExchange::start(&Code::parse("5-wrong-guess").expect("code"));
+        let hello = PeerToServer::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            nameplate: "5".into(),
+            probe_observed: None,
+            pake: guess.message.clone(),
+            resume: None,
+        });
+        stream
+            .write_all(&send(&mut codec, hello))
+            .await
+            .expect("hello");
+        // Every byte the stranger receives is kept; the frames are read from
+        // a copy.
+        let mut raw = Vec::new();
+        let mut pending = BytesMut::new();
+        let mut guess = Some(guess);
+        let mut theirs = None;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break,
+            };
+            raw.extend_from_slice(&buf[..n]);
+            pending.extend_from_slice(&buf[..n]);
+            while let Ok(Some(msg)) = codec.decode(&mut pending) {
+                match msg {
+                    ServerToPeer::Go(go) => {
+                        // Seal "our candidates" with the key of the guess.
+                        let key = guess
+                            .take()
+                            .expect("one go")
+                            .finish(&go.peer.pake)
+                            .expect("spake2");
+                        let sealed = key
+                            .seal_candidates(
+                                go.role,
+                                &go.session,
+                                &SealedCandidates { candidates: vec![] },
+                            )
+                            .expect("seal");
+                        stream
+                            .write_all(&send(&mut codec, PeerToServer::Sealed(sealed)))
+                            .await
+                            .expect("box");
+                        theirs = Some((key, go));
+                    }
+                    ServerToPeer::Sealed(b) => {
+                        let (key, go) = theirs.as_ref().expect("the box comes after the go");
+                        return (
+                            raw,
+                            Some(key.open_candidates(go.role.other(), &go.session, &b)),
+                        );
+                    }
+                    ServerToPeer::Ping { seq } => {
+                        let pong = send(&mut codec, PeerToServer::Pong { seq });
+                        stream.write_all(&pong).await.expect("pong");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (raw, None)
+    });
+    let opened = opened.expect("the waiting peer's sealed box reached the stranger");
+    assert_eq!(opened, None, "the stranger opened the waiting peer's box");
+    let contains = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(b"alice-the-waiting-one"),
+        "the name reached the stranger"
+    );
+    assert!(
+        !contains(&[10, 99, 88, 77]),
+        "the candidate reached the stranger"
+    );
+    assert!(
+        !contains(b"10.99.88.77"),
+        "the candidate reached the stranger"
+    );
+
+    let told = alice.wait_stderr("someone joined with a different code");
+    assert!(told.contains("start again with a new code"), "{told}");
+    assert!(!alice.wait().success());
+}
