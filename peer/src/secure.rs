@@ -646,6 +646,64 @@ mod tests {
         assert_eq!(kb.open_candidates(Role::Leader, &[3; 16], &[]), None);
     }
 
+    /// Both ends of a link over an in-memory stream, handshaken with `secrets`
+    /// and introduced with the given chat roles.
+    async fn linked(
+        secrets: (&Secret, &Secret),
+        chat_roles: (Role, Role),
+    ) -> (Result<SecureLink, PeerError>, Result<SecureLink, PeerError>) {
+        use crate::net::LinkStream;
+        use punchline_proto::FrameCodec;
+        use tokio_util::codec::Framed;
+        let (x, y) = tokio::io::duplex(64 * 1024);
+        let intro = |chat_role| Introduction {
+            name: "n".into(),
+            chat_role,
+        };
+        let (ia, ib) = (intro(chat_roles.0), intro(chat_roles.1));
+        tokio::join!(
+            SecureLink::handshake(
+                Framed::new(LinkStream::Relayed(x, None), FrameCodec::new()),
+                Role::Leader,
+                secrets.0,
+                &ia,
+            ),
+            SecureLink::handshake(
+                Framed::new(LinkStream::Relayed(y, None), FrameCodec::new()),
+                Role::Follower,
+                secrets.1,
+                &ib,
+            ),
+        )
+    }
+
+    #[tokio::test]
+    async fn later_links_need_the_chats_secret_and_the_other_chat_role() {
+        let chat = Secret::from_key([1; 32]);
+        let (a, b) = linked((&chat, &chat), (Role::Leader, Role::Follower)).await;
+        let (a, b) = (a.expect("leader"), b.expect("follower"));
+        assert_eq!(a.handshake_hash(), b.handshake_hash());
+        assert_eq!(a.their_introduction().chat_role, Role::Follower);
+        // Another secret: refused on both sides, as an impostor.
+        let other = Secret::from_key([2; 32]);
+        let (a, b) = linked((&chat, &other), (Role::Leader, Role::Follower)).await;
+        assert!(
+            matches!(a, Err(PeerError::NotAuthenticated(_))),
+            "{:?}",
+            a.err()
+        );
+        assert!(
+            matches!(b, Err(PeerError::NotAuthenticated(_))),
+            "{:?}",
+            b.err()
+        );
+        // Two meetings of one peer paired with each other: same secret, same
+        // chat role.
+        let (a, b) = linked((&chat, &chat), (Role::Leader, Role::Leader)).await;
+        assert!(matches!(a, Err(PeerError::MetItself)));
+        assert!(matches!(b, Err(PeerError::MetItself)));
+    }
+
     #[test]
     fn verification_uses_the_word_list() {
         let v = verification_words(&[0, 1, 2, 255, 9, 10, 11]);

@@ -28,8 +28,8 @@ use punchline_peer::net::LinkStream;
 use punchline_peer::secure::{KeyExchange, Secret, SecureLink};
 use punchline_proto::codes::Code;
 use punchline_proto::{
-    FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToServer, Role, SealedCandidates,
-    ServerToPeer, PROTOCOL_VERSION,
+    FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role,
+    SealedCandidates, ServerToPeer, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -114,6 +114,32 @@ async fn until_relay(conn: &mut ServerConn, forward: Option<&mut ServerConn>) {
             other => panic!("peer left before asking for the relay: {other:?}"),
         }
     }
+}
+
+/// After the go to both: passes each one's sealed box to the other, as an
+/// honest rendezvous does, until both ask for the relay (their punch, to LAN
+/// candidates only and with none offered, fails at once); agrees to relay.
+async fn until_both_relay(mut a: ServerConn, mut b: ServerConn) -> (ServerConn, ServerConn) {
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        tokio::select! {
+            m = a.next(), if !a_done => match m {
+                Some(Ok(PeerToServer::Sealed(x))) => b.send(ServerToPeer::Sealed(x)).await.expect("box to b"),
+                Some(Ok(PeerToServer::Relay)) => a_done = true,
+                Some(Ok(_)) => {}
+                other => panic!("a peer left before asking for the relay: {other:?}"),
+            },
+            m = b.next(), if !b_done => match m {
+                Some(Ok(PeerToServer::Sealed(x))) => a.send(ServerToPeer::Sealed(x)).await.expect("box to a"),
+                Some(Ok(PeerToServer::Relay)) => b_done = true,
+                Some(Ok(_)) => {}
+                other => panic!("a peer left before asking for the relay: {other:?}"),
+            },
+        }
+    }
+    a.send(ServerToPeer::Relaying).await.expect("relaying");
+    b.send(ServerToPeer::Relaying).await.expect("relaying");
+    (a, b)
 }
 
 /// Relays between two peers until `cut` fires; then drops both connections.
@@ -296,15 +322,9 @@ async fn hostile_rendezvous(
     );
     alice.conn.send(go_alice).await.expect("go");
     bob.conn.send(go_bob).await.expect("go");
-    // Each asks for the relay once its punch (LAN candidates only, none given)
-    // fails; their boxes pass between them as an honest rendezvous passes them.
-    let (mut a, mut b) = (alice.conn, bob.conn);
-    let (ra, rb) = tokio::join!(
-        timeout(LIMIT, until_relay(&mut a, None)),
-        timeout(LIMIT, until_relay(&mut b, None))
-    );
-    ra.expect("alice asks for the relay");
-    rb.expect("bob asks for the relay");
+    let (a, b) = timeout(LIMIT, until_both_relay(alice.conn, bob.conn))
+        .await
+        .expect("both ask for the relay");
     relay_until(a, b, cut).await;
 
     // The cut: both come back in the chat's room.
@@ -538,4 +558,121 @@ fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
     let told = alice.wait_stderr("someone joined with a different code");
     assert!(told.contains("start again with a new code"), "{told}");
     assert!(!alice.wait().success());
+}
+
+/// Relays between two peers; when `inject` fires, slips a forged sealed frame
+/// into what goes to `a`; ends (dropping both) when either side closes.
+async fn relay_injecting(mut a: ServerConn, mut b: ServerConn, inject: oneshot::Receiver<()>) {
+    use tokio_util::codec::Encoder;
+    let mut inject = Some(inject);
+    loop {
+        let injecting = async {
+            match inject.as_mut() {
+                Some(rx) => rx.await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            fire = injecting => {
+                inject = None;
+                if fire {
+                    let mut frame = bytes::BytesMut::new();
+                    FrameCodec::<PeerToPeer, PeerToPeer>::new()
+                        .encode(PeerToPeer::Sealed(vec![0x66; 48]), &mut frame)
+                        .expect("encode");
+                    a.send(ServerToPeer::Relayed(frame.to_vec())).await.expect("inject");
+                }
+            }
+            m = a.next() => match m {
+                Some(Ok(PeerToServer::Relayed(x))) => b.send(ServerToPeer::Relayed(x)).await.expect("to b"),
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+            m = b.next() => match m {
+                Some(Ok(PeerToServer::Relayed(x))) => a.send(ServerToPeer::Relayed(x)).await.expect("to a"),
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+        }
+    }
+}
+
+/// Pairs the first two peers, relays their link and injects a forged frame
+/// towards the leader when told; then pairs them again, honestly, when both
+/// come back to the chat's room. Returns the hellos of the second meeting.
+async fn injecting_rendezvous(
+    listener: TcpListener,
+    inject: oneshot::Receiver<()>,
+    hellos: std::sync::mpsc::Sender<Vec<Hello>>,
+) {
+    let independent = |_| Mapping::Independent;
+    let session = [0x22; 16];
+    let mut a = arrive(&listener, independent).await;
+    let mut b = arrive(&listener, independent).await;
+    let go_a = go(b.observed, b.hello.pake.clone(), Role::Leader, session);
+    let go_b = go(a.observed, a.hello.pake.clone(), Role::Follower, session);
+    a.conn.send(go_a).await.expect("go");
+    b.conn.send(go_b).await.expect("go");
+    let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
+        .await
+        .expect("both ask for the relay");
+    relay_injecting(ca, cb, inject).await;
+    // Both come back; meet them again in their room, honestly.
+    let mut a = arrive(&listener, independent).await;
+    let mut b = arrive(&listener, independent).await;
+    let _ = hellos.send(vec![a.hello.clone(), b.hello.clone()]);
+    let again = [0x33; 16];
+    let go_a = go(b.observed, Vec::new(), Role::Leader, again);
+    let go_b = go(a.observed, Vec::new(), Role::Follower, again);
+    a.conn.send(go_a).await.expect("go");
+    b.conn.send(go_b).await.expect("go");
+    let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
+        .await
+        .expect("both ask for the relay again");
+    let (_never, quiet) = oneshot::channel();
+    relay_injecting(ca, cb, quiet).await;
+}
+
+#[test]
+fn a_forged_frame_drops_the_link_and_the_chat_resumes() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let server = std_listener.local_addr().expect("addr");
+    let (inject_tx, inject_rx) = oneshot::channel();
+    let (hellos_tx, hellos_rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let listener = TcpListener::from_std(std_listener).expect("listener");
+        injecting_rendezvous(listener, inject_rx, hellos_tx).await;
+    });
+    let code = "6-right-code";
+    let mut alice = Peer::spawn(server, "alice", code, &["--punch-timeout", "2"]);
+    alice.wait_stderr("waiting for the other side");
+    let mut bob = Peer::spawn(server, "bob", code, &["--punch-timeout", "2"]);
+    alice.wait_stderr("connected to bob: relayed");
+    bob.wait_stderr("connected to alice: relayed");
+    alice.send("one\n");
+    assert_eq!(bob.recv(), "alice: one");
+    bob.send("two\n");
+    assert_eq!(alice.recv(), "bob: two");
+
+    // A forged frame towards alice (the leader): her link drops, not her chat.
+    inject_tx.send(()).expect("inject");
+    let dropped = alice.wait_stderr("dropped");
+    assert!(dropped.contains("failed authentication"), "{dropped}");
+    bob.send("three, typed while the link is down\n");
+    alice.wait_stderr("link back");
+    bob.wait_stderr("link back");
+    assert_eq!(alice.recv(), "bob: three, typed while the link is down");
+    alice.send("four\n");
+    assert_eq!(bob.recv(), "alice: four");
+    let hellos = hellos_rx.recv_timeout(LIMIT).expect("second meeting");
+    assert!(hellos
+        .iter()
+        .all(|h| h.pake.is_empty() && h.resume.is_some()));
+    assert_eq!(hellos[0].resume, hellos[1].resume);
+    alice.close_stdin();
+    assert!(alice.wait().success());
+    assert!(bob.wait().success());
+    assert!(!alice.stderr_seen.iter().any(|l| l.contains("warning")));
 }
