@@ -30,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use punchline_proto::limits::Scope;
 use punchline_proto::{ErrorCode, PunchOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,12 +45,19 @@ use tracing::debug;
 pub enum Reject {
     /// The server is at its total connection cap.
     server_full,
-    /// The source address has too many connections open.
+    /// The source address (IPv4 address, IPv6 /64) has too many connections
+    /// open.
     address_open,
+    /// The source network (IPv4 /24, IPv6 /48) has too many connections open.
+    network_open,
     /// The source address opens connections too fast.
     address_rate,
+    /// The source network opens connections too fast.
+    network_rate,
     /// The source address opens new codes too fast.
     code_rate,
+    /// The source network opens new codes too fast.
+    network_code_rate,
     /// The pairing table is full, or no nameplate is free.
     rooms_full,
     /// Two peers already hold the code.
@@ -66,8 +74,14 @@ pub enum Reject {
     relay_off,
     /// A relay was asked while the server relays all it may.
     relay_full,
+    /// A relay was asked from an address that has its share of relays.
+    relay_address,
+    /// A relay was asked from a network that has its share of relays.
+    relay_network,
     /// A relayed pair spent its allowance of bytes.
     relay_budget,
+    /// A relay reached its lifetime (the peers reconnect over a new link).
+    relay_lifetime,
 }
 
 impl Reject {
@@ -76,15 +90,53 @@ impl Reject {
         match self {
             Reject::server_full
             | Reject::address_open
+            | Reject::network_open
             | Reject::address_rate
+            | Reject::network_rate
             | Reject::code_rate
+            | Reject::network_code_rate
             | Reject::rooms_full => ErrorCode::Busy,
             Reject::code_in_use => ErrorCode::CodeInUse,
             Reject::version => ErrorCode::VersionMismatch,
             Reject::malformed | Reject::hello_timeout | Reject::idle => ErrorCode::Malformed,
-            Reject::relay_off | Reject::relay_full | Reject::relay_budget => {
-                ErrorCode::RelayUnavailable
-            }
+            Reject::relay_off
+            | Reject::relay_full
+            | Reject::relay_address
+            | Reject::relay_network
+            | Reject::relay_budget
+            | Reject::relay_lifetime => ErrorCode::RelayUnavailable,
+        }
+    }
+
+    /// Too many connections open, at `scope`.
+    pub fn for_open(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::address_open,
+            Scope::Network => Reject::network_open,
+        }
+    }
+
+    /// New connections too fast, at `scope`.
+    pub fn for_connection_rate(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::address_rate,
+            Scope::Network => Reject::network_rate,
+        }
+    }
+
+    /// New codes too fast, at `scope`.
+    pub fn for_code_rate(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::code_rate,
+            Scope::Network => Reject::network_code_rate,
+        }
+    }
+
+    /// Too many relays, at `scope`.
+    pub fn for_relays(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::relay_address,
+            Scope::Network => Reject::relay_network,
         }
     }
 }
@@ -291,11 +343,15 @@ impl Metrics {
     }
 }
 
-const ALL_REJECTS: [Reject; 13] = [
+/// Every reason, so that every series exists from the start.
+const ALL_REJECTS: [Reject; 19] = [
     Reject::server_full,
     Reject::address_open,
+    Reject::network_open,
     Reject::address_rate,
+    Reject::network_rate,
     Reject::code_rate,
+    Reject::network_code_rate,
     Reject::rooms_full,
     Reject::code_in_use,
     Reject::version,
@@ -304,7 +360,10 @@ const ALL_REJECTS: [Reject; 13] = [
     Reject::idle,
     Reject::relay_off,
     Reject::relay_full,
+    Reject::relay_address,
+    Reject::relay_network,
     Reject::relay_budget,
+    Reject::relay_lifetime,
 ];
 
 /// The resident memory of this process, from `/proc/self/statm`.
