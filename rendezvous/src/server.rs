@@ -18,7 +18,7 @@
 //! Every connection, new code and relay counts against its source, per address
 //! (an IPv4 address, an IPv6 /64) and per network (an IPv4 /24, an IPv6 /48,
 //! with [`Config::network_multiple`] times the limits): see
-//! [`punchline_proto::limits`].
+//! [`punchline_proto::limits`]. Nameplates for new codes are drawn at random.
 //!
 //! An error on one connection is logged and ends that connection only.
 
@@ -680,8 +680,19 @@ async fn serve(
                 // The nameplate is not reserved between this answer and the hello
                 // (one round trip); a peer that joins it by chance in between would
                 // pair with this one, and the key exchange would fail for both: a
-                // failed guess.
-                let Some(nameplate) = shared.rooms().lowest_free_number() else {
+                // failed guess. Drawn at random, so nobody can aim for it.
+                let mut no_randomness = None;
+                let drawn = shared.rooms().random_free_number(|n| {
+                    // The modulo's bias is below n / 2^64: nothing for n < 10^9.
+                    getrandom::u64().unwrap_or_else(|e| {
+                        no_randomness = Some(e);
+                        0
+                    }) % n
+                });
+                if let Some(e) = no_randomness {
+                    return Err(ConnError::Rejected(format!("no randomness: {e}")));
+                }
+                let Some(nameplate) = drawn else {
                     return reject(
                         &mut conn,
                         metrics,
