@@ -1,7 +1,7 @@
 //! The rendezvous under abuse, on loopback: per-address and per-network limits
-//! refuse the abuser and only the abuser, relays are shared out and end, and floods
+//! refuse the abuser and only the abuser, relays are shared out and end, floods
 //! of hostile clients do not stop a fresh pair from another address from
-//! meeting.
+//! meeting, and idle clients do not block the metrics endpoint.
 //!
 //! Abusers and the honest pair use different loopback addresses (127.0.0.x), as
 //! they would be different hosts on the internet; 127.0.1.x and up stand for
@@ -18,8 +18,8 @@ use punchline_proto::{
     ErrorCode, FrameCodec, Hello, PeerToServer, PunchOutcome, ServerToPeer, PROTOCOL_VERSION,
 };
 use punchline_rendezvous::metrics::Reject;
-use punchline_rendezvous::{run, Config, Metrics};
-use tokio::io::AsyncWriteExt;
+use punchline_rendezvous::{run, serve_metrics, Config, Metrics};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout};
@@ -521,6 +521,72 @@ async fn a_relay_ends_at_its_lifetime_however_busy_and_frees_its_slots() {
     sleep(Duration::from_millis(100)).await;
     let (_a, _b, ra, rb) = relayed_pair_from(ip, ip, server, "22").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
+}
+
+/// One HTTP request to the metrics endpoint; the whole answer.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect metrics");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = String::new();
+    timeout(WAIT, s.read_to_string(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("read answer");
+    answer
+}
+
+#[tokio::test]
+async fn idle_and_slow_clients_do_not_block_a_metrics_scrape() {
+    let metrics = Arc::new(Metrics::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve_metrics(listener, metrics, std::future::pending()));
+
+    // Clients sending a byte of a request a second, and more that send nothing:
+    // together far more than the endpoint serves at once.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        slow.push(tokio::spawn(async move {
+            for b in b"GET /metrics HTTP/1.1\r\n\r\n" {
+                if s.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    sleep(Duration::from_millis(200)).await;
+    for round in 0..3 {
+        // Quicker than the request deadline: the scrape does not wait for a
+        // slot to time out.
+        let started = Instant::now();
+        let answer = http_get(addr, "/metrics").await;
+        let took = started.elapsed();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer:?}"
+        );
+        assert!(took < Duration::from_secs(1), "round {round} took {took:?}");
+        // More idle clients, to keep every slot busy.
+        for _ in 0..8 {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    // The newest idle client (never evicted) is closed by its request deadline.
+    let mut newest = idle.pop().expect("idle clients");
+    let mut buf = Vec::new();
+    let closed = timeout(Duration::from_secs(5), newest.read_to_end(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    for task in slow {
+        task.abort();
+    }
 }
 
 /// A network namespace of this test's own, deleted when dropped (also when the
