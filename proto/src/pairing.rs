@@ -7,9 +7,31 @@
 //! 3. A third peer with the code is told it is in use, until both paired peers have
 //!    left the room (or [`Rooms::expire`] clears it after its hold time).
 //! 4. A waiting peer nobody joins is expired after its time-to-live.
+//!
+//! A peer starting a new code asks the server for a nameplate first: a free
+//! number drawn at random ([`Rooms::random_free_number`]) from a space many times
+//! larger than the rooms in use, so nameplates cannot be predicted or found by
+//! trying small numbers.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use crate::codes::MAX_NAMEPLATE_DIGITS;
+
+/// Numbers a nameplate is drawn from, at least, per room in use: a stranger
+/// trying nameplates at random hits a room (and gets one online guess at its
+/// words) at most once in this many tries, and the rate limits on new codes make
+/// each try cost a connection.
+pub const NAMEPLATE_SPACE_PER_ROOM: u64 = 64;
+
+/// Fewest digits of a nameplate's space: 1 to 999 under light use, short to read
+/// out, and still a thousand numbers to guess from.
+pub const MIN_NAMEPLATE_DIGITS: u32 = 3;
+
+/// Random draws for a free nameplate before taking the next free number after
+/// the last one. With at most one number in 64 in use, 16 draws all hitting a
+/// room happens about once in 10^28.
+const NAMEPLATE_DRAWS: usize = 16;
 
 /// Identifies one connection to the server.
 pub type ConnId = u64;
@@ -153,16 +175,46 @@ impl<V> Rooms<V> {
             .min()
     }
 
-    /// The smallest positive number that is not a room's name, for a new code's
-    /// nameplate (short numbers are easy to read out); `None` when the table is
-    /// full.
-    pub fn lowest_free_number(&self) -> Option<String> {
+    /// The numbers a new nameplate is drawn from now, `1..space`: `space` is the
+    /// smallest power of ten at least [`NAMEPLATE_SPACE_PER_ROOM`] times the rooms
+    /// in use (counting the new one), never below `10^`[`MIN_NAMEPLATE_DIGITS`],
+    /// never above the longest nameplate a hello may carry. So nameplates stay as
+    /// short as the guessing odds allow, and grow a digit as use grows.
+    pub fn nameplate_space(&self) -> u64 {
+        let wanted = NAMEPLATE_SPACE_PER_ROOM.saturating_mul(self.rooms.len() as u64 + 1);
+        let mut space = 10u64.pow(MIN_NAMEPLATE_DIGITS);
+        let most = 10u64.pow(MAX_NAMEPLATE_DIGITS as u32);
+        while space < wanted && space < most {
+            space *= 10;
+        }
+        space
+    }
+
+    /// A nameplate for a new code: a number drawn at random from
+    /// [`Rooms::nameplate_space`] that is not a room's name, so a stranger can
+    /// neither predict it nor expect to hit a room by guessing (at most one
+    /// number in [`NAMEPLATE_SPACE_PER_ROOM`] is in use). `below(n)` must draw a
+    /// uniform number in `0..n` (the caller owns the randomness, so this stays
+    /// free of I/O and testable). `None` when the table is full.
+    pub fn random_free_number(&self, mut below: impl FnMut(u64) -> u64) -> Option<String> {
         if self.rooms.len() >= self.max_rooms {
             return None;
         }
-        // Among max_rooms + 1 numbers at least one is free.
-        (1..=self.max_rooms + 1)
-            .map(|n| n.to_string())
+        // 1..space: no leading zeros, no "0".
+        let numbers = self.nameplate_space() - 1;
+        let mut n = 0;
+        for _ in 0..NAMEPLATE_DRAWS {
+            n = below(numbers) % numbers;
+            let name = (n + 1).to_string();
+            if !self.rooms.contains_key(&name) {
+                return Some(name);
+            }
+        }
+        // Only with a broken `below` or a space crowded beyond the longest
+        // nameplate: the next free number after the last draw. Among `len + 1`
+        // consecutive numbers at least one is free.
+        (1..=self.rooms.len() as u64 + 1)
+            .map(|step| ((n + step) % numbers + 1).to_string())
             .find(|name| !self.rooms.contains_key(name))
     }
 
@@ -262,19 +314,88 @@ mod tests {
         assert!(r.is_empty());
     }
 
+    /// A small deterministic generator (xorshift) standing in for the server's
+    /// randomness.
+    fn xorshift(mut state: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        }
+    }
+
     #[test]
-    fn nameplates_are_the_lowest_free_numbers() {
+    fn nameplates_are_drawn_from_a_space_within_its_bounds() {
+        let t0 = Instant::now();
+        let mut r: Rooms<()> = Rooms::new(100_000, TTL, HOLD);
+        let mut draw = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let name = r.random_free_number(&mut draw).expect("a nameplate");
+            let n: u64 = name.parse().expect("a number");
+            assert!((1..1000).contains(&n), "{name} out of 1..1000");
+            assert_eq!(name, n.to_string(), "no leading zeros");
+            seen.insert(n);
+        }
+        // Spread over the space, not the lowest numbers: most of 999 are seen.
+        assert!(seen.len() > 800, "only {} distinct", seen.len());
+        assert!(seen.iter().any(|&n| n > 900));
+        // Never an existing room, even while the table fills.
+        for id in 0..200 {
+            let name = r.random_free_number(&mut draw).expect("a nameplate");
+            assert_eq!(r.join(&name, id, (), t0), Join::Waiting, "{name} was free");
+        }
+    }
+
+    #[test]
+    fn the_nameplate_space_grows_with_use() {
+        let t0 = Instant::now();
+        let mut r: Rooms<()> = Rooms::new(100_000, TTL, HOLD);
+        assert_eq!(r.nameplate_space(), 1000, "three digits under light use");
+        let mut draw = xorshift(7);
+        let mut id = 0;
+        for rooms in [15, 16, 156, 157, 1562, 1563] {
+            while r.len() < rooms {
+                let name = r.random_free_number(&mut draw).expect("a nameplate");
+                r.join(&name, id, (), t0);
+                id += 1;
+            }
+            let space = r.nameplate_space();
+            assert!(
+                space >= NAMEPLATE_SPACE_PER_ROOM * (rooms as u64 + 1),
+                "{rooms} rooms in a space of {space}"
+            );
+            assert!(space / 10 < NAMEPLATE_SPACE_PER_ROOM * (rooms as u64 + 1));
+        }
+        assert_eq!(r.nameplate_space(), 1_000_000);
+        let name = r.random_free_number(&mut draw).expect("a nameplate");
+        assert!(name.len() <= 6, "{name}");
+    }
+
+    #[test]
+    fn a_draw_that_hits_rooms_falls_back_to_a_free_number() {
+        let t0 = Instant::now();
+        let mut r: Rooms<()> = Rooms::new(100, TTL, HOLD);
+        for n in 1..=10 {
+            r.join(&n.to_string(), n, (), t0);
+        }
+        // Always drawing "1": every draw hits a room.
+        assert_eq!(r.random_free_number(|_| 0).as_deref(), Some("11"));
+        // A draw beyond the range asked for is brought back into it.
+        assert_eq!(r.random_free_number(|_| u64::MAX).as_deref(), Some("160"));
+    }
+
+    #[test]
+    fn a_full_table_gives_no_nameplate() {
         let t0 = Instant::now();
         let mut r = rooms();
-        assert_eq!(r.lowest_free_number().as_deref(), Some("1"));
-        r.join("1", 1, "one", t0);
-        r.join("2", 2, "two", t0);
-        assert_eq!(r.lowest_free_number().as_deref(), Some("3"));
-        r.leave("1", 1);
-        assert_eq!(r.lowest_free_number().as_deref(), Some("1"));
-        r.join("1", 3, "three", t0);
-        r.join("9", 4, "four", t0);
-        assert_eq!(r.lowest_free_number(), None, "full");
+        let mut draw = xorshift(3);
+        for id in 0..3 {
+            let name = r.random_free_number(&mut draw).expect("a nameplate");
+            r.join(&name, id, "v", t0);
+        }
+        assert_eq!(r.random_free_number(&mut draw), None, "full");
     }
 
     #[test]

@@ -19,9 +19,11 @@
 //! | `punchline_relayed_bytes_total` | counter | bytes relayed between peers |
 //! | `punchline_resident_memory_bytes` | gauge | the process's resident memory |
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,12 +32,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use punchline_proto::limits::Scope;
 use punchline_proto::{ErrorCode, PunchOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::timeout;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Why the server refused or ended a connection: the `reason` label of
 /// `punchline_rejects_total`, and the error code the peer is sent.
@@ -44,12 +47,19 @@ use tracing::debug;
 pub enum Reject {
     /// The server is at its total connection cap.
     server_full,
-    /// The source address has too many connections open.
+    /// The source address (IPv4 address, IPv6 /64) has too many connections
+    /// open.
     address_open,
+    /// The source network (IPv4 /24, IPv6 /48) has too many connections open.
+    network_open,
     /// The source address opens connections too fast.
     address_rate,
+    /// The source network opens connections too fast.
+    network_rate,
     /// The source address opens new codes too fast.
     code_rate,
+    /// The source network opens new codes too fast.
+    network_code_rate,
     /// The pairing table is full, or no nameplate is free.
     rooms_full,
     /// Two peers already hold the code.
@@ -66,8 +76,14 @@ pub enum Reject {
     relay_off,
     /// A relay was asked while the server relays all it may.
     relay_full,
+    /// A relay was asked from an address that has its share of relays.
+    relay_address,
+    /// A relay was asked from a network that has its share of relays.
+    relay_network,
     /// A relayed pair spent its allowance of bytes.
     relay_budget,
+    /// A relay reached its lifetime (the peers reconnect over a new link).
+    relay_lifetime,
 }
 
 impl Reject {
@@ -76,15 +92,53 @@ impl Reject {
         match self {
             Reject::server_full
             | Reject::address_open
+            | Reject::network_open
             | Reject::address_rate
+            | Reject::network_rate
             | Reject::code_rate
+            | Reject::network_code_rate
             | Reject::rooms_full => ErrorCode::Busy,
             Reject::code_in_use => ErrorCode::CodeInUse,
             Reject::version => ErrorCode::VersionMismatch,
             Reject::malformed | Reject::hello_timeout | Reject::idle => ErrorCode::Malformed,
-            Reject::relay_off | Reject::relay_full | Reject::relay_budget => {
-                ErrorCode::RelayUnavailable
-            }
+            Reject::relay_off
+            | Reject::relay_full
+            | Reject::relay_address
+            | Reject::relay_network
+            | Reject::relay_budget
+            | Reject::relay_lifetime => ErrorCode::RelayUnavailable,
+        }
+    }
+
+    /// Too many connections open, at `scope`.
+    pub fn for_open(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::address_open,
+            Scope::Network => Reject::network_open,
+        }
+    }
+
+    /// New connections too fast, at `scope`.
+    pub fn for_connection_rate(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::address_rate,
+            Scope::Network => Reject::network_rate,
+        }
+    }
+
+    /// New codes too fast, at `scope`.
+    pub fn for_code_rate(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::code_rate,
+            Scope::Network => Reject::network_code_rate,
+        }
+    }
+
+    /// Too many relays, at `scope`.
+    pub fn for_relays(scope: Scope) -> Reject {
+        match scope {
+            Scope::Address => Reject::relay_address,
+            Scope::Network => Reject::relay_network,
         }
     }
 }
@@ -291,11 +345,15 @@ impl Metrics {
     }
 }
 
-const ALL_REJECTS: [Reject; 13] = [
+/// Every reason, so that every series exists from the start.
+const ALL_REJECTS: [Reject; 19] = [
     Reject::server_full,
     Reject::address_open,
+    Reject::network_open,
     Reject::address_rate,
+    Reject::network_rate,
     Reject::code_rate,
+    Reject::network_code_rate,
     Reject::rooms_full,
     Reject::code_in_use,
     Reject::version,
@@ -304,7 +362,10 @@ const ALL_REJECTS: [Reject; 13] = [
     Reject::idle,
     Reject::relay_off,
     Reject::relay_full,
+    Reject::relay_address,
+    Reject::relay_network,
     Reject::relay_budget,
+    Reject::relay_lifetime,
 ];
 
 /// The resident memory of this process, from `/proc/self/statm`.
@@ -316,54 +377,110 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
-/// Most scrapes answered at once; more wait in the listen backlog.
+/// Most scrapes served at once. A Prometheus server scrapes one at a time; a
+/// few more leave room for a curl by hand, and bound what idle clients can hold.
 const MAX_SCRAPES: usize = 8;
-/// Bound on reading a request and writing the answer.
+/// Bound on receiving a request's head: a scraper sends it at once, so this only
+/// bounds clients that connect and send nothing, or a byte now and then.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on reading a request and writing the answer, in all.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest request head read; the rest is ignored.
 const MAX_REQUEST: usize = 4096;
+/// Pause after a failed accept (out of file descriptors and the like) before
+/// accepting again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// A scrape being served: its task, and whether it still waits for its
+/// request's head (only those are evicted for a newcomer).
+struct Scrape {
+    task: AbortHandle,
+    reading: Arc<AtomicBool>,
+}
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes. Anything else
 /// gets 404. Meant for a loopback or private address: it has no authentication.
+///
+/// Idle or slow clients cannot block the scrapes: each has [`HEADER_TIMEOUT`]
+/// to send its request, and when [`MAX_SCRAPES`] are being served a new
+/// connection evicts the oldest one still waiting for its request (a scraper
+/// sends its request as soon as it connects, so it is answered before it can
+/// become the oldest of a full set). A new connection is closed unanswered only
+/// when every slot is busy writing an answer, which takes moments.
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut tasks = JoinSet::new();
-    crate::server::accept_until(
-        &listener,
-        shutdown,
-        &mut tasks,
-        "metrics",
-        |stream, addr, serving| {
-            let metrics = metrics.clone();
-            (serving < MAX_SCRAPES).then_some(async move {
-                if let Err(e) = timeout(SCRAPE_TIMEOUT, scrape(stream, &metrics))
-                    .await
-                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
-                {
-                    debug!(%addr, error = %e, "metrics request failed");
+    // Oldest first.
+    let mut scrapes: VecDeque<Scrape> = VecDeque::with_capacity(MAX_SCRAPES);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = tasks.join_next() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(listener = "metrics", error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
                 }
-            })
-        },
-    )
-    .await;
+            },
+        };
+        scrapes.retain(|s| !s.task.is_finished());
+        if scrapes.len() >= MAX_SCRAPES {
+            match scrapes
+                .iter()
+                .position(|s| s.reading.load(Ordering::Relaxed))
+            {
+                Some(oldest) => {
+                    if let Some(evicted) = scrapes.remove(oldest) {
+                        evicted.task.abort();
+                        debug!(%addr, "metrics: evicted an idle request for a new one");
+                    }
+                }
+                None => {
+                    debug!(%addr, "metrics: all slots answering; connection closed");
+                    continue;
+                }
+            }
+        }
+        let reading = Arc::new(AtomicBool::new(true));
+        let metrics = metrics.clone();
+        let flag = reading.clone();
+        let task = tasks.spawn(async move {
+            let served = timeout(SCRAPE_TIMEOUT, scrape(stream, &metrics, &flag)).await;
+            if let Err(e) = served.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
+                debug!(%addr, error = %e, "metrics request failed");
+            }
+        });
+        scrapes.push_back(Scrape { task, reading });
+    }
     tasks.abort_all();
     Ok(())
 }
 
-/// Answers one HTTP/1.x request and closes the connection.
-async fn scrape(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+/// Answers one HTTP/1.x request and closes the connection; `reading` is
+/// cleared once the request's head is in.
+async fn scrape(mut stream: TcpStream, metrics: &Metrics, reading: &AtomicBool) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
         }
-        head.extend_from_slice(&buf[..n]);
-    }
+        io::Result::Ok(())
+    };
+    timeout(HEADER_TIMEOUT, read_head)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))?;
+    reading.store(false, Ordering::Relaxed);
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next(), parts.next());

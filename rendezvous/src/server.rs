@@ -15,6 +15,11 @@
 //!    open while the peers punch (their NAT mappings depend on it), until the peer
 //!    reports the outcome or leaves.
 //!
+//! Every connection, new code and relay counts against its source, per address
+//! (an IPv4 address, an IPv6 /64) and per network (an IPv4 /24, an IPv6 /48,
+//! with [`Config::network_multiple`] times the limits): see
+//! [`punchline_proto::limits`]. Nameplates for new codes are drawn at random.
+//!
 //! An error on one connection is logged and ends that connection only.
 
 use std::future::Future;
@@ -25,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::limits::{Concurrent, Pace, Rate};
+use punchline_proto::limits::{Concurrent, Pace, PerScope, Rate, RateLimit, Refused};
 use punchline_proto::pairing::{ConnId, Join, Rooms};
 use punchline_proto::timing::{go_delays, RttEstimator};
 use punchline_proto::{
@@ -77,27 +82,50 @@ pub const DEFAULT_RELAY_RATE: u64 = 128 * 1024;
 /// Default cap on rooms (codes waiting or in use).
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
 
-/// Default cap on open connections from one IP address. Generous: many users can
-/// share one address behind a carrier NAT, and each needs one connection while it
-/// waits; a single host needs two for the few seconds of a meeting.
+/// Default cap on open connections from one address (an IPv4 address or an
+/// IPv6 /64). Generous: many users can share one address behind a carrier NAT,
+/// and each needs one connection while it waits; a single host needs two for the
+/// few seconds of a meeting.
 pub const DEFAULT_CONNECTIONS_PER_ADDRESS: u32 = 64;
 
-/// Default rate of new connections from one IP address, per minute (after a burst
+/// Default rate of new connections from one address, per minute (after a burst
 /// of [`CONNECTION_BURST`]).
 pub const DEFAULT_CONNECTIONS_PER_MINUTE: u32 = 120;
 
 /// New connections one address may open at once before the rate applies.
 pub const CONNECTION_BURST: u32 = 30;
 
-/// Default rate of new codes (nameplates allocated, rooms opened) from one IP
+/// Default rate of new codes (nameplates allocated, rooms opened) from one
 /// address, per minute (after a burst of [`CODE_BURST`]).
 pub const DEFAULT_CODES_PER_MINUTE: u32 = 30;
 
 /// New codes one address may open at once before the rate applies.
 pub const CODE_BURST: u32 = 10;
 
-/// Most addresses the per-address tables track; beyond it new addresses are
-/// refused until entries age out (only under a flood from that many addresses).
+/// Default multiple of the per-address limits that applies to a whole network
+/// (an IPv4 /24, an IPv6 /48): open connections, relayed connections, new
+/// connections and new codes a minute, and their bursts. Four: a /24 can be a
+/// carrier NAT's pool or a campus with many users, but a host that holds many
+/// addresses of one network (or a whole IPv6 /48) gets four addresses' worth,
+/// not one per address it can bind: with the defaults 256 open connections, 2.5%
+/// of the server's connections and codes.
+pub const DEFAULT_NETWORK_MULTIPLE: u32 = 4;
+
+/// Default cap on relayed connections from one address (each end of a relayed
+/// pair is one, counted at its own address): enough for a few chats at once
+/// behind one carrier-NAT address, while one address holds at most 2% of the
+/// [`DEFAULT_MAX_RELAYS`] pairs' connections.
+pub const DEFAULT_RELAYS_PER_ADDRESS: u32 = 8;
+
+/// Default lifetime of a relay. A relayed chat resumes on its own over a new
+/// link when its relay ends (and tries for a direct one), so a lifetime costs
+/// honest peers one reconnection an hour, while nobody can hold a relay slot
+/// forever by trickling a byte a minute.
+pub const DEFAULT_RELAY_LIFETIME: Duration = Duration::from_secs(60 * 60);
+
+/// Most addresses (and, apart, networks) each per-source table tracks; beyond it
+/// new ones are refused until entries age out (only under a flood from that many
+/// addresses).
 pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
 /// How long a paired room stays reserved (a third peer gets "in use") if its peers
@@ -146,12 +174,15 @@ pub struct Config {
     /// Hold the go back for the nearer peer so both receive it together. Off only
     /// for the benchmark baseline, which sends it to both at once.
     pub synchronise_go: bool,
-    /// Most open connections from one IP address.
+    /// Most open connections from one address (an IPv4 address, an IPv6 /64).
     pub connections_per_address: u32,
-    /// New connections per minute from one IP address.
+    /// New connections per minute from one address.
     pub connections_per_minute: u32,
-    /// New codes per minute from one IP address.
+    /// New codes per minute from one address.
     pub codes_per_minute: u32,
+    /// The per-address limits (connections, relays, rates) times this apply to
+    /// a whole network: an IPv4 /24, an IPv6 /48.
+    pub network_multiple: u32,
     /// Where the server counts what it does (stats line, metrics endpoint).
     pub metrics: Arc<Metrics>,
     /// Relay the traffic of pairs whose punch failed.
@@ -162,6 +193,10 @@ pub struct Config {
     pub relay_bytes: u64,
     /// Bytes a second relayed for one pair (both directions together).
     pub relay_rate: u64,
+    /// Most relayed connections from one address (each end of a pair is one).
+    pub relays_per_address: u32,
+    /// How long one relay may last; the peers then reconnect over a new link.
+    pub relay_lifetime: Duration,
 }
 
 impl Default for Config {
@@ -176,11 +211,14 @@ impl Default for Config {
             connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
             connections_per_minute: DEFAULT_CONNECTIONS_PER_MINUTE,
             codes_per_minute: DEFAULT_CODES_PER_MINUTE,
+            network_multiple: DEFAULT_NETWORK_MULTIPLE,
             metrics: Arc::default(),
             relay: true,
             max_relays: DEFAULT_MAX_RELAYS,
             relay_bytes: DEFAULT_RELAY_BYTES,
             relay_rate: DEFAULT_RELAY_RATE,
+            relays_per_address: DEFAULT_RELAYS_PER_ADDRESS,
+            relay_lifetime: DEFAULT_RELAY_LIFETIME,
         }
     }
 }
@@ -233,11 +271,35 @@ struct Shared {
     config: Config,
 }
 
-/// The per-address limits of the server.
+/// The per-source limits of the server, each per address and per network.
 struct Limits {
-    open: Concurrent,
-    connects: Rate,
-    codes: Rate,
+    open: PerScope<Concurrent>,
+    connects: PerScope<Rate>,
+    codes: PerScope<Rate>,
+    relays: PerScope<Concurrent>,
+}
+
+impl Limits {
+    fn new(config: &Config) -> Self {
+        let times = config.network_multiple.max(1);
+        let concurrent = |per_address: u32| {
+            PerScope::<Concurrent>::new(
+                per_address,
+                per_address.saturating_mul(times),
+                MAX_TRACKED_ADDRESSES,
+            )
+        };
+        let rate = |burst, per_minute| {
+            let per_address = RateLimit { burst, per_minute };
+            PerScope::<Rate>::new(per_address, per_address.times(times), MAX_TRACKED_ADDRESSES)
+        };
+        Limits {
+            open: concurrent(config.connections_per_address),
+            connects: rate(CONNECTION_BURST, config.connections_per_minute),
+            codes: rate(CODE_BURST, config.codes_per_minute),
+            relays: concurrent(config.relays_per_address),
+        }
+    }
 }
 
 /// Whether a new connection may be served.
@@ -246,10 +308,18 @@ enum Admission {
     Admitted,
     /// The server is at its total connection cap.
     Busy,
-    /// This address has too many connections open.
-    TooManyOpen,
-    /// This address opens connections too fast.
-    TooFast,
+    /// This address or network has too many connections open.
+    TooManyOpen(Refused),
+    /// This address or network opens connections too fast.
+    TooFast(Refused),
+}
+
+/// Why a relay was refused.
+enum RelayRefusal {
+    /// The server relays all it may.
+    Full,
+    /// This address or network has its share of relays.
+    Source(Refused),
 }
 
 impl Shared {
@@ -264,17 +334,18 @@ impl Shared {
     }
 
     /// Decides on a new connection from `ip` while `serving` are open; an
-    /// admitted connection holds one of `ip`'s open slots until [`Self::release`].
+    /// admitted connection holds one of the open slots of `ip`'s address and
+    /// network until [`Self::release`].
     fn admit(&self, ip: IpAddr, serving: usize) -> Admission {
         if serving >= self.config.max_connections {
             return Admission::Busy;
         }
         let mut limits = self.limits();
-        if !limits.connects.allow(ip, Instant::now().into_std()) {
-            return Admission::TooFast;
+        if let Err(refused) = limits.connects.allow(ip, Instant::now().into_std()) {
+            return Admission::TooFast(refused);
         }
-        if !limits.open.acquire(ip) {
-            return Admission::TooManyOpen;
+        if let Err(refused) = limits.open.acquire(ip) {
+            return Admission::TooManyOpen(refused);
         }
         Admission::Admitted
     }
@@ -283,9 +354,28 @@ impl Shared {
         self.limits().open.release(ip);
     }
 
-    /// Counts a new code from `ip`; false if it opens codes too fast.
-    fn new_code(&self, ip: IpAddr) -> bool {
+    /// Counts a new code from `ip`; refused if its address or network opens
+    /// codes too fast.
+    fn new_code(&self, ip: IpAddr) -> Result<(), Refused> {
         self.limits().codes.allow(ip, Instant::now().into_std())
+    }
+
+    /// Takes a relay slot for a connection from `ip`: one of the server's, and
+    /// one of its address' and network's. The slot gives them back when dropped.
+    fn take_relay(&self, ip: IpAddr) -> Result<RelaySlot<'_>, RelayRefusal> {
+        self.limits()
+            .relays
+            .acquire(ip)
+            .map_err(RelayRefusal::Source)?;
+        // Two connections a pair.
+        let cap = self.config.max_relays.saturating_mul(2);
+        if self.relaying.fetch_add(1, Ordering::Relaxed) >= cap {
+            self.relaying.fetch_sub(1, Ordering::Relaxed);
+            self.limits().relays.release(ip);
+            return Err(RelayRefusal::Full);
+        }
+        self.config.metrics.relaying.inc();
+        Ok(RelaySlot { shared: self, ip })
     }
 }
 
@@ -330,15 +420,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let limits = Limits {
-        open: Concurrent::new(config.connections_per_address, MAX_TRACKED_ADDRESSES),
-        connects: Rate::new(
-            CONNECTION_BURST,
-            config.connections_per_minute,
-            MAX_TRACKED_ADDRESSES,
-        ),
-        codes: Rate::new(CODE_BURST, config.codes_per_minute, MAX_TRACKED_ADDRESSES),
-    };
+    let limits = Limits::new(&config);
     let shared = Arc::new(Shared {
         rooms: Mutex::new(Rooms::new(config.max_rooms, config.wait_ttl, PAIRED_HOLD)),
         relaying: Default::default(),
@@ -544,17 +626,26 @@ async fn serve(
     let metrics = &*shared.config.metrics;
     let refusal = match admission {
         Admission::Admitted => None,
-        Admission::Busy => Some((Reject::server_full, "the server is at its connection limit; try again in a minute".to_owned())),
-        Admission::TooManyOpen => Some((Reject::address_open, format!(
-            "too many connections from your address {} (at most {}); close some and try again",
-            observed.ip(),
-            shared.config.connections_per_address
-        ))),
-        Admission::TooFast => Some((Reject::address_rate, format!(
-            "your address {} opens connections too fast (at most {} a minute); try again in a minute",
-            observed.ip(),
-            shared.config.connections_per_minute
-        ))),
+        Admission::Busy => Some((
+            Reject::server_full,
+            "the server is at its connection limit; try again in a minute".to_owned(),
+        )),
+        Admission::TooManyOpen(refused) => Some((
+            Reject::for_open(refused.scope),
+            format!(
+                "too many connections from {} (at most {}); close some and try again",
+                refused.whose(),
+                refused.limit
+            ),
+        )),
+        Admission::TooFast(refused) => Some((
+            Reject::for_connection_rate(refused.scope),
+            format!(
+                "{} opens connections too fast (at most {} a minute); try again in a minute",
+                refused.whose(),
+                refused.limit
+            ),
+        )),
     };
     if let Some((reason, message)) = refusal {
         return reject(&mut conn, metrics, reason, message).await;
@@ -562,11 +653,11 @@ async fn serve(
 
     // 1. Hello, after the requests that may come first: a nameplate allocation
     //    if the peer starts a new code; reflection and dial-back for the doctor.
-    let too_many_codes = || {
+    let too_many_codes = |refused: Refused| {
         format!(
-            "your address {} opens new codes too fast (at most {} a minute); try again in a minute",
-            observed.ip(),
-            shared.config.codes_per_minute
+            "{} opens new codes too fast (at most {} a minute); try again in a minute",
+            refused.whose(),
+            refused.limit
         )
     };
     // All of it within the hello timeout, counted from the accept.
@@ -582,14 +673,26 @@ async fn serve(
             PeerToServer::Hello(hello) => break hello,
             PeerToServer::Allocate if !code_counted => {
                 code_counted = true;
-                if !shared.new_code(observed.ip()) {
-                    return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
+                if let Err(refused) = shared.new_code(observed.ip()) {
+                    let reason = Reject::for_code_rate(refused.scope);
+                    return reject(&mut conn, metrics, reason, too_many_codes(refused)).await;
                 }
                 // The nameplate is not reserved between this answer and the hello
                 // (one round trip); a peer that joins it by chance in between would
                 // pair with this one, and the key exchange would fail for both: a
-                // failed guess.
-                let Some(nameplate) = shared.rooms().lowest_free_number() else {
+                // failed guess. Drawn at random, so nobody can aim for it.
+                let mut no_randomness = None;
+                let drawn = shared.rooms().random_free_number(|n| {
+                    // The modulo's bias is below n / 2^64: nothing for n < 10^9.
+                    getrandom::u64().unwrap_or_else(|e| {
+                        no_randomness = Some(e);
+                        0
+                    }) % n
+                });
+                if let Some(e) = no_randomness {
+                    return Err(ConnError::Rejected(format!("no randomness: {e}")));
+                }
+                let Some(nameplate) = drawn else {
                     return reject(
                         &mut conn,
                         metrics,
@@ -707,10 +810,13 @@ async fn serve(
                 joined = Some(Joined::Paired(mine, my_delay, relay_mine));
             }
             Join::Waiting => {
-                // A new room: counts against the address's rate of new codes.
-                if !code_counted && !shared.new_code(observed.ip()) {
-                    shared.rooms().leave(&nameplate, id);
-                    return reject(&mut conn, metrics, Reject::code_rate, too_many_codes()).await;
+                // A new room: counts against the source's rate of new codes.
+                if !code_counted {
+                    if let Err(refused) = shared.new_code(observed.ip()) {
+                        shared.rooms().leave(&nameplate, id);
+                        let reason = Reject::for_code_rate(refused.scope);
+                        return reject(&mut conn, metrics, reason, too_many_codes(refused)).await;
+                    }
                 }
                 joined = Some(Joined::Waiting(events));
             }
@@ -845,7 +951,7 @@ async fn serve(
         }
     });
     match next.await {
-        Ok(Ok(true)) => relay_for(&mut conn, shared, relay, &mut stop, id).await,
+        Ok(Ok(true)) => relay_for(&mut conn, shared, relay, &mut stop, id, observed.ip()).await,
         Ok(Ok(false)) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => {
@@ -912,45 +1018,60 @@ fn relay_ends(budget: u64, rate: u64) -> (RelayEnd, RelayEnd) {
 /// pasted page, say) before the pace applies.
 const RELAY_BURST_SECONDS: u64 = 4;
 
-/// Gives back a relay slot however the relay ends.
-struct RelaySlot<'a>(&'a Shared);
+/// Gives back a relay slot (the server's, and its source's) however the relay
+/// ends.
+struct RelaySlot<'a> {
+    shared: &'a Shared,
+    ip: IpAddr,
+}
 
 impl Drop for RelaySlot<'_> {
     fn drop(&mut self) {
-        self.0.relaying.fetch_sub(1, Ordering::Relaxed);
-        self.0.config.metrics.relaying.dec();
+        self.shared.relaying.fetch_sub(1, Ordering::Relaxed);
+        self.shared.config.metrics.relaying.dec();
+        self.shared.limits().relays.release(self.ip);
     }
 }
 
 /// Carries this peer's relayed bytes to the other peer of the pair and back,
-/// until either leaves, the pair's allowance is spent, the relay idles, or the
-/// server stops. The server never looks inside: it is the peers' encrypted link.
+/// until either leaves, the pair's allowance is spent, the relay idles or
+/// reaches its lifetime, or the server stops. The server never looks inside: it
+/// is the peers' encrypted link. `ip` is this peer's address, whose share of
+/// relays the relay takes.
 async fn relay_for(
     conn: &mut Conn,
     shared: &Shared,
     end: RelayEnd,
     stop: &mut watch::Receiver<bool>,
     id: ConnId,
+    ip: IpAddr,
 ) -> Result<(), ConnError> {
     let metrics = &*shared.config.metrics;
     if !shared.config.relay {
         let msg = "this rendezvous does not relay; a direct connection is the only way through it";
         return reject(conn, metrics, Reject::relay_off, msg).await;
     }
-    // Two connections a pair.
-    let cap = shared.config.max_relays.saturating_mul(2);
-    if shared.relaying.fetch_add(1, Ordering::Relaxed) >= cap {
-        shared.relaying.fetch_sub(1, Ordering::Relaxed);
-        let msg = format!(
-            "the rendezvous already relays as many chats as it may ({}); try again later",
-            shared.config.max_relays
-        );
-        return reject(conn, metrics, Reject::relay_full, msg).await;
-    }
-    metrics.relaying.inc();
-    let _slot = RelaySlot(shared);
+    let _slot = match shared.take_relay(ip) {
+        Ok(slot) => slot,
+        Err(RelayRefusal::Full) => {
+            let msg = format!(
+                "the rendezvous already relays as many chats as it may ({}); try again later",
+                shared.config.max_relays
+            );
+            return reject(conn, metrics, Reject::relay_full, msg).await;
+        }
+        Err(RelayRefusal::Source(refused)) => {
+            let msg = format!(
+                "the rendezvous already relays {} connections for {}, as many as it may; try again later",
+                refused.limit,
+                refused.whose()
+            );
+            return reject(conn, metrics, Reject::for_relays(refused.scope), msg).await;
+        }
+    };
     send(conn, ServerToPeer::Relaying).await?;
     info!(id, "relaying");
+    let ends_at = Instant::now() + shared.config.relay_lifetime;
     let mut last = Instant::now();
     // A piece read from this peer, waiting for its time (the pair's pace) and for
     // room in the other task's queue. While one waits, nothing more is read from
@@ -1017,6 +1138,13 @@ async fn relay_for(
             _ = sleep_until(last + RELAY_IDLE_TIMEOUT) => {
                 debug!(id, "relay idle");
                 return Ok(());
+            }
+            _ = sleep_until(ends_at) => {
+                let msg = format!(
+                    "this relay reached its time limit ({}); the chat continues over a new link",
+                    human(shared.config.relay_lifetime)
+                );
+                return reject(conn, metrics, Reject::relay_lifetime, msg).await;
             }
             _ = stop.changed() => {
                 send(conn, ServerToPeer::error(ErrorCode::ShuttingDown, "the rendezvous server is shutting down")).await?;
@@ -1218,6 +1346,18 @@ fn gauge(n: usize) -> i64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A duration for a message: `1 h`, `30 min`, `90 s`.
+fn human(d: Duration) -> String {
+    if d.subsec_nanos() != 0 {
+        return format!("{d:?}");
+    }
+    match d.as_secs() {
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
 }
 
 #[cfg(test)]

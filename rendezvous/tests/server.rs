@@ -342,7 +342,7 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
 }
 
 #[tokio::test]
-async fn new_codes_get_the_lowest_free_nameplate() {
+async fn new_codes_get_random_free_nameplates() {
     let (server, _stop, _task) = start(Config::default()).await;
     async fn allocate(server: SocketAddr) -> (Client, String) {
         let stream = TcpStream::connect(server).await.expect("connect");
@@ -353,19 +353,27 @@ async fn new_codes_get_the_lowest_free_nameplate() {
             other => panic!("expected a nameplate, got {other:?}"),
         }
     }
-    let (mut a, first) = allocate(server).await;
-    assert_eq!(first, "1");
-    send_hello(&mut a, &first, "a", vec![], None).await;
-    assert!(matches!(next(&mut a).await, ServerToPeer::Welcome { .. }));
-    let (mut b, second) = allocate(server).await;
-    assert_eq!(second, "2", "nameplate 1 is taken by a waiting peer");
-    send_hello(&mut b, &second, "b", vec![], None).await;
-    assert!(matches!(next(&mut b).await, ServerToPeer::Welcome { .. }));
-    // When the first peer leaves, its nameplate is free again.
-    drop(a);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (_c, third) = allocate(server).await;
-    assert_eq!(third, "1");
+    // Each allocated nameplate is taken by a waiting peer before the next one.
+    let mut held = Vec::new();
+    let mut numbers = Vec::new();
+    for name in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        let (mut c, nameplate) = allocate(server).await;
+        let n: u32 = nameplate.parse().expect("a number");
+        // Three digits under light use.
+        assert!((1..1000).contains(&n), "{nameplate}");
+        assert!(
+            !numbers.contains(&n),
+            "{nameplate} is taken by a waiting peer"
+        );
+        send_hello(&mut c, &nameplate, name, vec![], None).await;
+        assert!(matches!(next(&mut c).await, ServerToPeer::Welcome { .. }));
+        numbers.push(n);
+        held.push(c);
+    }
+    // Not the lowest free numbers, which a stranger would try first (eight
+    // random draws out of 999 are 1 to 8 once in about 10^21).
+    numbers.sort_unstable();
+    assert_ne!(numbers, (1..=8).collect::<Vec<_>>());
 }
 
 /// One HTTP request to the metrics endpoint; the whole answer.

@@ -70,7 +70,7 @@ struct Args {
     )]
     max_connections: usize,
 
-    /// Most open connections from one IP address
+    /// Most open connections from one address (an IPv4 address, an IPv6 /64)
     #[arg(
         long,
         env = "PUNCHLINE_CONNECTIONS_PER_ADDRESS",
@@ -79,7 +79,7 @@ struct Args {
     )]
     connections_per_address: u32,
 
-    /// New connections per minute from one IP address (after a burst of 30)
+    /// New connections per minute from one address (after a burst of 30)
     #[arg(
         long,
         env = "PUNCHLINE_CONNECTIONS_PER_MINUTE",
@@ -88,7 +88,7 @@ struct Args {
     )]
     connections_per_minute: u32,
 
-    /// New codes per minute from one IP address (after a burst of 10)
+    /// New codes per minute from one address (after a burst of 10)
     #[arg(
         long,
         env = "PUNCHLINE_CODES_PER_MINUTE",
@@ -96,6 +96,17 @@ struct Args {
         default_value_t = server::DEFAULT_CODES_PER_MINUTE
     )]
     codes_per_minute: u32,
+
+    /// A whole network (an IPv4 /24, an IPv6 /48) gets this many times the
+    /// per-address limits: open and relayed connections, rates and bursts
+    #[arg(
+        long,
+        env = "PUNCHLINE_NETWORK_MULTIPLE",
+        value_name = "N",
+        default_value_t = server::DEFAULT_NETWORK_MULTIPLE,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    network_multiple: u32,
 
     /// Most codes (waiting or paired) at once
     #[arg(
@@ -138,6 +149,26 @@ struct Args {
         default_value_t = server::DEFAULT_RELAY_RATE
     )]
     relay_rate: u64,
+
+    /// Most relayed connections from one address (each end of a relayed pair is
+    /// one)
+    #[arg(
+        long,
+        env = "PUNCHLINE_RELAYS_PER_ADDRESS",
+        value_name = "N",
+        default_value_t = server::DEFAULT_RELAYS_PER_ADDRESS
+    )]
+    relays_per_address: u32,
+
+    /// Seconds one relay may last; the peers' chat then continues over a new link
+    #[arg(
+        long,
+        env = "PUNCHLINE_RELAY_LIFETIME",
+        value_name = "SECS",
+        default_value_t = server::DEFAULT_RELAY_LIFETIME.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    relay_lifetime: u64,
 
     /// Serve metrics (Prometheus text format) at http://ADDR:PORT/metrics; no
     /// authentication, so keep it on loopback or a private address [default: off]
@@ -221,11 +252,14 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         connections_per_address: args.connections_per_address,
         connections_per_minute: args.connections_per_minute,
         codes_per_minute: args.codes_per_minute,
+        network_multiple: args.network_multiple,
         metrics: metrics.clone(),
         relay: !args.no_relay,
         max_relays: args.max_relays,
         relay_bytes: args.relay_bytes,
         relay_rate: args.relay_rate,
+        relays_per_address: args.relays_per_address,
+        relay_lifetime: Duration::from_secs(args.relay_lifetime),
     };
     check_file_limit(args.max_connections);
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
