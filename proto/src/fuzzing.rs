@@ -101,9 +101,10 @@ pub fn rendezvous_input(data: &[u8]) -> usize {
 /// What a peer accepts from the rendezvous: a stream of [`ServerToPeer`] frames.
 /// Everything the peer prints from them is sanitised first.
 pub fn peer_from_rendezvous(data: &[u8]) -> usize {
-    frames::<ServerToPeer>(data, |msg| match msg {
-        ServerToPeer::Error { message, .. } => printable(message),
-        _ => {}
+    frames::<ServerToPeer>(data, |msg| {
+        if let ServerToPeer::Error { message, .. } = msg {
+            printable(message);
+        }
     })
 }
 
