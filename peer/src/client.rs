@@ -121,10 +121,15 @@ impl Rendezvous {
     pub async fn connect(server: &str, port: u16) -> Result<Self, PeerError> {
         let addrs = resolve(server).await?;
         let mut tried = Vec::new();
+        // Addresses for which binding the port failed because it is taken.
+        let mut taken = 0;
         for addr in addrs {
             let socket = match fixed_port_socket(addr, port) {
                 Ok(s) => s,
                 Err(e) => {
+                    if e.kind() == std::io::ErrorKind::AddrInUse {
+                        taken += 1;
+                    }
                     tried.push((addr, e));
                     continue;
                 }
@@ -149,14 +154,10 @@ impl Rendezvous {
                 )),
             }
         }
-        // Binding the port failed for every address: it is taken. (With one
-        // address family free, the other would have been used.)
-        if port != 0
-            && !tried.is_empty()
-            && tried
-                .iter()
-                .all(|(_, e)| e.kind() == std::io::ErrorKind::AddrInUse)
-        {
+        // Binding the port failed for every address: another program holds it
+        // without sharing (with one address family free, the other would have
+        // been used). Not a connect() error: that is about the server's side.
+        if port != 0 && taken > 0 && taken == tried.len() {
             return Err(PeerError::PortInUse { port });
         }
         if tried.is_empty() {
