@@ -7,24 +7,43 @@
 //! 3. Answer pings until the go arrives.
 //! 4. Keep the connection open during the punch (the NAT mapping the other peer was
 //!    told about belongs to it), then report the outcome and close.
+//!
+//! Every wait has a deadline: resolving the name, connecting, the first answer
+//! (short: something that is not a rendezvous is told apart within seconds),
+//! each later answer, each silence while waiting for the go and the whole wait,
+//! and the relay request. Text the server sends (its error messages, and what a
+//! program that is not a rendezvous sent instead) is sanitised here, where it
+//! comes in, before it reaches any error shown to the user.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{
-    DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, PunchOutcome,
-    ServerToPeer, MAX_RELAY_CHUNK,
+    sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
+    PeerToServer, PunchOutcome, ServerToPeer, MAX_RELAY_CHUNK,
 };
 use tokio::net::{lookup_host, TcpStream};
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
 
 use crate::error::{describe_attempts, PeerError};
 use crate::net::{fixed_port_socket, LinkStream};
 
+/// Time allowed to resolve the rendezvous' name. The system resolver gives up
+/// by itself (typically 5 s per name server and attempt), but nothing promises
+/// it: a broken resolver configuration must not leave the peer hanging.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Time allowed to open the TCP connection to one rendezvous address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time allowed for the first answer on a connection (to the allocation, the
+/// hello or the reflection). A rendezvous answers at once; a program that is not
+/// one (a web server waiting for a request, a closed-off port that swallows
+/// bytes) is told apart after this long, with a clear error rather than a long
+/// silence. Three seconds leave room for a slow path and a busy server.
+pub const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Time allowed for the rendezvous to answer the hello.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +58,26 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// (a NAT that dropped the mapping, a server that died without closing).
 pub const WAIT_SILENCE_TIMEOUT: Duration = Duration::from_secs(35);
 
+/// Longest wait for the other peer to join (for the go), however lively the
+/// rendezvous. The server ends the wait itself, by default after 10 minutes (a
+/// code nobody used is then free again); this bound is for a server configured
+/// to wait longer, or one that keeps pinging and never pairs: one hour, beyond
+/// which nobody is still waiting in front of the screen.
+pub const GO_WAIT_LIMIT: Duration = Duration::from_secs(60 * 60);
+
+/// Time allowed for the rendezvous to agree to relay, from the request on, pings
+/// or not. It answers at once: it needs nothing from the other peer to say yes.
+pub const RELAY_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most characters of a server's error message shown to the user. Its messages
+/// are one sentence; a longer one is cut rather than allowed to fill the screen.
+const MAX_SHOWN_MESSAGE: usize = 300;
+
+/// Most bytes shown of what a program that is not a rendezvous sent: enough to
+/// recognise a banner ("SSH-2.0-OpenSSH_9.6p1 Ubuntu-3") or a status line
+/// ("HTTP/1.1 400 Bad Request").
+const MAX_SHOWN_GREETING: usize = 48;
+
 /// How long the server has to close after our punch report.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -52,24 +91,45 @@ pub struct Rendezvous {
     pub server: SocketAddr,
     /// Our fixed local port.
     pub local_port: u16,
+    /// Whether the server has answered once with a message of the protocol
+    /// (until then, it may be some other program).
+    answered: bool,
+}
+
+/// The addresses of `server` (`HOST:PORT`), within [`RESOLVE_TIMEOUT`].
+pub async fn resolve(server: &str) -> Result<Vec<SocketAddr>, PeerError> {
+    let failed = |source| PeerError::Resolve {
+        server: server.to_owned(),
+        source,
+    };
+    match timeout(RESOLVE_TIMEOUT, lookup_host(server)).await {
+        Ok(Ok(addrs)) => Ok(addrs.collect()),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(_) => Err(failed(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} s", RESOLVE_TIMEOUT.as_secs()),
+        ))),
+    }
 }
 
 impl Rendezvous {
     /// Connects to `server` (`HOST:PORT`) from local `port` (0: the OS picks one,
     /// which then stays ours).
+    ///
+    /// A `port` that another program holds (without sharing it) is reported as
+    /// [`PeerError::PortInUse`], not as an unreachable server.
     pub async fn connect(server: &str, port: u16) -> Result<Self, PeerError> {
-        let addrs: Vec<SocketAddr> = lookup_host(server)
-            .await
-            .map_err(|source| PeerError::Resolve {
-                server: server.to_owned(),
-                source,
-            })?
-            .collect();
+        let addrs = resolve(server).await?;
         let mut tried = Vec::new();
+        // Addresses for which binding the port failed because it is taken.
+        let mut taken = 0;
         for addr in addrs {
             let socket = match fixed_port_socket(addr, port) {
                 Ok(s) => s,
                 Err(e) => {
+                    if e.kind() == std::io::ErrorKind::AddrInUse {
+                        taken += 1;
+                    }
                     tried.push((addr, e));
                     continue;
                 }
@@ -84,6 +144,7 @@ impl Rendezvous {
                         conn: Framed::new(stream, FrameCodec::new()),
                         server: addr,
                         local_port,
+                        answered: false,
                     });
                 }
                 Ok(Err(e)) => tried.push((addr, e)),
@@ -92,6 +153,12 @@ impl Rendezvous {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"),
                 )),
             }
+        }
+        // Binding the port failed for every address: another program holds it
+        // without sharing (with one address family free, the other would have
+        // been used). Not a connect() error: that is about the server's side.
+        if port != 0 && taken > 0 && taken == tried.len() {
+            return Err(PeerError::PortInUse { port });
         }
         if tried.is_empty() {
             return Err(PeerError::Resolve {
@@ -188,29 +255,113 @@ impl Rendezvous {
     }
 
     /// Sends `msg` and reads the answer (an error answer becomes an error).
+    ///
+    /// The first answer on the connection also tells whether the server is a
+    /// punchline rendezvous at all: it must come within
+    /// [`FIRST_ANSWER_TIMEOUT`] and be a message of the protocol, else the error
+    /// says what answered instead ([`PeerError::NotRendezvous`]).
     async fn request(
         &mut self,
         msg: PeerToServer,
         what: &str,
         limit: Duration,
     ) -> Result<ServerToPeer, PeerError> {
+        let first = !self.answered;
+        let limit = if first {
+            limit.min(FIRST_ANSWER_TIMEOUT)
+        } else {
+            limit
+        };
         self.send(msg).await?;
-        let reply = timeout(limit, self.conn.next())
-            .await
-            .map_err(|_| PeerError::Timeout(format!("the rendezvous did not answer {what}")))?;
+        let reply = match timeout(limit, self.conn.next()).await {
+            Ok(reply) => reply,
+            Err(_) if first => {
+                let silent = format!("no answer within {}", in_words(limit));
+                return Err(self
+                    .not_rendezvous(None)
+                    .unwrap_or(PeerError::NotRendezvous {
+                        server: self.server.to_string(),
+                        detail: silent,
+                    }));
+            }
+            Err(_) => {
+                return Err(PeerError::Timeout(format!(
+                    "the rendezvous did not answer {what} within {}",
+                    in_words(limit)
+                )))
+            }
+        };
         match reply {
-            Some(Ok(ServerToPeer::Error { .. })) | Some(Err(_)) | None => {
+            Some(Ok(ServerToPeer::Error { .. })) => {
+                self.answered = true;
                 Err(unexpected(reply, what))
             }
-            Some(Ok(answer)) => Ok(answer),
+            Some(Ok(answer)) => {
+                self.answered = true;
+                Ok(answer)
+            }
+            Some(Err(_)) | None if first => {
+                let e = unexpected(reply, what);
+                Err(self.not_rendezvous(Some(&e)).unwrap_or(e))
+            }
+            Some(Err(_)) | None => Err(unexpected(reply, what)),
         }
     }
 
-    /// Waits for the go, answering pings. Bounded by the server's wait limit, and
-    /// by [`WAIT_SILENCE_TIMEOUT`] should the server go quiet.
+    /// The error for a server that did not answer its first request like a
+    /// rendezvous, from what it sent (undecoded, still in the read buffer) or
+    /// how it failed (`failure`); `None` if neither shows it is something else
+    /// (a connection reset, say).
+    fn not_rendezvous(&self, failure: Option<&PeerError>) -> Option<PeerError> {
+        let detail = match (describe_greeting(self.conn.read_buffer()), failure) {
+            (Some(sent), _) => format!("it sent {sent}"),
+            (None, Some(PeerError::ServerClosed)) => {
+                "it closed the connection without answering".to_owned()
+            }
+            (
+                None,
+                Some(PeerError::Codec(CodecError::FrameTooLarge | CodecError::Decode { .. })),
+            ) => "its answer is not a message of the protocol".to_owned(),
+            (None, _) => return None,
+        };
+        Some(PeerError::NotRendezvous {
+            server: self.server.to_string(),
+            detail,
+        })
+    }
+
+    /// Waits for the go, answering pings. Bounded by [`WAIT_SILENCE_TIMEOUT`]
+    /// should the server go quiet, and by [`GO_WAIT_LIMIT`] in all (the server
+    /// normally ends the wait sooner, with an error saying nobody joined).
     pub async fn wait_for_go(&mut self) -> Result<Go, PeerError> {
+        self.wait_for_go_within(WAIT_SILENCE_TIMEOUT, GO_WAIT_LIMIT)
+            .await
+    }
+
+    /// [`Self::wait_for_go`] with its two bounds: the longest `silence`, and the
+    /// whole wait (`limit`).
+    async fn wait_for_go_within(
+        &mut self,
+        silence: Duration,
+        limit: Duration,
+    ) -> Result<Go, PeerError> {
+        let overall = Instant::now() + limit;
         loop {
-            match self.conn.next().await {
+            let quiet_until = Instant::now() + silence;
+            let Ok(next) = timeout_at(quiet_until.min(overall), self.conn.next()).await else {
+                return Err(PeerError::Timeout(if Instant::now() >= overall {
+                    format!(
+                        "the other side did not join within {}; start again when both of you are ready",
+                        in_words(limit)
+                    )
+                } else {
+                    format!(
+                        "the rendezvous went silent for {} while we waited for the other side: it, or the network path to it, is gone",
+                        in_words(silence)
+                    )
+                }));
+            };
+            match next {
                 Some(Ok(ServerToPeer::Ping { seq })) => {
                     self.send(PeerToServer::Pong { seq }).await?
                 }
@@ -267,26 +418,10 @@ impl Rendezvous {
     /// agrees, returns the local end of a byte stream it carries to the other
     /// peer; a task bridges the two until either side closes, and the link over
     /// it is encrypted end to end like a direct one.
+    ///
+    /// The whole request, pings or not, is bounded by [`RELAY_ANSWER_TIMEOUT`].
     pub async fn relay(mut self, attempts: u32) -> Result<LinkStream, PeerError> {
-        self.send(PeerToServer::Report(PunchOutcome::Failed { attempts }))
-            .await?;
-        self.send(PeerToServer::Relay).await?;
-        loop {
-            let reply = timeout(WELCOME_TIMEOUT, self.conn.next())
-                .await
-                .map_err(|_| {
-                    PeerError::Timeout("the rendezvous did not answer the relay request".into())
-                })?;
-            match reply {
-                Some(Ok(ServerToPeer::Relaying)) => break,
-                // The other side's box, come after the punch gave up: too late.
-                Some(Ok(ServerToPeer::Sealed(_))) => {}
-                Some(Ok(ServerToPeer::Ping { seq })) => {
-                    self.send(PeerToServer::Pong { seq }).await?
-                }
-                other => return Err(unexpected(other, "the relay")),
-            }
-        }
+        self.ask_relay(attempts, RELAY_ANSWER_TIMEOUT).await?;
         let (ours, theirs) = tokio::io::duplex(RELAY_BUFFER);
         let (done_tx, done) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -294,6 +429,34 @@ impl Rendezvous {
             let _ = done_tx.send(());
         });
         Ok(LinkStream::Relayed(ours, Some(done)))
+    }
+
+    /// Reports the failed punch and asks for the relay; `Ok` once the server
+    /// agrees, within `limit` in all.
+    async fn ask_relay(&mut self, attempts: u32, limit: Duration) -> Result<(), PeerError> {
+        let asked = timeout(limit, async {
+            self.send(PeerToServer::Report(PunchOutcome::Failed { attempts }))
+                .await?;
+            self.send(PeerToServer::Relay).await?;
+            loop {
+                match self.conn.next().await {
+                    Some(Ok(ServerToPeer::Relaying)) => return Ok(()),
+                    // The other side's box, come after the punch gave up: too late.
+                    Some(Ok(ServerToPeer::Sealed(_))) => {}
+                    Some(Ok(ServerToPeer::Ping { seq })) => {
+                        self.send(PeerToServer::Pong { seq }).await?
+                    }
+                    other => return Err(unexpected(other, "the relay")),
+                }
+            }
+        })
+        .await;
+        asked.unwrap_or_else(|_| {
+            Err(PeerError::Timeout(format!(
+                "the rendezvous did not agree to relay within {}",
+                in_words(limit)
+            )))
+        })
     }
 
     async fn send(&mut self, msg: PeerToServer) -> Result<(), PeerError> {
@@ -345,11 +508,14 @@ async fn relay_pieces(
                     }
                 }
                 Some(Ok(ServerToPeer::Ping { seq })) => {
-                    let _ = conn.send(PeerToServer::Pong { seq }).await;
+                    let pong = conn.send(PeerToServer::Pong { seq });
+                    if timeout(SEND_TIMEOUT, pong).await.map_or(true, |r| r.is_err()) {
+                        break;
+                    }
                 }
                 Some(Ok(ServerToPeer::Sealed(_))) => {}
                 Some(Ok(ServerToPeer::Error { message, .. })) => {
-                    tracing::warn!("the rendezvous ended the relay: {message}");
+                    tracing::warn!("the rendezvous ended the relay: {}", shown_message(&message));
                     break;
                 }
                 other => {
@@ -361,17 +527,259 @@ async fn relay_pieces(
     }
 }
 
-fn unexpected(
-    got: Option<Result<ServerToPeer, punchline_proto::CodecError>>,
-    wanted: &str,
-) -> PeerError {
+/// The error for an answer that is not the one `wanted`. Nothing of the
+/// server's text reaches it unsanitised: an error message is cleaned and cut
+/// ([`shown_message`]), any other message is named by its kind only.
+fn unexpected(got: Option<Result<ServerToPeer, CodecError>>, wanted: &str) -> PeerError {
     match got {
         None => PeerError::ServerClosed,
         Some(Err(e)) => e.into(),
         Some(Ok(ServerToPeer::Error { code, message })) => PeerError::Rejected {
             code: ErrorCode::from_u16(code),
-            message,
+            message: shown_message(&message),
         },
-        Some(Ok(other)) => PeerError::Protocol(format!("expected {wanted}, got {other:?}")),
+        Some(Ok(other)) => PeerError::Protocol(format!(
+            "expected {wanted}, got {} from the rendezvous",
+            kind(&other)
+        )),
+    }
+}
+
+/// A server's message as it may be shown: sanitised for the terminal, at most
+/// [`MAX_SHOWN_MESSAGE`] characters.
+fn shown_message(message: &str) -> String {
+    let mut shown: String = message.chars().take(MAX_SHOWN_MESSAGE).collect();
+    if shown.len() < message.len() {
+        shown.push('…');
+    }
+    sanitize_for_terminal(&shown)
+}
+
+/// A duration as a user reads it: "3 s", "10 minutes", "250 ms".
+fn in_words(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 120 && secs % 60 == 0 {
+        format!("{} minutes", secs / 60)
+    } else if secs >= 1 {
+        format!("{secs} s")
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// What kind of message this is, in words (never its contents).
+fn kind(msg: &ServerToPeer) -> &'static str {
+    match msg {
+        ServerToPeer::Error { .. } => "an error",
+        ServerToPeer::Welcome { .. } => "a welcome",
+        ServerToPeer::Ping { .. } => "a ping",
+        ServerToPeer::Go(_) => "a go",
+        ServerToPeer::Allocated { .. } => "a nameplate",
+        ServerToPeer::Observed { .. } => "an observed address",
+        ServerToPeer::Relaying => "a relay confirmation",
+        ServerToPeer::Relayed(_) => "relayed bytes",
+        ServerToPeer::DialedBack { .. } => "a dial-back result",
+        ServerToPeer::Sealed(_) => "a sealed box",
+    }
+}
+
+/// What a program that is not a rendezvous sent first, as it may be shown: its
+/// first line (up to [`MAX_SHOWN_GREETING`] bytes) in quotes when it is text,
+/// sanitised; the first bytes in hex when it is not. `None` if it sent nothing.
+fn describe_greeting(sent: &[u8]) -> Option<String> {
+    if sent.is_empty() {
+        return None;
+    }
+    let head = &sent[..sent.len().min(MAX_SHOWN_GREETING)];
+    let first_line = head
+        .split(|&b| b == b'\n' || b == b'\r')
+        .next()
+        .unwrap_or_default();
+    // More than the line's end followed (or the line itself was cut).
+    let cut = sent[first_line.len()..]
+        .iter()
+        .any(|&b| b != b'\n' && b != b'\r');
+    // The cut may fall inside a character: keep the text up to it.
+    let text = match std::str::from_utf8(first_line) {
+        Ok(text) => Some(text),
+        Err(e) if e.error_len().is_none() => {
+            std::str::from_utf8(&first_line[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    let text = text
+        .filter(|t| !t.is_empty())
+        .filter(|t| t.chars().all(|c| !c.is_control() && c != '\u{FFFD}'));
+    Some(match text {
+        Some(text) => format!(
+            "'{}{}'",
+            sanitize_for_terminal(text),
+            if cut { "…" } else { "" }
+        ),
+        None => {
+            const HEX_SHOWN: usize = 16;
+            let hex: Vec<String> = sent
+                .iter()
+                .take(HEX_SHOWN)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!(
+                "binary data ({}{})",
+                hex.join(" "),
+                if sent.len() > HEX_SHOWN { " …" } else { "" }
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn a_greeting_is_shown_short_and_harmless() {
+        assert_eq!(describe_greeting(b""), None);
+        assert_eq!(
+            describe_greeting(b"SSH-2.0-OpenSSH_9.6\r\n").as_deref(),
+            Some("'SSH-2.0-OpenSSH_9.6'")
+        );
+        assert_eq!(
+            describe_greeting(b"HTTP/1.1 400 Bad Request\r\nServer: x\r\n").as_deref(),
+            Some("'HTTP/1.1 400 Bad Request…'")
+        );
+        // A long line is cut, also inside a character.
+        let long = format!("{}é and more", "x".repeat(MAX_SHOWN_GREETING - 1));
+        assert_eq!(
+            describe_greeting(long.as_bytes()),
+            Some(format!("'{}…'", "x".repeat(MAX_SHOWN_GREETING - 1)))
+        );
+        // Escapes or bidi characters in the greeting: shown as U+FFFD or hex,
+        // never as they are.
+        let hostile = describe_greeting("hi \u{202E}dlrow".as_bytes()).expect("shown");
+        assert_eq!(hostile, "'hi \u{FFFD}dlrow'");
+        let escape = describe_greeting(b"\x1b]0;title\x07").expect("shown");
+        assert_eq!(escape, "binary data (1b 5d 30 3b 74 69 74 6c 65 07)");
+        assert_eq!(
+            describe_greeting(&[0x16, 3, 1, 0, 0xa5, 1, 0, 0, 0xa1, 3, 3, 0, 1, 2, 3, 4, 5, 6]),
+            Some("binary data (16 03 01 00 a5 01 00 00 a1 03 03 00 01 02 03 04 …)".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_server_message_is_shown_short_and_harmless() {
+        assert_eq!(
+            shown_message("no\x1b[2J\u{2066}x"),
+            "no\u{FFFD}[2J\u{FFFD}x"
+        );
+        let long = "y".repeat(MAX_SHOWN_MESSAGE + 50);
+        let shown = shown_message(&long);
+        assert_eq!(shown.chars().count(), MAX_SHOWN_MESSAGE + 1);
+        assert!(shown.ends_with('…'));
+        let err = unexpected(
+            Some(Ok(ServerToPeer::Allocated {
+                nameplate: "\x1b[2J".into(),
+            })),
+            "a welcome",
+        );
+        assert_eq!(
+            err.to_string(),
+            "protocol error: expected a welcome, got a nameplate from the rendezvous"
+        );
+    }
+
+    #[test]
+    fn durations_in_words() {
+        assert_eq!(in_words(GO_WAIT_LIMIT), "60 minutes");
+        assert_eq!(in_words(WAIT_SILENCE_TIMEOUT), "35 s");
+        assert_eq!(in_words(Duration::from_millis(250)), "250 ms");
+    }
+
+    /// A connected [`Rendezvous`] and the server's end of its connection.
+    async fn connected() -> (
+        Rendezvous,
+        Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let addr = addr.to_string();
+        let (ours, theirs) = tokio::join!(Rendezvous::connect(&addr, 0), async {
+            listener.accept().await.expect("accept").0
+        });
+        (
+            ours.expect("connect"),
+            Framed::new(theirs, FrameCodec::new()),
+        )
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_go_ends_when_the_server_goes_silent() {
+        let (mut rv, _server) = connected().await;
+        let started = std::time::Instant::now();
+        let err = rv
+            .wait_for_go_within(Duration::from_millis(200), Duration::from_secs(30))
+            .await
+            .expect_err("no go");
+        assert!(
+            err.to_string()
+                .starts_with("the rendezvous went silent for 200 ms"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_go_ends_however_lively_the_server() {
+        let (mut rv, mut server) = connected().await;
+        let pinger = tokio::spawn(async move {
+            for seq in 0.. {
+                if server.send(ServerToPeer::Ping { seq }).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Read the pong, as the server does.
+                let _ = server.next().await;
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = rv
+            .wait_for_go_within(Duration::from_millis(300), Duration::from_millis(800))
+            .await
+            .expect_err("no go");
+        assert!(
+            err.to_string()
+                .starts_with("the other side did not join within 800 ms"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(rv);
+        let _ = pinger.await;
+    }
+
+    #[tokio::test]
+    async fn the_relay_request_has_an_absolute_deadline() {
+        let (mut rv, mut server) = connected().await;
+        // A server that keeps pinging and never agrees.
+        let pinger = tokio::spawn(async move {
+            for seq in 0.. {
+                if server.send(ServerToPeer::Ping { seq }).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = rv
+            .ask_relay(3, Duration::from_millis(500))
+            .await
+            .expect_err("no relay");
+        assert!(
+            err.to_string()
+                .starts_with("the rendezvous did not agree to relay within 500 ms"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(rv);
+        pinger.abort();
     }
 }

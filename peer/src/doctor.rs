@@ -16,6 +16,12 @@
 //! 5. **IPv6**: whether the rendezvous has an IPv6 address and answers on it.
 //!
 //! Then a verdict in plain words, with what to do about it.
+//!
+//! Every step has a deadline (the rendezvous' requests through
+//! [`Rendezvous`]'s bounds, the local tests 3 s each), and a
+//! `--server` that is not a punchline rendezvous is named as such within
+//! seconds, with what it sent; text from the server reaches the report only
+//! sanitised.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use punchline_proto::{classify_mapping, DialBackResult, Mapping};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{lookup_host, TcpSocket};
+use tokio::net::TcpSocket;
 use tokio::time::timeout;
 
 use crate::client::Rendezvous;
@@ -98,13 +104,7 @@ pub async fn examine(
     probe_port: Option<u16>,
 ) -> Result<Findings, PeerError> {
     let server_name = with_default_port(server);
-    let addrs: Vec<SocketAddr> = lookup_host(&server_name)
-        .await
-        .map_err(|source| PeerError::Resolve {
-            server: server_name.clone(),
-            source,
-        })?
-        .collect();
+    let addrs = crate::client::resolve(&server_name).await?;
     // The NAT checks over IPv4 when the server has it: IPv4 is where NATs are.
     let v4 = addrs.iter().find(|a| a.is_ipv4()).copied();
     let first = v4.or_else(|| addrs.first().copied());

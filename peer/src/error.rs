@@ -24,6 +24,22 @@ pub enum PeerError {
         /// Each address tried, with its error.
         tried: String,
     },
+    /// What answers at the rendezvous address does not speak punchline's protocol
+    /// (a web or SSH server, say): the user gave the wrong address or port.
+    #[error("{server} did not answer like a punchline rendezvous: {detail}; check the address and port given with --server")]
+    NotRendezvous {
+        /// The address tried.
+        server: String,
+        /// What it did instead, in words (anything it sent is sanitised).
+        detail: String,
+    },
+    /// The local port chosen with `--port` is held by another program that does
+    /// not share it.
+    #[error("local port {port} is already in use by another program, which does not share it: choose another --port, or leave --port out to let the system pick a free one")]
+    PortInUse {
+        /// The port.
+        port: u16,
+    },
     /// The rendezvous refused us, with its reason.
     #[error("the rendezvous refused: {message}")]
     Rejected {
@@ -79,7 +95,7 @@ pub enum PeerError {
     /// The rendezvous paired two of this peer's own meetings with each other.
     #[error("the new link led back to this peer itself")]
     MetItself,
-    /// A timeout while talking to the other peer.
+    /// A timeout while talking to the rendezvous or the other peer.
     #[error("{0}")]
     Timeout(String),
     /// The user gave an invalid argument.

@@ -3,13 +3,19 @@
 //! - Terminal: rustyline runs in its own thread (its `readline` blocks); incoming
 //!   lines go through rustyline's external printer, which redraws the line being
 //!   typed below them instead of garbling it. `/help` and `/quit` are handled here.
+//!   The printer can block (it hands one line at a time to the editor thread, and
+//!   writes to the terminal), so a thread of its own feeds it from a queue: a
+//!   stalled terminal never holds up a runtime worker, and so never the chat.
 //! - Pipes: every input line is one message, sent verbatim; every received message
 //!   is one `NAME: TEXT` line on stdout; status goes to stderr.
 //!
-//! Text from the other side is sanitised before it reaches a terminal or stdout.
+//! Text from elsewhere is sanitised before it reaches a terminal or stdout: the
+//! other side's names and lines, and every status message (which may quote a
+//! server or an error), line by line ([`sanitize_lines`]).
 
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -24,6 +30,16 @@ use crate::chat::{Input, Output};
 /// pipes are slow next to the link, and a full channel makes the reader wait
 /// instead of buffering without bound.
 pub const INPUT_CHANNEL: usize = 64;
+
+/// Lines queued for the terminal, at most. A terminal keeps up with any chat; this
+/// is room for a burst while it is briefly stalled (a slow remote session, a
+/// paused pane), in memory bounded by this many lines of at most
+/// [`punchline_proto::MAX_LINE_BYTES`] each (8 MiB). Lines beyond it are not
+/// shown, and the user is told how many ([`missed_notice`]).
+pub const PRINT_QUEUE: usize = 1024;
+
+/// How long leaving waits for the queued lines to reach the terminal.
+const PRINT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The terminal commands, as `/help` shows them.
 pub const HELP: &str = "\
@@ -157,8 +173,10 @@ impl Style {
         }
     }
 
-    /// A status line, prefixed with `prefix`.
+    /// A status line, prefixed with `prefix`; the message is sanitised line by
+    /// line ([`sanitize_lines`]).
     pub fn status(&self, prefix: &str, message: &str) -> String {
+        let message = sanitize_lines(message);
         if self.colour {
             format!("{DIM}{}{prefix}{message}{RESET}", self.stamp())
         } else {
@@ -173,6 +191,25 @@ impl Style {
             String::new()
         }
     }
+}
+
+/// Text from anywhere made safe for a terminal line by line: each line is
+/// sanitised ([`sanitize_for_terminal`]: no control, bidi or other format
+/// character survives), and the line breaks between them are kept, so that a
+/// diagnosis of several lines still reads as several lines.
+pub fn sanitize_lines(text: &str) -> String {
+    text.split('\n')
+        .map(|line| sanitize_for_terminal(line.strip_suffix('\r').unwrap_or(line)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The notice for lines the terminal did not keep up with.
+pub fn missed_notice(missed: u64) -> String {
+    format!(
+        "{missed} line{} not shown: the terminal did not keep up",
+        if missed == 1 { "" } else { "s" }
+    )
 }
 
 /// Colour only on a terminal, and not when `NO_COLOR` holds anything.
@@ -210,7 +247,7 @@ impl Output for LinesOutput {
     }
 
     fn status(&mut self, message: &str) {
-        eprintln!("{message}");
+        eprintln!("{}", sanitize_lines(message));
     }
 }
 
@@ -223,7 +260,7 @@ impl Output for StderrStatus {
     }
 
     fn status(&mut self, message: &str) {
-        eprintln!("{message}");
+        eprintln!("{}", sanitize_lines(message));
     }
 }
 
@@ -263,9 +300,52 @@ fn prepare_history(path: &Path) -> io::Result<()> {
 /// Lines of history kept.
 pub const HISTORY_SIZE: usize = 1000;
 
-/// The interactive terminal: a line editor thread and its external printer.
+/// A line for the terminal, and where it goes should the line editor's printer
+/// fail.
+enum Shown {
+    /// A received line (stdout).
+    Incoming(String),
+    /// A status line (stderr).
+    Status(String),
+}
+
+impl Shown {
+    /// Writes the line straight to its stream (blocking).
+    fn write_direct(self) {
+        match self {
+            Shown::Incoming(line) => println!("{line}"),
+            Shown::Status(line) => eprintln!("{line}"),
+        }
+    }
+}
+
+/// Hands queued lines to the line editor's printer until the queue closes, then
+/// says so on `done`.
+fn print_loop(
+    mut printer: Box<dyn ExternalPrinter + Send>,
+    queue: std_mpsc::Receiver<Shown>,
+    done: std_mpsc::SyncSender<()>,
+) {
+    for shown in queue {
+        let line = match &shown {
+            Shown::Incoming(line) | Shown::Status(line) => line.clone(),
+        };
+        if printer.print(line).is_err() {
+            shown.write_direct();
+        }
+    }
+    let _ = done.try_send(());
+}
+
+/// The interactive terminal: a line editor thread, and a printer thread that
+/// feeds its external printer from a bounded queue.
 pub struct Terminal {
-    printer: Box<dyn ExternalPrinter + Send>,
+    /// The printer thread's queue; `None` once closed.
+    queue: Option<std_mpsc::SyncSender<Shown>>,
+    /// Signalled by the printer thread once the queue is drained and closed.
+    printed: std_mpsc::Receiver<()>,
+    /// Lines not shown since the queue was last full.
+    missed: u64,
     saved: Option<libc::termios>,
     style: Style,
 }
@@ -297,19 +377,58 @@ impl Terminal {
             let _ = editor.load_history(path);
         }
         let printer = editor.create_external_printer().map_err(io::Error::other)?;
+        let (queue, queued) = std_mpsc::sync_channel(PRINT_QUEUE);
+        let (done, printed) = std_mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("printer".into())
+            .spawn(move || print_loop(Box::new(printer), queued, done))?;
         thread::spawn(move || edit_loop(editor, tx, &verification, history));
         Ok(Terminal {
-            printer: Box::new(printer),
+            queue: Some(queue),
+            printed,
+            missed: 0,
             saved,
             style,
         })
     }
 
+    /// Queues a line for the printer thread without waiting. When the queue is
+    /// full the line is counted as missed, and the count is shown as soon as
+    /// there is room again.
+    fn show(&mut self, shown: Shown) {
+        let Some(queue) = &self.queue else {
+            shown.write_direct();
+            return;
+        };
+        if self.missed > 0 {
+            let notice = Shown::Status(self.style.status("-- ", &missed_notice(self.missed)));
+            if queue.try_send(notice).is_err() {
+                self.missed += 1;
+                return;
+            }
+            self.missed = 0;
+        }
+        match queue.try_send(shown) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(_)) => self.missed += 1,
+            // The printer thread is gone: write directly, as before it existed.
+            Err(std_mpsc::TrySendError::Disconnected(shown)) => {
+                self.queue = None;
+                shown.write_direct();
+            }
+        }
+    }
+
     /// Puts the terminal back as it was before the editor started, so the process
     /// can exit while the editor thread still waits for a key.
     pub fn restore(&mut self) {
-        // The editor thread draws what the printer queued; give it a moment so the
-        // last received lines are on screen before the terminal changes mode.
+        // Let the printer thread hand over what is queued (for a bounded time:
+        // a stalled terminal must not keep the process from exiting).
+        if self.queue.take().is_some() {
+            let _ = self.printed.recv_timeout(PRINT_FLUSH_TIMEOUT);
+        }
+        // The editor thread draws what the printer handed over; give it a moment
+        // so the last received lines are on screen before the terminal changes mode.
         thread::sleep(Duration::from_millis(100));
         if let Some(saved) = &self.saved {
             // SAFETY: `saved` came from tcgetattr on the same descriptor.
@@ -318,22 +437,22 @@ impl Terminal {
             }
         }
         eprintln!();
+        if self.missed > 0 {
+            eprintln!("-- {}", missed_notice(self.missed));
+            self.missed = 0;
+        }
     }
 }
 
 impl Output for Terminal {
     fn incoming(&mut self, name: &str, text: &str) {
         let line = self.style.incoming(name, text);
-        if self.printer.print(line.clone()).is_err() {
-            println!("{line}");
-        }
+        self.show(Shown::Incoming(line));
     }
 
     fn status(&mut self, message: &str) {
         let line = self.style.status("-- ", message);
-        if self.printer.print(line.clone()).is_err() {
-            eprintln!("{line}");
-        }
+        self.show(Shown::Status(line));
     }
 }
 
@@ -434,6 +553,100 @@ mod tests {
             stamp[1..9].chars().all(|c| c.is_ascii_digit() || c == ':'),
             "{stamped}"
         );
+    }
+
+    #[test]
+    fn status_lines_are_sanitised_but_keep_their_line_breaks() {
+        let plain = Style::default();
+        assert_eq!(
+            plain.status("-- ", "a\x1b]0;owned\x07\nb\u{202E}c\r\nd"),
+            "-- a\u{FFFD}]0;owned\u{FFFD}\nb\u{FFFD}c\nd"
+        );
+        assert_eq!(sanitize_lines("one\ntwo\n"), "one\ntwo\n");
+        assert_eq!(sanitize_lines("x\ty\u{2029}"), "x y\u{FFFD}");
+    }
+
+    #[test]
+    fn missed_lines_are_counted_in_words() {
+        assert_eq!(
+            missed_notice(1),
+            "1 line not shown: the terminal did not keep up"
+        );
+        assert_eq!(
+            missed_notice(7),
+            "7 lines not shown: the terminal did not keep up"
+        );
+    }
+
+    /// A printer whose terminal is stalled until `stalled` says otherwise (or
+    /// closes).
+    struct StalledPrinter {
+        stalled: Option<std_mpsc::Receiver<()>>,
+        printed: std_mpsc::Sender<String>,
+    }
+
+    impl ExternalPrinter for StalledPrinter {
+        fn print(&mut self, msg: String) -> rustyline::Result<()> {
+            if let Some(stalled) = self.stalled.take() {
+                let _ = stalled.recv();
+            }
+            let _ = self.printed.send(msg);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_terminal_does_not_block_the_chat_and_nothing_goes_missing_unsaid() {
+        let (wake_up, stalled) = std_mpsc::channel();
+        let (printed_tx, printed) = std_mpsc::channel();
+        let printer = StalledPrinter {
+            stalled: Some(stalled),
+            printed: printed_tx,
+        };
+        let (queue, queued) = std_mpsc::sync_channel(PRINT_QUEUE);
+        let (done, flushed) = std_mpsc::sync_channel(1);
+        thread::spawn(move || print_loop(Box::new(printer), queued, done));
+        let mut term = Terminal {
+            queue: Some(queue),
+            printed: flushed,
+            missed: 0,
+            saved: None,
+            style: Style::default(),
+        };
+        // The first line is taken by the printer, which then stalls; the queue
+        // fills, then lines are counted. None of this waits.
+        let started = std::time::Instant::now();
+        let sent = PRINT_QUEUE + 10;
+        for i in 0..sent {
+            term.incoming("bob", &format!("line {i}"));
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            term.missed > 0 && term.missed < 20,
+            "missed {}",
+            term.missed
+        );
+        let missed = term.missed;
+        // The terminal wakes up: everything queued is shown, in order, then the
+        // count of what was not.
+        wake_up.send(()).expect("the printer waits");
+        let shown = sent as u64 - missed;
+        for i in 0..shown {
+            let line = printed
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a shown line");
+            assert_eq!(line, format!("bob: line {i}"));
+        }
+        term.status("after");
+        let notice = printed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("notice");
+        assert_eq!(notice, format!("-- {}", missed_notice(missed)));
+        let after = printed.recv_timeout(Duration::from_secs(5)).expect("after");
+        assert_eq!(after, "-- after");
+        // Leaving waits (briefly) for the queue to drain.
+        term.restore();
+        assert!(term.queue.is_none());
     }
 
     #[test]

@@ -151,10 +151,14 @@ pub fn typed_code(data: &[u8]) -> usize {
     1
 }
 
-/// Sanitised text has no control characters left for a terminal to act on.
+/// Sanitised text has nothing left for a terminal to act on or to hide behind:
+/// no control character, no bidi or other format character, no line or
+/// paragraph separator ([`crate::is_hidden_or_control`]).
 fn printable(text: &str) {
     let shown = sanitize_for_terminal(text);
-    assert!(!shown.chars().any(char::is_control), "{shown:?}");
+    assert!(!shown.chars().any(crate::is_hidden_or_control), "{shown:?}");
+    // One character for one: nothing of the rest is cut or merged.
+    assert_eq!(shown.chars().count(), text.chars().count(), "{shown:?}");
 }
 
 /// A fuzz target's check: raw input in, number of messages it held out.

@@ -440,11 +440,12 @@ pub fn validate_nameplate(nameplate: &str) -> Result<(), InvalidField> {
     }
 }
 
-/// Checks a display name: 1 to [`MAX_NAME_CHARS`] characters, none of them control
-/// characters (a name is printed on the other user's terminal).
+/// Checks a display name: 1 to [`MAX_NAME_CHARS`] characters, none of them a
+/// character [`is_hidden_or_control`] (a name is printed on the other user's
+/// terminal, and must look like what it is: "\u{202E}ecila" would show as "alice").
 pub fn validate_name(name: &str) -> Result<(), InvalidField> {
     let n = name.chars().count();
-    if (1..=MAX_NAME_CHARS).contains(&n) && !name.chars().any(char::is_control) {
+    if (1..=MAX_NAME_CHARS).contains(&n) && !name.chars().any(is_hidden_or_control) {
         Ok(())
     } else {
         Err(InvalidField::Name(truncate_for_display(name)))
@@ -489,18 +490,75 @@ pub fn validate_line(text: &str) -> Result<(), InvalidField> {
     }
 }
 
-/// Text from the other side made safe to print on a terminal: control characters
-/// (escape sequences could move the cursor, retitle the window, or fake a line from
-/// someone else) are replaced by U+FFFD, except tab which becomes a space.
+/// Text from elsewhere made safe to print on a terminal: every character
+/// [`is_hidden_or_control`] is replaced by U+FFFD, except tab which becomes a
+/// space. Control characters start escape sequences (which could move the cursor,
+/// retitle the window, clear the screen, or fake a line from someone else);
+/// format characters reorder or hide what is shown ("\u{202E}ecila" shows as
+/// "alice"). One character in, one character out.
 pub fn sanitize_for_terminal(text: &str) -> String {
     text.chars()
         .map(|c| match c {
             '\t' => ' ',
-            c if c.is_control() => '\u{FFFD}',
+            c if is_hidden_or_control(c) => '\u{FFFD}',
             c => c,
         })
         .collect()
 }
+
+/// True for a character that must not reach a terminal from elsewhere:
+/// - a control character (Unicode category Cc: C0, DEL, C1), which a terminal
+///   acts on instead of showing;
+/// - a format character (category Cf, [`FORMAT_CHARACTERS`]): bidirectional
+///   embeddings, overrides and isolates, zero-width characters, the byte order
+///   mark, tag characters, the soft hyphen… invisible, and able to reorder or
+///   hide the text around them;
+/// - the line and paragraph separators U+2028 and U+2029 (categories Zl, Zp),
+///   which some terminals and programs take for a line break.
+pub fn is_hidden_or_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}')
+        || FORMAT_CHARACTERS
+            .binary_search_by(|&(first, last)| {
+                if last < c {
+                    std::cmp::Ordering::Less
+                } else if first > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
+}
+
+/// Unicode general category Cf ("format"), as ranges of characters in order:
+/// `DerivedGeneralCategory.txt` of Unicode 15.0 (Unicode 15.1 and 16.0 add
+/// none). Written out here rather than taken from a crate: the standard library
+/// does not expose the category, and the table is short and changes rarely (a
+/// Cf character added later passes through until this table is updated).
+pub const FORMAT_CHARACTERS: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),   // soft hyphen
+    ('\u{0600}', '\u{0605}'),   // Arabic number signs
+    ('\u{061C}', '\u{061C}'),   // Arabic letter mark (bidi)
+    ('\u{06DD}', '\u{06DD}'),   // Arabic end of ayah
+    ('\u{070F}', '\u{070F}'),   // Syriac abbreviation mark
+    ('\u{0890}', '\u{0891}'),   // Arabic pound and piastre marks above
+    ('\u{08E2}', '\u{08E2}'),   // Arabic disputed end of ayah
+    ('\u{180E}', '\u{180E}'),   // Mongolian vowel separator
+    ('\u{200B}', '\u{200F}'),   // zero width space, (non-)joiner, LRM, RLM
+    ('\u{202A}', '\u{202E}'),   // bidi embeddings and overrides
+    ('\u{2060}', '\u{2064}'),   // word joiner, invisible operators
+    ('\u{2066}', '\u{206F}'),   // bidi isolates, deprecated format characters
+    ('\u{FEFF}', '\u{FEFF}'),   // byte order mark / zero width no-break space
+    ('\u{FFF9}', '\u{FFFB}'),   // interlinear annotation
+    ('\u{110BD}', '\u{110BD}'), // Kaithi number sign
+    ('\u{110CD}', '\u{110CD}'), // Kaithi number sign above
+    ('\u{13430}', '\u{1343F}'), // Egyptian hieroglyph format controls
+    ('\u{1BCA0}', '\u{1BCA3}'), // shorthand format controls
+    ('\u{1D173}', '\u{1D17A}'), // musical symbol beams, ties, slurs, phrases
+    ('\u{E0001}', '\u{E0001}'), // language tag
+    ('\u{E0020}', '\u{E007F}'), // tag characters
+];
 
 fn truncate_for_display(s: &str) -> String {
     const SHOWN: usize = 80;
@@ -541,15 +599,146 @@ mod tests {
     fn names() {
         assert!(validate_name("alice").is_ok());
         assert!(validate_name("Zoë Ωmega").is_ok());
+        assert!(validate_name("مريم").is_ok());
         assert!(validate_name("").is_err());
         assert!(validate_name("a\x1b[2Jb").is_err());
         assert!(validate_name(&"n".repeat(MAX_NAME_CHARS + 1)).is_err());
+        // Shown as "alice", but it is not.
+        assert!(validate_name("\u{202E}ecila").is_err());
+        assert!(validate_name("al\u{200B}ice").is_err());
+        assert!(validate_name("alice\u{E0041}").is_err());
     }
 
     #[test]
     fn sanitize_removes_escapes() {
         assert_eq!(sanitize_for_terminal("a\x1b[31mb\tc"), "a\u{FFFD}[31mb c");
         assert_eq!(sanitize_for_terminal("fine ✓"), "fine ✓");
+        assert_eq!(sanitize_for_terminal("a\u{9b}2Jb"), "a\u{FFFD}2Jb");
+    }
+
+    #[test]
+    fn sanitize_removes_bidi_and_format_characters() {
+        assert_eq!(sanitize_for_terminal("\u{202E}ecila"), "\u{FFFD}ecila");
+        assert_eq!(
+            sanitize_for_terminal("a\u{2066}b\u{2069}c\u{FEFF}d\u{AD}e"),
+            "a\u{FFFD}b\u{FFFD}c\u{FFFD}d\u{FFFD}e"
+        );
+        assert_eq!(sanitize_for_terminal("1\u{2028}2"), "1\u{FFFD}2");
+        // Joiners inside emoji sequences are format characters too: the pieces
+        // stay, side by side.
+        assert_eq!(sanitize_for_terminal("👩\u{200D}💻"), "👩\u{FFFD}💻");
+    }
+
+    /// The characters the terminal must never receive, each range written out
+    /// from the Unicode tables, independently of [`FORMAT_CHARACTERS`].
+    const NEVER_SHOWN: &[(u32, u32)] = &[
+        (0x00, 0x1F),
+        (0x7F, 0x9F),
+        (0xAD, 0xAD),
+        (0x600, 0x605),
+        (0x61C, 0x61C),
+        (0x6DD, 0x6DD),
+        (0x70F, 0x70F),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x2028, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+
+    fn never_shown(c: char) -> bool {
+        let c = u32::from(c);
+        NEVER_SHOWN.iter().any(|&(a, b)| (a..=b).contains(&c))
+    }
+
+    /// Any character, with the dangerous ones much more likely than chance.
+    fn risky_char() -> impl Strategy<Value = char> {
+        let listed = prop::sample::select(
+            NEVER_SHOWN
+                .iter()
+                .chain(
+                    FORMAT_CHARACTERS
+                        .iter()
+                        .map(|&(a, b)| (u32::from(a), u32::from(b)))
+                        .collect::<Vec<_>>()
+                        .iter(),
+                )
+                .flat_map(|&(a, b)| [a, b, a + (b - a) / 2])
+                .filter_map(char::from_u32)
+                .collect::<Vec<_>>(),
+        );
+        prop_oneof![any::<char>(), listed, Just('\t'), Just('a')]
+    }
+
+    fn risky_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(risky_char(), 0..64).prop_map(|v| v.into_iter().collect())
+    }
+
+    #[test]
+    fn the_format_table_is_sorted_and_disjoint() {
+        for pair in FORMAT_CHARACTERS.windows(2) {
+            assert!(pair[0].0 <= pair[0].1 && pair[0].1 < pair[1].0, "{pair:?}");
+        }
+        for &(a, b) in FORMAT_CHARACTERS {
+            assert!(is_hidden_or_control(a) && is_hidden_or_control(b));
+        }
+    }
+
+    #[test]
+    fn every_listed_character_is_caught() {
+        for &(a, b) in NEVER_SHOWN {
+            for c in (a..=b).filter_map(char::from_u32) {
+                assert!(is_hidden_or_control(c), "U+{:04X}", u32::from(c));
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn sanitised_text_has_nothing_a_terminal_acts_on(text in risky_text()) {
+            let shown = sanitize_for_terminal(&text);
+            prop_assert!(!shown.chars().any(is_hidden_or_control), "{:?}", shown);
+            prop_assert!(!shown.chars().any(never_shown), "{:?}", shown);
+            // One character for one: nothing is cut or merged, so the rest of
+            // the line reads as it was written.
+            prop_assert_eq!(shown.chars().count(), text.chars().count());
+            for (before, after) in text.chars().zip(shown.chars()) {
+                if !is_hidden_or_control(before) {
+                    prop_assert_eq!(before, after);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_strings_sanitise_too(text in any::<String>()) {
+            let shown = sanitize_for_terminal(&text);
+            prop_assert!(!shown.chars().any(never_shown), "{:?}", shown);
+            prop_assert!(!shown.chars().any(is_hidden_or_control), "{:?}", shown);
+        }
+
+        #[test]
+        fn names_are_refused_with_any_hidden_character(
+            before in "[a-z]{0,10}",
+            hidden in risky_char().prop_filter("hidden", |&c| is_hidden_or_control(c)),
+            after in "[a-z]{0,10}",
+        ) {
+            let name = format!("{before}{hidden}{after}");
+            prop_assert!(validate_name(&name).is_err(), "{:?}", name);
+        }
+
+        #[test]
+        fn accepted_names_show_as_they_are(name in risky_text()) {
+            if validate_name(&name).is_ok() {
+                prop_assert!(!name.chars().any(never_shown), "{:?}", name);
+                prop_assert_eq!(sanitize_for_terminal(&name), name);
+            }
+        }
     }
 
     #[test]

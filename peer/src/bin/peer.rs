@@ -1,4 +1,8 @@
 //! `peer`: chat with another peer over a direct TCP link punched through NATs.
+//!
+//! Whatever it prints that may hold text from elsewhere (an error that quotes the
+//! rendezvous, the doctor's report) goes through [`shown`] first: the library
+//! sanitises such text where it comes in, and this is the last line of defence.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -6,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use punchline_peer::ui::sanitize_lines;
 use punchline_peer::{default_name, run, ChatEnd, Mode, Options};
 use punchline_proto::punch::RetryPolicy;
 
@@ -180,10 +185,17 @@ fn main() -> ExitCode {
         Ok(ChatEnd::WeLeft | ChatEnd::TheyLeft) => ExitCode::SUCCESS,
         Ok(ChatEnd::Interrupted) => ExitCode::from(130),
         Err(e) => {
-            eprintln!("peer: {e:#}");
+            eprintln!("peer: {}", shown(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error as the user sees it: its whole chain (`{:#}`), sanitised line by
+/// line (a diagnosis of several lines keeps its line breaks; no control, bidi or
+/// format character reaches the terminal).
+fn shown(e: &dyn std::fmt::Display) -> String {
+    sanitize_lines(&format!("{e:#}"))
 }
 
 fn no_server() -> ExitCode {
@@ -201,10 +213,13 @@ fn doctor(server: &str, port: u16, probe_port: Option<u16>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("checking this host against the rendezvous {server} (takes a few seconds)…");
+    eprintln!(
+        "checking this host against the rendezvous {} (takes a few seconds)…",
+        sanitize_lines(server)
+    );
     match runtime.block_on(punchline_peer::doctor::examine(server, port, probe_port)) {
         Ok(findings) => {
-            print!("{}", findings.report());
+            print!("{}", sanitize_lines(&findings.report()));
             use punchline_peer::doctor::Outlook;
             match findings.outlook() {
                 Outlook::Good | Outlook::Likely => ExitCode::SUCCESS,
@@ -212,7 +227,7 @@ fn doctor(server: &str, port: u16, probe_port: Option<u16>) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("peer: {e:#}");
+            eprintln!("peer: {}", shown(&e));
             ExitCode::FAILURE
         }
     }
