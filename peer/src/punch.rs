@@ -21,12 +21,13 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
-use punchline_proto::punch::{AttemptFailure, RetryPolicy, ATTEMPT_TIMEOUT};
+use punchline_proto::punch::{AttemptFailure, Pacer, RetryPolicy, ATTEMPT_TIMEOUT};
 use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken, MAX_CANDIDATES};
+use socket2::{SockFilter, SockRef};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
 use tracing::debug;
 
@@ -385,17 +386,24 @@ impl Candidate {
 }
 
 /// Connects to one candidate from the fixed port until a verified link, a proof
-/// that the candidate is the wrong host, or the deadline.
+/// that the candidate is the wrong host, the end of its attempt budget, or the
+/// deadline. Attempts are paced by a [`Pacer`]: at least
+/// [`punchline_proto::punch::ATTEMPT_FLOOR`] plus a random jitter between the
+/// starts of two attempts, however fast the far end resets.
 async fn try_candidate(c: Candidate) {
-    let mut attempt: u32 = 0;
+    let mut pacer = Pacer::new(c.policy);
     loop {
         let now = Instant::now();
-        if now >= c.deadline {
+        if now >= c.deadline || !pacer.start(now - c.start) {
+            if !pacer.may_start() {
+                debug!(addr = %c.addr, attempts = pacer.attempts(), "attempt budget spent; giving up this candidate");
+            }
             return;
         }
-        attempt += 1;
+        let attempt = pacer.attempts();
         with_tally(&c.tallies, c.index, |t| t.attempts += 1);
-        let failure = match connect_once(&c, c.deadline - now).await {
+        let hold = pacer.hold();
+        let failure = match connect_once(&c, c.deadline - now, hold).await {
             Ok(stream) => {
                 let elapsed = c.start.elapsed();
                 debug!(addr = %c.addr, attempt, ?elapsed, "connected; verifying");
@@ -424,32 +432,82 @@ async fn try_candidate(c: Candidate) {
             Err(failure) => failure,
         };
         with_tally(&c.tallies, c.index, |t| match failure {
+            // A held attempt ignored the resets it surely got.
             AttemptFailure::Refused => t.refused += 1,
+            AttemptFailure::NoAnswer if hold.is_some() => t.refused += 1,
             AttemptFailure::NoAnswer => t.no_answer += 1,
             AttemptFailure::AddressBusy | AttemptFailure::Other => t.other += 1,
         });
-        let pause = c.policy.pause(failure, c.start.elapsed());
-        tracing::trace!(addr = %c.addr, attempt, ?failure, ?pause, "attempt failed");
-        if pause.is_zero() {
-            // A zero-length tokio sleep still waits for the next timer tick (1 ms);
-            // an immediate retry must not.
+        let Some(next) = pacer.next_start(failure, c.start.elapsed(), fastrand::f64()) else {
+            debug!(addr = %c.addr, attempts = pacer.attempts(), "attempt budget spent; giving up this candidate");
+            return;
+        };
+        let next = (c.start + next).min(c.deadline);
+        tracing::trace!(addr = %c.addr, attempt, ?failure, pause = ?next.saturating_duration_since(Instant::now()), "attempt failed");
+        if next <= Instant::now() {
+            // A tokio sleep that is already due still waits for the next timer
+            // tick (1 ms); a retry that is due must not.
             tokio::task::yield_now().await;
         } else {
-            let left = c.deadline.saturating_duration_since(Instant::now());
-            sleep(pause.min(left)).await;
+            // Tokio's timer rounds up to whole milliseconds: never earlier.
+            sleep_until(next).await;
         }
     }
 }
 
-/// One connection attempt from the fixed port.
-async fn connect_once(c: &Candidate, left: Duration) -> Result<TcpStream, AttemptFailure> {
+/// One connection attempt from the fixed port. With `hold` (a near candidate,
+/// see [`punchline_proto::punch::NEAR_HOLD`]) the socket ignores resets and
+/// stays in SYN_SENT for `hold`, waiting for the other's SYN.
+async fn connect_once(
+    c: &Candidate,
+    left: Duration,
+    hold: Option<Duration>,
+) -> Result<TcpStream, AttemptFailure> {
     let socket = fixed_port_socket(c.addr, c.port).map_err(|e| classify(c, &e))?;
-    match timeout(ATTEMPT_TIMEOUT.min(left), socket.connect(c.addr)).await {
-        Ok(Ok(stream)) => Ok(stream),
+    if hold.is_some() {
+        SockRef::from(&socket)
+            .attach_filter(&DROP_RESETS)
+            .map_err(|e| classify(c, &e))?;
+    }
+    let wait = hold.unwrap_or(ATTEMPT_TIMEOUT).min(left);
+    match timeout(wait, socket.connect(c.addr)).await {
+        Ok(Ok(stream)) => {
+            if hold.is_some() {
+                // The chat must see a reset of its link.
+                SockRef::from(&stream)
+                    .detach_filter()
+                    .map_err(|e| classify(c, &e))?;
+            }
+            Ok(stream)
+        }
         Ok(Err(e)) => Err(classify(c, &e)),
         Err(_) => Err(AttemptFailure::NoAnswer),
     }
 }
+
+/// A socket filter (classic BPF, run by the kernel on every segment that
+/// reaches the socket, with the TCP header at offset 0) that drops segments
+/// with RST set and keeps the rest. It lets a held attempt stay in SYN_SENT
+/// when the other side's kernel, not connecting yet, resets our SYN.
+const DROP_RESETS: [SockFilter; 4] = [
+    // A = the byte of TCP flags.
+    SockFilter::new(BPF_LD_B_ABS, 0, 0, TCP_FLAGS_OFFSET),
+    // RST set: next instruction (drop), else skip it (keep).
+    SockFilter::new(BPF_JMP_JSET_K, 0, 1, TCP_FLAG_RST),
+    SockFilter::new(BPF_RET_K, 0, 0, 0),
+    SockFilter::new(BPF_RET_K, 0, 0, u32::MAX),
+];
+
+/// `BPF_LD | BPF_B | BPF_ABS`.
+const BPF_LD_B_ABS: u16 = 0x30;
+/// `BPF_JMP | BPF_JSET | BPF_K`.
+const BPF_JMP_JSET_K: u16 = 0x45;
+/// `BPF_RET | BPF_K`: keep that many bytes (0: drop).
+const BPF_RET_K: u16 = 0x06;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: u32 = 13;
+/// The RST bit in it.
+const TCP_FLAG_RST: u32 = 0x04;
 
 fn classify(c: &Candidate, e: &io::Error) -> AttemptFailure {
     let failure = match e.raw_os_error() {
@@ -752,5 +810,120 @@ mod tests {
         let (tx, rx) = oneshot::channel::<Vec<SocketAddr>>();
         drop(tx);
         assert!(punch(&g, &params, Instant::now(), rx).await.is_err());
+    }
+
+    fn refused(r: Result<Punched, PeerError>) -> (u32, f64) {
+        match r {
+            Err(PeerError::PunchFailed { attempts, secs, .. }) => (attempts, secs),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(p) => panic!("punched {}", p.remote),
+        }
+    }
+
+    /// A loopback port nothing listens on: every SYN to it is reset at once.
+    fn closed_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    /// The storm of the review: a go naming an address that resets at once
+    /// got tens of thousands of SYNs a second. Now it gets one quick attempt,
+    /// then one per hold.
+    #[tokio::test]
+    async fn a_resetting_target_gets_a_bounded_number_of_attempts() {
+        use punchline_proto::punch::{ATTEMPT_FLOOR, MAX_ATTEMPTS, NEAR_HOLD};
+        let target = closed_port();
+        let g = go(&target.to_string());
+        let deadline = Duration::from_secs(2);
+        let params = PunchParams {
+            local_port: closed_port().port(),
+            deadline,
+            our_observed: addr("127.0.0.1:5000"),
+            our_mapping: Mapping::Independent,
+            policy: RetryPolicy::Adaptive,
+        };
+        let (tx, rx) = oneshot::channel();
+        tx.send(Vec::new()).expect("send");
+        let (attempts, secs) = refused(punch(&g, &params, Instant::now(), rx).await);
+        let most = 2 + (deadline.as_millis() / NEAR_HOLD.as_millis()) as u32;
+        assert!(attempts >= 2, "it did not try: {attempts}");
+        assert!(
+            attempts <= most && attempts <= MAX_ATTEMPTS,
+            "{attempts} attempts in {secs:.2} s"
+        );
+        assert!(
+            f64::from(attempts) / secs < 1.0 / ATTEMPT_FLOOR.as_secs_f64(),
+            "{attempts} attempts in {secs:.2} s"
+        );
+        // The naive baseline with no pause is held to the floor too.
+        let params = PunchParams {
+            policy: RetryPolicy::Fixed(Duration::ZERO),
+            deadline: Duration::from_millis(500),
+            ..params
+        };
+        let (tx, rx) = oneshot::channel();
+        tx.send(Vec::new()).expect("send");
+        let (attempts, secs) = refused(punch(&g, &params, Instant::now(), rx).await);
+        assert!(
+            f64::from(attempts) <= 1.0 + secs / ATTEMPT_FLOOR.as_secs_f64(),
+            "{attempts} attempts in {secs:.2} s"
+        );
+    }
+
+    /// A hostile go (or peer) naming addresses this host must not flood:
+    /// none of them gets a single SYN.
+    #[tokio::test]
+    async fn a_hostile_gos_candidates_are_not_dialled() {
+        let lo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        lo.set_nonblocking(true).expect("nonblocking");
+        let mut listeners = vec![lo];
+        if let Some(own) = crate::net::own_addresses()
+            .into_iter()
+            .find(|ip| ip.is_ipv4())
+        {
+            let l = std::net::TcpListener::bind((own, 0)).expect("bind own address");
+            l.set_nonblocking(true).expect("nonblocking");
+            listeners.push(l);
+        }
+        let g = go("224.0.0.1:4000");
+        let params = PunchParams {
+            local_port: closed_port().port(),
+            deadline: Duration::from_secs(2),
+            our_observed: addr("203.0.113.1:5000"),
+            our_mapping: Mapping::Independent,
+            policy: RetryPolicy::Adaptive,
+        };
+        let mut late: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        late.extend(
+            [
+                "0.0.0.0:4000",
+                "198.51.100.7:0",
+                "255.255.255.255:4000",
+                "239.1.2.3:4000",
+                "[::1]:4000",
+                "[fe80::1]:4000",
+            ]
+            .map(addr),
+        );
+        let (tx, rx) = oneshot::channel();
+        tx.send(late).expect("send");
+        let started = Instant::now();
+        let (attempts, _) = refused(punch(&g, &params, started, rx).await);
+        assert_eq!(attempts, 0);
+        assert!(
+            started.elapsed() < params.deadline,
+            "it waited for the deadline"
+        );
+        for l in &listeners {
+            assert_eq!(
+                l.accept().map(|_| ()).map_err(|e| e.kind()),
+                Err(io::ErrorKind::WouldBlock),
+                "{:?} was dialled",
+                l.local_addr()
+            );
+        }
     }
 }

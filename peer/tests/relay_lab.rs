@@ -9,8 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use punchline_lab::prereq::available_or_skip;
-use punchline_lab::scenario::{leave, punch, start_pair, Outcome, PunchSpec, Rendezvous, OURS};
-use punchline_lab::{Lab, LabConfig, NatKind, WanConfig};
+use punchline_lab::scenario::{
+    leave, punch, start_pair, Outcome, PeerProcess, PunchSpec, Rendezvous, OURS,
+};
+use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
 fn lab(a: NatKind, b: NatKind) -> Lab {
@@ -34,12 +36,48 @@ fn bin() -> &'static Path {
 
 /// Both peers report a relayed link, and 50 lines each way arrive in order.
 fn chat_through_the_relay(name: &str, a: NatKind, b: NatKind) {
+    chat_through_the_relay_with(name, a, b, &[]);
+}
+
+/// Starts alice (with `extra_a` too) and, once she waits, bob, as
+/// [`start_pair`] does.
+fn start_pair_with(
+    lab: &Lab,
+    rv: &Rendezvous,
+    spec: &PunchSpec,
+    extra_a: &[&str],
+) -> (PeerProcess, PeerProcess) {
+    let command = |host: Host, name: &str, port: u16, extra: &[&str]| {
+        let mut cmd = lab.command(host, bin());
+        cmd.args([
+            "--server",
+            &rv.addr.to_string(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--name", name, "--punch-timeout"])
+        .arg(spec.punch_timeout.as_secs().to_string())
+        .args(extra)
+        .arg(&spec.code)
+        .env("RUST_LOG", "punchline_peer=info")
+        .env_remove("PUNCHLINE_SERVER");
+        PeerProcess::spawn(cmd, name).expect("spawn")
+    };
+    let mut alice = command(Host::A, "alice", spec.port_a, extra_a);
+    alice
+        .wait_stderr("waiting for the other side")
+        .expect("alice waits");
+    let bob = command(Host::B, "bob", spec.port_b, &[]);
+    (alice, bob)
+}
+
+fn chat_through_the_relay_with(name: &str, a: NatKind, b: NatKind, extra_a: &[&str]) {
     if !available_or_skip(name) {
         return;
     }
     let lab = lab(a, b);
     let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
-    let (mut alice, mut bob) = start_pair(&lab, &rv, bin(), &spec("3-relay-chat")).expect("peers");
+    let (mut alice, mut bob) = start_pair_with(&lab, &rv, &spec("3-relay-chat"), extra_a);
     for p in [&mut alice, &mut bob] {
         let line = p
             .wait_stderr_starting(&["connected to ", "peer: "])
@@ -62,6 +100,19 @@ fn chat_through_the_relay(name: &str, a: NatKind, b: NatKind) {
         assert_eq!(alice.recv().expect("line"), format!("bob: to alice {i}"));
     }
     leave(&mut alice, &mut bob).expect("both leave cleanly");
+}
+
+/// A symmetric NAT on a side that offers no LAN candidate: the other side has
+/// nothing at all to punch (this used to crash it on an empty candidate
+/// list); both chat through the relay.
+#[test]
+fn symmetric_without_lan_candidates_and_home_chat_through_the_relay() {
+    chat_through_the_relay_with(
+        "relay-symmetric-no-lan-home",
+        NatKind::Symmetric,
+        NatKind::Home,
+        &["--no-lan"],
+    );
 }
 
 #[test]

@@ -93,6 +93,9 @@ struct BenchArgs {
     /// Also write the table, with a heading, to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// A note for the file's heading (what changed since the last results).
+    #[arg(long)]
+    note: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -194,9 +197,18 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_else(|| "unknown".into());
+        let runs = if args.runs == 20 {
+            String::new()
+        } else {
+            format!(" --runs {}", args.runs)
+        };
+        let note = args
+            .note
+            .as_ref()
+            .map_or(String::new(), |n| format!("{n}\n\n"));
         let text = format!(
-            "# Punch benchmark (NAT lab)\n\nCommand: `sudo target/release/lab bench --out {}` \
-             (commit {commit}, {} cores).\n\n{table}",
+            "# Punch benchmark (NAT lab)\n\nCommand: `sudo target/release/lab bench{runs} --out {}` \
+             (commit {commit}, {} cores).\n\n{note}{table}",
             path.display(),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
         );
