@@ -142,26 +142,6 @@ async fn until_both_relay(mut a: ServerConn, mut b: ServerConn) -> (ServerConn, 
     (a, b)
 }
 
-/// Relays between two peers until `cut` fires; then drops both connections.
-async fn relay_until(mut a: ServerConn, mut b: ServerConn, cut: oneshot::Receiver<()>) {
-    tokio::pin!(cut);
-    loop {
-        tokio::select! {
-            _ = &mut cut => return,
-            m = a.next() => match m {
-                Some(Ok(PeerToServer::Relayed(x))) => b.send(ServerToPeer::Relayed(x)).await.expect("to b"),
-                Some(Ok(_)) => {}
-                _ => return,
-            },
-            m = b.next() => match m {
-                Some(Ok(PeerToServer::Relayed(x))) => a.send(ServerToPeer::Relayed(x)).await.expect("to a"),
-                Some(Ok(_)) => {}
-                _ => return,
-            },
-        }
-    }
-}
-
 /// How an impostor tries to pass for the other peer of a resumed chat.
 #[derive(Debug, Clone, Copy)]
 enum Impostor {
@@ -290,7 +270,7 @@ async fn hostile_rendezvous(
     listener: TcpListener,
     alice_port: u16,
     code: Code,
-    cut: oneshot::Receiver<()>,
+    cut: oneshot::Receiver<Tamper>,
 ) -> Seen {
     let mapping = move |observed: SocketAddr| {
         // Alice's NAT "is symmetric", so she keeps her port on every new link
@@ -325,7 +305,7 @@ async fn hostile_rendezvous(
     let (a, b) = timeout(LIMIT, until_both_relay(alice.conn, bob.conn))
         .await
         .expect("both ask for the relay");
-    relay_until(a, b, cut).await;
+    relay(a, b, cut).await;
 
     // The cut: both come back in the chat's room.
     let mut waiting = Vec::new();
@@ -400,7 +380,7 @@ fn after_a_cut_impostors_get_no_chat_and_the_user_is_told() {
     );
     assert_eq!(alice.recv(), "bob: hello alice");
 
-    cut_tx.send(()).expect("cut");
+    cut_tx.send(Tamper::Cut).expect("cut");
     alice.wait_stderr("reconnecting");
     alice.send("a secret typed after the cut\n");
     alice.wait_stderr("warning: a new link failed authentication");
@@ -560,27 +540,40 @@ fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
     assert!(!alice.wait().success());
 }
 
-/// Relays between two peers; when `inject` fires, slips a forged sealed frame
-/// into what goes to `a`; ends (dropping both) when either side closes.
-async fn relay_injecting(mut a: ServerConn, mut b: ServerConn, inject: oneshot::Receiver<()>) {
+/// What the test rendezvous does to a relayed link when told.
+#[derive(Debug, Clone, Copy)]
+enum Tamper {
+    /// Drop both connections: the link is cut.
+    Cut,
+    /// Slip a forged sealed frame into what goes to the first peer.
+    Inject,
+}
+
+/// Relays between two peers, tampering as `tamper` says when it fires; ends
+/// (dropping both connections) on a cut or when either side closes.
+async fn relay(mut a: ServerConn, mut b: ServerConn, tamper: oneshot::Receiver<Tamper>) {
     use tokio_util::codec::Encoder;
-    let mut inject = Some(inject);
+    let mut tamper = Some(tamper);
     loop {
-        let injecting = async {
-            match inject.as_mut() {
-                Some(rx) => rx.await.is_ok(),
+        let told = async {
+            match tamper.as_mut() {
+                Some(rx) => rx.await.ok(),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            fire = injecting => {
-                inject = None;
-                if fire {
-                    let mut frame = bytes::BytesMut::new();
-                    FrameCodec::<PeerToPeer, PeerToPeer>::new()
-                        .encode(PeerToPeer::Sealed(vec![0x66; 48]), &mut frame)
-                        .expect("encode");
-                    a.send(ServerToPeer::Relayed(frame.to_vec())).await.expect("inject");
+            what = told => {
+                tamper = None;
+                match what {
+                    Some(Tamper::Cut) => return,
+                    Some(Tamper::Inject) => {
+                        let mut frame = bytes::BytesMut::new();
+                        FrameCodec::<PeerToPeer, PeerToPeer>::new()
+                            .encode(PeerToPeer::Sealed(vec![0x66; 48]), &mut frame)
+                            .expect("encode");
+                        a.send(ServerToPeer::Relayed(frame.to_vec())).await.expect("inject");
+                    }
+                    None => {}
                 }
             }
             m = a.next() => match m {
@@ -602,7 +595,7 @@ async fn relay_injecting(mut a: ServerConn, mut b: ServerConn, inject: oneshot::
 /// come back to the chat's room. Returns the hellos of the second meeting.
 async fn injecting_rendezvous(
     listener: TcpListener,
-    inject: oneshot::Receiver<()>,
+    inject: oneshot::Receiver<Tamper>,
     hellos: std::sync::mpsc::Sender<Vec<Hello>>,
 ) {
     let independent = |_| Mapping::Independent;
@@ -616,7 +609,7 @@ async fn injecting_rendezvous(
     let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
         .await
         .expect("both ask for the relay");
-    relay_injecting(ca, cb, inject).await;
+    relay(ca, cb, inject).await;
     // Both come back; meet them again in their room, honestly.
     let mut a = arrive(&listener, independent).await;
     let mut b = arrive(&listener, independent).await;
@@ -630,7 +623,7 @@ async fn injecting_rendezvous(
         .await
         .expect("both ask for the relay again");
     let (_never, quiet) = oneshot::channel();
-    relay_injecting(ca, cb, quiet).await;
+    relay(ca, cb, quiet).await;
 }
 
 #[test]
@@ -657,7 +650,7 @@ fn a_forged_frame_drops_the_link_and_the_chat_resumes() {
     assert_eq!(alice.recv(), "bob: two");
 
     // A forged frame towards alice (the leader): her link drops, not her chat.
-    inject_tx.send(()).expect("inject");
+    inject_tx.send(Tamper::Inject).expect("inject");
     let dropped = alice.wait_stderr("dropped");
     assert!(dropped.contains("failed authentication"), "{dropped}");
     bob.send("three, typed while the link is down\n");
