@@ -724,6 +724,7 @@ async fn meet(
         local_port: port,
         deadline: opts.punch_timeout,
         our_observed: observed,
+        server: rendezvous.server,
         our_mapping: mapping,
         policy: opts.retry,
     };

@@ -91,6 +91,8 @@ pub struct PunchParams {
     pub deadline: Duration,
     /// Our address as the rendezvous saw it.
     pub our_observed: SocketAddr,
+    /// The rendezvous' address, as we connected to it.
+    pub server: SocketAddr,
     /// How our NAT maps our port.
     pub our_mapping: Mapping,
     /// How attempts are paced.
@@ -99,63 +101,59 @@ pub struct PunchParams {
 
 /// Whether `addr`, offered by the other side (or by the rendezvous), is worth a
 /// SYN from this host. A hostile rendezvous or stranger could otherwise make us
-/// send SYNs wherever it likes, and an honest one's LAN candidates often point
-/// into our own LAN (most homes use the same private range). Dropped:
+/// send SYNs wherever it likes (and our link hello to a service of this host),
+/// and an honest one's LAN candidates often point into our own LAN (most homes
+/// use the same private range). Dropped:
 ///
-/// - port 0, unspecified, multicast and broadcast addresses: nothing answers
-///   there, or everybody does;
-/// - loopback, unless this host itself reaches the rendezvous over loopback
-///   (both peers on one machine, as when trying it out);
-/// - IPv6 link-local (it needs a scope the other host cannot know);
-/// - a family this host has no address of;
-/// - one of this host's own addresses while the other side's public address is
-///   not ours: two homes using the same private range, not the other peer.
+/// - port 0, unspecified (0.0.0.0/8 and `::`), reserved (240.0.0.0/4),
+///   multicast and broadcast addresses: nothing answers there, or everybody does;
+/// - link-local addresses (169.254.0.0/16, fe80::/10): an IPv6 one needs a scope
+///   the other host cannot know, and an IPv4 one is where cloud hosts keep
+///   their metadata service;
+/// - loopback and this host's own addresses, unless this host reaches the
+///   rendezvous over loopback (both peers on one machine, as when trying it
+///   out). The address of the rendezvous connection decides, not what the
+///   rendezvous says: it could claim anything;
+/// - a family this host has no address of.
 pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
     let ip = addr.ip().to_canonical();
     if addr.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
         return false;
     }
-    if let IpAddr::V4(v4) = ip {
-        if v4.is_broadcast() {
-            return false;
+    match ip {
+        IpAddr::V4(v4) => {
+            let first = v4.octets()[0];
+            if first == 0 || first >= 240 || v4.is_link_local() {
+                return false;
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unicast_link_local() {
+                return false;
+            }
         }
     }
-    if let IpAddr::V6(v6) = ip {
-        if v6.is_unicast_link_local() {
-            return false;
-        }
+    if ip.is_loopback() || here.own.contains(&ip) {
+        return here.local_trial;
     }
-    if ip.is_loopback() {
-        return here.observed.ip().to_canonical().is_loopback();
-    }
-    if !here.own.iter().any(|own| own.is_ipv4() == ip.is_ipv4()) {
-        return false;
-    }
-    if here.own.contains(&ip) && !here.same_public_address {
-        return false;
-    }
-    true
+    here.own.iter().any(|own| own.is_ipv4() == ip.is_ipv4())
 }
 
 /// What [`sane_candidate`] knows of this host.
 #[derive(Debug, Clone)]
 pub struct Here {
-    /// Our address as the rendezvous saw it.
-    pub observed: SocketAddr,
     /// This host's own interface addresses (loopback excluded).
     pub own: Vec<IpAddr>,
-    /// The other side's public address has our public IP: it is behind our NAT,
-    /// or on this very host.
-    pub same_public_address: bool,
+    /// The rendezvous is reached over loopback: both peers are on this host.
+    pub local_trial: bool,
 }
 
 impl Here {
-    /// This host, for a punch towards the peer whose public address is `theirs`.
-    pub fn new(observed: SocketAddr, theirs: SocketAddr) -> Here {
+    /// This host, meeting through the rendezvous at `server`.
+    pub fn new(server: SocketAddr) -> Here {
         Here {
-            observed,
             own: crate::net::own_addresses(),
-            same_public_address: observed.ip().to_canonical() == theirs.ip().to_canonical(),
+            local_trial: server.ip().to_canonical().is_loopback(),
         }
     }
 }
@@ -178,6 +176,9 @@ pub fn add_candidates(
         if list.len() > MAX_CANDIDATES {
             break;
         }
+        // One form per address, so that `::ffff:a.b.c.d` and `a.b.c.d` count
+        // as the same address.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let same_ip = list.iter().filter(|(a, _)| a.ip() == addr.ip()).count();
         if sane_candidate(addr, here)
             && !list.iter().any(|(a, _)| *a == addr)
@@ -225,7 +226,7 @@ pub async fn punch(
     start: Instant,
     late: oneshot::Receiver<Vec<SocketAddr>>,
 ) -> Result<Punched, PeerError> {
-    let here = Here::new(params.our_observed, go.peer.observed);
+    let here = Here::new(params.server);
     let mut first = Vec::new();
     let mut deadline = start + params.deadline;
     let lan_only = params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric();
@@ -250,7 +251,7 @@ pub async fn punch(
         addr: go.peer.observed,
         kind: CandidateKind::Public,
         port: params.local_port,
-        session: go.session,
+        session: link_token(&go.session),
         role: go.role,
         start,
         deadline,
@@ -306,6 +307,21 @@ pub async fn punch(
             diagnosis: diagnose(go, params, &tried),
         }),
     }
+}
+
+/// What the peers show each other in their link hellos: a hash of the session
+/// token, not the token itself. The rendezvous chooses the token, and a link
+/// hello is the first thing a peer sends to a candidate address: raw, its
+/// bytes could be a command to whatever service listens there.
+pub fn link_token(session: &SessionToken) -> SessionToken {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"punchline/2 link token")
+        .chain_update(session)
+        .finalize();
+    let mut token = [0u8; punchline_proto::SESSION_LEN];
+    token.copy_from_slice(&digest[..punchline_proto::SESSION_LEN]);
+    token
 }
 
 /// How the other peer is named before its name is known (it comes with the
@@ -658,9 +674,8 @@ mod tests {
 
     fn here() -> Here {
         Here {
-            observed: addr("203.0.113.1:5000"),
             own: vec!["192.168.1.2".parse().expect("ip")],
-            same_public_address: false,
+            local_trial: false,
         }
     }
 
@@ -691,16 +706,18 @@ mod tests {
             "[ff02::1]:4000",
             "[2001:db8::1]:4000", // no IPv6 here
             "[::ffff:127.0.0.1]:4000",
-            "192.168.1.2:4001", // our own address, the other side is elsewhere
+            "192.168.1.2:4001", // our own address
+            "169.254.169.254:80",
+            "0.1.2.3:4000",
+            "240.0.0.1:4000",
         ] {
             assert!(!sane_candidate(addr(bad), &h), "{bad}");
         }
         // Both peers on this host (a try on one machine): loopback and our own
         // addresses are the other peer.
         let local = Here {
-            observed: addr("127.0.0.1:5000"),
             own: h.own.clone(),
-            same_public_address: true,
+            local_trial: true,
         };
         assert!(sane_candidate(addr("127.0.0.1:4000"), &local));
         assert!(sane_candidate(addr("192.168.1.2:4001"), &local));
@@ -737,6 +754,7 @@ mod tests {
             local_port: 5000,
             deadline: Duration::from_secs(10),
             our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            server: "198.51.100.1:7425".parse().expect("addr"),
             our_mapping: Mapping::Unknown,
             policy: RetryPolicy::Adaptive,
         };
@@ -768,6 +786,7 @@ mod tests {
             local_port: 5000,
             deadline: Duration::from_secs(10),
             our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            server: "198.51.100.1:7425".parse().expect("addr"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
         };
@@ -790,6 +809,7 @@ mod tests {
             local_port: 0,
             deadline: Duration::from_secs(10),
             our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            server: "198.51.100.1:7425".parse().expect("addr"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
         };
@@ -839,6 +859,7 @@ mod tests {
             local_port: closed_port().port(),
             deadline,
             our_observed: addr("127.0.0.1:5000"),
+            server: addr("127.0.0.1:7425"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
         };
@@ -890,6 +911,7 @@ mod tests {
             local_port: closed_port().port(),
             deadline: Duration::from_secs(2),
             our_observed: addr("203.0.113.1:5000"),
+            server: addr("198.51.100.1:7425"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
         };

@@ -69,9 +69,12 @@ async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
 /// Runs the link checks with a victim, posing as the other peer in `role`.
 async fn pose(stream: TcpStream, session: [u8; 16], role: Role) -> LinkConn {
     let mut link: LinkConn = Framed::new(stream, FrameCodec::new());
-    link.send(link_hello(session, role))
-        .await
-        .expect("link hello");
+    link.send(link_hello(
+        punchline_peer::punch::link_token(&session),
+        role,
+    ))
+    .await
+    .expect("link hello");
     assert!(matches!(
         link.next().await,
         Some(Ok(PeerToPeer::LinkHello { .. }))
