@@ -64,6 +64,7 @@ async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
     let intro = |name: &str, chat_role| punchline_proto::Introduction {
         name: name.into(),
         chat_role,
+        words_nonce: [0; 32],
     };
     let (ia, ib) = (intro("a", Role::Leader), intro("b", Role::Follower));
     let start = Instant::now();

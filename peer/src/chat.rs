@@ -479,7 +479,7 @@ impl<'a> Carrier<'a> {
             },
             // Only the first message of a resumed link; a late one changes nothing.
             // The others are handled by the chat loop.
-            Chat::Resume { .. } | Chat::Bye | Chat::TryDirect => {}
+            Chat::Resume { .. } | Chat::Bye | Chat::TryDirect | Chat::Reveal { .. } => {}
         }
         Ok(Ok(()))
     }

@@ -768,6 +768,8 @@ async fn meet(
     let ours = Introduction {
         name: opts.name.clone(),
         chat_role,
+        // Filled in by the handshake.
+        words_nonce: [0; 32],
     };
     let keep = |link: &secure::SecureLink| match keying {
         Keying::Code(_) => ChatKeys {

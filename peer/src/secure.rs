@@ -290,7 +290,8 @@ fn noise_error(e: snow::Error) -> PeerError {
     PeerError::Protocol(format!("encryption: {e}"))
 }
 
-/// Why the handshake failed to authenticate, for the user.
+/// Why the handshake failed to authenticate, for the user: the other end's
+/// message did not decrypt with our key, or was not a handshake message at all.
 fn not_authenticated(secret: &Secret) -> PeerError {
     if secret.is_code_key() {
         PeerError::BadCode(WRONG_CODE.into())
@@ -301,10 +302,64 @@ fn not_authenticated(secret: &Secret) -> PeerError {
     }
 }
 
+/// The other end closed the link in the middle of the handshake. On the first
+/// link that is how a peer that cannot decrypt our message (another code)
+/// answers; on a later one it is a lost link (the other side may simply have
+/// given up on it), not a failed authentication.
+fn closed_in_handshake(secret: &Secret) -> PeerError {
+    if secret.is_code_key() {
+        PeerError::BadCode(WRONG_CODE_CLOSED.into())
+    } else {
+        PeerError::LinkLost {
+            name: crate::punch::THE_OTHER_SIDE.to_owned(),
+            why: "closed during the encryption handshake".into(),
+        }
+    }
+}
+
+/// What the user is told when the other end closes during the first
+/// handshake.
+pub const WRONG_CODE_CLOSED: &str = "the other side did not prove it knows the code: it closed \
+the connection during the key confirmation (one of you typed the code wrong, someone tried to \
+intercept the connection, or the connection broke). Nothing you type was sent. Start again with a \
+new code.";
+
+/// The commitment to the leader's words nonce.
+fn commit(nonce: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::new()
+        .chain_update(b"punchline/2 words commitment")
+        .chain_update(nonce)
+        .finalize()
+        .into()
+}
+
+/// The verification words of a first link: its handshake hash with both nonces.
+fn words_of(hash: &[u8], leader_nonce: &[u8; 32], follower_nonce: &[u8; 32]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"punchline/2 verification words")
+        .chain_update(hash)
+        .chain_update(leader_nonce)
+        .chain_update(follower_nonce)
+        .finalize();
+    verification_words(&digest)
+}
+
+fn random_nonce() -> Result<[u8; 32], PeerError> {
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce)
+        .map_err(|e| PeerError::io("no randomness for a nonce", std::io::Error::other(e)))?;
+    Ok(nonce)
+}
+
 impl SecureLink {
     /// Runs the Noise handshake on `link`, keyed by `secret`: the leader writes
-    /// first; each side's payload is its introduction. A link to ourselves (an
-    /// introduction with our own chat role) is refused.
+    /// first; each side's payload is its introduction (`ours`, whose
+    /// `words_nonce` is filled in here). A link to ourselves (an introduction
+    /// with our own chat role) is refused. On a first link (keyed by the code)
+    /// the leader then reveals its words nonce, and both derive the
+    /// verification words ([`Introduction::words_nonce`]).
     pub async fn handshake(
         mut link: Link,
         role: Role,
@@ -323,7 +378,13 @@ impl SecureLink {
             Role::Follower => builder.build_responder(),
         }
         .map_err(noise_error)?;
-        let intro = encode_payload(ours)
+        let nonce = random_nonce()?;
+        let mut ours = ours.clone();
+        ours.words_nonce = match role {
+            Role::Leader => commit(&nonce),
+            Role::Follower => nonce,
+        };
+        let intro = encode_payload(&ours)
             .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
         let mut buf = vec![0u8; NOISE_MAX];
         let exchange = async {
@@ -342,9 +403,12 @@ impl SecureLink {
             }
             Ok::<Introduction, PeerError>(theirs)
         };
-        let mut their = timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
+        let timed_out = || {
             PeerError::Timeout("the other side did not complete the encryption handshake".into())
-        })??;
+        };
+        let mut their = timeout(HANDSHAKE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| timed_out())??;
         if their.chat_role == ours.chat_role {
             return Err(PeerError::MetItself);
         }
@@ -355,16 +419,51 @@ impl SecureLink {
                 .collect();
         }
         let hash = state.get_handshake_hash().to_vec();
-        let verification = verification_words(&hash);
         let noise = state.into_transport_mode().map_err(noise_error)?;
-        Ok(SecureLink {
+        let mut secured = SecureLink {
             link,
             noise,
-            verification,
+            verification: String::new(),
             hash,
             their,
             bytes: (0, 0),
-        })
+        };
+        if secret.is_code_key() {
+            let reveal = async {
+                match role {
+                    Role::Leader => {
+                        secured.send(&Chat::Reveal { nonce }).await.map_err(|e| {
+                            PeerError::LinkLost {
+                                name: crate::punch::THE_OTHER_SIDE.to_owned(),
+                                why: e.to_string(),
+                            }
+                        })?;
+                        Ok((nonce, secured.their.words_nonce))
+                    }
+                    Role::Follower => match secured.recv().await {
+                        Some(Ok(Chat::Reveal { nonce: theirs }))
+                            if commit(&theirs) == secured.their.words_nonce =>
+                        {
+                            Ok((theirs, nonce))
+                        }
+                        Some(Ok(_)) => Err(PeerError::BadCode(WRONG_CODE.into())),
+                        Some(Err(RecvError::Sealed(_))) => {
+                            Err(PeerError::BadCode(WRONG_CODE.into()))
+                        }
+                        Some(Err(RecvError::Link(why))) => Err(PeerError::LinkLost {
+                            name: crate::punch::THE_OTHER_SIDE.to_owned(),
+                            why,
+                        }),
+                        None => Err(PeerError::BadCode(WRONG_CODE_CLOSED.into())),
+                    },
+                }
+            };
+            let (leader, follower) = timeout(HANDSHAKE_TIMEOUT, reveal)
+                .await
+                .map_err(|_| timed_out())??;
+            secured.verification = words_of(&secured.hash, &leader, &follower);
+        }
+        Ok(secured)
     }
 
     /// The handshake's hash (equal on both sides unless someone is in the middle).
@@ -469,15 +568,21 @@ async fn read_handshake(link: &mut Link, secret: &Secret) -> Result<Vec<u8>, Pee
     match link.next().await {
         Some(Ok(PeerToPeer::Handshake(msg))) => Ok(msg),
         // The other side closes when our first message does not decrypt for it.
-        None => Err(not_authenticated(secret)),
-        Some(Ok(other)) => Err(PeerError::Protocol(format!(
-            "expected the encryption handshake, got {}",
-            describe_frame(&other)
-        ))),
-        Some(Err(e)) => Err(PeerError::LinkLost {
+        None => Err(closed_in_handshake(secret)),
+        Some(Err(CodecError::Io(e))) => Err(PeerError::LinkLost {
             name: crate::punch::THE_OTHER_SIDE.to_owned(),
             why: e.to_string(),
         }),
+        // Anything else from an end that has not authenticated yet is an
+        // impostor's doing (or a broken peer's): it does not hold the key.
+        Some(Ok(other)) => {
+            tracing::info!(got = describe_frame(&other), "expected a handshake message");
+            Err(not_authenticated(secret))
+        }
+        Some(Err(e)) => {
+            tracing::info!(error = %e, "expected a handshake message");
+            Err(not_authenticated(secret))
+        }
     }
 }
 
@@ -659,6 +764,7 @@ mod tests {
         let intro = |chat_role| Introduction {
             name: "n".into(),
             chat_role,
+            words_nonce: [0; 32],
         };
         let (ia, ib) = (intro(chat_roles.0), intro(chat_roles.1));
         tokio::join!(
@@ -684,11 +790,13 @@ mod tests {
         let (a, b) = (a.expect("leader"), b.expect("follower"));
         assert_eq!(a.handshake_hash(), b.handshake_hash());
         assert_eq!(a.their_introduction().chat_role, Role::Follower);
-        // Another secret: refused on both sides, as an impostor.
+        // Another secret: the follower cannot decrypt the leader's message and
+        // refuses it as an impostor's; the leader sees the link close, which on
+        // a later link counts as a lost link, not as an impostor.
         let other = Secret::from_key([2; 32]);
         let (a, b) = linked((&chat, &other), (Role::Leader, Role::Follower)).await;
         assert!(
-            matches!(a, Err(PeerError::NotAuthenticated(_))),
+            matches!(a, Err(PeerError::LinkLost { .. })),
             "{:?}",
             a.err()
         );
@@ -702,6 +810,29 @@ mod tests {
         let (a, b) = linked((&chat, &chat), (Role::Leader, Role::Leader)).await;
         assert!(matches!(a, Err(PeerError::MetItself)));
         assert!(matches!(b, Err(PeerError::MetItself)));
+    }
+
+    #[tokio::test]
+    async fn first_link_words_agree_and_depend_on_both_nonces() {
+        let code = Code::parse("7-guitar-orbit").expect("code");
+        let keys = || {
+            let (x, y) = (KeyExchange::start(&code), KeyExchange::start(&code));
+            let (mx, my) = (x.message.clone(), y.message.clone());
+            (x.finish(&my).expect("x"), y.finish(&mx).expect("y"))
+        };
+        let (kx, ky) = keys();
+        let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+        let (a, b) = (a.expect("leader"), b.expect("follower"));
+        assert_eq!(a.verification(), b.verification());
+        assert_eq!(a.verification().split('-').count(), VERIFY_WORDS);
+        // Not the handshake hash alone: the nonces revealed after it count.
+        assert_ne!(a.verification(), verification_words(a.handshake_hash()));
+        // Another run, another set of words.
+        let (kx, ky) = keys();
+        let (c, _) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+        assert_ne!(c.expect("leader").verification(), a.verification());
+        // The commitment binds the nonce.
+        assert_ne!(commit(&[1; 32]), commit(&[2; 32]));
     }
 
     #[test]

@@ -212,6 +212,7 @@ async fn impersonate(mut victim: Arrival, impostor: Impostor, code: &Code) -> Ve
         let intro = Introduction {
             name: "bob".into(),
             chat_role: Role::Follower,
+            words_nonce: [0; 32],
         };
         SecureLink::handshake(link, impostor_role, &secret, &intro).await
     };

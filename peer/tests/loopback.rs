@@ -353,10 +353,9 @@ fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
     );
     let parts: Vec<&str> = code.split('-').collect();
     assert_eq!(parts.len(), 3, "nameplate and two words: {code}");
-    // Drawn at random, short while few codes are in use: three digits.
-    assert_eq!(
-        parts[0].len(),
-        3,
+    // Drawn at random, short while few codes are in use: at most three digits.
+    assert!(
+        (1..=3).contains(&parts[0].len()),
         "nameplate of a lightly used server: {code}"
     );
     assert!(parts[0].bytes().all(|b| b.is_ascii_digit()), "{code}");

@@ -108,6 +108,7 @@ fn main() -> std::io::Result<()> {
         Chat::Ping,
         Chat::Resume { next: 3 },
         Chat::TryDirect,
+        Chat::Reveal { nonce: [0x5e; 32] },
     ]
     .iter()
     .enumerate()

@@ -361,6 +361,14 @@ pub struct Introduction {
     /// peer that meets itself (two of its own meetings paired by the rendezvous)
     /// notices.
     pub chat_role: Role,
+    /// For the verification words of the first link. From the leader (the
+    /// handshake's initiator): a commitment to a random nonce, revealed after the
+    /// handshake ([`Chat::Reveal`]). From the follower: its random nonce. The
+    /// words hash both nonces with the handshake hash, so neither end — nor a man
+    /// in the middle playing both — can choose its last message to make two
+    /// handshakes' words agree: what decides the words is revealed only after it
+    /// is too late to change anything. Random on later links (unused there).
+    pub words_nonce: [u8; 32],
 }
 
 /// What travels sealed over the link once the Noise handshake is done.
@@ -403,6 +411,12 @@ pub enum Chat {
     /// try for a direct link now (through the rendezvous again, by session); the
     /// relay carries on until one is up.
     TryDirect,
+    /// First message after the first link's handshake, from the leader: the
+    /// nonce its [`Introduction::words_nonce`] committed to.
+    Reveal {
+        /// The nonce.
+        nonce: [u8; 32],
+    },
 }
 
 /// Why a field of a message is not acceptable.
