@@ -95,6 +95,11 @@ pub enum PeerError {
     /// The rendezvous paired two of this peer's own meetings with each other.
     #[error("the new link led back to this peer itself")]
     MetItself,
+    /// A first meeting failed after the go: the code went to whoever joined it
+    /// (perhaps not the person meant: someone guessing codes need not say so),
+    /// so it must not be used again.
+    #[error("{0}\nThis code has been used (it went to whoever joined it) and must not be used again: start again with a new code.")]
+    CodeUsed(Box<PeerError>),
     /// A timeout while talking to the rendezvous or the other peer.
     #[error("{0}")]
     Timeout(String),
@@ -104,6 +109,15 @@ pub enum PeerError {
 }
 
 impl PeerError {
+    /// `e`, from a first meeting that failed after the go: it says that the
+    /// code is used up, unless it already does.
+    pub fn code_used(e: PeerError) -> PeerError {
+        match e {
+            PeerError::BadCode(_) | PeerError::CodeUsed(_) => e,
+            other => PeerError::CodeUsed(Box::new(other)),
+        }
+    }
+
     /// An I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         PeerError::Io {

@@ -699,153 +699,163 @@ async fn meet(
     }
     let go = rendezvous.wait_for_go().await?;
     let start = Instant::now();
-    let (secret, chat_role) = match (exchange, keying) {
-        (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
-        (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
-        (None, Keying::Code(_)) => unreachable!("a first meeting always starts the exchange"),
-    };
-    tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
-
-    // Our candidates travel sealed: only the other peer can open them.
-    let mut candidates = if opts.lan_candidates {
-        net::lan_candidates(port)
-    } else {
-        Vec::new()
-    };
-    candidates.extend(opts.extra_candidates.iter().copied());
-    candidates.dedup();
-    candidates.truncate(MAX_CANDIDATES);
-    let sealed = secret.seal_candidates(go.role, &go.session, &SealedCandidates { candidates })?;
-    if let Err(e) = rendezvous.send_sealed(sealed).await {
-        tracing::debug!(error = %e, "could not send our candidates");
-    }
-
-    let params = punch::PunchParams {
-        local_port: port,
-        deadline: opts.punch_timeout,
-        our_observed: observed,
-        server: rendezvous.server,
-        our_mapping: mapping,
-        policy: opts.retry,
-    };
-    let punched = {
-        let (late_tx, late_rx) = oneshot::channel();
-        let punching = punch::punch(&go, &params, start, late_rx);
-        tokio::pin!(punching);
-        enum First {
-            Punched(Result<punch::Punched, PeerError>),
-            Opened(Result<Vec<SocketAddr>, PeerError>),
-        }
-        let first = tokio::select! {
-            punched = &mut punching => First::Punched(punched),
-            opened = async {
-                let sealed = rendezvous.receive_sealed().await?;
-                match secret.open_candidates(go.role.other(), &go.session, &sealed) {
-                    Some(opened) => Ok(opened.candidates),
-                    None if secret.is_code_key() => Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into())),
-                    None => Err(PeerError::NotAuthenticated(
-                        "the other side's candidates were not sealed with this chat's secret".into(),
-                    )),
-                }
-            } => First::Opened(opened),
+    // From here on, in a first meeting, the code has been handed to whoever
+    // joined: whatever fails now, it must not be used again.
+    let after_go = async move {
+        let (secret, chat_role) = match (exchange, keying) {
+            (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
+            (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
+            (None, Keying::Code(_)) => unreachable!("a first meeting always starts the exchange"),
         };
-        match first {
-            First::Punched(punched) => punched,
-            First::Opened(Ok(theirs)) => {
-                let _ = late_tx.send(theirs);
-                punching.await
-            }
-            First::Opened(Err(e @ (PeerError::BadCode(_) | PeerError::NotAuthenticated(_)))) => {
-                return Err(e)
-            }
-            First::Opened(Err(e)) => {
-                tracing::debug!(error = %e, "no candidates from the other side");
-                drop(late_tx);
-                punching.await
-            }
+        tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
+
+        // Our candidates travel sealed: only the other peer can open them.
+        let mut candidates = if opts.lan_candidates {
+            net::lan_candidates(port)
+        } else {
+            Vec::new()
+        };
+        candidates.extend(opts.extra_candidates.iter().copied());
+        candidates.dedup();
+        candidates.truncate(MAX_CANDIDATES);
+        let sealed =
+            secret.seal_candidates(go.role, &go.session, &SealedCandidates { candidates })?;
+        if let Err(e) = rendezvous.send_sealed(sealed).await {
+            tracing::debug!(error = %e, "could not send our candidates");
         }
-    };
-    let ours = Introduction {
-        name: opts.name.clone(),
-        chat_role,
-        // Filled in by the handshake.
-        words_nonce: [0; 32],
-    };
-    let keep = |link: &secure::SecureLink| match keying {
-        Keying::Code(_) => ChatKeys {
-            secret: secret.chat(link.handshake_hash()),
-            role: chat_role,
-            words: link.verification().to_owned(),
-        },
-        Keying::Chat(keys) => keys.clone(),
-    };
-    let punched = match punched {
-        Ok(p) => p,
-        Err(PeerError::PunchFailed {
-            name,
-            attempts,
-            secs,
-            diagnosis,
-        }) if opts.relay => {
-            let stream = match rendezvous.relay(attempts).await {
-                Ok(stream) => stream,
-                Err(refused) => {
-                    return Err(PeerError::PunchFailed {
-                        name,
-                        attempts,
-                        secs,
-                        diagnosis: format!("{diagnosis}\nNo relay either: {refused}."),
-                    })
+
+        let params = punch::PunchParams {
+            local_port: port,
+            deadline: opts.punch_timeout,
+            our_observed: observed,
+            server: rendezvous.server,
+            our_mapping: mapping,
+            policy: opts.retry,
+        };
+        let punched = {
+            let (late_tx, late_rx) = oneshot::channel();
+            let punching = punch::punch(&go, &params, start, late_rx);
+            tokio::pin!(punching);
+            enum First {
+                Punched(Result<punch::Punched, PeerError>),
+                Opened(Result<Vec<SocketAddr>, PeerError>),
+            }
+            let first = tokio::select! {
+                punched = &mut punching => First::Punched(punched),
+                opened = async {
+                    let sealed = rendezvous.receive_sealed().await?;
+                    match secret.open_candidates(go.role.other(), &go.session, &sealed) {
+                        Some(opened) => Ok(opened.candidates),
+                        None if secret.is_code_key() => Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into())),
+                        None => Err(PeerError::NotAuthenticated(
+                            "the other side's candidates were not sealed with this chat's secret".into(),
+                        )),
+                    }
+                } => First::Opened(opened),
+            };
+            match first {
+                First::Punched(punched) => punched,
+                First::Opened(Ok(theirs)) => {
+                    let _ = late_tx.send(theirs);
+                    punching.await
                 }
-            };
-            let link = tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
-            let link = secure::SecureLink::handshake(link, go.role, &secret, &ours).await?;
-            let why = first_sentence(&diagnosis);
-            tracing::info!("relayed and encrypted");
-            return Ok(Met {
-                observed,
-                mapping,
-                local_port: port,
-                path: Path::Relayed { why },
-                chat: keep(&link),
-                link,
-                go,
-            });
-        }
-        Err(e) => {
-            let attempts = match &e {
-                PeerError::PunchFailed { attempts, .. } => *attempts,
-                _ => 0,
-            };
-            rendezvous.finish(PunchOutcome::Failed { attempts }).await;
-            return Err(e);
-        }
-    };
-    let elapsed_ms = punched.elapsed.as_millis();
-    tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
-    // The report and the closing handshake with the rendezvous (a round trip to
-    // it) go on beside the encryption handshake, not before it.
-    tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
-        public: punched.kind == punch::CandidateKind::Public,
-        attempts: punched.attempts,
-        elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
-    }));
-    let link = secure::SecureLink::handshake(punched.link, go.role, &secret, &ours).await?;
-    tracing::info!("encrypted");
-    Ok(Met {
-        observed,
-        mapping,
-        local_port: port,
-        path: Path::Direct {
-            remote: punched.remote,
-            kind: punched.kind,
+                First::Opened(Err(
+                    e @ (PeerError::BadCode(_) | PeerError::NotAuthenticated(_)),
+                )) => return Err(e),
+                First::Opened(Err(e)) => {
+                    tracing::debug!(error = %e, "no candidates from the other side");
+                    drop(late_tx);
+                    punching.await
+                }
+            }
+        };
+        let ours = Introduction {
+            name: opts.name.clone(),
+            chat_role,
+            // Filled in by the handshake.
+            words_nonce: [0; 32],
+        };
+        let keep = |link: &secure::SecureLink| match keying {
+            Keying::Code(_) => ChatKeys {
+                secret: secret.chat(link.handshake_hash()),
+                role: chat_role,
+                words: link.verification().to_owned(),
+            },
+            Keying::Chat(keys) => keys.clone(),
+        };
+        let punched = match punched {
+            Ok(p) => p,
+            Err(PeerError::PunchFailed {
+                name,
+                attempts,
+                secs,
+                diagnosis,
+            }) if opts.relay => {
+                let stream = match rendezvous.relay(attempts).await {
+                    Ok(stream) => stream,
+                    Err(refused) => {
+                        return Err(PeerError::PunchFailed {
+                            name,
+                            attempts,
+                            secs,
+                            diagnosis: format!("{diagnosis}\nNo relay either: {refused}."),
+                        })
+                    }
+                };
+                let link =
+                    tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
+                let link = secure::SecureLink::handshake(link, go.role, &secret, &ours).await?;
+                let why = first_sentence(&diagnosis);
+                tracing::info!("relayed and encrypted");
+                return Ok(Met {
+                    observed,
+                    mapping,
+                    local_port: port,
+                    path: Path::Relayed { why },
+                    chat: keep(&link),
+                    link,
+                    go,
+                });
+            }
+            Err(e) => {
+                let attempts = match &e {
+                    PeerError::PunchFailed { attempts, .. } => *attempts,
+                    _ => 0,
+                };
+                rendezvous.finish(PunchOutcome::Failed { attempts }).await;
+                return Err(e);
+            }
+        };
+        let elapsed_ms = punched.elapsed.as_millis();
+        tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
+        // The report and the closing handshake with the rendezvous (a round trip to
+        // it) go on beside the encryption handshake, not before it.
+        tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
+            public: punched.kind == punch::CandidateKind::Public,
             attempts: punched.attempts,
-            elapsed_ms,
-        },
-        chat: keep(&link),
-        link,
-        go,
-    })
+            elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
+        }));
+        let link = secure::SecureLink::handshake(punched.link, go.role, &secret, &ours).await?;
+        tracing::info!("encrypted");
+        Ok(Met {
+            observed,
+            mapping,
+            local_port: port,
+            path: Path::Direct {
+                remote: punched.remote,
+                kind: punched.kind,
+                attempts: punched.attempts,
+                elapsed_ms,
+            },
+            chat: keep(&link),
+            link,
+            go,
+        })
+    };
+    match keying {
+        Keying::Code(_) => after_go.await.map_err(PeerError::code_used),
+        Keying::Chat(_) => after_go.await,
+    }
 }
 
 /// The first sentence of a diagnosis, lower-cased at the start, for "because …".

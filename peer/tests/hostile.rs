@@ -670,3 +670,43 @@ fn a_forged_frame_drops_the_link_and_the_chat_resumes() {
     assert!(bob.wait().success());
     assert!(!alice.stderr_seen.iter().any(|l| l.contains("warning")));
 }
+
+/// A stranger who joins, learns from the go whether its guess was right (the
+/// waiting peer's box opens or not) and then says nothing more: the waiting
+/// peer cannot tell a wrong code from a network failure, so it says the code
+/// is used up and must not be tried again (each try would be another guess).
+#[test]
+fn a_silent_stranger_still_uses_up_the_code() {
+    use tokio::io::AsyncWriteExt;
+
+    let rv = Rendezvous::start();
+    let mut alice = Peer::spawn(rv.addr, "alice", "8-right-code", &["--punch-timeout", "2"]);
+    alice.wait_stderr("waiting for the other side");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let stream = TcpStream::connect(rv.addr).await.expect("connect");
+        let mut conn: Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>> =
+            Framed::new(stream, FrameCodec::new());
+        let guess = KeyExchange::start(&Code::parse("8-wrong-guess").expect("code"));
+        conn.send(PeerToServer::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            nameplate: "8".into(),
+            probe_observed: None,
+            pake: guess.message.clone(),
+            resume: None,
+        }))
+        .await
+        .expect("hello");
+        // Wait for the go (and the box), then leave without a word.
+        while let Ok(Some(Ok(msg))) = timeout(LIMIT, conn.next()).await {
+            if matches!(msg, ServerToPeer::Sealed(_)) {
+                break;
+            }
+        }
+        let mut stream = conn.into_inner();
+        let _ = stream.shutdown().await;
+    });
+    assert!(!alice.wait().success());
+    let said = alice.wait_stderr("must not be used again");
+    assert!(said.contains("start again with a new code"), "{said}");
+}
