@@ -742,6 +742,13 @@ async fn serve(
         Some(room) => resume_room(&room),
         None => nameplate,
     };
+    // What the logs call the room: a resumed chat's room name lets whoever
+    // knows it block that chat's next meeting, so it is not written down.
+    let room = if resume.is_some() {
+        "(resumed chat)"
+    } else {
+        nameplate.as_str()
+    };
     let mapping = classify_mapping(observed, probe_observed.map(canonical));
     let me = PeerInfo {
         observed,
@@ -798,7 +805,7 @@ async fn serve(
                     continue;
                 }
                 metrics.pairs.inc();
-                info!(nameplate = %nameplate, a = %value.info.observed, b = %observed,
+                info!(nameplate = %room, a = %value.info.observed, b = %observed,
                       mapping_a = ?value.info.mapping, mapping_b = ?mapping,
                       rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt),
                       delay_a_ms = ms(their_delay), delay_b_ms = ms(my_delay), "pair made");
@@ -864,7 +871,7 @@ async fn serve(
     let (go, delay, relay) = match joined {
         Joined::Paired(go, delay, relay) => (go, delay, relay),
         Joined::Waiting(mut events) => {
-            info!(id, nameplate = %nameplate, %observed, ?mapping, "peer waiting");
+            info!(id, nameplate = %room, %observed, ?mapping, "peer waiting");
             match wait_for_pair(
                 &mut conn,
                 metrics,
@@ -930,11 +937,11 @@ async fn serve(
                             attempts,
                             elapsed_ms,
                         } => {
-                            info!(id, nameplate = %nameplate, public, attempts, elapsed_ms, "punch succeeded");
+                            info!(id, nameplate = %room, public, attempts, elapsed_ms, "punch succeeded");
                             return Ok(false);
                         }
                         PunchOutcome::Failed { attempts } => {
-                            info!(id, nameplate = %nameplate, attempts, "punch failed")
+                            info!(id, nameplate = %room, attempts, "punch failed")
                         }
                     }
                 }
