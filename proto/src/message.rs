@@ -429,7 +429,7 @@ pub enum InvalidField {
     #[error("key-exchange message too long ({0} bytes, at most {MAX_PAKE_LEN})")]
     PakeTooLong(usize),
     /// The name is empty, too long or has control characters.
-    #[error("invalid name {0:?}: 1 to {MAX_NAME_CHARS} characters, no control characters")]
+    #[error("invalid name {0:?}: 1 to {MAX_NAME_CHARS} characters, no control or invisible formatting characters")]
     Name(String),
     /// Too many candidate addresses.
     #[error("too many candidate addresses ({0}, at most {MAX_CANDIDATES})")]
