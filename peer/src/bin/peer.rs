@@ -70,8 +70,8 @@ struct Args {
     #[arg(long, value_name = "MS", hide = true)]
     naive_retry_ms: Option<u64>,
 
-    /// Words in a new code: each adds 8 bits against guessing (2 words: a 1 in
-    /// 65,536 chance per attempt)
+    /// Words in a new code: each adds 8 bits against guessing (2 words: an
+    /// attacker gets one guess with a 1 in 65,536 chance, for the whole chat)
     #[arg(long, value_name = "N", default_value_t = punchline_proto::codes::DEFAULT_WORDS)]
     words: usize,
 
