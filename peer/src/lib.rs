@@ -447,6 +447,7 @@ async fn relink(
     // forwarded one) matter more; then it is kept.
     let port = if symmetric_here { opts.port } else { 0 };
     let deadline = Instant::now() + RESUME_DEADLINE;
+    let (mut tries, mut last) = (0u32, None::<String>);
     loop {
         let tried = async {
             let rendezvous = client::Rendezvous::connect(&server, port).await?;
@@ -487,16 +488,28 @@ async fn relink(
             Ok(Err(e)) => {
                 authentication_failed(&e, auth_failures, ctx, output)?;
                 tracing::info!(error = %e, "no new link yet");
+                tries += 1;
+                last = Some(e.to_string());
                 tokio::time::sleep(RESUME_RETRY_PAUSE).await;
             }
             Err(_) => {
+                // What the tries met tells a vanished peer (the rendezvous
+                // waits in vain) from meetings that went wrong (someone in the
+                // chat's room that never completes a handshake, say).
+                let detail = match &last {
+                    Some(last) => format!(
+                        " ({tries} tr{} failed; the last: {last})",
+                        if tries == 1 { "y" } else { "ies" }
+                    ),
+                    None => String::new(),
+                };
                 return Err(undelivered(
                     PeerError::Timeout(format!(
-                        "no new link within {} s",
+                        "no new link within {} s{detail}",
                         RESUME_DEADLINE.as_secs()
                     )),
                     ctx,
-                ))
+                ));
             }
         }
     }

@@ -628,7 +628,7 @@ fn diagnose(go: &Go, params: &PunchParams, tried: &[(SocketAddr, CandidateKind, 
         lines.push(
             "Most attempts were refused (a reset came back): the other side's NAT or firewall \
              rejects connections it did not expect, and the two sides' attempts never crossed. \
-             Check that the other side is still running and try again."
+             Check that the other side is still running."
                 .to_owned(),
         );
     } else if no_answer > 0 {
