@@ -34,15 +34,11 @@ pub const BYE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A side that has sent nothing for this long sends a keepalive ([`Chat::Ping`]),
-/// which the other answers at once. Home routers forget idle TCP mappings after
-/// minutes at the earliest (some after 30 s of a half-open looking flow); traffic
-/// every 25 s keeps every mapping on the path alive.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(25);
+/// which the other answers at once (the rendezvous' relay counts on it too).
+pub use punchline_proto::defaults::HEARTBEAT_INTERVAL;
 
 /// A line or keepalive not acknowledged within this long means the link is dead.
-/// So a dead link is found within 10 s when a line waits for its acknowledgement,
-/// and within 35 s (a keepalive interval, then this) when the chat is idle.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+pub use punchline_proto::defaults::ACK_TIMEOUT;
 
 /// What the user did.
 #[derive(Debug, Clone, PartialEq, Eq)]

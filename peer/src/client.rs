@@ -53,10 +53,8 @@ pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// older or differently configured server, a firewall) must not hold up the chat.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Longest silence from the rendezvous while waiting for the other peer. The server
-/// pings a waiting peer every 10 s; three missed pings mean it or the path is gone
-/// (a NAT that dropped the mapping, a server that died without closing).
-pub const WAIT_SILENCE_TIMEOUT: Duration = Duration::from_secs(35);
+/// Longest silence from the rendezvous while waiting for the other peer.
+pub use punchline_proto::defaults::WAIT_SILENCE_TIMEOUT;
 
 /// Longest wait for the other peer to join (for the go), however lively the
 /// rendezvous. The server ends the wait itself, by default after 10 minutes (a

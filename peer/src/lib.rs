@@ -37,11 +37,10 @@ pub use chat::ChatEnd;
 pub use error::PeerError;
 
 /// Port of the rendezvous when the server address names none.
-pub const DEFAULT_SERVER_PORT: u16 = 7425;
+pub use punchline_proto::defaults::DEFAULT_PORT as DEFAULT_SERVER_PORT;
 
-/// The rendezvous' probe port is its main port plus this (as the rendezvous
-/// opens it by default).
-pub const PROBE_PORT_OFFSET: u16 = 1;
+/// The rendezvous' probe port is its main port plus this.
+pub use punchline_proto::defaults::PROBE_PORT_OFFSET;
 
 /// How the user talks to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod codes;
+pub mod defaults;
 pub mod fuzzing;
 pub mod limits;
 pub mod link;

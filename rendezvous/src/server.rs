@@ -48,11 +48,10 @@ use crate::metrics::{Metrics, Reject};
 use crate::rtt::kernel_rtt;
 
 /// Port the rendezvous listens on by default (TCP, all interfaces).
-pub const DEFAULT_PORT: u16 = 7425;
+pub use punchline_proto::defaults::DEFAULT_PORT;
 
-/// The probe port is the main port plus this, unless configured otherwise; peers
-/// assume the same.
-pub const PROBE_PORT_OFFSET: u16 = 1;
+/// The probe port is the main port plus this, unless configured otherwise.
+pub use punchline_proto::defaults::PROBE_PORT_OFFSET;
 
 /// Default time a first peer waits for the second one. Long enough for a user to
 /// read a code to a friend over the phone, who then installs and starts the tool.
@@ -133,21 +132,19 @@ pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
 pub const PAIRED_HOLD: Duration = Duration::from_secs(60);
 
 /// How long the server keeps a paired connection open for the peer's punch report.
-/// Longer than any punch deadline a peer would use.
-pub const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
+pub use punchline_proto::defaults::REPORT_TIMEOUT;
 
 /// Pings sent quickly after the hello, to get a few RTT samples early.
 const EARLY_PINGS: u32 = 3;
 /// Spacing of the early pings.
 const EARLY_PING_INTERVAL: Duration = Duration::from_millis(200);
-/// Spacing of later pings while waiting: RTT refresh, and traffic that keeps the
-/// peer's NAT mapping (the one the punch will use) from idling out.
-const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Spacing of later pings while waiting.
+use punchline_proto::defaults::SERVER_PING_INTERVAL as PING_INTERVAL;
 
 /// Default time a waiting peer may leave our pings unanswered before it is taken
 /// for gone (its host or NAT mapping died without a reset) and dropped, freeing
-/// its code. Three ping intervals and a half.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(35);
+/// its code: as long as a peer waits through the server's silence.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = punchline_proto::defaults::WAIT_SILENCE_TIMEOUT;
 
 /// Bound on any single write to a peer: a peer that stops reading is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -971,9 +968,8 @@ async fn serve(
 /// Queue of relayed pieces between the two tasks of a pair.
 const RELAY_QUEUE: usize = 32;
 
-/// A relay with no traffic either way for this long is closed. A chat sends a
-/// keepalive every 25 s, so only a dead pair is this quiet.
-pub const RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A relay with no traffic either way for this long is closed.
+pub use punchline_proto::defaults::RELAY_IDLE_TIMEOUT;
 
 /// One task's end of its pair's relay: pieces for the other peer go out on `tx`,
 /// pieces from it come in on `rx`; `budget` is what the pair may still send.
