@@ -484,7 +484,7 @@ impl SecureLink {
 
     /// The kernel's current RTT estimate for the link, if it is direct.
     pub fn rtt(&self) -> Option<Duration> {
-        punchline_rendezvous::rtt::kernel_rtt(self.link.get_ref().tcp()?)
+        punchline_net::kernel_rtt(self.link.get_ref().tcp()?)
     }
 
     /// Sealed bytes sent and received so far.

@@ -9,7 +9,6 @@
 //! to port 0.
 
 pub mod metrics;
-pub mod rtt;
 pub mod server;
 
 pub use metrics::{serve_metrics, Metrics};

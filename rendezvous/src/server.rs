@@ -45,7 +45,7 @@ use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, Reject};
-use crate::rtt::kernel_rtt;
+use punchline_net::kernel_rtt;
 
 /// Port the rendezvous listens on by default (TCP, all interfaces).
 pub use punchline_proto::defaults::DEFAULT_PORT;
