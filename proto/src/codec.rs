@@ -150,12 +150,23 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     }
 }
 
+/// Shared with the golden-byte tests: the variants an enum's `serde` derive
+/// declares, to check the strategies below draw every one of them.
+#[cfg(test)]
+#[path = "../tests/support/variants.rs"]
+mod variants;
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+    use std::fmt::Debug;
     use std::net::SocketAddr;
 
     use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
 
+    use super::variants::{variant_name, variant_names};
     use super::*;
     use crate::*;
 
@@ -177,6 +188,28 @@ mod tests {
 
     fn role() -> impl Strategy<Value = Role> {
         prop_oneof![Just(Role::Leader), Just(Role::Follower)]
+    }
+
+    fn punch_outcome() -> impl Strategy<Value = PunchOutcome> {
+        prop_oneof![
+            (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(public, attempts, ms)| {
+                PunchOutcome::Direct {
+                    public,
+                    attempts,
+                    elapsed_ms: ms,
+                }
+            }),
+            any::<u32>().prop_map(|attempts| PunchOutcome::Failed { attempts }),
+        ]
+    }
+
+    fn dial_back_result() -> impl Strategy<Value = DialBackResult> {
+        prop_oneof![
+            Just(DialBackResult::Refused),
+            Just(DialBackResult::NoAnswer),
+            Just(DialBackResult::Connected),
+            Just(DialBackResult::Unknown),
+        ]
     }
 
     fn peer_to_server() -> impl Strategy<Value = PeerToServer> {
@@ -204,15 +237,7 @@ mod tests {
             Just(PeerToServer::Reflect),
             Just(PeerToServer::DialBack),
             any::<u32>().prop_map(|seq| PeerToServer::Pong { seq }),
-            (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(public, attempts, ms)| {
-                PeerToServer::Report(PunchOutcome::Direct {
-                    public,
-                    attempts,
-                    elapsed_ms: ms,
-                })
-            }),
-            any::<u32>()
-                .prop_map(|attempts| PeerToServer::Report(PunchOutcome::Failed { attempts })),
+            punch_outcome().prop_map(PeerToServer::Report),
         ]
     }
 
@@ -244,6 +269,13 @@ mod tests {
                 }),
             Just(ServerToPeer::Relaying),
             prop::collection::vec(any::<u8>(), 0..100).prop_map(ServerToPeer::Relayed),
+            (addr(), dial_back_result(), any::<u32>()).prop_map(|(target, result, elapsed_ms)| {
+                ServerToPeer::DialedBack {
+                    target,
+                    result,
+                    elapsed_ms,
+                }
+            }),
             prop::collection::vec(any::<u8>(), 0..100).prop_map(ServerToPeer::Sealed),
         ]
     }
@@ -276,6 +308,66 @@ mod tests {
         ]
     }
 
+    fn sealed_candidates() -> impl Strategy<Value = SealedCandidates> {
+        prop::collection::vec(addr(), 0..=MAX_CANDIDATES)
+            .prop_map(|candidates| SealedCandidates { candidates })
+    }
+
+    fn introduction() -> impl Strategy<Value = Introduction> {
+        ("\\PC{0,40}", role(), any::<[u8; 32]>()).prop_map(|(name, chat_role, words_nonce)| {
+            Introduction {
+                name,
+                chat_role,
+                words_nonce,
+            }
+        })
+    }
+
+    /// The names of the variants `strategy` drew in a few thousand tries (from a
+    /// fixed seed, so the answer is the same on every run).
+    fn variants_drawn<T>(strategy: impl Strategy<Value = T>) -> BTreeSet<&'static str>
+    where
+        T: Serialize + DeserializeOwned + Debug,
+    {
+        let mut runner = TestRunner::deterministic();
+        (0..2000)
+            .map(|_| {
+                let tree = strategy.new_tree(&mut runner).expect("a strategy draws");
+                variant_name(&tree.current())
+            })
+            .collect()
+    }
+
+    /// Checks that `strategy` draws every variant `T` declares, so a variant
+    /// added to a message enum fails here until the strategy makes it too.
+    fn assert_draws_every_variant<T>(strategy: impl Strategy<Value = T>)
+    where
+        T: Serialize + DeserializeOwned + Debug,
+    {
+        let declared: BTreeSet<&str> = variant_names::<T>().iter().copied().collect();
+        let drawn = variants_drawn(strategy);
+        let missing: Vec<&&str> = declared.difference(&drawn).collect();
+        assert!(
+            missing.is_empty(),
+            "the strategy for {} never draws {missing:?}",
+            std::any::type_name::<T>()
+        );
+    }
+
+    #[test]
+    fn strategies_draw_every_variant() {
+        assert_draws_every_variant(peer_to_server());
+        assert_draws_every_variant(server_to_peer());
+        assert_draws_every_variant(peer_to_peer());
+        assert_draws_every_variant(chat());
+        // The enums inside messages: the strategies above draw them through these.
+        assert_draws_every_variant(addr());
+        assert_draws_every_variant(mapping());
+        assert_draws_every_variant(role());
+        assert_draws_every_variant(punch_outcome());
+        assert_draws_every_variant(dial_back_result());
+    }
+
     /// Encodes through the real codec, then decodes the bytes fed in small pieces,
     /// as a socket would deliver them.
     fn round_trip<T>(msg: T) -> T
@@ -304,6 +396,8 @@ mod tests {
         let _ = decode_payload::<ServerToPeer>(bytes);
         let _ = decode_payload::<PeerToPeer>(bytes);
         let _ = decode_payload::<Chat>(bytes);
+        let _ = decode_payload::<SealedCandidates>(bytes);
+        let _ = decode_payload::<Introduction>(bytes);
         let _ = peek_hello_version(bytes);
         let mut buf = BytesMut::from(bytes);
         let mut dec = FrameCodec::<PeerToServer, ()>::new();
@@ -335,6 +429,16 @@ mod tests {
         }
 
         #[test]
+        fn sealed_candidates_round_trip(msg in sealed_candidates()) {
+            prop_assert_eq!(round_trip(msg.clone()), msg);
+        }
+
+        #[test]
+        fn introductions_round_trip(msg in introduction()) {
+            prop_assert_eq!(round_trip(msg.clone()), msg);
+        }
+
+        #[test]
         fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
             decode_all(&bytes);
         }
@@ -354,6 +458,9 @@ mod tests {
                 server_to_peer().prop_map(|m| encode_payload(&m).expect("encodes")),
                 peer_to_peer().prop_map(|m| encode_payload(&m).expect("encodes")),
                 peer_to_server().prop_map(|m| encode_payload(&m).expect("encodes")),
+                chat().prop_map(|m| encode_payload(&m).expect("encodes")),
+                sealed_candidates().prop_map(|m| encode_payload(&m).expect("encodes")),
+                introduction().prop_map(|m| encode_payload(&m).expect("encodes")),
             ],
             flips in prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..4),
         ) {
