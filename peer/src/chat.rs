@@ -49,6 +49,8 @@ pub enum Input {
     Nick(String),
     /// `/info`: show the link's details.
     Info,
+    /// `/verify`: show the verification words.
+    Verify,
     /// End of input or `/quit`: say goodbye and leave.
     Quit,
     /// Ctrl-C: say goodbye and leave.
@@ -99,6 +101,31 @@ pub struct ChatContext {
     /// The last round trip measured by the chat itself (a line or keepalive
     /// and its acknowledgement).
     pub rtt: Option<Duration>,
+    /// The first link's verification words, once known (the follower learns
+    /// them from the leader's first message).
+    pub words: Option<String>,
+}
+
+impl ChatContext {
+    /// Shows the verification words, or that they are not known yet.
+    pub fn show_words(&self, output: &mut dyn Output) {
+        match &self.words {
+            Some(words) => output.status(&format!(
+                "verification: {words}  (the other side must see the same words)"
+            )),
+            None => output.status(
+                "verification: not known yet (they come with the other side's first message)",
+            ),
+        }
+    }
+}
+
+/// The line that tells the user the link is encrypted and which words to
+/// compare.
+pub fn confirmed(their_name: &str, words: &str) -> String {
+    format!(
+        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {words})"
+    )
 }
 
 /// Lines, numbered and acknowledged, that outlive any one link.
@@ -253,6 +280,7 @@ pub async fn chat<T>(
                         output.status(&line);
                     }
                 }
+                Some(Input::Verify) => ctx.show_words(output),
                 Some(Input::Quit) | None => break ChatEnd::WeLeft,
                 Some(Input::Interrupted) => break ChatEnd::Interrupted,
             },
@@ -475,7 +503,14 @@ impl<'a> Carrier<'a> {
             },
             // Only the first message of a resumed link; a late one changes nothing.
             // The others are handled by the chat loop.
-            Chat::Resume { .. } | Chat::Bye | Chat::TryDirect | Chat::Reveal { .. } => {}
+            // The leader's reveal, checked by the link, which now knows the words.
+            Chat::Reveal { .. } => {
+                if let (None, Some(words)) = (&ctx.words, self.inner.verification()) {
+                    output.status(&confirmed(&ctx.their_name, words));
+                    ctx.words = Some(words.to_owned());
+                }
+            }
+            Chat::Resume { .. } | Chat::Bye | Chat::TryDirect => {}
         }
         Ok(Ok(()))
     }
@@ -556,6 +591,11 @@ fn info_lines(link: &SecureLink, ctx: &ChatContext) -> Vec<String> {
     lines.push(format!(
         "{:<12} you are {}, the other side is {}",
         "names", ctx.our_name, ctx.their_name
+    ));
+    lines.push(format!(
+        "{:<12} {}",
+        "verification",
+        ctx.words.as_deref().unwrap_or("not known yet")
     ));
     lines
 }

@@ -184,10 +184,12 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let met = meet(&opts, rendezvous, Keying::Code(&code), &mut status).await?;
     let their_name = sanitize_for_terminal(&met.link.their_introduction().name);
     status.status(&format!("connected to {their_name}: {}", met.describe()));
-    status.status(&format!(
-        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {})",
-        met.chat.words
-    ));
+    // The follower learns the words from the leader's first message, which the
+    // chat shows when it comes.
+    let words = met.link.verification().map(str::to_owned);
+    if let Some(words) = &words {
+        status.status(&chat::confirmed(&their_name, words));
+    }
 
     // 5. Chat, over new links as needed.
     let mut ctx = chat::ChatContext {
@@ -197,15 +199,15 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         stats: chat::ChatStats::default(),
         reliable: chat::Reliable::default(),
         rtt: None,
+        words,
     };
     let style = ui::Style::for_stdout(opts.timestamps);
     let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
-    let verification = met.chat.words.clone();
     let mut terminal = None;
     let mut lines_out = ui::LinesOutput { style };
     match mode {
         Mode::Terminal => {
-            let term = ui::Terminal::start(tx, verification, style, opts.history.clone())
+            let term = ui::Terminal::start(tx, style, opts.history.clone())
                 .map_err(|e| PeerError::io("cannot start the line editor", e))?;
             terminal = Some(term);
         }
@@ -469,6 +471,7 @@ async fn relink(
                         }
                     }
                     Some(chat::Input::Info) => output.status("no link right now: reconnecting"),
+                    Some(chat::Input::Verify) => ctx.show_words(output),
                     Some(chat::Input::Nick(_)) => output.status("name not changed: no link right now"),
                     Some(chat::Input::Quit | chat::Input::Interrupted) | None => {
                         return Err(undelivered(
@@ -567,9 +570,6 @@ struct ChatKeys {
     secret: secure::Secret,
     /// Our role on the first link, fixed for the chat.
     role: Role,
-    /// The verification words of the first link, which the secret binds every
-    /// later link to.
-    words: String,
 }
 
 /// A met peer: the go and our view of the meeting, and the secured link.
@@ -651,9 +651,8 @@ impl Met {
             (
                 "encryption".to_owned(),
                 format!(
-                    "{} (key from the code by SPAKE2 on the first link, from the chat's secret on later ones); verification {}",
+                    "{} (key from the code by SPAKE2 on the first link, from the chat's secret on later ones)",
                     secure::NOISE_PARAMS,
-                    self.chat.words
                 ),
             ),
         ]
@@ -791,7 +790,6 @@ async fn meet(
             Keying::Code(_) => ChatKeys {
                 secret: secret.chat(link.handshake_hash()),
                 role: chat_role,
-                words: link.verification().to_owned(),
             },
             Keying::Chat(keys) => keys.clone(),
         };

@@ -279,11 +279,20 @@ pub enum RecvError {
 pub struct SecureLink {
     link: Link,
     noise: snow::TransportState,
-    verification: String,
+    verification: Option<String>,
+    /// At the follower of a first link, until the leader's reveal arrives: its
+    /// commitment and our nonce.
+    pending_words: Option<PendingWords>,
     hash: Vec<u8>,
     their: Introduction,
     /// Sealed bytes sent and received (ciphertext with its tags).
     bytes: (u64, u64),
+}
+
+/// What the follower of a first link needs to check the leader's reveal.
+struct PendingWords {
+    commitment: [u8; 32],
+    ours: [u8; 32],
 }
 
 fn noise_error(e: snow::Error) -> PeerError {
@@ -423,45 +432,34 @@ impl SecureLink {
         let mut secured = SecureLink {
             link,
             noise,
-            verification: String::new(),
+            verification: None,
+            pending_words: None,
             hash,
             their,
             bytes: (0, 0),
         };
         if secret.is_code_key() {
-            let reveal = async {
-                match role {
-                    Role::Leader => {
-                        secured.send(&Chat::Reveal { nonce }).await.map_err(|e| {
-                            PeerError::LinkLost {
-                                name: crate::punch::THE_OTHER_SIDE.to_owned(),
-                                why: e.to_string(),
-                            }
-                        })?;
-                        Ok((nonce, secured.their.words_nonce))
-                    }
-                    Role::Follower => match secured.recv().await {
-                        Some(Ok(Chat::Reveal { nonce: theirs }))
-                            if commit(&theirs) == secured.their.words_nonce =>
-                        {
-                            Ok((theirs, nonce))
-                        }
-                        Some(Ok(_)) => Err(PeerError::BadCode(WRONG_CODE.into())),
-                        Some(Err(RecvError::Sealed(_))) => {
-                            Err(PeerError::BadCode(WRONG_CODE.into()))
-                        }
-                        Some(Err(RecvError::Link(why))) => Err(PeerError::LinkLost {
+            match role {
+                // The leader reveals its nonce at once and knows the words.
+                Role::Leader => {
+                    secured.send(&Chat::Reveal { nonce }).await.map_err(|e| {
+                        PeerError::LinkLost {
                             name: crate::punch::THE_OTHER_SIDE.to_owned(),
-                            why,
-                        }),
-                        None => Err(PeerError::BadCode(WRONG_CODE_CLOSED.into())),
-                    },
+                            why: e.to_string(),
+                        }
+                    })?;
+                    let follower = secured.their.words_nonce;
+                    secured.verification = Some(words_of(&secured.hash, &nonce, &follower));
                 }
-            };
-            let (leader, follower) = timeout(HANDSHAKE_TIMEOUT, reveal)
-                .await
-                .map_err(|_| timed_out())??;
-            secured.verification = words_of(&secured.hash, &leader, &follower);
+                // The follower learns them from the leader's first message
+                // ([`SecureLink::recv`]); it need not wait for it to chat.
+                Role::Follower => {
+                    secured.pending_words = Some(PendingWords {
+                        commitment: secured.their.words_nonce,
+                        ours: nonce,
+                    })
+                }
+            }
         }
         Ok(secured)
     }
@@ -476,10 +474,12 @@ impl SecureLink {
         &self.their
     }
 
-    /// The short string both users see with `/verify`: equal on both sides
-    /// unless someone is in the middle.
-    pub fn verification(&self) -> &str {
-        &self.verification
+    /// The verification words of a first link, which both users may compare
+    /// (`/verify`): equal on both sides unless someone is in the middle. The
+    /// follower knows them once the leader's reveal arrived (the first message
+    /// [`SecureLink::recv`] returns); `None` before, and on later links.
+    pub fn verification(&self) -> Option<&str> {
+        self.verification.as_deref()
     }
 
     /// The kernel's current RTT estimate for the link, if it is direct.
@@ -531,7 +531,25 @@ impl SecureLink {
             Err(CodecError::Io(e)) => return Some(Err(RecvError::Link(e.to_string()))),
             Err(e) => return Some(Err(RecvError::Sealed(e.to_string()))),
         };
-        Some(open(&mut self.noise, &frame).map_err(RecvError::Sealed))
+        let opened = open(&mut self.noise, &frame).map_err(RecvError::Sealed);
+        if let Some(pending) = self.pending_words.take() {
+            // The first message of a first link, at the follower: the leader's
+            // reveal, matching its commitment.
+            match opened {
+                Ok(Chat::Reveal { nonce }) if commit(&nonce) == pending.commitment => {
+                    self.verification = Some(words_of(&self.hash, &nonce, &pending.ours));
+                    return Some(Ok(Chat::Reveal { nonce }));
+                }
+                Ok(_) => {
+                    return Some(Err(RecvError::Sealed(
+                        "the other side did not reveal what its verification words commit to"
+                            .into(),
+                    )))
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(opened)
     }
 
     /// Drops the link with a reset rather than a close: no TIME_WAIT is left on
@@ -822,11 +840,15 @@ mod tests {
         };
         let (kx, ky) = keys();
         let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
-        let (a, b) = (a.expect("leader"), b.expect("follower"));
-        assert_eq!(a.verification(), b.verification());
-        assert_eq!(a.verification().split('-').count(), VERIFY_WORDS);
+        let (a, mut b) = (a.expect("leader"), b.expect("follower"));
+        // The follower learns the words from the leader's first message.
+        assert_eq!(b.verification(), None);
+        assert!(matches!(b.recv().await, Some(Ok(Chat::Reveal { .. }))));
+        let words = a.verification().expect("the leader's words");
+        assert_eq!(Some(words), b.verification());
+        assert_eq!(words.split('-').count(), VERIFY_WORDS);
         // Not the handshake hash alone: the nonces revealed after it count.
-        assert_ne!(a.verification(), verification_words(a.handshake_hash()));
+        assert_ne!(words, verification_words(a.handshake_hash()));
         // Another run, another set of words.
         let (kx, ky) = keys();
         let (c, _) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;

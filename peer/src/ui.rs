@@ -351,11 +351,10 @@ pub struct Terminal {
 }
 
 impl Terminal {
-    /// Starts the line editor; typed lines go to `tx`; `/verify` shows
-    /// `verification`; lines typed are kept in `history` if given.
+    /// Starts the line editor; typed lines (and commands for the chat, such as
+    /// `/verify`) go to `tx`; lines typed are kept in `history` if given.
     pub fn start(
         tx: mpsc::Sender<Input>,
-        verification: String,
         style: Style,
         history: Option<PathBuf>,
     ) -> io::Result<Terminal> {
@@ -382,7 +381,7 @@ impl Terminal {
         thread::Builder::new()
             .name("printer".into())
             .spawn(move || print_loop(Box::new(printer), queued, done))?;
-        thread::spawn(move || edit_loop(editor, tx, &verification, history));
+        thread::spawn(move || edit_loop(editor, tx, history));
         Ok(Terminal {
             queue: Some(queue),
             printed,
@@ -464,12 +463,7 @@ fn save_termios() -> Option<libc::termios> {
     (rc == 0).then_some(t)
 }
 
-fn edit_loop(
-    mut editor: DefaultEditor,
-    tx: mpsc::Sender<Input>,
-    verification: &str,
-    history: Option<PathBuf>,
-) {
+fn edit_loop(mut editor: DefaultEditor, tx: mpsc::Sender<Input>, history: Option<PathBuf>) {
     println!("type a line and press Enter to send it; /help for commands");
     loop {
         let input = match editor.readline("> ") {
@@ -490,10 +484,7 @@ fn edit_loop(
                         println!("{HELP}");
                         continue;
                     }
-                    Typed::Verify => {
-                        println!("verification: {verification}  (the other side must see the same words)");
-                        continue;
-                    }
+                    Typed::Verify => Input::Verify,
                     Typed::Usage(usage) => {
                         println!("usage: {usage}");
                         continue;
