@@ -114,7 +114,8 @@ impl ChatContext {
                 "verification: {words}  (the other side must see the same words)"
             )),
             None => output.status(
-                "verification: not known yet (they come with the other side's first message)",
+                "verification: not known (they come with the other side's first message; \
+                 should the first link drop before it, this chat has none to compare)",
             ),
         }
     }
@@ -294,7 +295,7 @@ pub async fn chat<T>(
                     // carries on from where this one stopped.
                     Some(Err(RecvError::Sealed(why))) => {
                         tracing::info!(why, "a message on the link failed authentication");
-                        return Ok(LinkEnd::Down(format!("a message on it {why}")));
+                        return Ok(LinkEnd::Down(format!("a message on it was refused: {why}")));
                     }
                     None => return Ok(LinkEnd::Down("closed without a goodbye".into())),
                 };
@@ -439,7 +440,9 @@ impl<'a> Carrier<'a> {
                     "expected the resume on the new link, got {other:?}"
                 )))
             }
-            Ok(Some(Err(RecvError::Sealed(e)))) => return Ok(Err(format!("a message on it {e}"))),
+            Ok(Some(Err(RecvError::Sealed(e)))) => {
+                return Ok(Err(format!("a message on it was refused: {e}")))
+            }
             Ok(Some(Err(RecvError::Link(e)))) => return Ok(Err(e)),
             Ok(None) => return Ok(Err("closed during the resume".into())),
             Err(_) => return Ok(Err("no resume from the other side in time".into())),
@@ -501,8 +504,6 @@ impl<'a> Carrier<'a> {
                 }
                 Err(e) => output.status(&format!("{} sent an unusable name ({e})", ctx.their_name)),
             },
-            // Only the first message of a resumed link; a late one changes nothing.
-            // The others are handled by the chat loop.
             // The leader's reveal, checked by the link, which now knows the words.
             Chat::Reveal { .. } => {
                 if let (None, Some(words)) = (&ctx.words, self.inner.verification()) {
@@ -510,6 +511,8 @@ impl<'a> Carrier<'a> {
                     ctx.words = Some(words.to_owned());
                 }
             }
+            // Resume: only the first message of a resumed link; a late one
+            // changes nothing. The others are handled by the chat loop.
             Chat::Resume { .. } | Chat::Bye | Chat::TryDirect => {}
         }
         Ok(Ok(()))

@@ -358,7 +358,7 @@ fn authentication_failed(
         return Ok(());
     };
     *failures += 1;
-    tracing::warn!(
+    tracing::info!(
         failures = *failures,
         why,
         "a new link failed authentication"
@@ -721,16 +721,10 @@ async fn meet(
         tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
 
         // Our candidates travel sealed: only the other peer can open them.
-        let mut candidates = if opts.lan_candidates {
-            net::lan_candidates(port)
-        } else {
-            Vec::new()
+        let candidates = SealedCandidates {
+            candidates: our_candidates(opts, port),
         };
-        candidates.extend(opts.extra_candidates.iter().copied());
-        candidates.dedup();
-        candidates.truncate(MAX_CANDIDATES);
-        let sealed =
-            secret.seal_candidates(go.role, &go.session, &SealedCandidates { candidates })?;
+        let sealed = secret.seal_candidates(go.role, &go.session, &candidates)?;
         if let Err(e) = rendezvous.send_sealed(sealed).await {
             tracing::debug!(error = %e, "could not send our candidates");
         }
@@ -743,43 +737,8 @@ async fn meet(
             our_mapping: mapping,
             policy: opts.retry,
         };
-        let punched = {
-            let (late_tx, late_rx) = oneshot::channel();
-            let punching = punch::punch(&go, &params, start, late_rx);
-            tokio::pin!(punching);
-            enum First {
-                Punched(Result<punch::Punched, PeerError>),
-                Opened(Result<Vec<SocketAddr>, PeerError>),
-            }
-            let first = tokio::select! {
-                punched = &mut punching => First::Punched(punched),
-                opened = async {
-                    let sealed = rendezvous.receive_sealed().await?;
-                    match secret.open_candidates(go.role.other(), &go.session, &sealed) {
-                        Some(opened) => Ok(opened.candidates),
-                        None if secret.is_code_key() => Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into())),
-                        None => Err(PeerError::NotAuthenticated(
-                            "the other side's candidates were not sealed with this chat's secret".into(),
-                        )),
-                    }
-                } => First::Opened(opened),
-            };
-            match first {
-                First::Punched(punched) => punched,
-                First::Opened(Ok(theirs)) => {
-                    let _ = late_tx.send(theirs);
-                    punching.await
-                }
-                First::Opened(Err(
-                    e @ (PeerError::BadCode(_) | PeerError::NotAuthenticated(_)),
-                )) => return Err(e),
-                First::Opened(Err(e)) => {
-                    tracing::debug!(error = %e, "no candidates from the other side");
-                    drop(late_tx);
-                    punching.await
-                }
-            }
-        };
+        let punched =
+            punch_with_their_candidates(&mut rendezvous, &go, &params, start, &secret).await;
         let ours = Introduction {
             name: opts.name.clone(),
             chat_role,
@@ -866,6 +825,62 @@ async fn meet(
         Keying::Code(_) => after_go.await.map_err(PeerError::code_used),
         Keying::Chat(_) => after_go.await,
     }
+}
+
+/// The candidates we offer: this host's addresses (unless the user said not
+/// to) and those the user added, with our fixed port.
+fn our_candidates(opts: &Options, port: u16) -> Vec<SocketAddr> {
+    let mut candidates = if opts.lan_candidates {
+        net::lan_candidates(port)
+    } else {
+        Vec::new()
+    };
+    for &extra in &opts.extra_candidates {
+        if !candidates.contains(&extra) {
+            candidates.push(extra);
+        }
+    }
+    candidates.truncate(MAX_CANDIDATES);
+    candidates
+}
+
+/// The punch, with the other side's candidates tried as soon as its sealed box
+/// arrives through the rendezvous (the public address is tried at once). A
+/// box that does not open with `secret` ends it: whoever joined holds another
+/// key ([`PeerError::BadCode`] on a first meeting, else
+/// [`PeerError::NotAuthenticated`]). No box (the server or the other side
+/// went away) only means no candidates besides the public address.
+async fn punch_with_their_candidates(
+    rendezvous: &mut client::Rendezvous,
+    go: &punchline_proto::Go,
+    params: &punch::PunchParams,
+    start: Instant,
+    secret: &secure::Secret,
+) -> Result<punch::Punched, PeerError> {
+    let (late_tx, late_rx) = oneshot::channel();
+    let punching = punch::punch(go, params, start, late_rx);
+    tokio::pin!(punching);
+    let opened = tokio::select! {
+        punched = &mut punching => return punched,
+        opened = rendezvous.receive_sealed() => opened,
+    };
+    match opened {
+        Ok(sealed) => match secret.open_candidates(go.role.other(), &go.session, &sealed) {
+            Some(theirs) => {
+                let _ = late_tx.send(theirs.candidates);
+            }
+            None if secret.is_code_key() => {
+                return Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into()))
+            }
+            None => {
+                return Err(PeerError::NotAuthenticated(
+                    "the other side's candidates were not sealed with this chat's secret".into(),
+                ))
+            }
+        },
+        Err(e) => tracing::debug!(error = %e, "no candidates from the other side"),
+    }
+    punching.await
 }
 
 /// The first sentence of a diagnosis, lower-cased at the start, for "because …".

@@ -27,8 +27,11 @@
 //!    [`punchline_proto::MAX_LINE_BYTES`], so one line is always one message
 //!    (longer lines are refused by the sender, not split).
 //! 6. The first handshake's hash, the same on both sides only without a man in
-//!    the middle, gives the chat's verification words (`/verify`): 48 bits, too
-//!    many for a man in the middle to grind its keys into a match.
+//!    the middle, and two nonces — the leader's committed to in its handshake
+//!    message and revealed in its first message after it, the follower's sent in
+//!    its handshake message — give the chat's verification words (`/verify`),
+//!    48 bits. Whatever decides the words is revealed only after a man in the
+//!    middle's last message on that side, so it cannot grind them into a match.
 
 use std::time::Duration;
 
@@ -79,9 +82,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const NOISE_MAX: usize = 65_535;
 
 /// The words of the verification string: 6 words of 8 bits. A man in the
-/// middle who knows the code (and so can complete both handshakes) must make
-/// the two hashes agree on these 48 bits; it controls only its own ephemeral
-/// key, chosen before the hash is known, so it needs about 2^48 handshakes.
+/// middle who knows the code (and so can complete both handshakes) would need
+/// the two sides' words to agree by chance: 1 in 2^48 per chat (step 6 of the
+/// module docs says why it cannot steer them).
 pub const VERIFY_WORDS: usize = 6;
 
 /// What the user is told when the first handshake fails.
@@ -412,12 +415,9 @@ impl SecureLink {
             }
             Ok::<Introduction, PeerError>(theirs)
         };
-        let timed_out = || {
+        let mut their = timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
             PeerError::Timeout("the other side did not complete the encryption handshake".into())
-        };
-        let mut their = timeout(HANDSHAKE_TIMEOUT, exchange)
-            .await
-            .map_err(|_| timed_out())??;
+        })??;
         if their.chat_role == ours.chat_role {
             return Err(PeerError::MetItself);
         }

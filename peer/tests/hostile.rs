@@ -22,6 +22,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::fake::{arrive, Arrival, ServerConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::LinkStream;
@@ -36,8 +37,6 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
 
-type ServerConn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;
-
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// A mapping that makes a peer skip the punch to the public address (so the
@@ -46,36 +45,6 @@ const SYMMETRIC: Mapping = Mapping::DependsOnDestination {
     first: 1,
     second: 2,
 };
-
-/// A peer that said hello to the test rendezvous.
-struct Arrival {
-    conn: ServerConn,
-    observed: SocketAddr,
-    hello: Hello,
-}
-
-/// Accepts the next connection that says hello (probe connections to the main
-/// port do not happen: the probe port is elsewhere), welcomes it with `mapping`.
-async fn arrive(listener: &TcpListener, mapping: impl Fn(SocketAddr) -> Mapping) -> Arrival {
-    loop {
-        let (stream, observed) = listener.accept().await.expect("accept");
-        let mut conn: ServerConn = Framed::new(stream, FrameCodec::new());
-        let Some(Ok(PeerToServer::Hello(hello))) = conn.next().await else {
-            continue;
-        };
-        conn.send(ServerToPeer::Welcome {
-            observed,
-            mapping: mapping(observed),
-        })
-        .await
-        .expect("welcome");
-        return Arrival {
-            conn,
-            observed,
-            hello,
-        };
-    }
-}
 
 /// The go for a peer paired with `other`.
 fn go(

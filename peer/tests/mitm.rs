@@ -13,45 +13,21 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
+use common::fake::arrive;
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::fixed_port_socket;
 use punchline_peer::secure::KeyExchange;
 use punchline_proto::codes::Code;
 use punchline_proto::link::link_hello;
-use punchline_proto::{
-    FrameCodec, Go, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role, ServerToPeer,
-};
+use punchline_proto::{FrameCodec, Go, Mapping, PeerInfo, PeerToPeer, Role, ServerToPeer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_util::codec::Framed;
 
-type ServerConn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;
 type LinkConn = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
 
 const LIMIT: Duration = Duration::from_secs(15);
-
-/// A peer as the fake rendezvous saw it.
-struct Victim {
-    conn: ServerConn,
-    observed: SocketAddr,
-}
-
-async fn accept_victim(listener: &TcpListener) -> Victim {
-    let (stream, observed) = listener.accept().await.expect("accept");
-    let mut conn: ServerConn = Framed::new(stream, FrameCodec::new());
-    match conn.next().await {
-        Some(Ok(PeerToServer::Hello(_))) => {}
-        other => panic!("expected a hello, got {other:?}"),
-    }
-    conn.send(ServerToPeer::Welcome {
-        observed,
-        mapping: Mapping::Unknown,
-    })
-    .await
-    .expect("welcome");
-    Victim { conn, observed }
-}
 
 /// Connects from `local` to `peer` until the simultaneous open succeeds.
 async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
@@ -113,8 +89,8 @@ async fn relay(mut a: LinkConn, mut b: LinkConn) -> Vec<u8> {
 }
 
 async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
-    let mut alice = accept_victim(&listener).await;
-    let mut bob = accept_victim(&listener).await;
+    let mut alice = arrive(&listener, |_| Mapping::Unknown).await;
+    let mut bob = arrive(&listener, |_| Mapping::Unknown).await;
     // SPAKE2 with each side under a guessed code.
     let guess = Code::parse("1-guess-wrong").expect("code");
     let here = |port| SocketAddr::from(([127, 0, 0, 1], port));
