@@ -37,19 +37,17 @@ pub fn fixed_port_socket(dest: SocketAddr, port: u16) -> io::Result<TcpSocket> {
 /// interface address except loopback and link-local ones (a link-local IPv6 address
 /// needs a scope the other host cannot know).
 pub fn lan_candidates(port: u16) -> Vec<SocketAddr> {
-    let Ok(interfaces) = if_addrs::get_if_addrs() else {
-        return Vec::new();
-    };
-    let mut out: Vec<SocketAddr> = interfaces
-        .iter()
-        .filter(|i| !i.is_loopback() && !i.is_link_local())
-        .map(|i| i.ip())
-        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+    own_addresses()
+        .into_iter()
+        .filter(|ip| {
+            let link_local = match ip {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+            !link_local && !ip.is_unspecified() && !ip.is_multicast()
+        })
         .map(|ip| SocketAddr::new(ip, port))
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+        .collect()
 }
 
 /// This host's own interface addresses, loopback excluded.
