@@ -101,8 +101,7 @@ pub struct ChatContext {
     /// The last round trip measured by the chat itself (a line or keepalive
     /// and its acknowledgement).
     pub rtt: Option<Duration>,
-    /// The first link's verification words, once known (the follower learns
-    /// them from the leader's first message).
+    /// The first link's verification words.
     pub words: Option<String>,
 }
 
@@ -113,10 +112,7 @@ impl ChatContext {
             Some(words) => output.status(&format!(
                 "verification: {words}  (the other side must see the same words)"
             )),
-            None => output.status(
-                "verification: not known (they come with the other side's first message; \
-                 should the first link drop before it, this chat has none to compare)",
-            ),
+            None => output.status("verification: none for this chat"),
         }
     }
 }
@@ -504,16 +500,11 @@ impl<'a> Carrier<'a> {
                 }
                 Err(e) => output.status(&format!("{} sent an unusable name ({e})", ctx.their_name)),
             },
-            // The leader's reveal, checked by the link, which now knows the words.
-            Chat::Reveal { .. } => {
-                if let (None, Some(words)) = (&ctx.words, self.inner.verification()) {
-                    output.status(&confirmed(&ctx.their_name, words));
-                    ctx.words = Some(words.to_owned());
-                }
-            }
             // Resume: only the first message of a resumed link; a late one
-            // changes nothing. The others are handled by the chat loop.
-            Chat::Resume { .. } | Chat::Bye | Chat::TryDirect => {}
+            // changes nothing. Reveal: taken by the first link's handshake; a
+            // late one changes nothing either. The others are handled by the
+            // chat loop.
+            Chat::Resume { .. } | Chat::Reveal { .. } | Chat::Bye | Chat::TryDirect => {}
         }
         Ok(Ok(()))
     }
@@ -598,7 +589,7 @@ fn info_lines(link: &SecureLink, ctx: &ChatContext) -> Vec<String> {
     lines.push(format!(
         "{:<12} {}",
         "verification",
-        ctx.words.as_deref().unwrap_or("not known yet")
+        ctx.words.as_deref().unwrap_or("none")
     ));
     lines
 }

@@ -184,8 +184,6 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let met = meet(&opts, rendezvous, Keying::Code(&code), &mut status).await?;
     let their_name = sanitize_for_terminal(&met.link.their_introduction().name);
     status.status(&format!("connected to {their_name}: {}", met.describe()));
-    // The follower learns the words from the leader's first message, which the
-    // chat shows when it comes.
     let words = met.link.verification().map(str::to_owned);
     if let Some(words) = &words {
         status.status(&chat::confirmed(&their_name, words));

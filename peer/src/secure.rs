@@ -451,13 +451,33 @@ impl SecureLink {
                     let follower = secured.their.words_nonce;
                     secured.verification = Some(words_of(&secured.hash, &nonce, &follower));
                 }
-                // The follower learns them from the leader's first message
-                // ([`SecureLink::recv`]); it need not wait for it to chat.
+                // The follower learns them from the leader's first message,
+                // and waits for it: a chat whose first link were cut before
+                // would never have words to compare, and a man in the middle
+                // that cuts it (or never reveals) would go unnoticed.
                 Role::Follower => {
                     secured.pending_words = Some(PendingWords {
                         commitment: secured.their.words_nonce,
                         ours: nonce,
-                    })
+                    });
+                    let revealed = timeout(HANDSHAKE_TIMEOUT, secured.recv()).await;
+                    match revealed {
+                        Ok(Some(Ok(Chat::Reveal { .. }))) => {}
+                        Ok(Some(Err(RecvError::Link(why)))) => {
+                            return Err(PeerError::LinkLost {
+                                name: crate::punch::THE_OTHER_SIDE.to_owned(),
+                                why,
+                            })
+                        }
+                        Ok(None) => return Err(PeerError::BadCode(WRONG_CODE_CLOSED.into())),
+                        Ok(Some(_)) => return Err(PeerError::BadCode(WRONG_CODE.into())),
+                        Err(_) => {
+                            return Err(PeerError::Timeout(
+                                "the other side did not reveal its verification words in time"
+                                    .into(),
+                            ))
+                        }
+                    }
                 }
             }
         }
@@ -475,9 +495,8 @@ impl SecureLink {
     }
 
     /// The verification words of a first link, which both users may compare
-    /// (`/verify`): equal on both sides unless someone is in the middle. The
-    /// follower knows them once the leader's reveal arrived (the first message
-    /// [`SecureLink::recv`] returns); `None` before, and on later links.
+    /// (`/verify`): equal on both sides unless someone is in the middle. `None`
+    /// on later links.
     pub fn verification(&self) -> Option<&str> {
         self.verification.as_deref()
     }
@@ -840,10 +859,7 @@ mod tests {
         };
         let (kx, ky) = keys();
         let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
-        let (a, mut b) = (a.expect("leader"), b.expect("follower"));
-        // The follower learns the words from the leader's first message.
-        assert_eq!(b.verification(), None);
-        assert!(matches!(b.recv().await, Some(Ok(Chat::Reveal { .. }))));
+        let (a, b) = (a.expect("leader"), b.expect("follower"));
         let words = a.verification().expect("the leader's words");
         assert_eq!(Some(words), b.verification());
         assert_eq!(words.split('-').count(), VERIFY_WORDS);

@@ -679,3 +679,81 @@ fn a_silent_stranger_still_uses_up_the_code() {
     let said = alice.wait_stderr("must not be used again");
     assert!(said.contains("start again with a new code"), "{said}");
 }
+
+/// Relays the leader's side (`a`) until its first sealed frame — the reveal of
+/// the verification words — and cuts there, withholding it.
+async fn relay_until_the_reveal(mut a: ServerConn, mut b: ServerConn) {
+    use tokio_util::codec::Decoder;
+    let mut frames = FrameCodec::<PeerToPeer, PeerToPeer>::new();
+    let mut seen = bytes::BytesMut::new();
+    loop {
+        tokio::select! {
+            m = a.next() => match m {
+                Some(Ok(PeerToServer::Relayed(x))) => {
+                    seen.extend_from_slice(&x);
+                    while let Ok(Some(frame)) = frames.decode(&mut seen) {
+                        if matches!(frame, PeerToPeer::Sealed(_)) {
+                            return;
+                        }
+                    }
+                    b.send(ServerToPeer::Relayed(x)).await.expect("to b");
+                }
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+            m = b.next() => match m {
+                Some(Ok(PeerToServer::Relayed(x))) => a.send(ServerToPeer::Relayed(x)).await.expect("to a"),
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+        }
+    }
+}
+
+/// A rendezvous (or someone on the path) that cuts the first link before the
+/// leader's reveal reaches the follower would leave the chat without words to
+/// compare, which is what a man in the middle wants. The follower does not
+/// count the link as up before the reveal: the meeting fails, and the code is
+/// used up.
+#[test]
+fn a_first_link_cut_before_the_reveal_is_no_chat() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let server = std_listener.local_addr().expect("addr");
+    rt.spawn(async move {
+        let listener = TcpListener::from_std(std_listener).expect("listener");
+        let independent = |_| Mapping::Independent;
+        let mut a = arrive(&listener, independent).await;
+        let mut b = arrive(&listener, independent).await;
+        let session = [0x44; 16];
+        let go_a = go(b.observed, b.hello.pake.clone(), Role::Leader, session);
+        let go_b = go(a.observed, a.hello.pake.clone(), Role::Follower, session);
+        a.conn.send(go_a).await.expect("go");
+        b.conn.send(go_b).await.expect("go");
+        let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
+            .await
+            .expect("both ask for the relay");
+        relay_until_the_reveal(ca, cb).await;
+        // Later meetings are left waiting.
+        let mut waiting = Vec::new();
+        while let Ok(arrival) = timeout(LIMIT, arrive(&listener, independent)).await {
+            waiting.push(arrival);
+        }
+    });
+    let code = "7-right-code";
+    let mut alice = Peer::spawn(server, "alice", code, &["--punch-timeout", "2"]);
+    alice.wait_stderr("waiting for the other side");
+    let mut bob = Peer::spawn(server, "bob", code, &["--punch-timeout", "2"]);
+    assert!(!bob.wait().success(), "the follower must not chat");
+    let said = bob.wait_stderr("new code");
+    assert!(said.starts_with("peer: "), "{said}");
+    assert!(
+        !bob.stderr_seen
+            .iter()
+            .any(|l| l.contains("connected to") || l.contains("code confirmed")),
+        "{:?}",
+        bob.stderr_seen
+    );
+    drop(alice);
+}
