@@ -660,13 +660,13 @@ fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
         .find_map(|part| part.strip_suffix(" ms after go"))
         .and_then(|n| n.trim().parse().ok())
         .ok_or_else(|| bad("no time after go"))?;
-    let go = p.wait_stderr("punchline_peer: go ")?;
+    let go = p.wait_stderr("punchline_peer::meet: go ")?;
     let at = go
         .split_whitespace()
         .next()
         .and_then(|ts| humantime::parse_rfc3339(ts).ok())
         .map(|t| t + Duration::from_millis(elapsed_ms));
-    let secured = p.wait_stderr("punchline_peer: encrypted")?;
+    let secured = p.wait_stderr("punchline_peer::meet: encrypted")?;
     let secured_at = secured
         .split_whitespace()
         .next()

@@ -1,33 +1,33 @@
-//! The chat over the punched link, independent of how lines are typed or shown.
+//! The session driver: runs the chat's [`Session`] (numbering, acknowledgement,
+//! keepalive, dead links, resume, goodbye and the switch to direct, all in
+//! `punchline_proto::session`, with no I/O) over whatever link the chat has,
+//! and gets it a new link when one drops.
 //!
-//! Lines typed arrive as [`Input`] on a channel; lines received go to an
-//! [`Output`]. Leaving is a two-way goodbye so nothing typed is lost:
-//! 1. The side that leaves (end of input, `/quit`, Ctrl-C) sends `Bye` after its
-//!    last line and keeps reading.
-//! 2. The other side, reading `Bye`, has by then received every line before it (the
-//!    link is one ordered TCP stream); it reports the departure, answers `Bye`, and
-//!    ends.
-//! 3. The answering `Bye` proves to the leaving side that everything it sent was
-//!    received; only then does it end successfully.
-//!
-//! Lines are numbered and acknowledged ([`Reliable`]), so a chat outlives its
-//! link: when no acknowledgement comes within [`ACK_TIMEOUT`] (a keepalive goes
-//! out after [`HEARTBEAT_INTERVAL`] of quiet), [`chat`] returns
-//! [`LinkEnd::Down`]; the caller gets a new link and calls [`chat`] again with
-//! `resuming`, and the two sides resend what the other missed.
+//! Lines typed arrive as [`Input`] on a channel; what the user sees goes to an
+//! [`Output`]. [`converse`] owns the chat from its first link to its end:
+//! - it carries the session over one secured link ([`carry`]): messages the
+//!   session asks for go out, messages that arrive go in, its timer is slept on;
+//! - when the session says the link is down, it meets the other peer again in
+//!   the chat's room ([`relink`]) and hands the session the new link, which
+//!   resumes the chat;
+//! - when the session says to try for a direct link (relayed chats only), a try
+//!   runs in the background ([`try_direct`]) and its link replaces the relay.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use punchline_proto::{sanitize_for_terminal, validate_line, validate_name, Chat};
+use punchline_proto::session::{
+    ChatEnd, Config, DownReason, Event, Failure, LineRefused, Queued, RenameRefused, Session,
+};
+use punchline_proto::{sanitize_for_terminal, Chat};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::error::PeerError;
+use crate::meet::{meet, ChatKeys, Keying, Met};
 use crate::secure::{RecvError, SecureLink};
+use crate::{client, render, with_default_port, Options};
 
-/// How long the leaving side waits for the other's answering goodbye.
-pub const BYE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use punchline_proto::session::BYE_TIMEOUT;
 
 /// Bound on one write to the other peer: a link that takes no data for this long
 /// is down.
@@ -39,6 +39,22 @@ pub use punchline_proto::defaults::HEARTBEAT_INTERVAL;
 
 /// A line or keepalive not acknowledged within this long means the link is dead.
 pub use punchline_proto::defaults::ACK_TIMEOUT;
+
+/// How long a peer whose link dropped keeps trying to get a new one before it
+/// gives up (and says which lines were not delivered).
+pub const RESUME_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Pause between two attempts to re-establish a link.
+const RESUME_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// How many later links may fail to authenticate before the chat ends: the
+/// first failure is shown and one more try is made; a second means someone keeps
+/// answering in the other peer's place.
+pub const MAX_AUTH_FAILURES: u32 = 2;
+
+/// Longest a background try for a direct link may take: the meeting at the
+/// rendezvous (the other side asks at the same moment) and the punch.
+const TRY_DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the user did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,27 +81,8 @@ pub trait Output {
     fn status(&mut self, message: &str);
 }
 
-/// How the chat ended (without error).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatEnd {
-    /// We left; the other side confirmed it received everything.
-    WeLeft,
-    /// We were interrupted; the other side confirmed it received everything.
-    Interrupted,
-    /// The other side left.
-    TheyLeft,
-}
-
-/// Counters for the end of the chat and `/info`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ChatStats {
-    /// Lines sent.
-    pub sent: u64,
-    /// Lines received.
-    pub received: u64,
-}
-
-/// The chat's state beside the link: who is who, what `/info` tells, counters.
+/// The chat's presentation beside the session: who is who, and what `/info`
+/// and `/verify` tell.
 #[derive(Debug, Clone, Default)]
 pub struct ChatContext {
     /// The other side's name, sanitised for display; changes with their `/nick`.
@@ -94,158 +91,168 @@ pub struct ChatContext {
     pub our_name: String,
     /// What `/info` shows beside the live numbers: (label, value).
     pub facts: Vec<(String, String)>,
-    /// Lines each way.
-    pub stats: ChatStats,
-    /// Numbered lines, across links.
-    pub reliable: Reliable,
-    /// The last round trip measured by the chat itself (a line or keepalive
-    /// and its acknowledgement).
-    pub rtt: Option<Duration>,
     /// The first link's verification words.
     pub words: Option<String>,
 }
 
-impl ChatContext {
-    /// Shows the verification words, or that they are not known yet.
-    pub fn show_words(&self, output: &mut dyn Output) {
-        match &self.words {
-            Some(words) => output.status(&format!(
-                "verification: {words}  (the other side must see the same words)"
-            )),
-            None => output.status("verification: none for this chat"),
-        }
-    }
+/// A session with the user's settings.
+pub fn new_session(opts: &Options) -> Session {
+    Session::new(Config {
+        upgrade_interval: opts.upgrade_interval,
+        ..Config::default()
+    })
 }
 
-/// The line that tells the user the link is encrypted and which words to
-/// compare.
-pub fn confirmed(their_name: &str, words: &str) -> String {
-    format!(
-        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {words})"
-    )
-}
-
-/// Lines, numbered and acknowledged, that outlive any one link.
-///
-/// Each direction numbers its lines from 1. The sender keeps a line until the
-/// other side acknowledges it; the receiver shows a line only if it is the next
-/// one expected, so a line resent after a new link is never shown twice.
-#[derive(Debug, Clone)]
-pub struct Reliable {
-    next_seq: u64,
-    unacked: VecDeque<Pending>,
-    next_expected: u64,
-}
-
-#[derive(Debug, Clone)]
-struct Pending {
-    seq: u64,
-    text: String,
-    /// When it last went out on a link; `None` while no link carries it.
-    sent: Option<Instant>,
-}
-
-impl Default for Reliable {
-    fn default() -> Self {
-        Reliable {
-            next_seq: 1,
-            unacked: VecDeque::new(),
-            next_expected: 1,
-        }
-    }
-}
-
-impl Reliable {
-    /// Takes a typed line: numbers it and keeps it until acknowledged.
-    pub fn push(&mut self, text: String) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.unacked.push_back(Pending {
-            seq,
-            text,
-            sent: None,
-        });
-        seq
-    }
-
-    /// Lines not yet acknowledged.
-    pub fn unacked(&self) -> usize {
-        self.unacked.len()
-    }
-
-    fn ack(&mut self, upto: u64) {
-        while self.unacked.front().is_some_and(|p| p.seq <= upto) {
-            self.unacked.pop_front();
-        }
-    }
-
-    /// A received line: `true` if it is new and in order (to be shown).
-    fn receive(&mut self, seq: u64) -> Result<bool, String> {
-        if seq == self.next_expected {
-            self.next_expected += 1;
-            Ok(true)
-        } else if seq < self.next_expected {
-            Ok(false)
-        } else {
-            Err(format!(
-                "line {seq} arrived while line {} was expected",
-                self.next_expected
-            ))
-        }
-    }
-
-    fn received_upto(&self) -> u64 {
-        self.next_expected - 1
-    }
-
-    /// When the oldest line on the link went out.
-    fn oldest_sent(&self) -> Option<Instant> {
-        self.unacked.iter().filter_map(|p| p.sent).min()
-    }
-}
-
-/// How the chat on one link ended (for now).
-#[derive(Debug)]
-pub enum LinkEnd<T> {
-    /// The chat is over.
-    Chat(ChatEnd),
-    /// The link failed (reset, silence, a path that stopped carrying): the chat
-    /// can go on over a new link, resumed with [`chat`]'s `resuming`.
-    Down(String),
-    /// Time to try for a direct link (`upgrade_at` came, or the other side asked
-    /// with [`Chat::TryDirect`]); the chat goes on over this link meanwhile.
-    TryDirect,
-    /// The replacement link came ([`chat`]'s `replacement`): switch to it.
-    Replaced(T),
-}
-
-/// Runs the chat over `link` until one side leaves or the link fails. With
-/// `resuming`, the link replaces a lost one: both sides first say what they have,
-/// and what the other side missed is sent again.
-///
-/// `upgrade_at`: when to stop and ask for a direct link ([`LinkEnd::TryDirect`]);
-/// `replacement`: a link being prepared, returned as [`LinkEnd::Replaced`] once
-/// it comes.
-pub async fn chat<T>(
-    link: &mut SecureLink,
+/// The chat over `met`'s link, and over a new link (met again through the
+/// rendezvous, in the chat's own room and keyed by its secret) each time a link
+/// drops. Returns how the chat ended.
+pub(crate) async fn converse(
+    opts: &Options,
+    mut met: Met,
+    session: &mut Session,
     ctx: &mut ChatContext,
     input: &mut mpsc::Receiver<Input>,
     output: &mut dyn Output,
-    resuming: bool,
-    upgrade_at: Option<Instant>,
-    mut replacement: Option<&mut oneshot::Receiver<T>>,
-) -> Result<LinkEnd<T>, PeerError> {
-    let mut link = Carrier::new(link);
-    if resuming {
-        if let Err(why) = link.resume(&mut ctx.reliable).await? {
-            return Ok(LinkEnd::Down(why));
+) -> Result<ChatEnd, PeerError> {
+    let keys = met.chat.clone();
+    let mut auth_failures = 0;
+    // A direct link being tried for in the background while relayed.
+    let mut attempt: Option<Background> = None;
+    session.link_up(now(), met.kind());
+    loop {
+        let step = carry(
+            &mut met.link,
+            session,
+            ctx,
+            input,
+            output,
+            attempt.as_mut().map(|a| &mut a.result),
+        )
+        .await;
+        match step {
+            Step::Ended(Ok(end)) => return Ok(end),
+            Step::Ended(Err(failure)) => {
+                return Err(render::failure(failure, &ctx.their_name, session.unacked()))
+            }
+            Step::TryDirect => {
+                if attempt.is_none() {
+                    attempt = Some(try_direct(opts, &keys));
+                }
+            }
+            Step::Replaced(Ok(direct)) => {
+                // The relayed link goes quiet now, but stays open a little: the
+                // other side may still be finishing its switch, and must not see
+                // its old link drop meanwhile.
+                let old = std::mem::replace(&mut met, direct);
+                tokio::spawn(async move {
+                    tokio::time::sleep(ACK_TIMEOUT).await;
+                    drop(old);
+                });
+                attempt = None;
+                output.status(&format!("switched to a {}", render::describe_link(&met)));
+                ctx.facts = render::link_facts(&met);
+                session.link_up(now(), met.kind());
+            }
+            Step::Replaced(Err(e)) => {
+                attempt = None;
+                session.direct_attempt_failed();
+                authentication_failed(&e, &mut auth_failures, ctx, session, output)?;
+                tracing::info!(error = %e, "still no direct link; staying relayed");
+            }
+            Step::Down(why) => {
+                // The background try must not meet our own reconnect in the
+                // chat's room.
+                attempt = None;
+                met.link.abort();
+                let dropped = Instant::now();
+                output.status(&format!(
+                    "link to {} dropped ({why}); reconnecting through the rendezvous…",
+                    ctx.their_name
+                ));
+                let symmetric_here = met.mapping.is_symmetric();
+                met = relink(
+                    opts,
+                    &keys,
+                    symmetric_here,
+                    &mut auth_failures,
+                    session,
+                    ctx,
+                    input,
+                    output,
+                )
+                .await?;
+                output.status(&format!(
+                    "link back after {:.1} s: {}",
+                    dropped.elapsed().as_secs_f64(),
+                    render::describe_link(&met)
+                ));
+                ctx.facts = render::link_facts(&met);
+                session.link_up(now(), met.kind());
+            }
         }
     }
-    if let Err(why) = link.flush(&mut ctx.reliable).await {
-        return Ok(LinkEnd::Down(why));
-    }
-    let end = loop {
-        let deadline = link.next_deadline(&ctx.reliable);
+}
+
+/// Why [`carry`] stopped carrying the session over its link.
+enum Step<T> {
+    /// The chat is over.
+    Ended(Result<ChatEnd, Failure>),
+    /// The link no longer carries the chat.
+    Down(DownReason),
+    /// Try for a direct link (the chat goes on over this link meanwhile).
+    TryDirect,
+    /// The replacement link came: switch to it.
+    Replaced(T),
+}
+
+/// The session's clock: the driver's time, as the session takes it.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Carries `session` over `link` until the session says what to do next (or
+/// `replacement`, a link being prepared, comes).
+async fn carry<T>(
+    link: &mut SecureLink,
+    session: &mut Session,
+    ctx: &mut ChatContext,
+    input: &mut mpsc::Receiver<Input>,
+    output: &mut dyn Output,
+    mut replacement: Option<&mut oneshot::Receiver<T>>,
+) -> Step<T> {
+    loop {
+        while let Some(msg) = session.poll_transmit() {
+            if let Err(why) = send(link, &msg).await {
+                session.link_down(now(), DownReason::Link(why));
+            }
+        }
+        while let Some(event) = session.poll_event() {
+            match event {
+                Event::Line(text) => output.incoming(&ctx.their_name, &text),
+                Event::Renamed(name) => {
+                    let name = sanitize_for_terminal(&name);
+                    output.status(&format!("{} is now known as {name}", ctx.their_name));
+                    ctx.their_name = name;
+                }
+                Event::UnusableName(e) => {
+                    output.status(&format!("{} sent an unusable name ({e})", ctx.their_name))
+                }
+                Event::LinkDown(why) => return Step::Down(why),
+                Event::TryDirect => return Step::TryDirect,
+                Event::Ended(result) => {
+                    // The answering goodbye (after the last acknowledgements),
+                    // then a clean close.
+                    if result.is_ok() {
+                        while let Some(msg) = session.poll_transmit() {
+                            let _ = timeout(BYE_TIMEOUT, link.send(&msg)).await;
+                        }
+                        let _ = timeout(BYE_TIMEOUT, link.close()).await;
+                    }
+                    return Step::Ended(result);
+                }
+            }
+        }
+        let deadline = session.poll_timeout().map(Instant::from_std);
         let replaced = async {
             match replacement.as_mut() {
                 Some(rx) => rx.await.ok(),
@@ -253,113 +260,54 @@ pub async fn chat<T>(
             }
         };
         tokio::select! {
-            Some(new) = replaced => return Ok(LinkEnd::Replaced(new)),
-            _ = sleep_until(upgrade_at.unwrap_or_else(far_future)) => return Ok(LinkEnd::TryDirect),
-            typed = input.recv() => match typed {
-                Some(Input::Line(text)) => {
-                    if let Err(why) = send_line(&mut link, ctx, output, text).await {
-                        return Ok(LinkEnd::Down(why));
-                    }
-                }
-                Some(Input::Nick(name)) => {
-                    if let Err(e) = validate_name(&name) {
-                        output.status(&format!("name not changed: {e}"));
-                        continue;
-                    }
-                    if let Err(why) = link.send(Chat::Nick { name: name.clone() }).await {
-                        return Ok(LinkEnd::Down(why));
-                    }
-                    output.status(&format!("you are now known as {name}"));
-                    ctx.our_name = name;
-                }
-                Some(Input::Info) => {
-                    for line in info_lines(link.inner, ctx) {
-                        output.status(&line);
-                    }
-                }
-                Some(Input::Verify) => ctx.show_words(output),
-                Some(Input::Quit) | None => break ChatEnd::WeLeft,
-                Some(Input::Interrupted) => break ChatEnd::Interrupted,
-            },
-            received = link.inner.recv() => {
-                let msg = match received {
-                    Some(Ok(msg)) => msg,
-                    Some(Err(RecvError::Link(why))) => return Ok(LinkEnd::Down(why)),
-                    // A frame that fails authentication was injected or altered on
-                    // the way (or replayed): this link is no longer trustworthy,
-                    // but the chat is. A new link (keyed by the chat's secret)
-                    // carries on from where this one stopped.
-                    Some(Err(RecvError::Sealed(why))) => {
-                        tracing::info!(why, "a message on the link failed authentication");
-                        return Ok(LinkEnd::Down(format!("a message on it was refused: {why}")));
-                    }
-                    None => return Ok(LinkEnd::Down("closed without a goodbye".into())),
-                };
-                if msg == Chat::TryDirect {
-                    return Ok(LinkEnd::TryDirect);
-                }
-                if msg == Chat::Bye {
-                    // The other side still reads until our answering goodbye: send
-                    // the lines already typed first, so none of them is lost.
-                    while let Ok(typed) = input.try_recv() {
-                        if let Input::Line(text) = typed {
-                            let _ = send_line(&mut link, ctx, output, text).await;
+            Some(new) = replaced => return Step::Replaced(new),
+            // Once leaving, nothing more is typed into this chat.
+            typed = input.recv(), if !session.is_leaving() => {
+                typed_on_link(typed, link, session, ctx, output);
+            }
+            received = link.recv() => match received {
+                Some(Ok(msg)) => {
+                    if msg == Chat::Bye {
+                        // The other side still reads until our answering
+                        // goodbye: the lines already typed go out first, so
+                        // none of them is lost.
+                        while let Ok(Input::Line(text)) = input.try_recv() {
+                            take_line(session, output, text);
                         }
                     }
-                    // Answer so the other side knows everything arrived.
-                    let _ = timeout(BYE_TIMEOUT, link.inner.send(&Chat::Bye)).await;
-                    let _ = timeout(BYE_TIMEOUT, link.inner.close()).await;
-                    return Ok(LinkEnd::Chat(ChatEnd::TheyLeft));
+                    session.handle(now(), msg);
                 }
-                if let Err(why) = link.handle(msg, ctx, output).await? {
-                    return Ok(LinkEnd::Down(why));
+                Some(Err(RecvError::Link(why))) => session.link_down(now(), DownReason::Link(why)),
+                // A frame that fails authentication was injected or altered on
+                // the way (or replayed): this link is no longer trustworthy,
+                // but the chat is. A new link (keyed by the chat's secret)
+                // carries on from where this one stopped.
+                Some(Err(RecvError::Sealed(why))) => {
+                    tracing::info!(why, "a message on the link failed authentication");
+                    session.link_down(
+                        now(),
+                        DownReason::Link(format!("a message on it was refused: {why}")),
+                    );
                 }
+                None => session.link_down(now(), DownReason::Link("closed without a goodbye".into())),
+            },
+            _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                session.handle_timeout(now());
             }
-            _ = sleep_until(deadline) => {
-                if let Err(why) = link.tick(&ctx.reliable).await {
-                    return Ok(LinkEnd::Down(why));
-                }
-            }
-        }
-    };
-    if let Err(why) = link.send(Chat::Bye).await {
-        return Err(lost(&ctx.their_name, &why));
-    }
-    // Lines the other side sent before it saw our goodbye still arrive and are shown.
-    let answered = timeout(BYE_TIMEOUT, async {
-        loop {
-            match link.inner.recv().await {
-                Some(Ok(Chat::Bye)) => return Ok(()),
-                Some(Ok(msg)) => {
-                    if let Err(why) = link.handle(msg, ctx, output).await? {
-                        return Err(lost(&ctx.their_name, &why));
-                    }
-                }
-                Some(Err(RecvError::Link(e) | RecvError::Sealed(e))) => {
-                    return Err(lost(&ctx.their_name, &e))
-                }
-                None => {
-                    return Err(lost(
-                        &ctx.their_name,
-                        "closed before confirming our last lines",
-                    ))
-                }
-            }
-        }
-    })
-    .await;
-    match answered {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(PeerError::Timeout(format!(
-                "{} did not answer our goodbye within {} s: delivery of the last lines is not confirmed",
-                ctx.their_name,
-                BYE_TIMEOUT.as_secs()
-            )))
         }
     }
-    let _ = timeout(BYE_TIMEOUT, link.inner.close()).await;
-    Ok(LinkEnd::Chat(end))
+}
+
+/// Writes one message, within [`SEND_TIMEOUT`]; `Err` says why the link is down.
+async fn send(link: &mut SecureLink, msg: &Chat) -> Result<(), String> {
+    match timeout(SEND_TIMEOUT, link.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the other side stopped reading for {} s",
+            SEND_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// An instant that does not come.
@@ -367,236 +315,209 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
-/// Keeps one link's timers: when we last sent, and an unanswered keepalive.
-struct Carrier<'a> {
-    inner: &'a mut SecureLink,
-    last_sent: Instant,
-    ping_sent: Option<Instant>,
-}
-
-/// `Err` with the reason: the link is down.
-type Sent = Result<(), String>;
-
-impl<'a> Carrier<'a> {
-    fn new(inner: &'a mut SecureLink) -> Self {
-        Carrier {
-            inner,
-            last_sent: Instant::now(),
-            ping_sent: None,
-        }
-    }
-
-    async fn send(&mut self, msg: Chat) -> Sent {
-        match timeout(SEND_TIMEOUT, self.inner.send(&msg)).await {
-            Ok(Ok(())) => {
-                self.last_sent = Instant::now();
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "the other side stopped reading for {} s",
-                SEND_TIMEOUT.as_secs()
-            )),
-        }
-    }
-
-    /// Sends every line not yet on this link, in order.
-    async fn flush(&mut self, reliable: &mut Reliable) -> Sent {
-        let waiting: Vec<(u64, String)> = reliable
-            .unacked
-            .iter()
-            .filter(|p| p.sent.is_none())
-            .map(|p| (p.seq, p.text.clone()))
-            .collect();
-        for (seq, text) in waiting {
-            self.send(Chat::Line { seq, text }).await?;
-            let now = Instant::now();
-            if let Some(p) = reliable.unacked.iter_mut().find(|p| p.seq == seq) {
-                p.sent = Some(now);
-            }
-        }
-        Ok(())
-    }
-
-    /// The first exchange on a link that replaces a lost one: each side says the
-    /// next line it expects; what the other has not got is sent again.
-    async fn resume(&mut self, reliable: &mut Reliable) -> Result<Sent, PeerError> {
-        if let Err(why) = self
-            .send(Chat::Resume {
-                next: reliable.next_expected,
-            })
-            .await
-        {
-            return Ok(Err(why));
-        }
-        let theirs = match timeout(ACK_TIMEOUT, self.inner.recv()).await {
-            Ok(Some(Ok(Chat::Resume { next }))) => next,
-            Ok(Some(Ok(other))) => {
-                return Err(PeerError::Protocol(format!(
-                    "expected the resume on the new link, got {other:?}"
-                )))
-            }
-            Ok(Some(Err(RecvError::Sealed(e)))) => {
-                return Ok(Err(format!("a message on it was refused: {e}")))
-            }
-            Ok(Some(Err(RecvError::Link(e)))) => return Ok(Err(e)),
-            Ok(None) => return Ok(Err("closed during the resume".into())),
-            Err(_) => return Ok(Err("no resume from the other side in time".into())),
-        };
-        if theirs > reliable.next_seq {
-            return Err(PeerError::Protocol(format!(
-                "the other side claims line {} arrived, but only {} were sent",
-                theirs - 1,
-                reliable.next_seq - 1
-            )));
-        }
-        reliable.ack(theirs.saturating_sub(1));
-        for p in &mut reliable.unacked {
-            p.sent = None;
-        }
-        Ok(Ok(()))
-    }
-
-    /// Acts on a received message other than the goodbye.
-    async fn handle(
-        &mut self,
-        msg: Chat,
-        ctx: &mut ChatContext,
-        output: &mut dyn Output,
-    ) -> Result<Sent, PeerError> {
-        match msg {
-            Chat::Line { seq, text } => {
-                let new = ctx.reliable.receive(seq).map_err(PeerError::Protocol)?;
-                if new {
-                    ctx.stats.received += 1;
-                    output.incoming(&ctx.their_name, &text);
-                }
-                let upto = ctx.reliable.received_upto();
-                return Ok(self.send(Chat::Ack { upto }).await);
-            }
-            Chat::Ack { upto } => {
-                let now = Instant::now();
-                let line_sent = ctx
-                    .reliable
-                    .unacked
-                    .iter()
-                    .find(|p| p.seq == upto)
-                    .and_then(|p| p.sent);
-                if let Some(sent) = line_sent.or(self.ping_sent) {
-                    ctx.rtt = Some(now - sent);
-                }
-                ctx.reliable.ack(upto);
-                self.ping_sent = None;
-            }
-            Chat::Ping => {
-                let upto = ctx.reliable.received_upto();
-                return Ok(self.send(Chat::Ack { upto }).await);
-            }
-            Chat::Nick { name } => match validate_name(&name) {
-                Ok(()) => {
-                    let name = sanitize_for_terminal(&name);
-                    output.status(&format!("{} is now known as {name}", ctx.their_name));
-                    ctx.their_name = name;
-                }
-                Err(e) => output.status(&format!("{} sent an unusable name ({e})", ctx.their_name)),
-            },
-            // Resume: only the first message of a resumed link; a late one
-            // changes nothing. Reveal: taken by the first link's handshake; a
-            // late one changes nothing either. The others are handled by the
-            // chat loop.
-            Chat::Resume { .. } | Chat::Reveal { .. } | Chat::Bye | Chat::TryDirect => {}
-        }
-        Ok(Ok(()))
-    }
-
-    /// When the next timer is due: a keepalive, or an acknowledgement overdue.
-    fn next_deadline(&self, reliable: &Reliable) -> Instant {
-        let mut due = self.last_sent + HEARTBEAT_INTERVAL;
-        for sent in [reliable.oldest_sent(), self.ping_sent]
-            .into_iter()
-            .flatten()
-        {
-            due = due.min(sent + ACK_TIMEOUT);
-        }
-        due
-    }
-
-    /// Declares the link down if an acknowledgement is overdue; sends a
-    /// keepalive if we have been quiet.
-    async fn tick(&mut self, reliable: &Reliable) -> Sent {
-        let now = Instant::now();
-        let overdue = [reliable.oldest_sent(), self.ping_sent]
-            .into_iter()
-            .flatten()
-            .any(|sent| now >= sent + ACK_TIMEOUT);
-        if overdue {
-            return Err(format!(
-                "no acknowledgement for {} s",
-                ACK_TIMEOUT.as_secs()
-            ));
-        }
-        if now >= self.last_sent + HEARTBEAT_INTERVAL {
-            self.send(Chat::Ping).await?;
-            self.ping_sent.get_or_insert(now);
-        }
-        Ok(())
-    }
-}
-
-/// Takes one typed line: numbered, kept until acknowledged, and sent; or the
-/// user is told why not.
-async fn send_line(
-    link: &mut Carrier<'_>,
+/// Acts on what the user did while a link carries the chat.
+fn typed_on_link(
+    typed: Option<Input>,
+    link: &SecureLink,
+    session: &mut Session,
     ctx: &mut ChatContext,
     output: &mut dyn Output,
-    text: String,
-) -> Sent {
-    if let Err(e) = validate_line(&text) {
-        output.status(&format!("not sent: {e}"));
-        return Ok(());
+) {
+    match typed {
+        Some(Input::Info) => {
+            for line in render::info_lines(link, ctx, session) {
+                output.status(&line);
+            }
+        }
+        other => typed_any(other, session, ctx, output),
     }
-    ctx.reliable.push(text);
-    ctx.stats.sent += 1;
-    link.flush(&mut ctx.reliable).await
 }
 
-/// What `/info` prints: the fixed facts, then the live numbers.
-fn info_lines(link: &SecureLink, ctx: &ChatContext) -> Vec<String> {
-    let mut lines: Vec<String> = ctx
-        .facts
-        .iter()
-        .map(|(label, value)| format!("{label:<12} {value}"))
-        .collect();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let rtt = match (link.rtt(), ctx.rtt) {
-        (Some(kernel), _) => format!("{:.1} ms (the kernel's estimate)", ms(kernel)),
-        (None, Some(chat)) => format!(
-            "{:.1} ms (the last line or keepalive and its acknowledgement)",
-            ms(chat)
-        ),
-        (None, None) => "not measured yet (after the first line or keepalive)".to_owned(),
+/// Acts on what the user did (with or without a link), `/info` aside.
+fn typed_any(
+    typed: Option<Input>,
+    session: &mut Session,
+    ctx: &mut ChatContext,
+    output: &mut dyn Output,
+) {
+    match typed {
+        Some(Input::Line(text)) => take_line(session, output, text),
+        Some(Input::Nick(name)) => match session.rename(now(), &name) {
+            Ok(()) => {
+                output.status(&format!("you are now known as {name}"));
+                ctx.our_name = name;
+            }
+            Err(RenameRefused::Invalid(e)) => output.status(&format!("name not changed: {e}")),
+            Err(RenameRefused::NoLink) => output.status("name not changed: no link right now"),
+        },
+        Some(Input::Info) => output.status("no link right now: reconnecting"),
+        Some(Input::Verify) => output.status(&render::words(ctx.words.as_deref())),
+        Some(Input::Quit) | None => session.quit(now(), false),
+        Some(Input::Interrupted) => session.quit(now(), true),
+    }
+}
+
+/// Takes one typed line into the session, or tells the user why not.
+fn take_line(session: &mut Session, output: &mut dyn Output, text: String) {
+    match session.send_line(now(), text) {
+        Ok(Queued::OnLink) => {}
+        Ok(Queued::Kept) => output.status("(kept; it goes out once the link is back)"),
+        Err(LineRefused::Invalid(e)) => output.status(&format!("not sent: {e}")),
+        Err(LineRefused::Ending) => output.status("not sent: the chat is ending"),
+    }
+}
+
+/// Shows a later link's failed authentication (`e`) to the user at once, and
+/// ends the chat (`Err`) when it is the [`MAX_AUTH_FAILURES`]th. Any other error
+/// passes as `Ok`.
+fn authentication_failed(
+    e: &PeerError,
+    failures: &mut u32,
+    ctx: &ChatContext,
+    session: &Session,
+    output: &mut dyn Output,
+) -> Result<(), PeerError> {
+    let PeerError::NotAuthenticated(why) = e else {
+        return Ok(());
     };
-    lines.push(format!("{:<12} {rtt}", "rtt"));
-    let (sent, received) = link.bytes();
-    lines.push(format!(
-        "{:<12} {} lines and {sent} bytes sent, {} lines and {received} bytes received (encrypted, this link); {} awaiting acknowledgement",
-        "traffic", ctx.stats.sent, ctx.stats.received, ctx.reliable.unacked()
-    ));
-    lines.push(format!(
-        "{:<12} you are {}, the other side is {}",
-        "names", ctx.our_name, ctx.their_name
-    ));
-    lines.push(format!(
-        "{:<12} {}",
-        "verification",
-        ctx.words.as_deref().unwrap_or("none")
-    ));
-    lines
+    *failures += 1;
+    tracing::info!(
+        failures = *failures,
+        why,
+        "a new link failed authentication"
+    );
+    if *failures >= MAX_AUTH_FAILURES {
+        return Err(render::undelivered(
+            render::auth_fatal(why, *failures, &ctx.their_name),
+            &ctx.their_name,
+            session.unacked(),
+        ));
+    }
+    output.status(&render::auth_warning(why, &ctx.their_name));
+    Ok(())
 }
 
-fn lost(their_name: &str, why: &str) -> PeerError {
-    PeerError::LinkLost {
-        name: their_name.to_owned(),
-        why: why.to_owned(),
+/// A try for a direct link running in the background; dropping it stops it
+/// (so it can never meet our own reconnect in the chat's room).
+struct Background {
+    result: oneshot::Receiver<Result<Met, PeerError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a try for a direct link in the background: meet the other peer again
+/// in the chat's room, from a fresh port, punch, secure; no relay this time.
+fn try_direct(opts: &Options, keys: &ChatKeys) -> Background {
+    let (tx, rx) = oneshot::channel();
+    let opts = Options {
+        relay: false,
+        ..opts.clone()
+    };
+    let keys = keys.clone();
+    let task = tokio::spawn(async move {
+        let tried = tokio::time::timeout(TRY_DIRECT_TIMEOUT, async {
+            let server = with_default_port(&opts.server);
+            let rendezvous = client::Rendezvous::connect(&server, 0).await?;
+            meet(&opts, rendezvous, Keying::Chat(&keys), &mut QuietStatus).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(PeerError::Timeout("no direct link in time".into())));
+        let _ = tx.send(tried);
+    });
+    Background { result: rx, task }
+}
+
+/// Status messages of a meeting that are not worth showing during a reconnect.
+struct QuietStatus;
+
+impl Output for QuietStatus {
+    fn incoming(&mut self, _: &str, _: &str) {}
+    fn status(&mut self, message: &str) {
+        tracing::info!(message, "reconnect");
+    }
+}
+
+/// Meets the other peer again in the chat's room until a new link is up, for at
+/// most [`RESUME_DEADLINE`]. Lines typed meanwhile are kept by the session for
+/// the new link; leaving meanwhile ends the chat with the count of lines not
+/// delivered. A new link that fails to authenticate is shown at once, and ends
+/// the chat at the [`MAX_AUTH_FAILURES`]th.
+#[allow(clippy::too_many_arguments)]
+async fn relink(
+    opts: &Options,
+    keys: &ChatKeys,
+    symmetric_here: bool,
+    auth_failures: &mut u32,
+    session: &mut Session,
+    ctx: &mut ChatContext,
+    input: &mut mpsc::Receiver<Input>,
+    output: &mut dyn Output,
+) -> Result<Met, PeerError> {
+    let server = with_default_port(&opts.server);
+    // A new link gets a new local port: the old link's addresses still have
+    // state on the path. A NAT keeps the old flow's entry in its CLOSE state as
+    // long as resets keep coming, and Linux conntrack takes a SYN from outside
+    // for such an entry as invalid, so it never reaches the host; each side's
+    // router answers the other's SYNs with resets, which keep the entries
+    // alive, and the two sides never meet on those ports again. Only when our
+    // NAT gives every destination its own port does the user's chosen port (a
+    // forwarded one) matter more; then it is kept.
+    let port = if symmetric_here { opts.port } else { 0 };
+    let deadline = Instant::now() + RESUME_DEADLINE;
+    let (mut tries, mut last) = (0u32, None::<String>);
+    loop {
+        let tried = async {
+            let rendezvous = client::Rendezvous::connect(&server, port).await?;
+            meet(opts, rendezvous, Keying::Chat(keys), &mut QuietStatus).await
+        };
+        let tried = tokio::time::timeout_at(deadline, tried);
+        tokio::pin!(tried);
+        // Lines typed while no link carries them.
+        let result = loop {
+            tokio::select! {
+                result = &mut tried => break result,
+                typed = input.recv() => {
+                    typed_any(typed, session, ctx, output);
+                    if let Some(Event::Ended(Err(failure))) = session.poll_event() {
+                        return Err(render::failure(failure, &ctx.their_name, session.unacked()));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(Ok(met)) => return Ok(met),
+            Ok(Err(e)) => {
+                authentication_failed(&e, auth_failures, ctx, session, output)?;
+                tracing::info!(error = %e, "no new link yet");
+                tries += 1;
+                last = Some(e.to_string());
+                tokio::time::sleep(RESUME_RETRY_PAUSE).await;
+            }
+            Err(_) => {
+                // What the tries met tells a vanished peer (the rendezvous
+                // waits in vain) from meetings that went wrong (someone in the
+                // chat's room that never completes a handshake, say).
+                let detail = match &last {
+                    Some(last) => format!(
+                        " ({tries} tr{} failed; the last: {last})",
+                        if tries == 1 { "y" } else { "ies" }
+                    ),
+                    None => String::new(),
+                };
+                return Err(render::undelivered(
+                    PeerError::Timeout(format!(
+                        "no new link within {} s{detail}",
+                        RESUME_DEADLINE.as_secs()
+                    )),
+                    &ctx.their_name,
+                    session.unacked(),
+                ));
+            }
+        }
     }
 }

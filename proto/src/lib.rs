@@ -6,8 +6,9 @@
 //! protocol version and the named limits. It also holds the
 //! pure state machines the rendezvous and the peer drive: the pairing table
 //! ([`pairing`]), the per-address limits ([`limits`]), the synchronised-go timing ([`timing`]), the punch retry cadence
-//! ([`punch`]) and the check that a punched link reaches the expected peer
-//! ([`link`]). Time is always passed in, so all of it is tested without sockets.
+//! ([`punch`]), the check that a punched link reaches the expected peer
+//! ([`link`]) and the chat session over its links ([`session`]: numbering,
+//! acknowledgement, keepalive, dead links, resume, goodbye, the switch to direct). Time is always passed in, so all of it is tested without sockets.
 
 pub mod codec;
 pub mod codes;
@@ -18,6 +19,7 @@ pub mod link;
 pub mod message;
 pub mod pairing;
 pub mod punch;
+pub mod session;
 pub mod timing;
 
 pub use codec::{CodecError, FrameCodec};

@@ -1,0 +1,300 @@
+//! Meeting the other peer: probe, hello and wait at the rendezvous, then the
+//! punch (or the relay) and the encryption handshake — steps 2 to 4 of a
+//! session. A chat's first meeting authenticates with the code; every later
+//! one (a resume, the switch to direct) with the chat's secret, in the chat's
+//! own room at the rendezvous.
+
+use std::net::SocketAddr;
+
+use punchline_proto::session::LinkKind;
+use punchline_proto::{
+    codes::Code, Hello, Introduction, Mapping, PunchOutcome, Role, SealedCandidates,
+    MAX_CANDIDATES, PROTOCOL_VERSION,
+};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::chat::Output;
+use crate::error::PeerError;
+use crate::{client, net, punch, secure, Options, PROBE_PORT_OFFSET};
+
+/// How the link of a met peer runs.
+pub(crate) enum Path {
+    /// Punched.
+    Direct {
+        remote: SocketAddr,
+        kind: punch::CandidateKind,
+        attempts: u32,
+        elapsed_ms: u128,
+    },
+    /// Through the rendezvous, because the punch failed for this reason.
+    Relayed { why: String },
+}
+
+/// What a meeting authenticates with.
+#[derive(Clone, Copy)]
+pub(crate) enum Keying<'a> {
+    /// The chat's first meeting: the code, by SPAKE2 through the rendezvous.
+    Code(&'a Code),
+    /// A later meeting of the chat: its secret.
+    Chat(&'a ChatKeys),
+}
+
+/// What a chat keeps from its first link for every later one.
+#[derive(Clone)]
+pub(crate) struct ChatKeys {
+    /// The chat's secret (from the code's key and the first handshake).
+    pub(crate) secret: secure::Secret,
+    /// Our role on the first link, fixed for the chat.
+    pub(crate) role: Role,
+}
+
+/// A met peer: the go and our view of the meeting, and the secured link.
+pub(crate) struct Met {
+    pub(crate) go: punchline_proto::Go,
+    pub(crate) observed: SocketAddr,
+    pub(crate) mapping: Mapping,
+    pub(crate) local_port: u16,
+    pub(crate) path: Path,
+    pub(crate) link: secure::SecureLink,
+    pub(crate) chat: ChatKeys,
+}
+
+impl Met {
+    /// Whether the link goes through the rendezvous' relay.
+    pub(crate) fn is_relayed(&self) -> bool {
+        matches!(self.path, Path::Relayed { .. })
+    }
+
+    /// What the chat session needs to know of this link.
+    pub(crate) fn kind(&self) -> LinkKind {
+        LinkKind {
+            relayed: self.is_relayed(),
+            leads: self.go.role == Role::Leader,
+        }
+    }
+}
+
+/// Probe, hello and wait on `rendezvous`, then punch and secure the link:
+/// steps 2 to 4 of a session. With [`Keying::Chat`], the peers meet again in the
+/// chat's room and authenticate with its secret (the code is not used again).
+pub(crate) async fn meet(
+    opts: &Options,
+    mut rendezvous: client::Rendezvous,
+    keying: Keying<'_>,
+    status: &mut (dyn Output + Send),
+) -> Result<Met, PeerError> {
+    let port = rendezvous.local_port;
+    let probe_port = opts
+        .probe_port
+        .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
+    let probe_observed = rendezvous.probe(probe_port).await;
+    let (exchange, hello) = match keying {
+        Keying::Code(code) => {
+            let exchange = secure::KeyExchange::start(code);
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                nameplate: code.nameplate.clone(),
+                probe_observed,
+                pake: exchange.message.clone(),
+                resume: None,
+            };
+            (Some(exchange), hello)
+        }
+        Keying::Chat(keys) => {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                nameplate: String::new(),
+                probe_observed,
+                pake: Vec::new(),
+                resume: Some(keys.secret.resume_room()),
+            };
+            (None, hello)
+        }
+    };
+    let (observed, mapping) = rendezvous.hello(hello).await?;
+    if exchange.is_some() {
+        status.status(&format!(
+            "waiting for the other side to join with the code (your public address: {observed}, local port {port})"
+        ));
+    }
+    if let Mapping::DependsOnDestination { first, second } = mapping {
+        status.status(&format!(
+            "warning: your NAT gives each destination its own public port (the rendezvous saw {first} and {second}): \
+             a direct connection can only work if the other side is on your LAN"
+        ));
+    }
+    let go = rendezvous.wait_for_go().await?;
+    let start = Instant::now();
+    // From here on, in a first meeting, the code has been handed to whoever
+    // joined: whatever fails now, it must not be used again.
+    let after_go = async move {
+        let (secret, chat_role) = match (exchange, keying) {
+            (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
+            (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
+            (None, Keying::Code(_)) => unreachable!("a first meeting always starts the exchange"),
+        };
+        tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
+
+        // Our candidates travel sealed: only the other peer can open them.
+        let candidates = SealedCandidates {
+            candidates: our_candidates(opts, port),
+        };
+        let sealed = secret.seal_candidates(go.role, &go.session, &candidates)?;
+        if let Err(e) = rendezvous.send_sealed(sealed).await {
+            tracing::debug!(error = %e, "could not send our candidates");
+        }
+
+        let params = punch::PunchParams {
+            local_port: port,
+            deadline: opts.punch_timeout,
+            our_observed: observed,
+            server: rendezvous.server,
+            our_mapping: mapping,
+            policy: opts.retry,
+        };
+        let punched =
+            punch_with_their_candidates(&mut rendezvous, &go, &params, start, &secret).await;
+        let ours = Introduction {
+            name: opts.name.clone(),
+            chat_role,
+            // Filled in by the handshake.
+            words_nonce: [0; 32],
+        };
+        let keep = |link: &secure::SecureLink| match keying {
+            Keying::Code(_) => ChatKeys {
+                secret: secret.chat(link.handshake_hash()),
+                role: chat_role,
+            },
+            Keying::Chat(keys) => keys.clone(),
+        };
+        let punched = match punched {
+            Ok(p) => p,
+            Err(PeerError::PunchFailed {
+                name,
+                attempts,
+                secs,
+                diagnosis,
+            }) if opts.relay => {
+                let stream = match rendezvous.relay(attempts).await {
+                    Ok(stream) => stream,
+                    Err(refused) => {
+                        return Err(PeerError::PunchFailed {
+                            name,
+                            attempts,
+                            secs,
+                            diagnosis: format!("{diagnosis}\nNo relay either: {refused}."),
+                        })
+                    }
+                };
+                let link =
+                    tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
+                let link = secure::SecureLink::handshake(link, go.role, &secret, &ours).await?;
+                let why = crate::render::first_sentence(&diagnosis);
+                tracing::info!("relayed and encrypted");
+                return Ok(Met {
+                    observed,
+                    mapping,
+                    local_port: port,
+                    path: Path::Relayed { why },
+                    chat: keep(&link),
+                    link,
+                    go,
+                });
+            }
+            Err(e) => {
+                let attempts = match &e {
+                    PeerError::PunchFailed { attempts, .. } => *attempts,
+                    _ => 0,
+                };
+                rendezvous.finish(PunchOutcome::Failed { attempts }).await;
+                return Err(e);
+            }
+        };
+        let elapsed_ms = punched.elapsed.as_millis();
+        tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
+        // The report and the closing handshake with the rendezvous (a round trip to
+        // it) go on beside the encryption handshake, not before it.
+        tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
+            public: punched.kind == punch::CandidateKind::Public,
+            attempts: punched.attempts,
+            elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
+        }));
+        let link = secure::SecureLink::handshake(punched.link, go.role, &secret, &ours).await?;
+        tracing::info!("encrypted");
+        Ok(Met {
+            observed,
+            mapping,
+            local_port: port,
+            path: Path::Direct {
+                remote: punched.remote,
+                kind: punched.kind,
+                attempts: punched.attempts,
+                elapsed_ms,
+            },
+            chat: keep(&link),
+            link,
+            go,
+        })
+    };
+    match keying {
+        Keying::Code(_) => after_go.await.map_err(PeerError::code_used),
+        Keying::Chat(_) => after_go.await,
+    }
+}
+
+/// The candidates we offer: this host's addresses (unless the user said not
+/// to) and those the user added, with our fixed port.
+pub(crate) fn our_candidates(opts: &Options, port: u16) -> Vec<SocketAddr> {
+    let mut candidates = if opts.lan_candidates {
+        net::lan_candidates(port)
+    } else {
+        Vec::new()
+    };
+    for &extra in &opts.extra_candidates {
+        if !candidates.contains(&extra) {
+            candidates.push(extra);
+        }
+    }
+    candidates.truncate(MAX_CANDIDATES);
+    candidates
+}
+
+/// The punch, with the other side's candidates tried as soon as its sealed box
+/// arrives through the rendezvous (the public address is tried at once). A
+/// box that does not open with `secret` ends it: whoever joined holds another
+/// key ([`PeerError::BadCode`] on a first meeting, else
+/// [`PeerError::NotAuthenticated`]). No box (the server or the other side
+/// went away) only means no candidates besides the public address.
+pub(crate) async fn punch_with_their_candidates(
+    rendezvous: &mut client::Rendezvous,
+    go: &punchline_proto::Go,
+    params: &punch::PunchParams,
+    start: Instant,
+    secret: &secure::Secret,
+) -> Result<punch::Punched, PeerError> {
+    let (late_tx, late_rx) = oneshot::channel();
+    let punching = punch::punch(go, params, start, late_rx);
+    tokio::pin!(punching);
+    let opened = tokio::select! {
+        punched = &mut punching => return punched,
+        opened = rendezvous.receive_sealed() => opened,
+    };
+    match opened {
+        Ok(sealed) => match secret.open_candidates(go.role.other(), &go.session, &sealed) {
+            Some(theirs) => {
+                let _ = late_tx.send(theirs.candidates);
+            }
+            None if secret.is_code_key() => {
+                return Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into()))
+            }
+            None => {
+                return Err(PeerError::NotAuthenticated(
+                    "the other side's candidates were not sealed with this chat's secret".into(),
+                ))
+            }
+        },
+        Err(e) => tracing::debug!(error = %e, "no candidates from the other side"),
+    }
+    punching.await
+}

@@ -1,0 +1,224 @@
+//! Facts and failures in words: everything the peer tells its user about a
+//! link, the chat and how it ended is worded here, from data the other modules
+//! hand over.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use punchline_proto::session::{Failure, Session};
+use punchline_proto::Mapping;
+
+use crate::chat::ChatContext;
+use crate::error::PeerError;
+use crate::meet::{Met, Path};
+use crate::secure;
+
+/// The link of a meeting in a few words, for the status line.
+pub(crate) fn describe_link(met: &Met) -> String {
+    match &met.path {
+        Path::Direct {
+            remote,
+            kind,
+            attempts,
+            elapsed_ms,
+        } => format!(
+            "direct link to {remote} ({}), {elapsed_ms} ms after go, {attempts} attempt{}",
+            kind.describe(),
+            if *attempts == 1 { "" } else { "s" },
+        ),
+        Path::Relayed { why } => format!(
+            "relayed via the rendezvous (end-to-end encrypted; it sees only ciphertext): direct connection failed because {why}"
+        ),
+    }
+}
+
+/// What `/info` shows about this link.
+pub(crate) fn link_facts(met: &Met) -> Vec<(String, String)> {
+    let (path, addresses) = match (&met.path, met.link.addresses()) {
+        (
+            Path::Direct {
+                kind, elapsed_ms, ..
+            },
+            Some((local, remote)),
+        ) => (
+            format!(
+                "direct TCP link ({}), {elapsed_ms} ms to punch",
+                kind.describe()
+            ),
+            format!("{local} (here) <-> {remote} (there)"),
+        ),
+        (Path::Direct { remote, .. }, None) => ("direct TCP link".to_owned(), remote.to_string()),
+        (Path::Relayed { why }, _) => (
+            format!("relayed via the rendezvous (direct connection failed because {why})"),
+            "through the rendezvous; the other side's public address is below".to_owned(),
+        ),
+    };
+    vec![
+        ("path".to_owned(), path),
+        ("addresses".to_owned(), addresses),
+        (
+            "you".to_owned(),
+            format!(
+                "public address {}; {}",
+                met.observed,
+                describe_mapping(met.mapping, Some(met.local_port), met.observed)
+            ),
+        ),
+        (
+            "other side".to_owned(),
+            format!(
+                "public address {}; {}",
+                met.go.peer.observed,
+                describe_mapping(met.go.peer.mapping, None, met.go.peer.observed)
+            ),
+        ),
+        (
+            "encryption".to_owned(),
+            format!(
+                "{} (key from the code by SPAKE2 on the first link, from the chat's secret on later ones)",
+                secure::NOISE_PARAMS,
+            ),
+        ),
+    ]
+}
+
+/// A NAT's mapping in words, for `/info`: `local_port` is the port the host used
+/// (if known), `public` what the world saw.
+pub fn describe_mapping(mapping: Mapping, local_port: Option<u16>, public: SocketAddr) -> String {
+    let port = match local_port {
+        Some(p) if p == public.port() => ", local port kept",
+        Some(_) => ", local port changed",
+        None => "",
+    };
+    match mapping {
+        Mapping::Independent => format!("one public port for every destination{port}"),
+        Mapping::DependsOnDestination { first, second } => format!(
+            "a new public port per destination ({first}, then {second}): a \"symmetric\" NAT"
+        ),
+        Mapping::Unknown => "mapping not measured (the probe port did not answer)".to_owned(),
+    }
+}
+
+/// The line that tells the user the link is encrypted and which words to
+/// compare.
+pub fn confirmed(their_name: &str, words: &str) -> String {
+    format!(
+        "encrypted; code confirmed (to rule out an interception, compare with {their_name}: {words})"
+    )
+}
+
+/// The verification words, or that the chat has none.
+pub(crate) fn words(words: Option<&str>) -> String {
+    match words {
+        Some(words) => {
+            format!("verification: {words}  (the other side must see the same words)")
+        }
+        None => "verification: none for this chat".to_owned(),
+    }
+}
+
+/// What `/info` prints: the fixed facts, then the live numbers.
+pub(crate) fn info_lines(
+    link: &secure::SecureLink,
+    ctx: &ChatContext,
+    session: &Session,
+) -> Vec<String> {
+    let mut lines: Vec<String> = ctx
+        .facts
+        .iter()
+        .map(|(label, value)| format!("{label:<12} {value}"))
+        .collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let rtt = match (link.rtt(), session.rtt()) {
+        (Some(kernel), _) => format!("{:.1} ms (the kernel's estimate)", ms(kernel)),
+        (None, Some(chat)) => format!(
+            "{:.1} ms (the last line or keepalive and its acknowledgement)",
+            ms(chat)
+        ),
+        (None, None) => "not measured yet (after the first line or keepalive)".to_owned(),
+    };
+    lines.push(format!("{:<12} {rtt}", "rtt"));
+    let (sent, received) = link.bytes();
+    let stats = session.stats();
+    lines.push(format!(
+        "{:<12} {} lines and {sent} bytes sent, {} lines and {received} bytes received (encrypted, this link); {} awaiting acknowledgement",
+        "traffic", stats.sent, stats.received, session.unacked()
+    ));
+    lines.push(format!(
+        "{:<12} you are {}, the other side is {}",
+        "names", ctx.our_name, ctx.their_name
+    ));
+    lines.push(format!(
+        "{:<12} {}",
+        "verification",
+        ctx.words.as_deref().unwrap_or("none")
+    ));
+    lines
+}
+
+/// The warning shown when a later link fails authentication and one more try
+/// is made.
+pub(crate) fn auth_warning(why: &str, their_name: &str) -> String {
+    format!(
+        "warning: a new link failed authentication ({why}): someone who does not hold this \
+         chat's secret answered in {their_name}'s place — the rendezvous, or someone on the path to it, may \
+         be interfering. Nothing was sent to it. One more try; a second failure ends the chat."
+    )
+}
+
+/// The error that ends a chat whose later links failed authentication
+/// `failures` times.
+pub(crate) fn auth_fatal(why: &str, failures: u32, their_name: &str) -> PeerError {
+    PeerError::NotAuthenticated(format!(
+        "a new link failed authentication {failures} times ({why}): someone who does not \
+         hold this chat's secret keeps answering in {their_name}'s place — the rendezvous, or someone \
+         on the path to it, is interfering. The chat ends here; start a new one with a new \
+         code, and compare the /verify words"
+    ))
+}
+
+/// The error for a chat that ended with `failure`; `unacked` lines were not
+/// confirmed as delivered.
+pub(crate) fn failure(failure: Failure, their_name: &str, unacked: usize) -> PeerError {
+    let lost = |why: String| PeerError::LinkLost {
+        name: their_name.to_owned(),
+        why,
+    };
+    match failure {
+        f if f.is_protocol() => PeerError::Protocol(f.to_string()),
+        Failure::ByeUnanswered(d) => PeerError::Timeout(format!(
+            "{their_name} did not answer our goodbye within {} s: delivery of the last lines is not confirmed",
+            d.as_secs()
+        )),
+        Failure::LostWhileLeaving(why) => lost(why.to_string()),
+        f => undelivered(lost(f.to_string()), their_name, unacked),
+    }
+}
+
+/// `e`, with the count of lines the other side did not confirm.
+pub(crate) fn undelivered(e: PeerError, their_name: &str, unacked: usize) -> PeerError {
+    match unacked {
+        0 => e,
+        n => PeerError::LinkLost {
+            name: their_name.to_owned(),
+            why: format!(
+                "{e}; {n} line{} not confirmed as delivered",
+                if n == 1 { "" } else { "s" }
+            ),
+        },
+    }
+}
+
+/// The first sentence of a diagnosis, lower-cased at the start, for "because …".
+pub(crate) fn first_sentence(text: &str) -> String {
+    let first = text
+        .split_terminator(['.', '\n'])
+        .next()
+        .unwrap_or(text)
+        .trim();
+    let mut chars = first.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => "no candidate answered".to_owned(),
+    }
+}
