@@ -7,8 +7,27 @@
 //! punch fails, it can relay the pair's link, which stays end-to-end encrypted
 //! (it sees only ciphertext). Entry point: [`run`], which tests call on a listener bound
 //! to port 0.
+//!
+//! The modules, by what each owns:
+//! - [`server`]: the server. Its root holds the settings ([`Config`]), the
+//!   defaults and limits, the state the connections share, and [`run`]; below it:
+//!   - `server::accept`: the listening socket ([`bind_default`]), the accept loop,
+//!     the sweep that expires waiting peers;
+//!   - `server::admission`: the per-source limits, admitting or refusing a new
+//!     connection;
+//!   - `server::connection`: one connection's exchange (hello, pairing, the
+//!     synchronised go, the punch report) and its errors to the peer;
+//!   - `server::relay`: relaying a pair whose punch failed;
+//!   - `server::probe`: the probe port ([`run_probe`]) and the dial-back.
+//! - [`metrics`]: what the server counts ([`Metrics`]), the stats line, and in
+//!   `metrics::http` the endpoint that serves them ([`serve_metrics`]). A leaf: it
+//!   imports nothing of the server.
+//! - `reject`: why a connection is refused or ended ([`metrics::Reject`]): the
+//!   metrics label and the error code the peer is sent; the server and the metrics
+//!   both use it.
 
 pub mod metrics;
+mod reject;
 pub mod server;
 
 pub use metrics::{serve_metrics, Metrics};
