@@ -83,7 +83,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection to the rendezvous.
-pub struct Rendezvous {
+pub struct RendezvousConn {
     conn: Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>,
     /// The rendezvous address actually connected to.
     pub server: SocketAddr,
@@ -110,7 +110,7 @@ pub async fn resolve(server: &str) -> Result<Vec<SocketAddr>, PeerError> {
     }
 }
 
-impl Rendezvous {
+impl RendezvousConn {
     /// Connects to `server` (`HOST:PORT`) from local `port` (0: the OS picks one,
     /// which then stays ours).
     ///
@@ -138,7 +138,7 @@ impl Rendezvous {
                         .local_addr()
                         .map_err(|e| PeerError::io("reading the local port", e))?
                         .port();
-                    return Ok(Rendezvous {
+                    return Ok(RendezvousConn {
                         conn: Framed::new(stream, FrameCodec::new()),
                         server: addr,
                         local_port,
@@ -695,13 +695,13 @@ mod tests {
 
     /// A connected [`Rendezvous`] and the server's end of its connection.
     async fn connected() -> (
-        Rendezvous,
+        RendezvousConn,
         Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>,
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let addr = addr.to_string();
-        let (ours, theirs) = tokio::join!(Rendezvous::connect(&addr, 0), async {
+        let (ours, theirs) = tokio::join!(RendezvousConn::connect(&addr, 0), async {
             listener.accept().await.expect("accept").0
         });
         (

@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::time::timeout;
 
-use crate::client::Rendezvous;
+use crate::client::RendezvousConn;
 use crate::error::PeerError;
 use crate::{with_default_port, PROBE_PORT_OFFSET};
 
@@ -109,7 +109,7 @@ pub async fn examine(
     let v4 = addrs.iter().find(|a| a.is_ipv4()).copied();
     let first = v4.or_else(|| addrs.first().copied());
     let target = first.map_or(server_name.clone(), |a| a.to_string());
-    let mut rendezvous = Rendezvous::connect(&target, port).await?;
+    let mut rendezvous = RendezvousConn::connect(&target, port).await?;
     let local = rendezvous.local_addr()?;
     let public = rendezvous.reflect().await?;
     let probe_port =
@@ -174,7 +174,7 @@ pub async fn self_connect() -> Result<Duration, String> {
 async fn ipv6_check(server: SocketAddr) -> Ipv6Finding {
     match timeout(
         LOCAL_TEST_TIMEOUT,
-        Rendezvous::connect(&server.to_string(), 0),
+        RendezvousConn::connect(&server.to_string(), 0),
     )
     .await
     {

@@ -8,7 +8,7 @@
 //!    ([`meet`]).
 //! 3. Punch on all candidates at once; keep the one link both sides agree on
 //!    ([`punch`], socket helpers in [`net`]). If no link forms, ask the
-//!    rendezvous to relay instead ([`client::Rendezvous::relay`]).
+//!    rendezvous to relay instead ([`client::RendezvousConn::relay`]).
 //! 4. Confirm the code (or the chat's secret) and encrypt with Noise over the
 //!    link ([`secure`]).
 //! 5. Chat ([`chat`], the session driver): the chat itself — numbering,
@@ -78,7 +78,7 @@ pub struct Options {
     /// More addresses to offer (e.g. a port forwarded on the router).
     pub extra_candidates: Vec<SocketAddr>,
     /// How punch attempts are paced.
-    pub retry: punchline_proto::punch::RetryPolicy,
+    pub retry: punchline_proto::pacing::RetryPolicy,
     /// The rendezvous' probe port (default: its port + 1).
     pub probe_port: Option<u16>,
     /// Prefix shown lines with the local time.
@@ -158,7 +158,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
 
     // 1. Rendezvous, from the fixed port.
     let server = with_default_port(&opts.server);
-    let mut rendezvous = client::Rendezvous::connect(&server, opts.port).await?;
+    let mut rendezvous = client::RendezvousConn::connect(&server, opts.port).await?;
     let port = rendezvous.local_port;
     tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
     let code = match typed_code {

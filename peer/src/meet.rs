@@ -80,7 +80,7 @@ impl Met {
 /// chat's room and authenticate with its secret (the code is not used again).
 pub(crate) async fn meet(
     opts: &Options,
-    mut rendezvous: client::Rendezvous,
+    mut rendezvous: client::RendezvousConn,
     keying: Keying<'_>,
     status: &mut (dyn Output + Send),
 ) -> Result<Met, PeerError> {
@@ -267,7 +267,7 @@ pub(crate) fn our_candidates(opts: &Options, port: u16) -> Vec<SocketAddr> {
 /// [`PeerError::NotAuthenticated`]). No box (the server or the other side
 /// went away) only means no candidates besides the public address.
 pub(crate) async fn punch_with_their_candidates(
-    rendezvous: &mut client::Rendezvous,
+    rendezvous: &mut client::RendezvousConn,
     go: &punchline_proto::Go,
     params: &punch::PunchParams,
     start: Instant,

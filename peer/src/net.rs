@@ -66,7 +66,7 @@ pub fn own_addresses() -> Vec<IpAddr> {
 }
 
 /// What a link between the peers runs on: a direct TCP connection (punched), or
-/// a byte stream relayed through the rendezvous ([`crate::client::Rendezvous::relay`]).
+/// a byte stream relayed through the rendezvous ([`crate::client::RendezvousConn::relay`]).
 /// Both carry the same frames, encrypted end to end.
 pub enum LinkStream {
     /// A direct TCP connection.

@@ -3,7 +3,7 @@
 //! 1. Candidates: the other's observed (public) address first, then its LAN
 //!    addresses (two hosts behind the same NAT meet there; most NATs do not hairpin).
 //! 2. One task per candidate connects from our fixed port and retries on refusal,
-//!    silence or a busy 4-tuple, with the cadence of [`punchline_proto::punch`],
+//!    silence or a busy 4-tuple, with the cadence of [`punchline_proto::pacing`],
 //!    until the deadline. Our SYN opens our NAT for the other's SYN; when the two
 //!    cross, both sockets, still in SYN_SENT, complete the handshake.
 //! 3. On a connected socket both ends send a link hello and check the other's
@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
-use punchline_proto::punch::{AttemptFailure, Pacer, RetryPolicy, ATTEMPT_TIMEOUT};
+use punchline_proto::pacing::{AttemptFailure, Pacer, RetryPolicy, ATTEMPT_TIMEOUT};
 use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken, MAX_CANDIDATES};
 use socket2::{SockFilter, SockRef};
 use tokio::net::TcpStream;
@@ -404,7 +404,7 @@ impl Candidate {
 /// Connects to one candidate from the fixed port until a verified link, a proof
 /// that the candidate is the wrong host, the end of its attempt budget, or the
 /// deadline. Attempts are paced by a [`Pacer`]: at least
-/// [`punchline_proto::punch::ATTEMPT_FLOOR`] plus a random jitter between the
+/// [`punchline_proto::pacing::ATTEMPT_FLOOR`] plus a random jitter between the
 /// starts of two attempts, however fast the far end resets.
 async fn try_candidate(c: Candidate) {
     let mut pacer = Pacer::new(c.policy);
@@ -472,7 +472,7 @@ async fn try_candidate(c: Candidate) {
 }
 
 /// One connection attempt from the fixed port. With `hold` (a near candidate,
-/// see [`punchline_proto::punch::NEAR_HOLD`]) the socket ignores resets and
+/// see [`punchline_proto::pacing::NEAR_HOLD`]) the socket ignores resets and
 /// stays in SYN_SENT for `hold`, waiting for the other's SYN.
 async fn connect_once(
     c: &Candidate,
@@ -851,7 +851,7 @@ mod tests {
     /// then one per hold.
     #[tokio::test]
     async fn a_resetting_target_gets_a_bounded_number_of_attempts() {
-        use punchline_proto::punch::{ATTEMPT_FLOOR, MAX_ATTEMPTS, NEAR_HOLD};
+        use punchline_proto::pacing::{ATTEMPT_FLOOR, MAX_ATTEMPTS, NEAR_HOLD};
         let target = closed_port();
         let g = go(&target.to_string());
         let deadline = Duration::from_secs(2);

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::punch::PUNCH_DEADLINE;
+use crate::pacing::PUNCH_DEADLINE;
 
 /// Port of the rendezvous (TCP) when the user names none.
 pub const DEFAULT_PORT: u16 = 7425;

@@ -6,7 +6,7 @@
 //! protocol version and the named limits. It also holds the
 //! pure state machines the rendezvous and the peer drive: the pairing table
 //! ([`pairing`]), the per-address limits ([`limits`]), the synchronised-go timing ([`timing`]), the punch retry cadence
-//! ([`punch`]), the check that a punched link reaches the expected peer
+//! ([`pacing`]), the check that a punched link reaches the expected peer
 //! ([`link`]) and the chat session over its links ([`session`]: numbering,
 //! acknowledgement, keepalive, dead links, resume, goodbye, the switch to direct). Time is always passed in, so all of it is tested without sockets.
 
@@ -17,8 +17,8 @@ pub mod fuzzing;
 pub mod limits;
 pub mod link;
 pub mod message;
+pub mod pacing;
 pub mod pairing;
-pub mod punch;
 pub mod session;
 pub mod timing;
 

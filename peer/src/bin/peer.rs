@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use punchline_peer::ui::sanitize_lines;
 use punchline_peer::{default_name, run, ChatEnd, Mode, Options};
-use punchline_proto::punch::RetryPolicy;
+use punchline_proto::pacing::RetryPolicy;
 
 /// Chat directly with another host, even when both are behind NATs.
 ///
@@ -48,7 +48,7 @@ struct Args {
     name: Option<String>,
 
     /// Seconds to keep trying to connect directly before giving up
-    #[arg(long, value_name = "SECS", default_value_t = punchline_proto::punch::PUNCH_DEADLINE.as_secs())]
+    #[arg(long, value_name = "SECS", default_value_t = punchline_proto::pacing::PUNCH_DEADLINE.as_secs())]
     punch_timeout: u64,
 
     /// Do not tell the other side this host's own (LAN) addresses; you can then
