@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use punchline_proto::{CodecError, ErrorCode};
 
+use crate::punch::PunchFailure;
+
 /// Everything that can end a chat session early.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -65,17 +67,15 @@ pub enum PeerError {
         /// The error.
         source: io::Error,
     },
-    /// No direct link could be made before the deadline.
-    #[error("no direct connection to {name} ({attempts} attempts in {secs:.1} s).\n{diagnosis}")]
+    /// No direct link could be made before the deadline (and no relay).
+    #[error("{}", crate::render::punch_failed(.name, .failure, .relay_refused.as_deref()))]
     PunchFailed {
         /// The other peer's name.
         name: String,
-        /// Attempts made on all candidates.
-        attempts: u32,
-        /// Time spent, in seconds.
-        secs: f64,
-        /// The likely cause, in words.
-        diagnosis: String,
+        /// What was tried and what happened.
+        failure: Box<PunchFailure>,
+        /// Why the rendezvous did not relay instead, if it was asked.
+        relay_refused: Option<Box<PeerError>>,
     },
     /// The link to the other peer broke.
     #[error("connection to {name} lost: {why}")]

@@ -170,27 +170,21 @@ pub(crate) async fn meet(
         };
         let punched = match punched {
             Ok(p) => p,
-            Err(PeerError::PunchFailed {
-                name,
-                attempts,
-                secs,
-                diagnosis,
-            }) if opts.relay => {
-                let stream = match rendezvous.relay(attempts).await {
+            Err(PeerError::PunchFailed { name, failure, .. }) if opts.relay => {
+                let stream = match rendezvous.relay(failure.attempts).await {
                     Ok(stream) => stream,
                     Err(refused) => {
                         return Err(PeerError::PunchFailed {
                             name,
-                            attempts,
-                            secs,
-                            diagnosis: format!("{diagnosis}\nNo relay either: {refused}."),
+                            failure,
+                            relay_refused: Some(Box::new(refused)),
                         })
                     }
                 };
                 let link =
                     tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
                 let link = secure::SecureLink::handshake(link, go.role, &secret, &ours).await?;
-                let why = crate::render::first_sentence(&diagnosis);
+                let why = crate::render::punch_cause(&failure);
                 tracing::info!("relayed and encrypted");
                 return Ok(Met {
                     observed,
@@ -204,7 +198,7 @@ pub(crate) async fn meet(
             }
             Err(e) => {
                 let attempts = match &e {
-                    PeerError::PunchFailed { attempts, .. } => *attempts,
+                    PeerError::PunchFailed { failure, .. } => failure.attempts,
                     _ => 0,
                 };
                 rendezvous.finish(PunchOutcome::Failed { attempts }).await;

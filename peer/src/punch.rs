@@ -191,13 +191,52 @@ pub fn add_candidates(
 
 /// What happened on one candidate, for the diagnosis when everything fails.
 #[derive(Debug, Default, Clone)]
-struct Tally {
-    attempts: u32,
-    refused: u32,
-    no_answer: u32,
-    other: u32,
-    rejected: Option<LinkRejected>,
-    last_error: Option<String>,
+pub struct Tally {
+    /// Connection attempts made.
+    pub attempts: u32,
+    /// Attempts answered with a reset.
+    pub refused: u32,
+    /// Attempts that got no answer in time.
+    pub no_answer: u32,
+    /// Attempts that failed otherwise.
+    pub other: u32,
+    /// A link that formed but did not reach the expected peer, and why.
+    pub rejected: Option<LinkRejected>,
+    /// The last error other than a reset or silence, in the system's words.
+    pub last_error: Option<String>,
+}
+
+/// One candidate tried, and what happened on it.
+#[derive(Debug, Clone)]
+pub struct Tried {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Where it came from.
+    pub kind: CandidateKind,
+    /// What happened.
+    pub tally: Tally,
+}
+
+/// Why no direct link formed: what the two sides' NATs showed and what
+/// happened on every candidate. Worded by [`crate::render::punch_diagnosis`].
+#[derive(Debug, Clone)]
+pub struct PunchFailure {
+    /// Attempts on all candidates.
+    pub attempts: u32,
+    /// From the go to the end of the punch.
+    pub elapsed: Duration,
+    /// Our fixed local port.
+    pub local_port: u16,
+    /// Our public address, as the rendezvous saw it.
+    pub our_observed: SocketAddr,
+    /// Our NAT's mapping, as measured.
+    pub our_mapping: Mapping,
+    /// The other side's public address.
+    pub their_observed: SocketAddr,
+    /// The other side's NAT's mapping, as measured.
+    pub their_mapping: Mapping,
+    /// Every candidate tried.
+    pub tried: Vec<Tried>,
 }
 
 /// Every candidate tried so far, with what happened on it.
@@ -302,9 +341,8 @@ pub async fn punch(
         }),
         None => Err(PeerError::PunchFailed {
             name: THE_OTHER_SIDE.to_owned(),
-            attempts,
-            secs: start.elapsed().as_secs_f64(),
-            diagnosis: diagnose(go, params, &tried),
+            failure: Box::new(failure(go, params, start.elapsed(), tried)),
+            relay_refused: None,
         }),
     }
 }
@@ -565,90 +603,26 @@ async fn verify(stream: TcpStream, session: &SessionToken, role: Role) -> Result
     }
 }
 
-/// The likely reason no candidate worked, in words.
-fn diagnose(go: &Go, params: &PunchParams, tried: &[(SocketAddr, CandidateKind, Tally)]) -> String {
-    let mut lines = Vec::new();
-    if let Mapping::DependsOnDestination { first, second } = params.our_mapping {
-        lines.push(format!(
-            "This side's NAT gives each destination its own public port (the rendezvous saw \
-             {first} on one port and {second} on another): a \"symmetric\" NAT. The other side \
-             was told a port our connection attempts do not come from, so a direct connection \
-             cannot be punched. Try from another network, or forward a port on your router and \
-             offer it with --candidate."
-        ));
+/// The facts of a punch that found no link.
+fn failure(
+    go: &Go,
+    params: &PunchParams,
+    elapsed: Duration,
+    tried: Vec<(SocketAddr, CandidateKind, Tally)>,
+) -> PunchFailure {
+    PunchFailure {
+        attempts: tried.iter().map(|(_, _, t)| t.attempts).sum(),
+        elapsed,
+        local_port: params.local_port,
+        our_observed: params.our_observed,
+        our_mapping: params.our_mapping,
+        their_observed: go.peer.observed,
+        their_mapping: go.peer.mapping,
+        tried: tried
+            .into_iter()
+            .map(|(addr, kind, tally)| Tried { addr, kind, tally })
+            .collect(),
     }
-    if let Mapping::DependsOnDestination { first, second } = go.peer.mapping {
-        lines.push(format!(
-            "The other side's NAT gives each destination its own public port (the rendezvous saw \
-             {first} on one port and {second} on another): a \"symmetric\" NAT. Our attempts \
-             would go to a port it never opened for us, so a direct connection cannot be punched."
-        ));
-    }
-    if !lines.is_empty() {
-        // The cause is known; only the LAN candidates were tried.
-        let lan: Vec<String> = tried.iter().map(|(a, _, _)| a.to_string()).collect();
-        if lan.is_empty() {
-            lines.push(
-                "The other side offered no LAN address this host could try, so it cannot be on a network shared with this one."
-                    .to_owned(),
-            );
-        } else {
-            lines.push(format!(
-                "The other side's LAN addresses ({}) did not answer either: it is not on a network shared with this one.",
-                lan.join(", ")
-            ));
-        }
-        return lines.join("\n");
-    }
-    let their_local_port = tried
-        .iter()
-        .find(|(_, kind, _)| *kind == CandidateKind::Lan)
-        .map(|(a, _, _)| a.port());
-    if let (Some(local), Mapping::Unknown) = (their_local_port, go.peer.mapping) {
-        if local != go.peer.observed.port() {
-            lines.push(format!(
-                "The other side's NAT changed its port (local {local}, public {}). If that NAT \
-                 picks a new port for every destination (a \"symmetric\" NAT), our attempts \
-                 went to a port it never opened for us, and a direct link cannot be punched.",
-                go.peer.observed.port()
-            ));
-        }
-    }
-    if params.our_mapping == Mapping::Unknown && params.our_observed.port() != params.local_port {
-        lines.push(format!(
-            "This side's NAT changed our port (local {}, public {}). If it picks a new port \
-             for every destination (a \"symmetric\" NAT), the other side aimed at the wrong port.",
-            params.local_port,
-            params.our_observed.port()
-        ));
-    }
-    let refused: u32 = tried.iter().map(|(_, _, t)| t.refused).sum();
-    let no_answer: u32 = tried.iter().map(|(_, _, t)| t.no_answer).sum();
-    if refused > 0 && refused >= no_answer {
-        lines.push(
-            "Most attempts were refused (a reset came back): the other side's NAT or firewall \
-             rejects connections it did not expect, and the two sides' attempts never crossed. \
-             Check that the other side is still running."
-                .to_owned(),
-        );
-    } else if no_answer > 0 {
-        lines.push(
-            "Most attempts got no answer: a NAT or firewall on the way drops connections it did \
-             not expect, and the two sides' attempts never crossed."
-                .to_owned(),
-        );
-    }
-    for (addr, _, t) in tried {
-        if let Some(r) = &t.rejected {
-            lines.push(format!("{addr}: {r}."));
-        } else if let Some(e) = &t.last_error {
-            lines.push(format!("{addr}: {e}."));
-        }
-    }
-    if lines.is_empty() {
-        lines.push("The cause is unknown: run with RUST_LOG=debug for details.".to_owned());
-    }
-    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -769,7 +743,7 @@ mod tests {
                 ..Tally::default()
             },
         );
-        let d = diagnose(&g, &params, &t);
+        let d = crate::render::punch_diagnosis(&failure(&g, &params, Duration::ZERO, t));
         assert!(d.contains("symmetric"), "{d}");
         assert!(d.contains("local 4000, public 61234"), "{d}");
         assert!(d.contains("no answer"), "{d}");
@@ -790,7 +764,7 @@ mod tests {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
         };
-        let d = diagnose(&g, &params, &[]);
+        let d = crate::render::punch_diagnosis(&failure(&g, &params, Duration::ZERO, Vec::new()));
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
         assert!(d.contains("offered no LAN address"), "{d}");
         assert!(!d.contains("This side"), "{d}");
@@ -816,7 +790,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
         let started = Instant::now();
-        let Err(PeerError::PunchFailed { diagnosis, .. }) = punch(&g, &params, started, rx).await
+        let Err(PeerError::PunchFailed { failure, .. }) = punch(&g, &params, started, rx).await
         else {
             panic!("a punch with no candidate succeeded");
         };
@@ -824,6 +798,7 @@ mod tests {
             started.elapsed() < LAN_ONLY_DEADLINE,
             "it waited for the deadline"
         );
+        let diagnosis = crate::render::punch_diagnosis(&failure);
         assert!(diagnosis.contains("symmetric"), "{diagnosis}");
         // The late candidates never come (the other side sent no box): the
         // deadline ends it.
@@ -834,7 +809,9 @@ mod tests {
 
     fn refused(r: Result<Punched, PeerError>) -> (u32, f64) {
         match r {
-            Err(PeerError::PunchFailed { attempts, secs, .. }) => (attempts, secs),
+            Err(PeerError::PunchFailed { failure, .. }) => {
+                (failure.attempts, failure.elapsed.as_secs_f64())
+            }
             Err(e) => panic!("unexpected error: {e}"),
             Ok(p) => panic!("punched {}", p.remote),
         }

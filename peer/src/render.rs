@@ -11,6 +11,7 @@ use punchline_proto::Mapping;
 use crate::chat::ChatContext;
 use crate::error::PeerError;
 use crate::meet::{Met, Path};
+use crate::punch::{CandidateKind, PunchFailure};
 use crate::secure;
 
 /// The link of a meeting in a few words, for the status line.
@@ -221,4 +222,111 @@ pub(crate) fn first_sentence(text: &str) -> String {
         Some(c) => c.to_lowercase().chain(chars).collect(),
         None => "no candidate answered".to_owned(),
     }
+}
+
+/// A punch that found no link (and, if asked, no relay either), for the user.
+pub fn punch_failed(name: &str, f: &PunchFailure, relay_refused: Option<&PeerError>) -> String {
+    let mut text = format!(
+        "no direct connection to {name} ({} attempts in {:.1} s).\n{}",
+        f.attempts,
+        f.elapsed.as_secs_f64(),
+        punch_diagnosis(f)
+    );
+    if let Some(refused) = relay_refused {
+        text.push_str(&format!("\nNo relay either: {refused}."));
+    }
+    text
+}
+
+/// Why a punch failed, in a few words, for "… because {cause}".
+pub(crate) fn punch_cause(f: &PunchFailure) -> String {
+    first_sentence(&punch_diagnosis(f))
+}
+
+/// The likely reason no candidate of a punch worked, in words: one sentence
+/// or more per line.
+pub fn punch_diagnosis(f: &PunchFailure) -> String {
+    let mut lines = Vec::new();
+    if let Mapping::DependsOnDestination { first, second } = f.our_mapping {
+        lines.push(format!(
+            "This side's NAT gives each destination its own public port (the rendezvous saw \
+             {first} on one port and {second} on another): a \"symmetric\" NAT. The other side \
+             was told a port our connection attempts do not come from, so a direct connection \
+             cannot be punched. Try from another network, or forward a port on your router and \
+             offer it with --candidate."
+        ));
+    }
+    if let Mapping::DependsOnDestination { first, second } = f.their_mapping {
+        lines.push(format!(
+            "The other side's NAT gives each destination its own public port (the rendezvous saw \
+             {first} on one port and {second} on another): a \"symmetric\" NAT. Our attempts \
+             would go to a port it never opened for us, so a direct connection cannot be punched."
+        ));
+    }
+    if !lines.is_empty() {
+        // The cause is known; only the LAN candidates were tried.
+        let lan: Vec<String> = f.tried.iter().map(|t| t.addr.to_string()).collect();
+        if lan.is_empty() {
+            lines.push(
+                "The other side offered no LAN address this host could try, so it cannot be on a network shared with this one."
+                    .to_owned(),
+            );
+        } else {
+            lines.push(format!(
+                "The other side's LAN addresses ({}) did not answer either: it is not on a network shared with this one.",
+                lan.join(", ")
+            ));
+        }
+        return lines.join("\n");
+    }
+    let their_local_port = f
+        .tried
+        .iter()
+        .find(|t| t.kind == CandidateKind::Lan)
+        .map(|t| t.addr.port());
+    if let (Some(local), Mapping::Unknown) = (their_local_port, f.their_mapping) {
+        if local != f.their_observed.port() {
+            lines.push(format!(
+                "The other side's NAT changed its port (local {local}, public {}). If that NAT \
+                 picks a new port for every destination (a \"symmetric\" NAT), our attempts \
+                 went to a port it never opened for us, and a direct link cannot be punched.",
+                f.their_observed.port()
+            ));
+        }
+    }
+    if f.our_mapping == Mapping::Unknown && f.our_observed.port() != f.local_port {
+        lines.push(format!(
+            "This side's NAT changed our port (local {}, public {}). If it picks a new port \
+             for every destination (a \"symmetric\" NAT), the other side aimed at the wrong port.",
+            f.local_port,
+            f.our_observed.port()
+        ));
+    }
+    let refused: u32 = f.tried.iter().map(|t| t.tally.refused).sum();
+    let no_answer: u32 = f.tried.iter().map(|t| t.tally.no_answer).sum();
+    if refused > 0 && refused >= no_answer {
+        lines.push(
+            "Most attempts were refused (a reset came back): the other side's NAT or firewall \
+             rejects connections it did not expect, and the two sides' attempts never crossed. \
+             Check that the other side is still running."
+                .to_owned(),
+        );
+    } else if no_answer > 0 {
+        lines.push(
+            "Most attempts got no answer: a NAT or firewall on the way drops connections it did \
+             not expect, and the two sides' attempts never crossed."
+                .to_owned(),
+        );
+    }
+    for t in &f.tried {
+        if let Some(r) = &t.tally.rejected {
+            lines.push(format!("{}: {r}.", t.addr));
+        } else if let Some(e) = &t.tally.last_error {
+            lines.push(format!("{}: {e}.", t.addr));
+        }
+    }
+    if lines.is_empty() {
+        lines.push("The cause is unknown: run with RUST_LOG=debug for details.".to_owned());
+    }
+    lines.join("\n")
 }
