@@ -116,6 +116,22 @@ pub fn default_name() -> String {
     }
 }
 
+/// A punch deadline the rendezvous can wait for: at least a second, at most
+/// [`MAX_PUNCH_DEADLINE`](punchline_proto::defaults::MAX_PUNCH_DEADLINE) (after
+/// a longer one, the rendezvous would have closed the connection the peer
+/// needs to report or to ask for a relay).
+pub fn check_punch_timeout(deadline: Duration) -> Result<(), PeerError> {
+    let max = punchline_proto::defaults::MAX_PUNCH_DEADLINE;
+    if deadline < Duration::from_secs(1) || deadline > max {
+        return Err(PeerError::Usage(format!(
+            "--punch-timeout must be 1 to {} seconds (the rendezvous waits {} s for the outcome of a punch)",
+            max.as_secs(),
+            punchline_proto::defaults::REPORT_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(())
+}
+
 /// `HOST:PORT` from what the user typed, adding [`DEFAULT_SERVER_PORT`] when no
 /// port is given (`example.org`, `192.0.2.1`, `2001:db8::1`, `[2001:db8::1]`).
 pub fn with_default_port(server: &str) -> String {
@@ -153,6 +169,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         )));
     }
     validate_name(&opts.name).map_err(|e| PeerError::Usage(e.to_string()))?;
+    check_punch_timeout(opts.punch_timeout)?;
     let mut status = ui::StderrStatus;
     use chat::Output as _;
 
@@ -252,6 +269,23 @@ mod tests {
         assert_eq!(with_default_port("2001:db8::1"), "[2001:db8::1]:7425");
         assert_eq!(with_default_port("[2001:db8::1]"), "[2001:db8::1]:7425");
         assert_eq!(with_default_port("[2001:db8::1]:5"), "[2001:db8::1]:5");
+    }
+
+    #[test]
+    fn punch_timeouts_past_the_servers_wait_are_refused() {
+        use punchline_proto::defaults::{MAX_PUNCH_DEADLINE, REPORT_TIMEOUT};
+        assert!(check_punch_timeout(punchline_proto::pacing::PUNCH_DEADLINE).is_ok());
+        assert!(check_punch_timeout(MAX_PUNCH_DEADLINE).is_ok());
+        for bad in [
+            Duration::ZERO,
+            MAX_PUNCH_DEADLINE + Duration::from_secs(1),
+            REPORT_TIMEOUT,
+        ] {
+            let Err(PeerError::Usage(text)) = check_punch_timeout(bad) else {
+                panic!("{bad:?} accepted");
+            };
+            assert!(text.contains("1 to 30 seconds"), "{text}");
+        }
     }
 
     #[test]

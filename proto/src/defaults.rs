@@ -34,6 +34,12 @@ pub const WAIT_SILENCE_TIMEOUT: Duration = Duration::from_millis(35_000);
 /// the link checks and the follower's grace that may follow it.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest punch a peer may be told to make (`--punch-timeout`): the
+/// rendezvous keeps a paired connection open for [`REPORT_TIMEOUT`], and after
+/// the punch the peer still needs that connection to report, or to ask for a
+/// relay (link checks and the follower's grace come first: seconds).
+pub const MAX_PUNCH_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A chat side that has sent nothing for this long sends a keepalive, which the
 /// other answers at once. Home routers forget idle TCP mappings after minutes at
 /// the earliest (some after 30 s of a half-open looking flow); traffic every 25 s
@@ -58,6 +64,9 @@ const _: () = {
     // The server must wait for the report past the punch's default deadline and
     // what may follow it (link checks, the follower's grace: seconds).
     assert!(REPORT_TIMEOUT.as_millis() >= PUNCH_DEADLINE.as_millis() + 30_000);
+    // The longest punch a user may ask for leaves the same room.
+    assert!(REPORT_TIMEOUT.as_millis() >= MAX_PUNCH_DEADLINE.as_millis() + 30_000);
+    assert!(PUNCH_DEADLINE.as_millis() <= MAX_PUNCH_DEADLINE.as_millis());
     // A quiet but live relayed chat is never taken for a dead one: two
     // keepalive rounds and their acknowledgement fit in the relay's idle time.
     assert!(

@@ -47,7 +47,8 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
-    /// Seconds to keep trying to connect directly before giving up
+    /// Seconds to keep trying to connect directly before giving up (1 to 30:
+    /// the rendezvous waits 60 s for the outcome)
     #[arg(long, value_name = "SECS", default_value_t = punchline_proto::pacing::PUNCH_DEADLINE.as_secs())]
     punch_timeout: u64,
 
