@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use punchline_proto::defaults::PROBE_PORT_OFFSET;
 use punchline_proto::{
     sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
     PeerToServer, PunchOutcome, ServerToPeer, MAX_RELAY_CHUNK,
@@ -89,6 +90,8 @@ pub struct RendezvousConn {
     pub server: SocketAddr,
     /// Our fixed local port.
     pub local_port: u16,
+    /// The probe started beside the connection ([`RendezvousConn::connect_probing`]).
+    probe: Option<Probe>,
     /// Whether the server has answered once with a message of the protocol
     /// (until then, it may be some other program).
     answered: bool,
@@ -110,6 +113,32 @@ pub async fn resolve(server: &str) -> Result<Vec<SocketAddr>, PeerError> {
     }
 }
 
+/// A probe running beside the connection; dropping it stops it.
+struct Probe(tokio::task::JoinHandle<Option<SocketAddr>>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Connects from local `port` to the probe port at `addr`, which answers with
+/// the address it saw. `None` if it does not answer in time.
+async fn probe(addr: SocketAddr, port: u16) -> Option<SocketAddr> {
+    let ask = async {
+        let socket = fixed_port_socket(addr, port).ok()?;
+        let stream = socket.connect(addr).await.ok()?;
+        let mut conn = Framed::new(stream, FrameCodec::<ServerToPeer, PeerToServer>::new());
+        match conn.next().await {
+            Some(Ok(ServerToPeer::Observed { observed })) => Some(observed),
+            _ => None,
+        }
+    };
+    let seen = timeout(PROBE_TIMEOUT, ask).await.ok().flatten();
+    tracing::debug!(%addr, ?seen, "probe");
+    seen
+}
+
 impl RendezvousConn {
     /// Connects to `server` (`HOST:PORT`) from local `port` (0: the OS picks one,
     /// which then stays ours).
@@ -117,6 +146,30 @@ impl RendezvousConn {
     /// A `port` that another program holds (without sharing it) is reported as
     /// [`PeerError::PortInUse`], not as an unreachable server.
     pub async fn connect(server: &str, port: u16) -> Result<Self, PeerError> {
+        Self::open(server, port, None).await
+    }
+
+    /// [`RendezvousConn::connect`], with the probe of our NAT's mapping
+    /// ([`RendezvousConn::probe`]) to the server's probe port (its port plus
+    /// [`PROBE_PORT_OFFSET`] unless `probe_port` says otherwise) started at the
+    /// same moment from the same port, instead of after: the hello waits for
+    /// whichever of the two answers last, not for both in turn (a round trip to
+    /// the server saved). [`RendezvousConn::probed`] gives its result.
+    pub async fn connect_probing(
+        server: &str,
+        port: u16,
+        probe_port: Option<u16>,
+    ) -> Result<Self, PeerError> {
+        Self::open(server, port, Some(probe_port)).await
+    }
+
+    /// Connects, probing if `probe` says so (`Some(None)`: the default probe
+    /// port).
+    async fn open(
+        server: &str,
+        port: u16,
+        probe_port: Option<Option<u16>>,
+    ) -> Result<Self, PeerError> {
         let addrs = resolve(server).await?;
         let mut tried = Vec::new();
         // Addresses for which binding the port failed because it is taken.
@@ -132,6 +185,17 @@ impl RendezvousConn {
                     continue;
                 }
             };
+            // The port is bound now (the system's choice, if 0): the probe
+            // can go from it beside the connection.
+            let probe = match (probe_port, socket.local_addr()) {
+                (Some(probe_port), Ok(local)) => {
+                    let probe_port =
+                        probe_port.unwrap_or_else(|| addr.port().wrapping_add(PROBE_PORT_OFFSET));
+                    let target = SocketAddr::new(addr.ip(), probe_port);
+                    Some(Probe(tokio::spawn(probe(target, local.port()))))
+                }
+                _ => None,
+            };
             match timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let local_port = stream
@@ -143,6 +207,7 @@ impl RendezvousConn {
                         server: addr,
                         local_port,
                         answered: false,
+                        probe,
                     });
                 }
                 Ok(Err(e)) => tried.push((addr, e)),
@@ -181,19 +246,20 @@ impl RendezvousConn {
     /// Connects from our fixed port to the rendezvous' probe port, which answers
     /// with the address it saw. `None` if it does not answer in time.
     pub async fn probe(&self, probe_port: u16) -> Option<SocketAddr> {
-        let addr = SocketAddr::new(self.server.ip(), probe_port);
-        let ask = async {
-            let socket = fixed_port_socket(addr, self.local_port).ok()?;
-            let stream = socket.connect(addr).await.ok()?;
-            let mut conn = Framed::new(stream, FrameCodec::<ServerToPeer, PeerToServer>::new());
-            match conn.next().await {
-                Some(Ok(ServerToPeer::Observed { observed })) => Some(observed),
-                _ => None,
-            }
-        };
-        let seen = timeout(PROBE_TIMEOUT, ask).await.ok().flatten();
-        tracing::debug!(%addr, ?seen, "probe");
-        seen
+        probe(
+            SocketAddr::new(self.server.ip(), probe_port),
+            self.local_port,
+        )
+        .await
+    }
+
+    /// The probe's answer: the one started with the connection, or (if none
+    /// was) a probe to `probe_port` now.
+    pub async fn probed(&mut self, probe_port: u16) -> Option<SocketAddr> {
+        match self.probe.take() {
+            Some(mut started) => (&mut started.0).await.ok().flatten(),
+            None => self.probe(probe_port).await,
+        }
     }
 
     /// Asks for a free nameplate for a new code.

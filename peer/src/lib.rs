@@ -175,7 +175,8 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
 
     // 1. Rendezvous, from the fixed port.
     let server = with_default_port(&opts.server);
-    let mut rendezvous = client::RendezvousConn::connect(&server, opts.port).await?;
+    let mut rendezvous =
+        client::RendezvousConn::connect_probing(&server, opts.port, opts.probe_port).await?;
     let port = rendezvous.local_port;
     tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
     let code = match typed_code {

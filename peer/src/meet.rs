@@ -88,7 +88,7 @@ pub(crate) async fn meet(
     let probe_port = opts
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
-    let probe_observed = rendezvous.probe(probe_port).await;
+    let probe_observed = rendezvous.probed(probe_port).await;
     let (exchange, hello) = match keying {
         Keying::Code(code) => {
             let exchange = secure::KeyExchange::start(code);
