@@ -27,13 +27,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use futures::{SinkExt, StreamExt};
-use punchline_proto::{FrameCodec, Hello, PeerToServer, ServerToPeer, PROTOCOL_VERSION};
+use punchline_proto::{PeerToServer, ServerToPeer};
+use punchline_testkit::{connect_from, hello, http_get, sample, Client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use tokio_util::codec::Framed;
 
 /// Load benchmark of the punchline rendezvous (see `bench/load.md`).
 #[derive(Parser, Debug)]
@@ -135,7 +134,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let server_cpu = server.cpu_seconds();
     let scraped = server.scrape().await?;
     drop(server);
-    let counted = metric(&scraped, "punchline_pairs_total").unwrap_or(-1.0);
+    let counted = sample(&scraped, "punchline_pairs_total").unwrap_or(-1.0);
     let rejected: f64 = scraped
         .lines()
         .filter(|l| l.starts_with("punchline_rejects_total"))
@@ -297,12 +296,7 @@ impl Server {
     /// The server's /metrics page.
     async fn scrape(&self) -> anyhow::Result<String> {
         let addr = self.metrics.context("no metrics endpoint")?;
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
-            .await?;
-        let mut page = String::new();
-        timeout(STEP_TIMEOUT, s.read_to_string(&mut page)).await??;
-        Ok(page)
+        Ok(http_get(addr, "/metrics", STEP_TIMEOUT).await?)
     }
 }
 
@@ -311,11 +305,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The sink: accept, read until the client closes, close.
@@ -333,36 +322,6 @@ async fn sink() -> anyhow::Result<()> {
             }
         });
     }
-}
-
-/// A TCP connection from `source` (any port) to `server`.
-///
-/// The port is left to `connect()` (`IP_BIND_ADDRESS_NO_PORT`): a plain bind to
-/// port 0 must find a port no socket holds, TIME_WAIT ones included, and after a
-/// few seconds at tens of thousands of connections a second that search costs
-/// more than the connection. Chosen at connect, the port need only make the
-/// 4-tuple unique.
-async fn connect_from(source: Ipv4Addr, server: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::fd::AsRawFd;
-    let socket = TcpSocket::new_v4()?;
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket descriptor and a c_int option value of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    socket.bind(SocketAddr::from((source, 0)))?;
-    let stream = socket.connect(server).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 /// Counted events of a rate phase, with their latencies.
@@ -433,7 +392,7 @@ async fn connect_close_rate(
         let source = sources[w % sources.len()];
         async move {
             let t = Instant::now();
-            let mut s = connect_from(source, server).await?;
+            let mut s = connect_from(source.into(), server).await?;
             s.shutdown().await?;
             let mut buf = [0u8; 16];
             while s.read(&mut buf).await? > 0 {}
@@ -443,39 +402,24 @@ async fn connect_close_rate(
     .await
 }
 
-type Client = Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>;
-
 /// Connects from `source` and says hello under `nameplate`; returns after the
 /// welcome.
 async fn say_hello(source: Ipv4Addr, server: SocketAddr, nameplate: u64) -> anyhow::Result<Client> {
-    let stream = connect_from(source, server).await?;
-    let mut c = Framed::new(stream, FrameCodec::new());
-    c.send(PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        nameplate: nameplate.to_string(),
-        probe_observed: None,
-        pake: vec![0; 33],
-        resume: None,
-    }))
-    .await?;
+    let mut c = Client::new(connect_from(source.into(), server).await?);
+    c.try_send(PeerToServer::Hello(hello(&nameplate.to_string(), &[0; 33])))
+        .await?;
     match next_message(&mut c).await? {
         ServerToPeer::Welcome { .. } => Ok(c),
         other => bail!("expected a welcome, got {other:?}"),
     }
 }
 
-/// The next message that is not a ping; pings are answered.
+/// The next message that is not a ping (pings are answered); an error from
+/// the server is one of the bench's.
 async fn next_message(c: &mut Client) -> anyhow::Result<ServerToPeer> {
-    loop {
-        match c
-            .next()
-            .await
-            .context("the server closed the connection")??
-        {
-            ServerToPeer::Ping { seq } => c.send(PeerToServer::Pong { seq }).await?,
-            ServerToPeer::Error { message, .. } => bail!("server error: {message}"),
-            other => return Ok(other),
-        }
+    match c.next_message().await? {
+        ServerToPeer::Error { message, .. } => bail!("server error: {message}"),
+        other => Ok(other),
     }
 }
 
@@ -572,7 +516,7 @@ async fn hold(server: &Server, sources: &[Ipv4Addr], args: &BenchArgs) -> anyhow
         );
     }
     let page = server.scrape().await?;
-    let waiting = metric(&page, "punchline_waiting_peers").unwrap_or(-1.0);
+    let waiting = sample(&page, "punchline_waiting_peers").unwrap_or(-1.0);
     if waiting != args.peers as f64 {
         bail!(
             "the server reports {waiting} waiting peers, not {}",

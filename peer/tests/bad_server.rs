@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::*;
 use punchline_proto::{is_hidden_or_control, FrameCodec, PeerToServer, ServerToPeer};
+use punchline_testkit::Rendezvous;
 use tokio_util::codec::Encoder;
 
 /// How long the peer may take to give a clear error. The first answer is
@@ -257,7 +258,7 @@ fn a_local_port_in_use_is_named_with_what_to_do() {
     // Another program's listener, which does not share its port.
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let cmd = peer_command(rv.addr, "alice", "", &["--port", &port.to_string()]);
+    let cmd = peer_command(rv.addr(), "alice", "", &["--port", &port.to_string()]);
     let (status, stderr, took) = run(cmd, CLEAR_ERROR_WITHIN * 2);
     let text = assert_harmless(&stderr);
     assert!(!status.success(), "{text}");

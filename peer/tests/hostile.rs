@@ -22,7 +22,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::fake::{arrive, Arrival, ServerConn};
+use common::fake::{arrive, listen, Arrival, ServerConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::LinkStream;
@@ -32,7 +32,8 @@ use punchline_proto::{
     FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role,
     SealedCandidates, ServerToPeer, PROTOCOL_VERSION,
 };
-use tokio::net::{TcpListener, TcpStream};
+use punchline_testkit::{Client, Rendezvous};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
@@ -316,17 +317,12 @@ async fn hostile_rendezvous(
 #[test]
 fn after_a_cut_impostors_get_no_chat_and_the_user_is_told() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let server = std_listener.local_addr().expect("addr");
+    let (listener, server) = listen(&rt);
     let code_text = "3-right-code";
     let code = Code::parse(code_text).expect("code");
     let alice_port = free_port();
     let (cut_tx, cut_rx) = oneshot::channel();
-    let rv = rt.spawn(async move {
-        let listener = TcpListener::from_std(std_listener).expect("listener");
-        hostile_rendezvous(listener, alice_port, code, cut_rx).await
-    });
+    let rv = rt.spawn(hostile_rendezvous(listener, alice_port, code, cut_rx));
     // The probe port (the next one up) is closed: the probe fails at once.
     let port = alice_port.to_string();
     let mut alice = Peer::spawn(
@@ -401,14 +397,14 @@ fn after_a_cut_impostors_get_no_chat_and_the_user_is_told() {
 #[test]
 fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
     use bytes::BytesMut;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_util::codec::{Decoder, Encoder};
+    use tokio::io::AsyncReadExt;
+    use tokio_util::codec::Decoder;
 
     let rv = Rendezvous::start();
     // Besides its LAN addresses (none here: the harness runs peers with
     // --no-lan), a candidate offered by hand must stay hidden too.
     let mut alice = Peer::spawn(
-        rv.addr,
+        rv.addr(),
         "alice-the-waiting-one",
         "5-right-code",
         &["--candidate", "10.99.88.77:4242"],
@@ -417,37 +413,23 @@ fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (raw, opened) = rt.block_on(async {
-        let mut stream = TcpStream::connect(rv.addr).await.expect("connect");
-        let mut codec = FrameCodec::<ServerToPeer, PeerToServer>::new();
-        let send = |codec: &mut FrameCodec<ServerToPeer, PeerToServer>, msg| {
-            let mut out = BytesMut::new();
-            codec.encode(msg, &mut out).expect("encode");
-            out
-        };
+        let mut stranger = Client::connect(rv.addr()).await;
         let guess = KeyExchange::start(&Code::parse("5-wrong-guess").expect("code"));
-        let hello = PeerToServer::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            nameplate: "5".into(),
-            probe_observed: None,
-            pake: guess.message.clone(),
-            resume: None,
-        });
-        stream
-            .write_all(&send(&mut codec, hello))
-            .await
-            .expect("hello");
-        // Every byte the stranger receives is kept; the frames are read from
-        // a copy.
+        stranger.send_hello("5", &guess.message).await;
+        // Every byte the stranger receives is kept, read from the connection
+        // as it comes; the frames are read from a copy.
+        let mut codec = FrameCodec::<ServerToPeer, PeerToServer>::new();
         let mut raw = Vec::new();
         let mut pending = BytesMut::new();
         let mut guess = Some(guess);
         let mut theirs = None;
         let mut buf = vec![0u8; 4096];
         loop {
-            let n = match timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => n,
-                _ => break,
-            };
+            let n =
+                match timeout(Duration::from_secs(3), stranger.stream_mut().read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => break,
+                };
             raw.extend_from_slice(&buf[..n]);
             pending.extend_from_slice(&buf[..n]);
             while let Ok(Some(msg)) = codec.decode(&mut pending) {
@@ -466,10 +448,7 @@ fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
                                 &SealedCandidates { candidates: vec![] },
                             )
                             .expect("seal");
-                        stream
-                            .write_all(&send(&mut codec, PeerToServer::Sealed(sealed)))
-                            .await
-                            .expect("box");
+                        stranger.send(PeerToServer::Sealed(sealed)).await;
                         theirs = Some((key, go));
                     }
                     ServerToPeer::Sealed(b) => {
@@ -480,8 +459,7 @@ fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
                         );
                     }
                     ServerToPeer::Ping { seq } => {
-                        let pong = send(&mut codec, PeerToServer::Pong { seq });
-                        stream.write_all(&pong).await.expect("pong");
+                        stranger.send(PeerToServer::Pong { seq }).await;
                     }
                     _ => {}
                 }
@@ -599,15 +577,10 @@ async fn injecting_rendezvous(
 #[test]
 fn a_forged_frame_drops_the_link_and_the_chat_resumes() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let server = std_listener.local_addr().expect("addr");
+    let (listener, server) = listen(&rt);
     let (inject_tx, inject_rx) = oneshot::channel();
     let (hellos_tx, hellos_rx) = std::sync::mpsc::channel();
-    rt.spawn(async move {
-        let listener = TcpListener::from_std(std_listener).expect("listener");
-        injecting_rendezvous(listener, inject_rx, hellos_tx).await;
-    });
+    rt.spawn(injecting_rendezvous(listener, inject_rx, hellos_tx));
     let code = "6-right-code";
     let mut alice = Peer::spawn(server, "alice", code, &["--punch-timeout", "2"]);
     alice.wait_stderr("waiting for the other side");
@@ -649,30 +622,25 @@ fn a_silent_stranger_still_uses_up_the_code() {
     use tokio::io::AsyncWriteExt;
 
     let rv = Rendezvous::start();
-    let mut alice = Peer::spawn(rv.addr, "alice", "8-right-code", &["--punch-timeout", "2"]);
+    let mut alice = Peer::spawn(
+        rv.addr(),
+        "alice",
+        "8-right-code",
+        &["--punch-timeout", "2"],
+    );
     alice.wait_stderr("waiting for the other side");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let stream = TcpStream::connect(rv.addr).await.expect("connect");
-        let mut conn: Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>> =
-            Framed::new(stream, FrameCodec::new());
+        let mut stranger = Client::connect(rv.addr()).await;
         let guess = KeyExchange::start(&Code::parse("8-wrong-guess").expect("code"));
-        conn.send(PeerToServer::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            nameplate: "8".into(),
-            probe_observed: None,
-            pake: guess.message.clone(),
-            resume: None,
-        }))
-        .await
-        .expect("hello");
+        stranger.send_hello("8", &guess.message).await;
         // Wait for the go (and the box), then leave without a word.
-        while let Ok(Some(Ok(msg))) = timeout(LIMIT, conn.next()).await {
+        while let Ok(Some(Ok(msg))) = timeout(LIMIT, stranger.next()).await {
             if matches!(msg, ServerToPeer::Sealed(_)) {
                 break;
             }
         }
-        let mut stream = conn.into_inner();
+        let mut stream = stranger.into_inner().into_inner();
         let _ = stream.shutdown().await;
     });
     assert!(!alice.wait().success());
@@ -718,11 +686,8 @@ async fn relay_until_the_reveal(mut a: ServerConn, mut b: ServerConn) {
 #[test]
 fn a_first_link_cut_before_the_reveal_is_no_chat() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let server = std_listener.local_addr().expect("addr");
+    let (listener, server) = listen(&rt);
     rt.spawn(async move {
-        let listener = TcpListener::from_std(std_listener).expect("listener");
         let independent = |_| Mapping::Independent;
         let mut a = arrive(&listener, independent).await;
         let mut b = arrive(&listener, independent).await;

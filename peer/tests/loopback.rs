@@ -3,14 +3,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::thread;
 use std::time::Duration;
 
 use common::*;
 use punchline_proto::codec::encode_payload;
-use punchline_proto::{FrameCodec, Hello, PeerToServer, ServerToPeer, PROTOCOL_VERSION};
+use punchline_proto::{ErrorCode, Hello, PeerToServer, PROTOCOL_VERSION};
+use punchline_testkit::{hello, refusal, Client, Rendezvous};
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -25,9 +26,9 @@ fn pair(rv: &Rendezvous, code: &str, extra_a: &[&str], extra_b: &[&str]) -> (Pee
     args_a.extend_from_slice(extra_a);
     let mut args_b = vec!["--port", port_b.as_str()];
     args_b.extend_from_slice(extra_b);
-    let mut a = Peer::spawn(rv.addr, "alice", code, &args_a);
+    let mut a = Peer::spawn(rv.addr(), "alice", code, &args_a);
     a.wait_stderr("waiting for the other side");
-    let mut b = Peer::spawn(rv.addr, "bob", code, &args_b);
+    let mut b = Peer::spawn(rv.addr(), "bob", code, &args_b);
     a.wait_stderr("connected to bob");
     b.wait_stderr("connected to alice");
     (a, b, pa, pb)
@@ -121,9 +122,9 @@ fn lines_typed_before_end_of_input_are_all_delivered() {
     // confirmed receiving every line.
     let rv = Rendezvous::start();
     let (pa, pb) = (free_port().to_string(), free_port().to_string());
-    let mut b = Peer::spawn(rv.addr, "bob", "3-burst-lines", &["--port", &pb]);
+    let mut b = Peer::spawn(rv.addr(), "bob", "3-burst-lines", &["--port", &pb]);
     b.wait_stderr("waiting for the other side");
-    let mut a = Peer::spawn(rv.addr, "alice", "3-burst-lines", &["--port", &pa]);
+    let mut a = Peer::spawn(rv.addr(), "alice", "3-burst-lines", &["--port", &pa]);
     let text: String = (0..300).map(|i| format!("burst {i}\n")).collect();
     a.send(&text);
     a.close_stdin();
@@ -143,11 +144,19 @@ fn a_third_peer_on_a_full_code_gets_a_clear_error() {
     // Two peers paired on the code and still punching (protocol-level clients that
     // hold their rendezvous connections open after the go): the code is in use.
     let rv = Rendezvous::start();
-    let mut first = raw_hello(rv.addr, "9", "alice");
-    let mut second = raw_hello(rv.addr, "9", "bob");
-    wait_for_go(&mut first);
-    wait_for_go(&mut second);
-    let mut c = Peer::spawn(rv.addr, "carol", "9-full-room", &[]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (first, second) = rt.block_on(async {
+        let mut first = Client::connect(rv.addr()).await;
+        first.send_hello("9", b"").await;
+        first.welcome().await;
+        let mut second = Client::connect(rv.addr()).await;
+        second.send_hello("9", b"").await;
+        second.welcome().await;
+        first.go().await;
+        second.go().await;
+        (first, second)
+    });
+    let mut c = Peer::spawn(rv.addr(), "carol", "9-full-room", &[]);
     let status = c.wait();
     assert!(!status.success());
     c.wait_stderr("already in use");
@@ -156,41 +165,6 @@ fn a_third_peer_on_a_full_code_gets_a_clear_error() {
     let (mut a, mut b, _, _) = pair(&rv, "9-full-room", &[], &[]);
     a.send("our turn\n");
     assert_eq!(b.recv(), "alice: our turn");
-}
-
-/// Says hello on the protocol directly; returns the connection after the welcome.
-fn raw_hello(server: SocketAddr, nameplate: &str, _name: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server).expect("connect");
-    let hello = PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        nameplate: nameplate.into(),
-        probe_observed: None,
-        pake: vec![],
-        resume: None,
-    });
-    write_frame(&mut s, &encode_payload(&hello).expect("encode"));
-    assert!(matches!(read_frame(&mut s), ServerToPeer::Welcome { .. }));
-    s
-}
-
-/// Reads frames (ignoring pings) until the go.
-fn wait_for_go(s: &mut TcpStream) {
-    loop {
-        match read_frame(s) {
-            ServerToPeer::Ping { .. } => {}
-            ServerToPeer::Go(_) => return,
-            other => panic!("expected the go, got {other:?}"),
-        }
-    }
-}
-
-fn read_frame(s: &mut TcpStream) -> ServerToPeer {
-    s.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("frame length");
-    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut payload).expect("frame payload");
-    punchline_proto::codec::decode_payload(&payload).expect("valid frame")
 }
 
 #[test]
@@ -214,14 +188,14 @@ fn wrong_candidates_are_recognised_and_dropped() {
     let self_candidate = loopback(pb).to_string();
     let stranger_candidate = stranger_addr.to_string();
     let mut b = Peer::spawn(
-        rv.addr,
+        rv.addr(),
         "bob",
         "4-decoy-doors",
         &["--port", &pb.to_string()],
     );
     b.wait_stderr("waiting for the other side");
     let mut a = Peer::spawn(
-        rv.addr,
+        rv.addr(),
         "alice",
         "4-decoy-doors",
         &[
@@ -252,47 +226,41 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
     let rv = Rendezvous::start();
     let (mut a, mut b, _, _) = pair(&rv, "5-busy-day", &[], &[]);
 
-    // Garbage: the server answers with an error message and closes.
-    let mut garbage = TcpStream::connect(rv.addr).expect("connect");
-    garbage
-        .write_all(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd])
-        .expect("write");
-    let (code, message) = read_error(&mut garbage);
-    assert_eq!(
-        code,
-        punchline_proto::ErrorCode::Malformed.to_u16(),
-        "{message}"
-    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        // Garbage: the server answers with an error message and closes.
+        let mut garbage = Client::connect(rv.addr()).await;
+        garbage.send_raw(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).await;
+        let (code, message) = refused_then_closed(&mut garbage).await;
+        assert_eq!(code, ErrorCode::Malformed, "{message}");
 
-    // A length prefix of 4 GiB: refused without buffering, connection closed.
-    let mut huge = TcpStream::connect(rv.addr).expect("connect");
-    huge.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
-        .expect("write");
-    let (code, _) = read_error(&mut huge);
-    assert_eq!(code, punchline_proto::ErrorCode::Malformed.to_u16());
+        // A length prefix of 4 GiB: refused without buffering, connection closed.
+        let mut huge = Client::connect(rv.addr()).await;
+        huge.send_raw(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await;
+        let (code, _) = refused_then_closed(&mut huge).await;
+        assert_eq!(code, ErrorCode::Malformed);
 
-    // A peer of another protocol version gets a version error it can show.
-    let mut other = TcpStream::connect(rv.addr).expect("connect");
-    let hello = PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION + 1,
-        nameplate: "5".into(),
-        probe_observed: None,
-        pake: vec![],
-        resume: None,
+        // A peer of another protocol version gets a version error it can show.
+        let mut other = Client::connect(rv.addr()).await;
+        other
+            .send(PeerToServer::Hello(Hello {
+                version: PROTOCOL_VERSION + 1,
+                ..hello("5", b"")
+            }))
+            .await;
+        let (code, message) = refused_then_closed(&mut other).await;
+        assert_eq!(code, ErrorCode::VersionMismatch);
+        assert!(message.contains("version"), "{message}");
+
+        // A future hello whose fields this version cannot even parse: still a
+        // version error.
+        let mut future = Client::connect(rv.addr()).await;
+        let payload = encode_payload(&(0u32, 9u16, [0xffu8; 5])).expect("encode");
+        let len = u32::try_from(payload.len()).expect("small").to_be_bytes();
+        future.send_raw(&[&len[..], &payload].concat()).await;
+        let (code, _) = refused_then_closed(&mut future).await;
+        assert_eq!(code, ErrorCode::VersionMismatch);
     });
-    write_frame(&mut other, &encode_payload(&hello).expect("encode"));
-    let (code, message) = read_error(&mut other);
-    assert_eq!(code, punchline_proto::ErrorCode::VersionMismatch.to_u16());
-    assert!(message.contains("version"), "{message}");
-
-    // A future hello whose fields this version cannot even parse: still a version error.
-    let mut future = TcpStream::connect(rv.addr).expect("connect");
-    write_frame(
-        &mut future,
-        &encode_payload(&(0u32, 9u16, [0xffu8; 5])).expect("encode"),
-    );
-    let (code, _) = read_error(&mut future);
-    assert_eq!(code, punchline_proto::ErrorCode::VersionMismatch.to_u16());
 
     // The pair still chats, and a new pair can still meet.
     a.send("unbothered\n");
@@ -314,41 +282,29 @@ fn an_unreachable_rendezvous_is_a_clear_error() {
 #[test]
 fn an_invalid_code_is_refused_before_connecting() {
     let rv = Rendezvous::start();
-    let mut p = Peer::spawn(rv.addr, "alice", "no spaces/allowed", &[]);
+    let mut p = Peer::spawn(rv.addr(), "alice", "no spaces/allowed", &[]);
     assert!(!p.wait().success());
     p.wait_stderr("invalid code");
 }
 
-fn write_frame(s: &mut TcpStream, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).expect("small");
-    s.write_all(&len.to_be_bytes()).expect("write");
-    s.write_all(payload).expect("write");
-}
-
-/// Reads the server's error frame, then checks the server closed the connection.
-fn read_error(s: &mut TcpStream) -> (u16, String) {
-    s.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut all = Vec::new();
-    s.read_to_end(&mut all)
-        .expect("server closes the connection");
-    let mut buf = bytes::BytesMut::from(&all[..]);
-    let mut codec = FrameCodec::<ServerToPeer, ()>::new();
-    use tokio_util::codec::Decoder;
-    match codec.decode(&mut buf) {
-        Ok(Some(ServerToPeer::Error { code, message })) => (code, message),
-        other => panic!("expected an error frame, got {other:?} from {all:?}"),
-    }
+/// Reads the server's error message, then checks the server closed the
+/// connection.
+async fn refused_then_closed(c: &mut Client) -> (ErrorCode, String) {
+    let msg = c.recv().await;
+    let refused = refusal(&msg).unwrap_or_else(|| panic!("expected an error frame, got {msg:?}"));
+    c.assert_closed().await;
+    refused
 }
 
 #[test]
 fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
     let rv = Rendezvous::start();
-    let mut a = Peer::spawn(rv.addr, "alice", "", &[]);
+    let mut a = Peer::spawn(rv.addr(), "alice", "", &[]);
     let line = a.wait_stderr("your code: ");
     let code = line.rsplit(' ').next().expect("code").to_owned();
     let command = a.wait_stderr("on the other host, run:");
     assert!(
-        command.ends_with(&format!("peer --server {} {code}", rv.addr)),
+        command.ends_with(&format!("peer --server {} {code}", rv.addr())),
         "{command}"
     );
     let parts: Vec<&str> = code.split('-').collect();
@@ -362,7 +318,7 @@ fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
     for word in &parts[1..] {
         assert!(punchline_proto::codes::WORDS.contains(word), "{word}");
     }
-    let mut b = Peer::spawn(rv.addr, "bob", &code, &[]);
+    let mut b = Peer::spawn(rv.addr(), "bob", &code, &[]);
     let a_says = a.wait_stderr("encrypted; code confirmed");
     let b_says = b.wait_stderr("encrypted; code confirmed");
     // Both sides show the same verification words.
@@ -378,10 +334,10 @@ fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
 #[test]
 fn a_wrong_code_fails_on_both_sides_and_nothing_is_shown() {
     let rv = Rendezvous::start();
-    let mut a = Peer::spawn(rv.addr, "alice", "11-apple-river", &[]);
+    let mut a = Peer::spawn(rv.addr(), "alice", "11-apple-river", &[]);
     a.send("this must never be shown\n");
     a.wait_stderr("waiting for the other side");
-    let mut b = Peer::spawn(rv.addr, "bob", "11-apple-tiger", &[]);
+    let mut b = Peer::spawn(rv.addr(), "bob", "11-apple-tiger", &[]);
     b.send("nor this\n");
     for p in [&mut a, &mut b] {
         assert!(!p.wait().success(), "{} must fail", p.name());
@@ -412,8 +368,8 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
     let (pa, pb) = (free_port(), free_port());
     let filter = format!(
         "tcp and (port {pa} or port {pb} or port {} or port {})",
-        rv.addr.port(),
-        rv.addr.port() + 1
+        rv.addr().port(),
+        rv.addr().port() + 1
     );
     let pcap = std::env::temp_dir().join(format!("punchline-capture-{}.pcap", std::process::id()));
     let mut dump = std::process::Command::new("tcpdump")
@@ -432,9 +388,9 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
     assert!(first.contains("listening"), "{first}");
 
     let code = "12-walnut-zebra";
-    let mut a = Peer::spawn(rv.addr, "alice", code, &["--port", &pa.to_string()]);
+    let mut a = Peer::spawn(rv.addr(), "alice", code, &["--port", &pa.to_string()]);
     a.wait_stderr("waiting for the other side");
-    let mut b = Peer::spawn(rv.addr, "bob", code, &["--port", &pb.to_string()]);
+    let mut b = Peer::spawn(rv.addr(), "bob", code, &["--port", &pb.to_string()]);
     b.wait_stderr("encrypted");
     a.send("xyzzy plugh secret line\n");
     assert_eq!(b.recv(), "alice: xyzzy plugh secret line");
@@ -493,7 +449,7 @@ fn the_doctor_checks_a_rendezvous_over_ipv6() {
         punchline_rendezvous::Config::default(),
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_peer"))
-        .args(["doctor", "--server", &rv.addr.to_string()])
+        .args(["doctor", "--server", &rv.addr().to_string()])
         .env_remove("PUNCHLINE_SERVER")
         .output()
         .expect("run peer doctor");
@@ -510,7 +466,7 @@ fn the_doctor_checks_a_rendezvous_over_ipv6() {
         "simultaneous open        works",
         &format!(
             "IPv6                     reachable at {}; it sees this host as [::1]:",
-            rv.addr
+            rv.addr()
         ),
         "verdict: direct chats should work",
     ] {

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
-use common::fake::arrive;
+use common::fake::{arrive, listen};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::fixed_port_socket;
@@ -126,14 +126,10 @@ async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
 #[test]
 fn a_man_in_the_middle_cannot_read_or_join_the_chat() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let server = std_listener.local_addr().expect("addr");
+    let (listener, server) = listen(&rt);
     let (m1, m2) = (free_port(), free_port());
-    let mitm = rt.spawn(async move {
-        let listener = TcpListener::from_std(std_listener).expect("listener");
-        timeout(LIMIT * 2, man_in_the_middle(listener, m1, m2)).await
-    });
+    let mitm =
+        rt.spawn(async move { timeout(LIMIT * 2, man_in_the_middle(listener, m1, m2)).await });
 
     let code = "1-right-code";
     let mut alice = Peer::spawn(server, "alice", code, &[]);

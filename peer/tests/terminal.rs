@@ -9,6 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use punchline_testkit::Rendezvous;
 
 /// A tmux session running one command; killed when dropped.
 struct Tmux {
@@ -130,10 +131,10 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     let term = Tmux::start(&format!(
         "env -u NO_COLOR XDG_DATA_HOME={} {peer} --server {} --name alice --no-lan 8-tty-check; echo EXIT=$?; sleep 30",
         data.display(),
-        rv.addr
+        rv.addr()
     ));
     term.wait_text("waiting for the other side");
-    let mut bob = Peer::spawn(rv.addr, "bob", "8-tty-check", &[]);
+    let mut bob = Peer::spawn(rv.addr(), "bob", "8-tty-check", &[]);
     bob.wait_stderr("connected to alice");
     term.wait_text("connected to bob");
     term.wait_for("the prompt", |s| last_nonempty(s) == ">");

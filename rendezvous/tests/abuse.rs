@@ -9,43 +9,18 @@
 //! that test runs in a network namespace of its own, so it needs root and skips
 //! loudly otherwise (fails instead when `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
-use punchline_proto::{
-    ErrorCode, FrameCodec, Hello, PeerToServer, PunchOutcome, ServerToPeer, PROTOCOL_VERSION,
-};
+use futures::StreamExt;
+use punchline_proto::{ErrorCode, PeerToServer, PunchOutcome, ServerToPeer};
 use punchline_rendezvous::metrics::Reject;
-use punchline_rendezvous::{run, serve_metrics, Config, Metrics};
+use punchline_rendezvous::{serve_metrics, Config, Metrics};
+use punchline_testkit::{connect_from, http_get, refusal, Client, Rendezvous, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout};
-use tokio_util::codec::Framed;
-
-type Client = Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn start(config: Config) -> (SocketAddr, oneshot::Sender<()>) {
-    start_on("127.0.0.1:0".parse().expect("addr"), config).await
-}
-
-async fn start_on(addr: SocketAddr, config: Config) -> (SocketAddr, oneshot::Sender<()>) {
-    let listener = TcpListener::bind(addr).await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        run(listener, config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server runs");
-    });
-    (addr, stop)
-}
 
 fn from(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
@@ -57,67 +32,32 @@ fn from_net(net: u8, last: u8) -> IpAddr {
 }
 
 /// A TCP connection to `server` from local address `ip`.
-async fn connect_from(ip: IpAddr, server: SocketAddr) -> TcpStream {
-    let socket = match ip {
-        IpAddr::V4(_) => TcpSocket::new_v4(),
-        IpAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .expect("socket");
-    socket.bind(SocketAddr::new(ip, 0)).expect("bind source");
-    socket.connect(server).await.expect("connect")
+async fn connect(ip: IpAddr, server: SocketAddr) -> TcpStream {
+    connect_from(ip, server).await.expect("connect")
 }
 
-async fn hello_from(ip: IpAddr, server: SocketAddr, nameplate: &str, _name: &str) -> Client {
-    let mut c: Client = Framed::new(connect_from(ip, server).await, FrameCodec::new());
-    c.send(PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        nameplate: nameplate.into(),
-        probe_observed: None,
-        pake: vec![],
-        resume: None,
-    }))
-    .await
-    .expect("send hello");
+/// Connects from `ip` and says hello for `nameplate`.
+async fn hello_from(ip: IpAddr, server: SocketAddr, nameplate: &str) -> Client {
+    let mut c = Client::connect_from(ip, server).await;
+    c.send_hello(nameplate, b"").await;
     c
 }
 
-async fn next(c: &mut Client) -> ServerToPeer {
-    timeout(WAIT, c.next())
-        .await
-        .expect("message in time")
-        .expect("connection open")
-        .expect("valid frame")
-}
-
-/// Answers pings until something else comes.
-async fn next_after_pings(c: &mut Client) -> ServerToPeer {
-    loop {
-        match next(c).await {
-            ServerToPeer::Ping { seq } => c.send(PeerToServer::Pong { seq }).await.expect("pong"),
-            other => return other,
-        }
-    }
-}
-
-fn refusal(msg: &ServerToPeer) -> Option<(ErrorCode, String)> {
-    match msg {
-        ServerToPeer::Error { code, message } => {
-            Some((ErrorCode::from_u16(*code), message.clone()))
-        }
-        _ => None,
-    }
+/// Peers from `a` and `b` meet on `nameplate`: both are welcomed, then both
+/// get the go.
+async fn pair_from(a: IpAddr, b: IpAddr, server: SocketAddr, nameplate: &str) -> (Client, Client) {
+    let mut ca = hello_from(a, server, nameplate).await;
+    ca.welcome().await;
+    let mut cb = hello_from(b, server, nameplate).await;
+    cb.welcome().await;
+    tokio::join!(ca.go(), cb.go());
+    (ca, cb)
 }
 
 /// An honest pair from `ip` meets on `nameplate`; returns how long it took.
 async fn honest_pair(ip: IpAddr, server: SocketAddr, nameplate: &str) -> Duration {
     let start = Instant::now();
-    let mut a = hello_from(ip, server, nameplate, "alice").await;
-    assert!(matches!(next(&mut a).await, ServerToPeer::Welcome { .. }));
-    let mut b = hello_from(ip, server, nameplate, "bob").await;
-    assert!(matches!(next(&mut b).await, ServerToPeer::Welcome { .. }));
-    let (ga, gb) = tokio::join!(next_after_pings(&mut a), next_after_pings(&mut b));
-    assert!(matches!(ga, ServerToPeer::Go(_)), "{ga:?}");
-    assert!(matches!(gb, ServerToPeer::Go(_)), "{gb:?}");
+    pair_from(ip, ip, server, nameplate).await;
     start.elapsed()
 }
 
@@ -127,14 +67,15 @@ async fn the_connection_cap_per_address_refuses_only_that_address() {
         connections_per_address: 5,
         ..Config::default()
     };
-    let (server, _stop) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let abuser = from(2);
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(connect_from(abuser, server).await);
+        held.push(connect(abuser, server).await);
     }
-    let mut sixth: Client = Framed::new(connect_from(abuser, server).await, FrameCodec::new());
-    let (code, message) = refusal(&next(&mut sixth).await).expect("refused");
+    let mut sixth = Client::connect_from(abuser, server).await;
+    let (code, message) = refusal(&sixth.recv().await).expect("refused");
     assert_eq!(code, ErrorCode::Busy);
     assert!(
         message.contains("too many connections from your address 127.0.0.2"),
@@ -145,23 +86,21 @@ async fn the_connection_cap_per_address_refuses_only_that_address() {
     // Closing one gives the abuser its slot back.
     drop(held.pop());
     sleep(Duration::from_millis(100)).await;
-    let mut again = hello_from(abuser, server, "2", "x").await;
-    assert!(matches!(
-        next(&mut again).await,
-        ServerToPeer::Welcome { .. }
-    ));
+    let mut again = hello_from(abuser, server, "2").await;
+    assert!(matches!(again.recv().await, ServerToPeer::Welcome { .. }));
 }
 
 #[tokio::test]
 async fn a_burst_of_new_codes_from_one_address_is_cut_off() {
-    let (server, _stop) = start(Config::default()).await;
+    let rv = Rendezvous::start();
+    let server = rv.addr();
     let abuser = from(4);
     let mut accepted: u32 = 0;
     let mut refused = None;
     let mut held = Vec::new();
     for n in 0..20 {
-        let mut c = hello_from(abuser, server, &(100 + n).to_string(), "spam").await;
-        match next(&mut c).await {
+        let mut c = hello_from(abuser, server, &(100 + n).to_string()).await;
+        match c.recv().await {
             ServerToPeer::Welcome { .. } => accepted += 1,
             other => {
                 refused = refusal(&other);
@@ -189,26 +128,27 @@ async fn floods_do_not_stop_a_fresh_pair_from_another_address() {
         hello_timeout: Duration::from_secs(30),
         ..Config::default()
     };
-    let (server, _stop) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let normal = honest_pair(from(9), server, "7").await;
 
     // 1,000 idle connections.
     let mut idle = Vec::new();
     for _ in 0..1_000 {
-        idle.push(connect_from(from(6), server).await);
+        idle.push(connect(from(6), server).await);
     }
     // Random bytes, and a length prefix announcing 4 GiB.
-    let mut garbage = connect_from(from(7), server).await;
+    let mut garbage = connect(from(7), server).await;
     garbage
         .write_all(&[0x13, 0x37, 0, 0, 0, 1, 0xff, 0xee])
         .await
         .expect("write");
-    let mut huge = connect_from(from(7), server).await;
+    let mut huge = connect(from(7), server).await;
     huge.write_all(&[0xff, 0xff, 0xff, 0xff, 0])
         .await
         .expect("write");
     // A client sending one byte a second.
-    let mut slow = connect_from(from(7), server).await;
+    let mut slow = connect(from(7), server).await;
     let slow_task = tokio::spawn(async move {
         for b in [0u8, 0, 0, 40, 0, 1] {
             if slow.write_all(&[b]).await.is_err() {
@@ -220,7 +160,7 @@ async fn floods_do_not_stop_a_fresh_pair_from_another_address() {
     // Clients that register and never read again.
     let mut deaf = Vec::new();
     for n in 0..20 {
-        deaf.push(hello_from(from(8), server, &(500 + n).to_string(), "deaf").await);
+        deaf.push(hello_from(from(8), server, &(500 + n).to_string()).await);
     }
 
     let flooded = honest_pair(from(10), server, "8").await;
@@ -238,8 +178,8 @@ async fn floods_do_not_stop_a_fresh_pair_from_another_address() {
 /// Says hello from `ip` and returns the server's first answer (a welcome or a
 /// refusal) with the connection.
 async fn try_hello(ip: IpAddr, server: SocketAddr, nameplate: &str) -> (Client, ServerToPeer) {
-    let mut c = hello_from(ip, server, nameplate, "x").await;
-    let first = next(&mut c).await;
+    let mut c = hello_from(ip, server, nameplate).await;
+    let first = c.recv().await;
     (c, first)
 }
 
@@ -260,7 +200,8 @@ async fn a_network_holds_a_multiple_of_an_address_and_other_networks_are_served(
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let (server, _stop) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     // Six addresses of 127.0.1.0/24, one waiting peer each: each address is far
     // below its own limit, but together they fill their network's.
     let mut held = Vec::new();
@@ -269,26 +210,20 @@ async fn a_network_holds_a_multiple_of_an_address_and_other_networks_are_served(
         assert!(matches!(first, ServerToPeer::Welcome { .. }), "{first:?}");
         held.push(c);
     }
-    let mut seventh: Client = Framed::new(
-        connect_from(from_net(1, 7), server).await,
-        FrameCodec::new(),
-    );
+    let mut seventh = Client::connect_from(from_net(1, 7), server).await;
     assert_refused(
-        &next(&mut seventh).await,
+        &seventh.recv().await,
         ErrorCode::Busy,
         "too many connections from your network 127.0.1.0/24 (at most 6)",
     );
     // The address limit still applies within a network that has room.
     let mut three = Vec::new();
     for _ in 0..3 {
-        three.push(connect_from(from_net(2, 1), server).await);
+        three.push(connect(from_net(2, 1), server).await);
     }
-    let mut fourth: Client = Framed::new(
-        connect_from(from_net(2, 1), server).await,
-        FrameCodec::new(),
-    );
+    let mut fourth = Client::connect_from(from_net(2, 1), server).await;
     assert_refused(
-        &next(&mut fourth).await,
+        &fourth.recv().await,
         ErrorCode::Busy,
         "too many connections from your address 127.0.2.1 (at most 3)",
     );
@@ -314,7 +249,8 @@ async fn new_codes_and_connections_are_rate_limited_per_network() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let (server, _stop) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let code_burst = punchline_rendezvous::server::CODE_BURST * 2;
     // Connection n from this network comes from 127.0.4.n: a fresh address
     // every time, each far below its own limits.
@@ -339,7 +275,7 @@ async fn new_codes_and_connections_are_rate_limited_per_network() {
     let (_joined, first) = try_hello(next_address(), server, "400").await;
     assert!(matches!(first, ServerToPeer::Welcome { .. }), "{first:?}");
     assert!(matches!(
-        next_after_pings(&mut waiting).await,
+        waiting.recv_after_pings().await,
         ServerToPeer::Go(_)
     ));
     // 22 connections so far. Up to the network's burst of new connections they
@@ -347,10 +283,7 @@ async fn new_codes_and_connections_are_rate_limited_per_network() {
     let connection_burst = punchline_rendezvous::server::CONNECTION_BURST * 2;
     let mut conns = Vec::new();
     for _ in 22..connection_burst + 5 {
-        let c: Client = Framed::new(
-            connect_from(next_address(), server).await,
-            FrameCodec::new(),
-        );
+        let c = Client::connect_from(next_address(), server).await;
         conns.push(c);
     }
     let answers = futures::future::join_all(
@@ -389,19 +322,13 @@ async fn relayed_pair_from(
     server: SocketAddr,
     nameplate: &str,
 ) -> (Client, Client, ServerToPeer, ServerToPeer) {
-    let mut ca = hello_from(a, server, nameplate, "a").await;
-    assert!(matches!(next(&mut ca).await, ServerToPeer::Welcome { .. }));
-    let mut cb = hello_from(b, server, nameplate, "b").await;
-    assert!(matches!(next(&mut cb).await, ServerToPeer::Welcome { .. }));
-    let (ga, gb) = tokio::join!(next_after_pings(&mut ca), next_after_pings(&mut cb));
-    assert!(matches!(ga, ServerToPeer::Go(_)), "{ga:?}");
-    assert!(matches!(gb, ServerToPeer::Go(_)), "{gb:?}");
+    let (mut ca, mut cb) = pair_from(a, b, server, nameplate).await;
     let failed = PeerToServer::Report(PunchOutcome::Failed { attempts: 3 });
     let mut answers = Vec::new();
     for c in [&mut ca, &mut cb] {
-        c.send(failed.clone()).await.expect("report");
-        c.send(PeerToServer::Relay).await.expect("relay request");
-        answers.push(next(c).await);
+        c.send(failed.clone()).await;
+        c.send(PeerToServer::Relay).await;
+        answers.push(c.recv().await);
     }
     let rb = answers.pop().expect("two answers");
     let ra = answers.pop().expect("two answers");
@@ -418,7 +345,8 @@ async fn relays_are_shared_out_per_address_and_per_network() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let (server, _stop) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let relaying = (ServerToPeer::Relaying, ServerToPeer::Relaying);
     let one = from_net(7, 1);
     // A pair whose both ends are at one address takes its two slots.
@@ -446,10 +374,8 @@ async fn relays_are_shared_out_per_address_and_per_network() {
     let (mut a5, mut b5, ra, rb) =
         relayed_pair_from(from_net(8, 1), from_net(8, 2), server, "15").await;
     assert_eq!((ra, rb), relaying);
-    a5.send(PeerToServer::Relayed(b"hi".to_vec()))
-        .await
-        .expect("send");
-    assert_eq!(next(&mut b5).await, ServerToPeer::Relayed(b"hi".to_vec()));
+    a5.send(PeerToServer::Relayed(b"hi".to_vec())).await;
+    assert_eq!(b5.recv().await, ServerToPeer::Relayed(b"hi".to_vec()));
     assert_eq!(metrics.reject_count(Reject::relay_address), 2);
     assert!(metrics.reject_count(Reject::relay_network) >= 1);
     // When a relay ends, its slots come back.
@@ -490,17 +416,16 @@ async fn a_relay_ends_at_its_lifetime_however_busy_and_frees_its_slots() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let (server, _stop) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let ip = from_net(9, 1);
     let (mut a, mut b, ra, rb) = relayed_pair_from(ip, ip, server, "21").await;
     let started = Instant::now();
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
     // Traffic all along: this is not the idle timeout.
     for _ in 0..3 {
-        a.send(PeerToServer::Relayed(b".".to_vec()))
-            .await
-            .expect("send");
-        assert_eq!(next(&mut b).await, ServerToPeer::Relayed(b".".to_vec()));
+        a.send(PeerToServer::Relayed(b".".to_vec())).await;
+        assert_eq!(b.recv().await, ServerToPeer::Relayed(b".".to_vec()));
         sleep(Duration::from_millis(200)).await;
     }
     let (ea, eb) = tokio::join!(until_closed(&mut a), until_closed(&mut b));
@@ -521,19 +446,6 @@ async fn a_relay_ends_at_its_lifetime_however_busy_and_frees_its_slots() {
     sleep(Duration::from_millis(100)).await;
     let (_a, _b, ra, rb) = relayed_pair_from(ip, ip, server, "22").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
-}
-
-/// One HTTP request to the metrics endpoint; the whole answer.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect metrics");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    s.write_all(request.as_bytes()).await.expect("request");
-    let mut answer = String::new();
-    timeout(WAIT, s.read_to_string(&mut answer))
-        .await
-        .expect("answer in time")
-        .expect("read answer");
-    answer
 }
 
 #[tokio::test]
@@ -566,7 +478,9 @@ async fn idle_and_slow_clients_do_not_block_a_metrics_scrape() {
         // Quicker than the request deadline: the scrape does not wait for a
         // slot to time out.
         let started = Instant::now();
-        let answer = http_get(addr, "/metrics").await;
+        let answer = http_get(addr, "/metrics", WAIT)
+            .await
+            .expect("metrics answer");
         let took = started.elapsed();
         assert!(
             answer.starts_with("HTTP/1.1 200"),
@@ -669,7 +583,8 @@ fn ipv6_limits_count_a_64_as_one_address_and_a_48_as_one_network() {
             metrics: metrics.clone(),
             ..Config::default()
         };
-        let (server, _stop) = start_on("[::1]:0".parse().expect("addr"), config).await;
+        let rv = Rendezvous::on(Ipv6Addr::LOCALHOST.into(), config);
+        let server = rv.addr();
 
         // Three addresses of one /64 hold its three connections; a fourth
         // address of it is refused, as a fourth connection of one IPv4

@@ -4,137 +4,37 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::{
-    ErrorCode, FrameCodec, Go, Hello, Mapping, PeerToServer, Role, ServerToPeer, PROTOCOL_VERSION,
-};
-use punchline_rendezvous::{run, run_probe, Config};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use punchline_proto::{ErrorCode, Hello, Mapping, PeerToServer, Role, ServerToPeer};
+use punchline_rendezvous::Config;
+use punchline_testkit::{error_code, hello, http_get, sample, Client, Rendezvous, WAIT};
+use tokio::net::TcpListener;
 use tokio::time::timeout;
-use tokio_util::codec::Framed;
 
-type Client = Framed<TcpStream, FrameCodec<ServerToPeer, PeerToServer>>;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn start(config: Config) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        run(listener, config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server runs");
-    });
-    (addr, stop, task)
-}
-
-async fn next(c: &mut Client) -> ServerToPeer {
-    timeout(WAIT, c.next())
-        .await
-        .expect("message in time")
-        .expect("connection open")
-        .expect("valid frame")
-}
-
-/// Sends a hello of the current version.
-async fn send_hello(
-    c: &mut Client,
-    nameplate: &str,
-    name: &str,
-    candidates: Vec<SocketAddr>,
-    probe_observed: Option<SocketAddr>,
-) {
-    // Candidates no longer travel in the hello (they go sealed after the go).
-    let _ = candidates;
-    c.send(PeerToServer::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        nameplate: nameplate.into(),
-        probe_observed,
-        // Opaque to the server: the peer's name stands in for a SPAKE2 message.
-        pake: name.as_bytes().to_vec(),
-        resume: None,
-    }))
-    .await
-    .expect("send hello");
-}
-
-/// The next message that is not a ping (pings are answered).
-async fn next_after_pings(c: &mut Client) -> ServerToPeer {
-    loop {
-        match next(c).await {
-            ServerToPeer::Ping { seq } => c.send(PeerToServer::Pong { seq }).await.expect("pong"),
-            other => return other,
-        }
-    }
-}
-
-/// Checks the server closes the connection.
-async fn assert_closed(c: &mut Client) {
-    assert!(timeout(WAIT, c.next())
-        .await
-        .expect("closed in time")
-        .is_none());
-}
-
-/// Connects, says hello, returns the client and its observed address.
-async fn hello(
-    server: SocketAddr,
-    code: &str,
-    name: &str,
-    candidates: Vec<SocketAddr>,
-) -> (Client, SocketAddr) {
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let local = stream.local_addr().expect("local");
-    let mut c = Framed::new(stream, FrameCodec::new());
-    send_hello(&mut c, code, name, candidates, None).await;
-    match next(&mut c).await {
-        ServerToPeer::Welcome { observed, mapping } => {
-            assert_eq!(observed, local);
-            assert_eq!(mapping, Mapping::Unknown);
-        }
-        other => panic!("expected welcome, got {other:?}"),
-    }
+/// Connects, says hello with `name` as its key-exchange message (opaque to the
+/// server), checks the welcome; returns the client and its observed address.
+async fn join(server: SocketAddr, code: &str, name: &str) -> (Client, SocketAddr) {
+    let mut c = Client::connect(server).await;
+    let local = c.local_addr();
+    c.send_hello(code, name.as_bytes()).await;
+    let (observed, mapping) = c.welcome().await;
+    assert_eq!(observed, local);
+    assert_eq!(mapping, Mapping::Unknown);
     (c, local)
-}
-
-/// Answers pings until the go; returns it and how many pings were answered.
-async fn go(c: &mut Client) -> (Go, u32) {
-    let mut pings = 0;
-    loop {
-        match next(c).await {
-            ServerToPeer::Ping { seq } => {
-                pings += 1;
-                c.send(PeerToServer::Pong { seq }).await.expect("pong");
-            }
-            ServerToPeer::Go(go) => return (go, pings),
-            other => panic!("expected go, got {other:?}"),
-        }
-    }
-}
-
-fn error_code(msg: &ServerToPeer) -> Option<ErrorCode> {
-    match msg {
-        ServerToPeer::Error { code, .. } => Some(ErrorCode::from_u16(*code)),
-        _ => None,
-    }
 }
 
 #[tokio::test]
 async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
-    let (server, _stop, _task) = start(Config::default()).await;
-    let lan_a: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
-    let (mut a, addr_a) = hello(server, "7", "alice", vec![lan_a]).await;
+    let rv = Rendezvous::start();
+    let server = rv.addr();
+    let (mut a, addr_a) = join(server, "7", "alice").await;
     // Let alice wait long enough for the early pings.
     let waiting = tokio::spawn(async move {
-        let (g, pings) = go(&mut a).await;
+        let (g, pings) = a.go().await;
         (a, g, pings)
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let (mut b, addr_b) = hello(server, "7", "bob", vec![]).await;
-    let (go_b, _) = go(&mut b).await;
+    let (mut b, addr_b) = join(server, "7", "bob").await;
+    let (go_b, _) = b.go().await;
     let (_a, go_a, pings) = waiting.await.expect("alice task");
 
     assert!(
@@ -154,40 +54,35 @@ async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
     // Each peer's sealed box reaches the other, untouched, once.
     let mut a = _a;
     a.send(PeerToServer::Sealed(b"box from alice".to_vec()))
-        .await
-        .expect("send");
-    b.send(PeerToServer::Sealed(b"box from bob".to_vec()))
-        .await
-        .expect("send");
+        .await;
+    b.send(PeerToServer::Sealed(b"box from bob".to_vec())).await;
     assert_eq!(
-        next_after_pings(&mut b).await,
+        b.recv_after_pings().await,
         ServerToPeer::Sealed(b"box from alice".to_vec())
     );
     assert_eq!(
-        next_after_pings(&mut a).await,
+        a.recv_after_pings().await,
         ServerToPeer::Sealed(b"box from bob".to_vec())
     );
     // A second box is a protocol violation: the connection ends.
-    a.send(PeerToServer::Sealed(vec![1; 10]))
-        .await
-        .expect("send");
+    a.send(PeerToServer::Sealed(vec![1; 10])).await;
     assert!(
         timeout(WAIT, async { while let Some(Ok(_)) = a.next().await {} })
             .await
             .is_ok()
     );
-    let _ = lan_a;
 }
 
 #[tokio::test]
 async fn sessions_differ_between_pairs() {
-    let (server, _stop, _task) = start(Config::default()).await;
+    let rv = Rendezvous::start();
+    let server = rv.addr();
     let mut sessions = Vec::new();
     for code in ["1", "2"] {
-        let (mut a, _) = hello(server, code, "a", vec![]).await;
-        let (mut b, _) = hello(server, code, "b", vec![]).await;
-        let (ga, _) = go(&mut a).await;
-        let (gb, _) = go(&mut b).await;
+        let (mut a, _) = join(server, code, "a").await;
+        let (mut b, _) = join(server, code, "b").await;
+        let (ga, _) = a.go().await;
+        let (gb, _) = b.go().await;
         assert_eq!(ga.session, gb.session);
         sessions.push(ga.session);
     }
@@ -196,17 +91,17 @@ async fn sessions_differ_between_pairs() {
 
 #[tokio::test]
 async fn a_third_peer_is_told_the_code_is_in_use() {
-    let (server, _stop, _task) = start(Config::default()).await;
-    let (mut a, _) = hello(server, "3", "a", vec![]).await;
-    let (mut b, _) = hello(server, "3", "b", vec![]).await;
-    go(&mut a).await;
-    go(&mut b).await;
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let mut c: Client = Framed::new(stream, FrameCodec::new());
-    send_hello(&mut c, "3", "c", vec![], None).await;
-    let reply = next(&mut c).await;
+    let rv = Rendezvous::start();
+    let server = rv.addr();
+    let (mut a, _) = join(server, "3", "a").await;
+    let (mut b, _) = join(server, "3", "b").await;
+    a.go().await;
+    b.go().await;
+    let mut c = Client::connect(server).await;
+    c.send_hello("3", b"c").await;
+    let reply = c.recv().await;
     assert_eq!(error_code(&reply), Some(ErrorCode::CodeInUse), "{reply:?}");
-    assert_closed(&mut c).await;
+    c.assert_closed().await;
 }
 
 #[tokio::test]
@@ -215,12 +110,13 @@ async fn a_lonely_peer_is_told_its_wait_expired() {
         wait_ttl: Duration::from_secs(1),
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
-    let (mut a, _) = hello(server, "4", "a", vec![]).await;
-    let reply = next_after_pings(&mut a).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
+    let (mut a, _) = join(server, "4", "a").await;
+    let reply = a.recv_after_pings().await;
     assert_eq!(error_code(&reply), Some(ErrorCode::Expired), "{reply:?}");
     // The code is free again.
-    let (_b, _) = hello(server, "4", "b", vec![]).await;
+    let (_b, _) = join(server, "4", "b").await;
 }
 
 #[tokio::test]
@@ -229,48 +125,41 @@ async fn a_silent_connection_is_dropped_after_the_hello_timeout() {
         hello_timeout: Duration::from_millis(300),
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let mut c: Client = Framed::new(stream, FrameCodec::new());
-    let reply = next(&mut c).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
+    let mut c = Client::connect(server).await;
+    let reply = c.recv().await;
     assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
-    assert_closed(&mut c).await;
+    c.assert_closed().await;
 }
 
 #[tokio::test]
 async fn invalid_hello_fields_are_rejected() {
-    let (server, _stop, _task) = start(Config::default()).await;
+    let rv = Rendezvous::start();
+    let server = rv.addr();
     for (code, pake_len) in [("bad nameplate!", 1), ("", 1), ("11", 1000)] {
-        let stream = TcpStream::connect(server).await.expect("connect");
-        let mut c: Client = Framed::new(stream, FrameCodec::new());
-        c.send(PeerToServer::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            nameplate: code.into(),
-            probe_observed: None,
-            pake: vec![7; pake_len],
-            resume: None,
-        }))
-        .await
-        .expect("send hello");
-        let reply = next(&mut c).await;
+        let mut c = Client::connect(server).await;
+        c.send_hello(code, &vec![7; pake_len]).await;
+        let reply = c.recv().await;
         assert_eq!(error_code(&reply), Some(ErrorCode::Malformed), "{reply:?}");
     }
 }
 
 #[tokio::test]
 async fn shutdown_tells_waiting_peers() {
-    let (server, stop, task) = start(Config::default()).await;
-    let (mut a, _) = hello(server, "5", "a", vec![]).await;
-    let _ = stop.send(());
-    let reply = next_after_pings(&mut a).await;
+    let rv = Rendezvous::start();
+    let (mut a, _) = join(rv.addr(), "5", "a").await;
+    let stopped = tokio::task::spawn_blocking(move || rv.stop());
+    let reply = a.recv_after_pings().await;
     assert_eq!(
         error_code(&reply),
         Some(ErrorCode::ShuttingDown),
         "{reply:?}"
     );
-    timeout(WAIT, task)
+    timeout(WAIT, stopped)
         .await
         .expect("server stops in time")
+        .expect("stop awaited")
         .expect("clean stop");
 }
 
@@ -286,35 +175,33 @@ fn reusable(port: u16) -> tokio::net::TcpSocket {
 
 #[tokio::test]
 async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
-    let (server, _stop, _task) = start(Config::default()).await;
-    let probe_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind probe");
-    let probe_addr = probe_listener.local_addr().expect("addr");
-    tokio::spawn(run_probe(
-        probe_listener,
-        Default::default(),
-        std::future::pending(),
-    ));
+    let rv = Rendezvous::start();
+    let server = rv.addr();
 
     // Same local port to both server ports, as a peer does.
     let main = reusable(0);
     let port = main.local_addr().expect("addr").port();
     let main = main.connect(server).await.expect("connect main");
     let probe = reusable(port)
-        .connect(probe_addr)
+        .connect(rv.probe_addr())
         .await
         .expect("connect probe");
-    let mut probe: Client = Framed::new(probe, FrameCodec::new());
-    let seen = match next(&mut probe).await {
+    let mut probe = Client::new(probe);
+    let seen = match probe.recv().await {
         ServerToPeer::Observed { observed } => observed,
         other => panic!("expected the observed address, got {other:?}"),
     };
     assert_eq!(seen, SocketAddr::from(([127, 0, 0, 1], port)));
-    assert_closed(&mut probe).await;
+    probe.assert_closed().await;
 
     let welcome = |probe_observed| async move {
-        let mut c: Client = Framed::new(main, FrameCodec::new());
-        send_hello(&mut c, "6", "a", vec![], probe_observed).await;
-        next(&mut c).await
+        let mut c = Client::new(main);
+        c.send(PeerToServer::Hello(Hello {
+            probe_observed,
+            ..hello("6", b"a")
+        }))
+        .await;
+        c.recv().await
     };
     match welcome(Some(seen)).await {
         ServerToPeer::Welcome { mapping, .. } => assert_eq!(mapping, Mapping::Independent),
@@ -323,41 +210,37 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
 
     // A probe that saw another port: the NAT maps per destination, and the other
     // peer is told so in its go.
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let local = stream.local_addr().expect("local");
-    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    let mut c = Client::connect(server).await;
+    let local = c.local_addr();
     let elsewhere = SocketAddr::new(local.ip(), local.port().wrapping_add(7));
-    send_hello(&mut c, "8", "sym", vec![], Some(elsewhere)).await;
+    c.send(PeerToServer::Hello(Hello {
+        probe_observed: Some(elsewhere),
+        ..hello("8", b"sym")
+    }))
+    .await;
     let expected = Mapping::DependsOnDestination {
         first: local.port(),
         second: elsewhere.port(),
     };
-    match next(&mut c).await {
+    match c.recv().await {
         ServerToPeer::Welcome { mapping, .. } => assert_eq!(mapping, expected),
         other => panic!("expected welcome, got {other:?}"),
     }
-    let (mut other, _) = hello(server, "8", "b", vec![]).await;
-    let (go_other, _) = go(&mut other).await;
+    let (mut other, _) = join(server, "8", "b").await;
+    let (go_other, _) = other.go().await;
     assert_eq!(go_other.peer.mapping, expected);
 }
 
 #[tokio::test]
 async fn new_codes_get_random_free_nameplates() {
-    let (server, _stop, _task) = start(Config::default()).await;
-    async fn allocate(server: SocketAddr) -> (Client, String) {
-        let stream = TcpStream::connect(server).await.expect("connect");
-        let mut c: Client = Framed::new(stream, FrameCodec::new());
-        c.send(PeerToServer::Allocate).await.expect("send");
-        match next(&mut c).await {
-            ServerToPeer::Allocated { nameplate } => (c, nameplate),
-            other => panic!("expected a nameplate, got {other:?}"),
-        }
-    }
+    let rv = Rendezvous::start();
+    let server = rv.addr();
     // Each allocated nameplate is taken by a waiting peer before the next one.
     let mut held = Vec::new();
     let mut numbers = Vec::new();
     for name in ["a", "b", "c", "d", "e", "f", "g", "h"] {
-        let (mut c, nameplate) = allocate(server).await;
+        let mut c = Client::connect(server).await;
+        let nameplate = c.allocate().await;
         let n: u32 = nameplate.parse().expect("a number");
         // Three digits under light use.
         assert!((1..1000).contains(&n), "{nameplate}");
@@ -365,8 +248,8 @@ async fn new_codes_get_random_free_nameplates() {
             !numbers.contains(&n),
             "{nameplate} is taken by a waiting peer"
         );
-        send_hello(&mut c, &nameplate, name, vec![], None).await;
-        assert!(matches!(next(&mut c).await, ServerToPeer::Welcome { .. }));
+        c.send_hello(&nameplate, name.as_bytes()).await;
+        assert!(matches!(c.recv().await, ServerToPeer::Welcome { .. }));
         numbers.push(n);
         held.push(c);
     }
@@ -376,27 +259,6 @@ async fn new_codes_get_random_free_nameplates() {
     assert_ne!(numbers, (1..=8).collect::<Vec<_>>());
 }
 
-/// One HTTP request to the metrics endpoint; the whole answer.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(addr).await.expect("connect metrics");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    s.write_all(request.as_bytes()).await.expect("request");
-    let mut answer = String::new();
-    timeout(WAIT, s.read_to_string(&mut answer))
-        .await
-        .expect("answer in time")
-        .expect("read answer");
-    answer
-}
-
-/// The value of one sample line (`name{labels} value`) of an exposition.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test]
 async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
     let metrics = std::sync::Arc::new(punchline_rendezvous::Metrics::default());
@@ -404,7 +266,8 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let metrics_addr = metrics_listener.local_addr().expect("addr");
     tokio::spawn(punchline_rendezvous::serve_metrics(
@@ -425,19 +288,17 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
         ),
         ("22", punchline_proto::PunchOutcome::Failed { attempts: 9 }),
     ] {
-        let (mut a, _) = hello(server, code, "a", vec![]).await;
-        let (mut b, _) = hello(server, code, "b", vec![]).await;
-        go(&mut a).await;
-        go(&mut b).await;
+        let (mut a, _) = join(server, code, "a").await;
+        let (mut b, _) = join(server, code, "b").await;
+        a.go().await;
+        b.go().await;
         let direct = matches!(outcome, punchline_proto::PunchOutcome::Direct { .. });
-        a.send(PeerToServer::Report(outcome.clone()))
-            .await
-            .expect("report");
-        b.send(PeerToServer::Report(outcome)).await.expect("report");
+        a.send(PeerToServer::Report(outcome.clone())).await;
+        b.send(PeerToServer::Report(outcome)).await;
         if direct {
             // After a direct punch the server closes first.
-            assert_closed(&mut a).await;
-            assert_closed(&mut b).await;
+            a.assert_closed().await;
+            b.assert_closed().await;
         } else {
             // After a failure it waits for a relay request; peers that want none
             // just leave.
@@ -445,20 +306,20 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
         }
     }
     // A third peer for a paired code, and a malformed hello.
-    let (mut a, _) = hello(server, "23", "a", vec![]).await;
-    let (mut b, _) = hello(server, "23", "b", vec![]).await;
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let mut c: Client = Framed::new(stream, FrameCodec::new());
-    send_hello(&mut c, "23", "c", vec![], None).await;
-    assert_eq!(error_code(&next(&mut c).await), Some(ErrorCode::CodeInUse));
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let mut d: Client = Framed::new(stream, FrameCodec::new());
-    send_hello(&mut d, "not-digits", "d", vec![], None).await;
-    assert_eq!(error_code(&next(&mut d).await), Some(ErrorCode::Malformed));
-    go(&mut a).await;
-    go(&mut b).await;
+    let (mut a, _) = join(server, "23", "a").await;
+    let (mut b, _) = join(server, "23", "b").await;
+    let mut c = Client::connect(server).await;
+    c.send_hello("23", b"c").await;
+    assert_eq!(error_code(&c.recv().await), Some(ErrorCode::CodeInUse));
+    let mut d = Client::connect(server).await;
+    d.send_hello("not-digits", b"d").await;
+    assert_eq!(error_code(&d.recv().await), Some(ErrorCode::Malformed));
+    a.go().await;
+    b.go().await;
 
-    let answer = http_get(metrics_addr, "/metrics").await;
+    let answer = http_get(metrics_addr, "/metrics", WAIT)
+        .await
+        .expect("metrics answer");
     let (head, body) = answer.split_once("\r\n\r\n").expect("http answer");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("application/openmetrics-text"), "{head}");
@@ -479,15 +340,17 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
         0.0
     );
     // Pair 23 is still connected; c and d are gone once their tasks end.
-    assert_closed(&mut c).await;
-    assert_closed(&mut d).await;
+    c.assert_closed().await;
+    d.assert_closed().await;
     let mut open = value("punchline_connections_open");
     for _ in 0..50 {
         if open == 2.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let again = http_get(metrics_addr, "/metrics").await;
+        let again = http_get(metrics_addr, "/metrics", WAIT)
+            .await
+            .expect("metrics answer");
         open = sample(&again, "punchline_connections_open").expect("open gauge");
     }
     assert_eq!(open, 2.0);
@@ -495,7 +358,9 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
     let snapshot = metrics.snapshot();
     assert_eq!((snapshot.pairs, snapshot.rejects), (3, 2));
 
-    let other = http_get(metrics_addr, "/").await;
+    let other = http_get(metrics_addr, "/", WAIT)
+        .await
+        .expect("metrics answer");
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 }
 
@@ -505,8 +370,9 @@ async fn a_waiting_peer_that_stops_answering_pings_is_dropped_and_its_code_freed
         idle_timeout: Duration::from_secs(1),
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
-    let (mut silent, _) = hello(server, "31", "a", vec![]).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
+    let (mut silent, _) = join(server, "31", "a").await;
     // Read what the server sends, answer nothing.
     let ended = timeout(WAIT, async {
         loop {
@@ -524,36 +390,30 @@ async fn a_waiting_peer_that_stops_answering_pings_is_dropped_and_its_code_freed
         matches!(&reply, ServerToPeer::Error { message, .. } if message.contains("no answer to pings")),
         "{reply:?}"
     );
-    assert_closed(&mut silent).await;
+    silent.assert_closed().await;
     // The code is free again, and a peer that answers pings stays.
-    let (mut a, _) = hello(server, "31", "b", vec![]).await;
-    let stays = timeout(Duration::from_millis(2500), next_after_pings(&mut a)).await;
+    let (mut a, _) = join(server, "31", "b").await;
+    let stays = timeout(Duration::from_millis(2500), a.recv_after_pings()).await;
     assert!(
         stays.is_err(),
         "a peer answering pings was dropped: {stays:?}"
     );
 }
 
-/// Sends `msg` and reads the answer.
-async fn ask(c: &mut Client, msg: PeerToServer) -> ServerToPeer {
-    c.send(msg).await.expect("send");
-    next(c).await
-}
-
 #[tokio::test]
 async fn reflect_and_dial_back_answer_the_doctor_then_a_hello_still_works() {
     use punchline_proto::DialBackResult;
-    let (server, _stop, _task) = start(Config::default()).await;
+    let rv = Rendezvous::start();
+    let server = rv.addr();
 
     // Nothing listens on the client's port: the dial-back is reset.
-    let stream = TcpStream::connect(server).await.expect("connect");
-    let local = stream.local_addr().expect("local");
-    let mut c: Client = Framed::new(stream, FrameCodec::new());
+    let mut c = Client::connect(server).await;
+    let local = c.local_addr();
     assert_eq!(
-        ask(&mut c, PeerToServer::Reflect).await,
+        c.ask(PeerToServer::Reflect).await,
         ServerToPeer::Observed { observed: local }
     );
-    match ask(&mut c, PeerToServer::DialBack).await {
+    match c.ask(PeerToServer::DialBack).await {
         ServerToPeer::DialedBack { target, result, .. } => {
             assert_eq!(target, local);
             assert_eq!(result, DialBackResult::Refused);
@@ -561,19 +421,16 @@ async fn reflect_and_dial_back_answer_the_doctor_then_a_hello_still_works() {
         other => panic!("expected a dial-back result, got {other:?}"),
     }
     // The hello still works after the doctor's questions.
-    send_hello(&mut c, "41", "doc", vec![], None).await;
-    assert!(
-        matches!(next(&mut c).await, ServerToPeer::Welcome { observed, .. } if observed == local)
-    );
+    c.send_hello("41", b"doc").await;
+    assert!(matches!(c.recv().await, ServerToPeer::Welcome { observed, .. } if observed == local));
     drop(c);
 
     // A listener on the client's own port (a port forward, say) accepts it.
     let listener = reusable(0);
     let port = listener.local_addr().expect("addr").port();
     let listener = listener.listen(8).expect("listen");
-    let stream = reusable(port).connect(server).await.expect("connect");
-    let mut c: Client = Framed::new(stream, FrameCodec::new());
-    match ask(&mut c, PeerToServer::DialBack).await {
+    let mut c = Client::new(reusable(port).connect(server).await.expect("connect"));
+    match c.ask(PeerToServer::DialBack).await {
         ServerToPeer::DialedBack { result, .. } => assert_eq!(result, DialBackResult::Connected),
         other => panic!("expected a dial-back result, got {other:?}"),
     }
@@ -583,9 +440,9 @@ async fn reflect_and_dial_back_answer_the_doctor_then_a_hello_still_works() {
         .expect("accept");
     assert_eq!(from.ip(), server.ip());
     // Once per connection.
-    let again = ask(&mut c, PeerToServer::DialBack).await;
+    let again = c.ask(PeerToServer::DialBack).await;
     assert_eq!(error_code(&again), Some(ErrorCode::Malformed), "{again:?}");
-    assert_closed(&mut c).await;
+    c.assert_closed().await;
 }
 
 /// Pairs two clients and has both ask for the relay after a failed punch.
@@ -593,16 +450,16 @@ async fn relayed_pair(
     server: SocketAddr,
     code: &str,
 ) -> (Client, Client, ServerToPeer, ServerToPeer) {
-    let (mut a, _) = hello(server, code, "a", vec![]).await;
-    let (mut b, _) = hello(server, code, "b", vec![]).await;
-    go(&mut a).await;
-    go(&mut b).await;
+    let (mut a, _) = join(server, code, "a").await;
+    let (mut b, _) = join(server, code, "b").await;
+    a.go().await;
+    b.go().await;
     let failed = PeerToServer::Report(punchline_proto::PunchOutcome::Failed { attempts: 3 });
     for c in [&mut a, &mut b] {
-        c.send(failed.clone()).await.expect("report");
+        c.send(failed.clone()).await;
     }
-    let ra = ask(&mut a, PeerToServer::Relay).await;
-    let rb = ask(&mut b, PeerToServer::Relay).await;
+    let ra = a.ask(PeerToServer::Relay).await;
+    let rb = b.ask(PeerToServer::Relay).await;
     (a, b, ra, rb)
 }
 
@@ -612,30 +469,25 @@ async fn a_failed_pair_is_relayed_both_ways_within_its_allowance() {
         relay_bytes: 1000,
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let (mut a, mut b, ra, rb) = relayed_pair(server, "51").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
-    a.send(PeerToServer::Relayed(b"to b".to_vec()))
-        .await
-        .expect("send");
-    assert_eq!(next(&mut b).await, ServerToPeer::Relayed(b"to b".to_vec()));
-    b.send(PeerToServer::Relayed(b"to a".to_vec()))
-        .await
-        .expect("send");
-    assert_eq!(next(&mut a).await, ServerToPeer::Relayed(b"to a".to_vec()));
+    a.send(PeerToServer::Relayed(b"to b".to_vec())).await;
+    assert_eq!(b.recv().await, ServerToPeer::Relayed(b"to b".to_vec()));
+    b.send(PeerToServer::Relayed(b"to a".to_vec())).await;
+    assert_eq!(a.recv().await, ServerToPeer::Relayed(b"to a".to_vec()));
     // Past the pair's allowance (1000 bytes, both ways together) the relay ends.
-    a.send(PeerToServer::Relayed(vec![0; 995]))
-        .await
-        .expect("send");
-    let refusal = next(&mut a).await;
+    a.send(PeerToServer::Relayed(vec![0; 995])).await;
+    let refusal = a.recv().await;
     assert_eq!(
         error_code(&refusal),
         Some(ErrorCode::RelayUnavailable),
         "{refusal:?}"
     );
-    assert_closed(&mut a).await;
+    a.assert_closed().await;
     // The other side's relay closes with it.
-    assert_closed(&mut b).await;
+    b.assert_closed().await;
 }
 
 #[tokio::test]
@@ -644,7 +496,8 @@ async fn a_server_that_does_not_relay_says_so() {
         relay: false,
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let (_a, _b, ra, rb) = relayed_pair(server, "52").await;
     for reply in [ra, rb] {
         assert_eq!(
@@ -665,18 +518,17 @@ async fn a_relay_faster_than_its_pace_is_slowed_not_cut_off() {
         relay_rate: 2000,
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let (mut a, mut b, ra, rb) = relayed_pair(server, "53").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
     // 12,000 bytes against a burst of 8,000 and 2,000 a second: all of it arrives.
     for _ in 0..12 {
-        a.send(PeerToServer::Relayed(vec![7; 1000]))
-            .await
-            .expect("send");
+        a.send(PeerToServer::Relayed(vec![7; 1000])).await;
     }
     let mut got = 0;
     while got < 12_000 {
-        match next(&mut b).await {
+        match b.recv().await {
             ServerToPeer::Relayed(piece) => got += piece.len(),
             other => panic!("expected relayed bytes, got {other:?}"),
         }
@@ -693,7 +545,8 @@ async fn a_relay_carries_both_directions_at_once_beyond_its_pace() {
         relay_rate: 4000,
         ..Config::default()
     };
-    let (server, _stop, _task) = start(config).await;
+    let rv = Rendezvous::with_config(config);
+    let server = rv.addr();
     let (a, b, ra, rb) = relayed_pair(server, "54").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
     const PIECES: usize = 200;
@@ -701,7 +554,7 @@ async fn a_relay_carries_both_directions_at_once_beyond_its_pace() {
     // 20,000 bytes each way, 40,000 in all, against a burst of 16,000.
     let run = |c: Client| {
         tokio::spawn(async move {
-            let (mut sink, mut stream) = c.split();
+            let (mut sink, mut stream) = c.into_inner().split();
             let writer = async {
                 for _ in 0..PIECES {
                     sink.send(PeerToServer::Relayed(vec![1; SIZE]))

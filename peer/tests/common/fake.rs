@@ -1,5 +1,5 @@
-//! A fake rendezvous for tests that play a hostile server: it accepts peers
-//! and welcomes them, and the test decides the rest.
+//! A fake rendezvous for tests that play a hostile server: it listens on
+//! loopback, accepts peers and welcomes them, and the test decides the rest.
 
 use std::net::SocketAddr;
 
@@ -7,6 +7,16 @@ use futures::{SinkExt, StreamExt};
 use punchline_proto::{FrameCodec, Hello, Mapping, PeerToServer, ServerToPeer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
+
+/// A listener on a free loopback port for a fake rendezvous that runs on
+/// `rt`; returns it with its address.
+pub fn listen(rt: &tokio::runtime::Runtime) -> (TcpListener, SocketAddr) {
+    let listener = rt
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("bind the fake rendezvous");
+    let addr = listener.local_addr().expect("address");
+    (listener, addr)
+}
 
 /// The fake rendezvous' end of a peer's connection.
 pub type ServerConn = Framed<TcpStream, FrameCodec<PeerToServer, ServerToPeer>>;

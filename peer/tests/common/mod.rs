@@ -1,4 +1,5 @@
-//! Test harness: an in-process rendezvous on loopback and real `peer` processes.
+//! Test harness: real `peer` processes (the rendezvous they meet at is the
+//! test kit's, `punchline_testkit::Rendezvous`).
 
 #![allow(dead_code)]
 
@@ -6,67 +7,12 @@ pub mod fake;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::process::{Command, ExitStatus};
-use std::thread;
 use std::time::Duration;
 
 use punchline_lab::scenario::PeerProcess;
-use punchline_rendezvous::Config;
 
 /// How long a test waits for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(20);
-
-/// A rendezvous served by a background runtime until dropped.
-pub struct Rendezvous {
-    pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Rendezvous {
-    pub fn start() -> Rendezvous {
-        Self::with_config(Config::default())
-    }
-
-    /// Serves on 127.0.0.1, with the probe port next to the main port.
-    pub fn with_config(config: Config) -> Rendezvous {
-        Self::on(std::net::Ipv4Addr::LOCALHOST.into(), config)
-    }
-
-    /// Serves on `ip`, with the probe port next to the main port.
-    pub fn on(ip: std::net::IpAddr, config: Config) -> Rendezvous {
-        let (listener, probe) = loop {
-            let main = TcpListener::bind((ip, 0)).expect("bind rendezvous");
-            let port = main.local_addr().expect("addr").port();
-            if let Ok(probe) = TcpListener::bind((ip, port.wrapping_add(1))) {
-                break (main, probe);
-            }
-        };
-        for l in [&listener, &probe] {
-            l.set_nonblocking(true).expect("nonblocking");
-        }
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = thread::spawn(move || {
-            punchline_lab::scenario::serve_rendezvous(listener, probe, config, stopped)
-        });
-        Rendezvous {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Rendezvous {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A free loopback port (bound and released: nothing else here races for it).
 pub fn free_port() -> u16 {
