@@ -327,8 +327,13 @@ fn print_loop(
     done: std_mpsc::SyncSender<()>,
 ) {
     for shown in queue {
+        // With its newline: between two `readline` calls (just after Enter,
+        // say) the editor is out of raw mode and the printer writes the text
+        // as it is, where the next prompt would otherwise be drawn over a line
+        // left open (or the next message run on into it). In raw mode the
+        // editor adds the newline only when it is missing.
         let line = match &shown {
-            Shown::Incoming(line) | Shown::Status(line) => line.clone(),
+            Shown::Incoming(line) | Shown::Status(line) => format!("{line}\n"),
         };
         if printer.print(line).is_err() {
             shown.write_direct();

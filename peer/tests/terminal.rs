@@ -208,7 +208,8 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
 
     // /info: the path, the addresses, the RTT, the NAT findings, encryption, traffic.
     term.keys(&["/info", "Enter"]);
-    let screen = term.wait_text("-- traffic");
+    // The lines are printed one by one: wait for the last one checked.
+    let screen = term.wait_text("-- names        you are Ada");
     let info = screen.join("\n");
     for needle in [
         "-- path         direct TCP link",
