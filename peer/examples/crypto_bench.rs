@@ -73,13 +73,15 @@ async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
             Framed::new(LinkStream::Tcp(a), FrameCodec::new()),
             Role::Leader,
             &psk,
-            &ia
+            &ia,
+            None
         ),
         SecureLink::handshake(
             Framed::new(LinkStream::Tcp(b), FrameCodec::new()),
             Role::Follower,
             &psk,
-            &ib
+            &ib,
+            None
         ),
     );
     let took = start.elapsed();

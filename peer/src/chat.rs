@@ -266,6 +266,15 @@ async fn carry<T>(
                 typed_on_link(typed, link, session, ctx, output);
             }
             received = link.recv() => match received {
+                // The chat's leader reveals its words' nonce first on every
+                // link (checked by the link): the chat's follower learns the
+                // words from the first one. Not a message of the session.
+                Some(Ok(Chat::Reveal { .. })) => {
+                    if let (None, Some(words)) = (&ctx.words, link.verification()) {
+                        output.status(&render::confirmed(&ctx.their_name, words));
+                        ctx.words = Some(words.to_owned());
+                    }
+                }
                 Some(Ok(msg)) => {
                     if msg == Chat::Bye {
                         // The other side still reads until our answering

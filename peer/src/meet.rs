@@ -47,6 +47,9 @@ pub(crate) struct ChatKeys {
     pub(crate) secret: secure::Secret,
     /// Our role on the first link, fixed for the chat.
     pub(crate) role: Role,
+    /// The verification words' material: the leader reveals its nonce first
+    /// on every link, the follower checks it.
+    pub(crate) words: Option<secure::Words>,
 }
 
 /// A met peer: the go and our view of the meeting, and the secured link.
@@ -161,10 +164,16 @@ pub(crate) async fn meet(
             // Filled in by the handshake.
             words_nonce: [0; 32],
         };
+        // The words' material: drawn by the first link, kept for the others.
+        let words = match keying {
+            Keying::Code(_) => None,
+            Keying::Chat(keys) => keys.words.as_ref(),
+        };
         let keep = |link: &secure::SecureLink| match keying {
             Keying::Code(_) => ChatKeys {
                 secret: secret.chat(link.handshake_hash()),
                 role: chat_role,
+                words: link.words().cloned(),
             },
             Keying::Chat(keys) => keys.clone(),
         };
@@ -183,7 +192,8 @@ pub(crate) async fn meet(
                 };
                 let link =
                     tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
-                let link = secure::SecureLink::handshake(link, go.role, &secret, &ours).await?;
+                let link =
+                    secure::SecureLink::handshake(link, go.role, &secret, &ours, words).await?;
                 let why = crate::render::punch_cause(&failure);
                 tracing::info!("relayed and encrypted");
                 return Ok(Met {
@@ -214,7 +224,8 @@ pub(crate) async fn meet(
             attempts: punched.attempts,
             elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
         }));
-        let link = secure::SecureLink::handshake(punched.link, go.role, &secret, &ours).await?;
+        let link =
+            secure::SecureLink::handshake(punched.link, go.role, &secret, &ours, words).await?;
         tracing::info!("encrypted");
         Ok(Met {
             observed,

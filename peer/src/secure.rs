@@ -28,10 +28,11 @@
 //!    (longer lines are refused by the sender, not split).
 //! 6. The first handshake's hash, the same on both sides only without a man in
 //!    the middle, and two nonces — the leader's committed to in its handshake
-//!    message and revealed in its first message after it, the follower's sent in
-//!    its handshake message — give the chat's verification words (`/verify`),
-//!    48 bits. Whatever decides the words is revealed only after a man in the
-//!    middle's last message on that side, so it cannot grind them into a match.
+//!    message and revealed in its first message after it (on every link of the
+//!    chat: see [`Words`]), the follower's sent in its handshake message — give
+//!    the chat's verification words (`/verify`), 48 bits. Whatever decides the
+//!    words is revealed only after a man in the middle's last message on that
+//!    side, so it cannot grind them into a match.
 
 use std::time::Duration;
 
@@ -283,19 +284,43 @@ pub struct SecureLink {
     link: Link,
     noise: snow::TransportState,
     verification: Option<String>,
-    /// At the follower of a first link, until the leader's reveal arrives: its
-    /// commitment and our nonce.
-    pending_words: Option<PendingWords>,
+    /// What the chat keeps to reveal or check its words on every link.
+    words: Option<Words>,
+    /// At the chat's follower, until the leader's reveal arrives on this link.
+    awaiting_reveal: bool,
     hash: Vec<u8>,
     their: Introduction,
     /// Sealed bytes sent and received (ciphertext with its tags).
     bytes: (u64, u64),
 }
 
-/// What the follower of a first link needs to check the leader's reveal.
-struct PendingWords {
-    commitment: [u8; 32],
-    ours: [u8; 32],
+/// The verification words' material a chat keeps from its first link. The
+/// chat's leader reveals its nonce as its first message on **every** link of
+/// the chat; the follower checks it against the commitment of the first
+/// handshake and learns the words from the first reveal. Nothing waits for
+/// it: the follower sends as soon as its handshake is done, and its words
+/// (`/verify`) come with the leader's first message. A man in the middle that
+/// withholds the reveal gets no message to the follower through (every
+/// message of the leader comes after it), so no line of the follower is ever
+/// acknowledged, and the chat cannot go on without words to compare.
+#[derive(Clone)]
+pub enum Words {
+    /// We lead the chat: our nonce, and the words.
+    Leader {
+        /// The nonce the first handshake committed to.
+        nonce: [u8; 32],
+        /// The words.
+        words: String,
+    },
+    /// We follow: what checks the leader's reveal.
+    Follower {
+        /// The leader's commitment, from the first handshake.
+        commitment: [u8; 32],
+        /// Our nonce, sent in the first handshake.
+        ours: [u8; 32],
+        /// The first handshake's hash.
+        hash: Vec<u8>,
+    },
 }
 
 fn noise_error(e: snow::Error) -> PeerError {
@@ -369,14 +394,19 @@ impl SecureLink {
     /// Runs the Noise handshake on `link`, keyed by `secret`: the leader writes
     /// first; each side's payload is its introduction (`ours`, whose
     /// `words_nonce` is filled in here). A link to ourselves (an introduction
-    /// with our own chat role) is refused. On a first link (keyed by the code)
-    /// the leader then reveals its words nonce, and both derive the
-    /// verification words ([`Introduction::words_nonce`]).
+    /// with our own chat role) is refused.
+    ///
+    /// Words: on a first link (keyed by the code) the nonces are drawn and
+    /// committed to here ([`Introduction::words_nonce`]); on a later link
+    /// `words` is what the first one left ([`SecureLink::words`]). Either way
+    /// the chat's leader then reveals its nonce as its first message, and the
+    /// follower checks it when it arrives ([`SecureLink::recv`]).
     pub async fn handshake(
         mut link: Link,
         role: Role,
         secret: &Secret,
         ours: &Introduction,
+        words: Option<&Words>,
     ) -> Result<SecureLink, PeerError> {
         let params = NOISE_PARAMS
             .parse()
@@ -390,11 +420,13 @@ impl SecureLink {
             Role::Follower => builder.build_responder(),
         }
         .map_err(noise_error)?;
+        let first = secret.is_code_key() && words.is_none();
         let nonce = random_nonce()?;
         let mut ours = ours.clone();
-        ours.words_nonce = match role {
-            Role::Leader => commit(&nonce),
-            Role::Follower => nonce,
+        ours.words_nonce = match (first, role) {
+            (true, Role::Leader) => commit(&nonce),
+            (true, Role::Follower) => nonce,
+            (false, _) => [0; 32],
         };
         let intro = encode_payload(&ours)
             .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
@@ -429,57 +461,38 @@ impl SecureLink {
         }
         let hash = state.get_handshake_hash().to_vec();
         let noise = state.into_transport_mode().map_err(noise_error)?;
+        let words = match (first, role, words) {
+            (true, Role::Leader, _) => Some(Words::Leader {
+                nonce,
+                words: words_of(&hash, &nonce, &their.words_nonce),
+            }),
+            (true, Role::Follower, _) => Some(Words::Follower {
+                commitment: their.words_nonce,
+                ours: nonce,
+                hash: hash.clone(),
+            }),
+            (false, _, words) => words.cloned(),
+        };
         let mut secured = SecureLink {
             link,
             noise,
             verification: None,
-            pending_words: None,
+            awaiting_reveal: matches!(words, Some(Words::Follower { .. })),
+            words,
             hash,
             their,
             bytes: (0, 0),
         };
-        if secret.is_code_key() {
-            match role {
-                // The leader reveals its nonce at once and knows the words.
-                Role::Leader => {
-                    secured.send(&Chat::Reveal { nonce }).await.map_err(|e| {
-                        PeerError::LinkLost {
-                            name: crate::punch::THE_OTHER_SIDE.to_owned(),
-                            why: e.to_string(),
-                        }
-                    })?;
-                    let follower = secured.their.words_nonce;
-                    secured.verification = Some(words_of(&secured.hash, &nonce, &follower));
-                }
-                // The follower learns them from the leader's first message,
-                // and waits for it: a chat whose first link were cut before
-                // would never have words to compare, and a man in the middle
-                // that cuts it (or never reveals) would go unnoticed.
-                Role::Follower => {
-                    secured.pending_words = Some(PendingWords {
-                        commitment: secured.their.words_nonce,
-                        ours: nonce,
-                    });
-                    let revealed = timeout(HANDSHAKE_TIMEOUT, secured.recv()).await;
-                    match revealed {
-                        Ok(Some(Ok(Chat::Reveal { .. }))) => {}
-                        Ok(Some(Err(RecvError::Link(why)))) => {
-                            return Err(PeerError::LinkLost {
-                                name: crate::punch::THE_OTHER_SIDE.to_owned(),
-                                why,
-                            })
-                        }
-                        Ok(None) => return Err(PeerError::BadCode(WRONG_CODE_CLOSED.into())),
-                        Ok(Some(_)) => return Err(PeerError::BadCode(WRONG_CODE.into())),
-                        Err(_) => {
-                            return Err(PeerError::Timeout(
-                                "the other side did not reveal its verification words in time"
-                                    .into(),
-                            ))
-                        }
-                    }
-                }
-            }
+        if let Some(Words::Leader { nonce, words }) = &secured.words {
+            let (nonce, words) = (*nonce, words.clone());
+            secured
+                .send(&Chat::Reveal { nonce })
+                .await
+                .map_err(|e| PeerError::LinkLost {
+                    name: crate::punch::THE_OTHER_SIDE.to_owned(),
+                    why: e.to_string(),
+                })?;
+            secured.verification = Some(words);
         }
         Ok(secured)
     }
@@ -494,11 +507,17 @@ impl SecureLink {
         &self.their
     }
 
-    /// The verification words of a first link, which both users may compare
-    /// (`/verify`): equal on both sides unless someone is in the middle. `None`
-    /// on later links.
+    /// The chat's verification words, which both users may compare
+    /// (`/verify`): equal on both sides unless someone is in the middle. At the
+    /// chat's follower, `None` until the leader's reveal has arrived on this
+    /// link; `None` on links of a chat without words.
     pub fn verification(&self) -> Option<&str> {
         self.verification.as_deref()
+    }
+
+    /// What the chat keeps of the words for its later links.
+    pub fn words(&self) -> Option<&Words> {
+        self.words.as_ref()
     }
 
     /// The kernel's current RTT estimate for the link, if it is direct.
@@ -551,12 +570,20 @@ impl SecureLink {
             Err(e) => return Some(Err(RecvError::Sealed(e.to_string()))),
         };
         let opened = open(&mut self.noise, &frame).map_err(RecvError::Sealed);
-        if let Some(pending) = self.pending_words.take() {
-            // The first message of a first link, at the follower: the leader's
-            // reveal, matching its commitment.
+        if std::mem::take(&mut self.awaiting_reveal) {
+            // The leader's first message on any link, at the follower: its
+            // reveal, matching the first handshake's commitment.
+            let Some(Words::Follower {
+                commitment,
+                ours,
+                hash,
+            }) = &self.words
+            else {
+                return Some(opened);
+            };
             match opened {
-                Ok(Chat::Reveal { nonce }) if commit(&nonce) == pending.commitment => {
-                    self.verification = Some(words_of(&self.hash, &nonce, &pending.ours));
+                Ok(Chat::Reveal { nonce }) if commit(&nonce) == *commitment => {
+                    self.verification = Some(words_of(hash, &nonce, ours));
                     return Some(Ok(Chat::Reveal { nonce }));
                 }
                 Ok(_) => {
@@ -794,6 +821,15 @@ mod tests {
         secrets: (&Secret, &Secret),
         chat_roles: (Role, Role),
     ) -> (Result<SecureLink, PeerError>, Result<SecureLink, PeerError>) {
+        linked_with_words(secrets, chat_roles, (None, None)).await
+    }
+
+    /// [`linked`], for a later link of a chat whose first link left `words`.
+    async fn linked_with_words(
+        secrets: (&Secret, &Secret),
+        chat_roles: (Role, Role),
+        words: (Option<&Words>, Option<&Words>),
+    ) -> (Result<SecureLink, PeerError>, Result<SecureLink, PeerError>) {
         use crate::net::LinkStream;
         use punchline_proto::FrameCodec;
         use tokio_util::codec::Framed;
@@ -810,12 +846,14 @@ mod tests {
                 Role::Leader,
                 secrets.0,
                 &ia,
+                words.0,
             ),
             SecureLink::handshake(
                 Framed::new(LinkStream::Relayed(y, None), FrameCodec::new()),
                 Role::Follower,
                 secrets.1,
                 &ib,
+                words.1,
             ),
         )
     }
@@ -859,8 +897,12 @@ mod tests {
         };
         let (kx, ky) = keys();
         let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
-        let (a, b) = (a.expect("leader"), b.expect("follower"));
+        let (a, mut b) = (a.expect("leader"), b.expect("follower"));
         let words = a.verification().expect("the leader's words");
+        // The follower does not wait for the reveal: it learns the words from
+        // the leader's first message.
+        assert_eq!(b.verification(), None);
+        assert!(matches!(b.recv().await, Some(Ok(Chat::Reveal { .. }))));
         assert_eq!(Some(words), b.verification());
         assert_eq!(words.split('-').count(), VERIFY_WORDS);
         // Not the handshake hash alone: the nonces revealed after it count.
@@ -869,6 +911,43 @@ mod tests {
         let (kx, ky) = keys();
         let (c, _) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
         assert_ne!(c.expect("leader").verification(), a.verification());
+
+        // A later link of the chat (whoever the rendezvous names leader of
+        // its meeting): the chat's leader reveals again, the follower checks
+        // the reveal against the first link's commitment and gets the same
+        // words.
+        let chat = kx.chat(a.handshake_hash());
+        let (wa, wb) = (a.words().cloned(), b.words().cloned());
+        let (f, l) = linked_with_words(
+            (&chat, &chat),
+            (Role::Follower, Role::Leader),
+            (wb.as_ref(), wa.as_ref()),
+        )
+        .await;
+        let (mut f, l) = (
+            f.expect("the follower leads the meeting"),
+            l.expect("leader"),
+        );
+        assert_eq!(f.verification(), None);
+        assert!(matches!(f.recv().await, Some(Ok(Chat::Reveal { .. }))));
+        assert_eq!(f.verification(), Some(words));
+        assert_eq!(l.verification(), Some(words));
+
+        // A leader that reveals another nonce than the first link committed
+        // to is refused at its first message.
+        let forged = Words::Leader {
+            nonce: [9; 32],
+            words: "forged".into(),
+        };
+        let (f, _l) = linked_with_words(
+            (&chat, &chat),
+            (Role::Follower, Role::Leader),
+            (wb.as_ref(), Some(&forged)),
+        )
+        .await;
+        let mut f = f.expect("handshake");
+        assert!(matches!(f.recv().await, Some(Err(RecvError::Sealed(_)))));
+        assert_eq!(f.verification(), None);
         // The commitment binds the nonce.
         assert_ne!(commit(&[1; 32]), commit(&[2; 32]));
     }

@@ -631,15 +631,15 @@ mod tests {
             let line = printed
                 .recv_timeout(Duration::from_secs(5))
                 .expect("a shown line");
-            assert_eq!(line, format!("bob: line {i}"));
+            assert_eq!(line, format!("bob: line {i}\n"));
         }
         term.status("after");
         let notice = printed
             .recv_timeout(Duration::from_secs(5))
             .expect("notice");
-        assert_eq!(notice, format!("-- {}", missed_notice(missed)));
+        assert_eq!(notice, format!("-- {}\n", missed_notice(missed)));
         let after = printed.recv_timeout(Duration::from_secs(5)).expect("after");
-        assert_eq!(after, "-- after");
+        assert_eq!(after, "-- after\n");
         // Leaving waits (briefly) for the queue to drain.
         term.restore();
         assert!(term.queue.is_none());

@@ -207,7 +207,7 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 24 | 00 = Hello | 02 = version 2 | nameplate "17": length 2,
+        // length 24 | 00 = Hello | 03 = version 3 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
         // resume: 01 = some, then the 16 bytes of the room (no length)
         golden(
@@ -218,7 +218,7 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 pake: vec![],
                 resume: Some(room()),
             }),
-            "00000018 | 00 | 02 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f",
+            "00000018 | 00 | 03 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -374,7 +374,7 @@ fn peer_to_peer_index(msg: &PeerToPeer) -> u32 {
 
 fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
     vec![
-        // length 19 | 00 = LinkHello | 02 = version 2 | session: the 16 bytes (no
+        // length 19 | 00 = LinkHello | 03 = version 3 | session: the 16 bytes (no
         // length) | role: 00 = Leader
         golden(
             PeerToPeer::LinkHello {
@@ -382,7 +382,7 @@ fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
                 session: session(),
                 role: Role::Leader,
             },
-            "00000013 | 00 | 02 | 101112131415161718191a1b1c1d1e1f | 00",
+            "00000013 | 00 | 03 | 101112131415161718191a1b1c1d1e1f | 00",
         ),
         // length 1 | 01 = Select
         golden(PeerToPeer::Select, "00000001 | 01"),
@@ -587,7 +587,7 @@ fn dial_back_result_encodings_are_pinned() {
 /// deliberate act: the golden hellos above change with it.
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 /// [`ServerToPeer::Error`] carries its code as a number
