@@ -210,7 +210,7 @@ fn serve_one(
             None => {
                 let clone = stream.try_clone()?;
                 table.insert(
-                    name,
+                    name.clone(),
                     Waiting {
                         stream: clone,
                         observed,
@@ -219,8 +219,14 @@ fn serve_one(
                 );
                 drop(table);
                 // Hold the connection until the client closes it (its pairing
-                // is sent by the second client's thread, on the clone).
-                return hold(&stream);
+                // is sent by the second client's thread, on the clone); a
+                // client that leaves unpaired is forgotten at once.
+                let held = hold(&stream);
+                let mut table = waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                if table.get(&name).is_some_and(|w| w.observed == observed) {
+                    table.remove(&name);
+                }
+                return held;
             }
         }
     };
