@@ -21,6 +21,11 @@
 //! The two homes of every pair use the same private range (10.0.1.0/24, each
 //! host at .10), as most real homes share 192.168.1.0/24: each side's LAN
 //! candidate then points into the other's own LAN.
+//!
+//! [`first_line`] measures what a user feels instead: from the start of the
+//! program to the other side's first line, against a raw punch tool.
+
+pub mod first_line;
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -25,7 +25,7 @@
 //! kinds and their rulesets, [`wan`] the delay emulator, [`netns`] namespace
 //! plumbing, [`cmd`] running the tools, [`names`] unique naming, [`prereq`] the
 //! checks tests use to skip, [`scenario`] the rendezvous and two peers meeting in
-//! a lab, [`bench`] the punch benchmark.
+//! a lab, [`bench`] the punch benchmark, [`rawpunch`] the raw punch baseline.
 
 pub mod bench;
 pub mod cmd;
@@ -34,6 +34,7 @@ pub mod names;
 pub mod nat;
 pub mod netns;
 pub mod prereq;
+pub mod rawpunch;
 pub mod resilience;
 pub mod scenario;
 pub mod topology;

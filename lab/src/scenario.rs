@@ -176,9 +176,14 @@ impl Drop for Rendezvous {
 pub struct PeerProcess {
     /// Name for messages.
     pub name: String,
+    /// Just before the process was spawned.
+    pub started: Instant,
+    /// The same instant on the wall clock (to compare with the peer's log).
+    pub started_wall: SystemTime,
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: mpsc::Receiver<String>,
+    /// Stdout lines with the instant the reader thread read each.
+    stdout: mpsc::Receiver<(Instant, String)>,
     stderr: mpsc::Receiver<String>,
     /// Every stderr line seen so far.
     pub stderr_seen: Vec<String>,
@@ -187,6 +192,7 @@ pub struct PeerProcess {
 impl PeerProcess {
     /// Spawns `cmd` with piped standard streams.
     pub fn spawn(mut cmd: Command, name: &str) -> Result<PeerProcess> {
+        let (started, started_wall) = (Instant::now(), SystemTime::now());
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -199,7 +205,7 @@ impl PeerProcess {
         let stdout = child
             .stdout
             .take()
-            .map(lines)
+            .map(timed_lines)
             .ok_or_else(|| no_pipe(name))?;
         let stderr = child
             .stderr
@@ -208,6 +214,8 @@ impl PeerProcess {
             .ok_or_else(|| no_pipe(name))?;
         Ok(PeerProcess {
             name: name.to_owned(),
+            started,
+            started_wall,
             stdin: child.stdin.take(),
             child,
             stdout,
@@ -238,14 +246,34 @@ impl PeerProcess {
     /// The next stdout line, waiting up to [`WAIT`].
     pub fn recv(&mut self) -> Result<String> {
         match self.stdout.recv_timeout(WAIT) {
-            Ok(line) => Ok(line),
+            Ok((_, line)) => Ok(line),
             Err(_) => Err(self.failure("no line on stdout")),
         }
     }
 
     /// The next stdout line if one comes within `wait`.
     pub fn try_recv(&mut self, wait: Duration) -> Option<String> {
-        self.stdout.recv_timeout(wait).ok()
+        self.stdout.recv_timeout(wait).ok().map(|(_, line)| line)
+    }
+
+    /// Waits until `deadline` for a stdout line equal to `want`, skipping
+    /// others; returns the instant it was read (its reader thread's clock, so
+    /// not delayed by the caller waiting on something else meanwhile).
+    pub fn wait_line_until(&mut self, want: &str, deadline: Instant) -> Option<Instant> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok((at, line)) if line == want => return Some(at),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Kills the process, waits for it and collects its last stderr lines.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let _ = self.child.kill();
+        self.wait()
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
@@ -325,6 +353,20 @@ impl Drop for PeerProcess {
 
 fn no_pipe(name: &str) -> LabError {
     LabError::Scenario(format!("{name}: standard stream not piped"))
+}
+
+/// Like [`lines`], each line with the instant it was read.
+fn timed_lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { return };
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
@@ -424,6 +466,12 @@ fn pair_time(nameplate: &str) -> Option<SystemTime> {
 /// The `peer` binary next to the running executable (as `cargo build` places
 /// the workspace's binaries), or `explicit` when given.
 pub fn peer_binary(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    workspace_binary("peer", explicit)
+}
+
+/// The workspace's binary `name` next to the running executable, or `explicit`
+/// when given.
+pub fn workspace_binary(name: &str, explicit: Option<PathBuf>) -> Result<PathBuf> {
     let path = match explicit {
         Some(p) => p,
         None => std::env::current_exe()
@@ -432,14 +480,14 @@ pub fn peer_binary(explicit: Option<PathBuf>) -> Result<PathBuf> {
                 source,
             })?
             .parent()
-            .map(|dir| dir.join("peer"))
+            .map(|dir| dir.join(name))
             .ok_or_else(|| LabError::Scenario("executable has no directory".into()))?,
     };
     if path.is_file() {
         Ok(path)
     } else {
         Err(LabError::Scenario(format!(
-            "no peer binary at {}: build the workspace first (cargo build --release)",
+            "no {name} binary at {}: build the workspace first (cargo build --release)",
             path.display()
         )))
     }
@@ -521,7 +569,9 @@ pub struct PunchSpec {
     pub extra_args: Vec<String>,
 }
 
-fn peer_command(
+/// The command running the `peer` binary `bin` in `host` as `name`, from
+/// `port`, with the code and settings of `spec`.
+pub fn peer_command(
     lab: &Lab,
     host: Host,
     bin: &Path,
@@ -633,6 +683,28 @@ pub fn punch(lab: &Lab, rv: &Rendezvous, bin: &Path, spec: &PunchSpec) -> Result
     })))
 }
 
+/// The peer's log line of the go (with `punchline_peer=info`).
+pub const GO_LOG: &str = "punchline_peer::meet: go ";
+
+/// The peer's log line of the end of the encryption handshake.
+pub const ENCRYPTED_LOG: &str = "punchline_peer::meet: encrypted";
+
+/// The wall-clock timestamp at the start of a peer's log line.
+pub fn log_time(line: &str) -> Option<SystemTime> {
+    line.split_whitespace()
+        .next()
+        .and_then(|ts| humantime::parse_rfc3339(ts).ok())
+}
+
+/// The "N ms after go" of a status line.
+pub fn after_go(status: &str) -> Option<Duration> {
+    status
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" ms after go"))
+        .and_then(|n| n.trim().parse().ok())
+        .map(Duration::from_millis)
+}
+
 /// Parses a status line "connected to NAME: direct link to ADDR (KIND), N ms
 /// after go, M attempts" and finds the link-up instant in the peer's log.
 fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
@@ -655,22 +727,11 @@ fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
         .ok_or_else(|| bad("no attempt count"))?;
     // The instant the TCP connection was established: the go's log timestamp
     // plus the status line's time after go.
-    let elapsed_ms: u64 = rest
-        .split(", ")
-        .find_map(|part| part.strip_suffix(" ms after go"))
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| bad("no time after go"))?;
-    let go = p.wait_stderr("punchline_peer::meet: go ")?;
-    let at = go
-        .split_whitespace()
-        .next()
-        .and_then(|ts| humantime::parse_rfc3339(ts).ok())
-        .map(|t| t + Duration::from_millis(elapsed_ms));
-    let secured = p.wait_stderr("punchline_peer::meet: encrypted")?;
-    let secured_at = secured
-        .split_whitespace()
-        .next()
-        .and_then(|ts| humantime::parse_rfc3339(ts).ok());
+    let elapsed = after_go(rest).ok_or_else(|| bad("no time after go"))?;
+    let go = p.wait_stderr(GO_LOG)?;
+    let at = log_time(&go).map(|t| t + elapsed);
+    let secured = p.wait_stderr(ENCRYPTED_LOG)?;
+    let secured_at = log_time(&secured);
     Ok(LinkUp {
         secured_at,
         status: status.to_owned(),

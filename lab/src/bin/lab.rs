@@ -78,9 +78,22 @@ struct UpArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
+    /// Measure what a user feels instead: from process start to the other
+    /// side's first line shown, punchline against a raw punch tool (`rawpunch`,
+    /// listen() + connect() every 100 ms, no encryption), with and without loss.
+    #[arg(long)]
+    first_line: bool,
     /// Runs per pair and strategy.
     #[arg(long, default_value_t = 20)]
     runs: u32,
+    /// With --first-line: packet loss on each peer's WAN link, in percent, one
+    /// setting after the other.
+    #[arg(long, value_delimiter = ',', default_value = "0,3")]
+    loss: Vec<f64>,
+    /// With --first-line: the raw punch binary [default: `rawpunch` next to
+    /// this executable].
+    #[arg(long)]
+    raw: Option<std::path::PathBuf>,
     /// WAN profiles to run (asymmetric, far-rendezvous); default: all.
     #[arg(long, value_delimiter = ',')]
     profiles: Vec<String>,
@@ -177,7 +190,101 @@ impl BenchArgs {
     }
 }
 
+/// The command line of a bench, as written into its results file.
+fn bench_command(args: &BenchArgs, path: &std::path::Path) -> String {
+    let mut cmd = String::from("sudo target/release/lab bench");
+    if args.first_line {
+        cmd.push_str(" --first-line");
+    }
+    if args.runs != 20 {
+        cmd.push_str(&format!(" --runs {}", args.runs));
+    }
+    if args.first_line && args.loss != [0.0, 3.0] {
+        let loss: Vec<String> = args.loss.iter().map(|l| l.to_string()).collect();
+        cmd.push_str(&format!(" --loss {}", loss.join(",")));
+    }
+    if !args.profiles.is_empty() {
+        cmd.push_str(&format!(" --profiles {}", args.profiles.join(",")));
+    }
+    if !args.pairs.is_empty() {
+        cmd.push_str(&format!(" --pairs {}", args.pairs.join(",")));
+    }
+    cmd.push_str(&format!(" --out {}", path.display()));
+    cmd
+}
+
+/// The short hash of the checked-out commit, if this runs in a git checkout.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn bench_first_line(args: &BenchArgs) -> anyhow::Result<()> {
+    let peer = punchline_lab::scenario::peer_binary(args.peer.clone())?;
+    let raw = punchline_lab::scenario::workspace_binary("rawpunch", args.raw.clone())?;
+    let specs = args.specs()?;
+    let Some(first) = specs.first() else {
+        anyhow::bail!("no profile to run");
+    };
+    for l in &args.loss {
+        if !(0.0..=100.0).contains(l) {
+            anyhow::bail!("loss {l}% is not within 0..=100");
+        }
+    }
+    let explicit_pairs = !args.pairs.is_empty();
+    let spec = punchline_lab::bench::first_line::FirstLineSpec {
+        // The pairs where a punch can work (symmetric NATs only measure a
+        // failure, not a first line).
+        pairs: first
+            .pairs
+            .iter()
+            .filter(|p| {
+                explicit_pairs
+                    || match p.layout {
+                        punchline_lab::Layout::Separate { a, b } => a.punchable() && b.punchable(),
+                        punchline_lab::Layout::SameLan(_) => true,
+                    }
+            })
+            .cloned()
+            .collect(),
+        profiles: specs.iter().map(|s| (s.profile.clone(), s.wan)).collect(),
+        losses: args.loss.iter().map(|l| l / 100.0).collect(),
+        runs: args.runs.max(1),
+        punch_timeout: first.punch_timeout,
+    };
+    let started = std::time::SystemTime::now();
+    let rows =
+        punchline_lab::bench::first_line::run(&spec, &peer, &raw, |line| eprintln!("{line}"))
+            .context("running the benchmark")?;
+    let table = punchline_lab::bench::first_line::table(&spec, &rows);
+    print!("{table}");
+    if let Some(path) = &args.out {
+        let note = args
+            .note
+            .as_ref()
+            .map_or(String::new(), |n| format!("{n}\n\n"));
+        let text = format!(
+            "# First-line benchmark (NAT lab)\n\nCommand: `{}` (commit {}, {} cores), started {}, took {} s.\n\n{note}{table}",
+            bench_command(args, path),
+            git_commit(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            humantime::format_rfc3339_seconds(started),
+            started.elapsed().map_or(0, |d| d.as_secs()),
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.first_line {
+        return bench_first_line(args);
+    }
     let peer = punchline_lab::scenario::peer_binary(args.peer.clone())?;
     let mut tables = String::new();
     for spec in args.specs()? {
