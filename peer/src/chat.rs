@@ -280,8 +280,10 @@ async fn carry<T>(
                         // The other side still reads until our answering
                         // goodbye: the lines already typed go out first, so
                         // none of them is lost.
-                        while let Ok(Input::Line(text)) = input.try_recv() {
-                            take_line(session, output, text);
+                        while let Ok(typed) = input.try_recv() {
+                            if let Input::Line(text) = typed {
+                                take_line(session, output, text);
+                            }
                         }
                     }
                     session.handle(now(), msg);

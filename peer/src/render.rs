@@ -191,21 +191,28 @@ pub(crate) fn failure(failure: Failure, their_name: &str, unacked: usize) -> Pee
             "{their_name} did not answer our goodbye within {} s: delivery of the last lines is not confirmed",
             d.as_secs()
         )),
-        Failure::LostWhileLeaving(why) => lost(why.to_string()),
+        Failure::LostWhileLeaving(why) => undelivered(lost(why.to_string()), their_name, unacked),
         f => undelivered(lost(f.to_string()), their_name, unacked),
     }
 }
 
 /// `e`, with the count of lines the other side did not confirm.
 pub(crate) fn undelivered(e: PeerError, their_name: &str, unacked: usize) -> PeerError {
-    match unacked {
-        0 => e,
-        n => PeerError::LinkLost {
+    if unacked == 0 {
+        return e;
+    }
+    let count = format!(
+        "{unacked} line{} not confirmed as delivered",
+        if unacked == 1 { "" } else { "s" }
+    );
+    match e {
+        PeerError::LinkLost { name, why } => PeerError::LinkLost {
+            name,
+            why: format!("{why}; {count}"),
+        },
+        e => PeerError::LinkLost {
             name: their_name.to_owned(),
-            why: format!(
-                "{e}; {n} line{} not confirmed as delivered",
-                if n == 1 { "" } else { "s" }
-            ),
+            why: format!("{e}; {count}"),
         },
     }
 }
@@ -329,4 +336,29 @@ pub fn punch_diagnosis(f: &PunchFailure) -> String {
         lines.push("The cause is unknown: run with RUST_LOG=debug for details.".to_owned());
     }
     lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use punchline_proto::session::DownReason;
+
+    #[test]
+    fn a_chat_lost_while_leaving_counts_its_unconfirmed_lines_once() {
+        let e = failure(Failure::LostWhileLeaving(DownReason::NoResume), "bob", 2);
+        assert_eq!(
+            e.to_string(),
+            "connection to bob lost: no resume from the other side in time; 2 lines not confirmed as delivered"
+        );
+        let e = failure(Failure::LeftWhileReconnecting, "bob", 1);
+        assert_eq!(
+            e.to_string(),
+            "connection to bob lost: you left while reconnecting; 1 line not confirmed as delivered"
+        );
+        let e = failure(Failure::LeftWhileReconnecting, "bob", 0);
+        assert_eq!(
+            e.to_string(),
+            "connection to bob lost: you left while reconnecting"
+        );
+    }
 }

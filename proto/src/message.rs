@@ -386,7 +386,9 @@ pub enum Chat {
         /// The text, without line terminator.
         text: String,
     },
-    /// The sender is leaving; it sends nothing after this.
+    /// The sender is leaving: no line comes after this (acknowledgements of
+    /// lines still arriving do). The side that did not leave answers with its
+    /// own `Bye`.
     Bye,
     /// The sender now goes by this name (see [`validate_name`]).
     Nick {

@@ -277,7 +277,8 @@ pub struct Session {
     attempting: bool,
     next_upgrade: Option<Instant>,
     transmit: VecDeque<Chat>,
-    /// Messages held until the resume completes.
+    /// Messages held until a link is open for them (a new name typed during
+    /// a resume goes out after it, on this link or the next).
     after_resume: Vec<Chat>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -324,8 +325,11 @@ impl Session {
         let resuming = self.links > 0;
         self.links += 1;
         self.transmit.clear();
-        self.after_resume.clear();
         self.numbering.unsend();
+        // A goodbye that went out on the old link may never have been read
+        // (the other side switched links first): it goes again after the
+        // resume, and its answer is awaited from then.
+        self.bye_sent = None;
         self.attempting = false;
         self.next_upgrade = Some(now + self.config.upgrade_interval);
         self.link = Some(LinkState {
@@ -350,7 +354,6 @@ impl Session {
             return;
         }
         self.transmit.clear();
-        self.after_resume.clear();
         self.numbering.unsend();
         if self.leaving.is_some() {
             self.end(Err(Failure::LostWhileLeaving(why)));
@@ -388,6 +391,7 @@ impl Session {
             link.resume_due = None;
             self.numbering.ack(next.saturating_sub(1));
             self.opened(now);
+            self.maybe_done();
             return;
         }
         match msg {

@@ -114,6 +114,9 @@ pub struct Sim {
     next_id: u64,
     order: u64,
     rng: u64,
+    /// Steps taken: a bound catches a session that keeps asking for the same
+    /// instant (a busy loop in a driver).
+    pub steps: u64,
 }
 
 impl Side {
@@ -161,6 +164,7 @@ impl Sim {
             next_id: 0,
             order: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
+            steps: 0,
         };
         sim.connect(relayed);
         sim
@@ -191,6 +195,12 @@ impl Sim {
                 return;
             }
             self.now = self.now.max(t);
+            self.steps += 1;
+            assert!(
+                self.steps < 2_000_000,
+                "busy loop at {:?}",
+                self.now - self.start
+            );
             self.step();
         }
     }
