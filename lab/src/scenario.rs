@@ -148,6 +148,7 @@ pub fn serve_rendezvous(
         let probe = tokio::spawn(punchline_rendezvous::run_probe(
             probe,
             config.metrics.clone(),
+            config.probes.clone(),
             std::future::pending(),
         ));
         let shutdown = async {

@@ -24,6 +24,7 @@ use punchline_proto::{
     sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
     PeerToServer, PunchOutcome, ServerToPeer, MAX_RELAY_CHUNK,
 };
+use punchline_proto::{ProbeToken, PROBE_TOKEN_LEN};
 use tokio::net::{lookup_host, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
@@ -113,22 +114,30 @@ pub async fn resolve(server: &str) -> Result<Vec<SocketAddr>, PeerError> {
     }
 }
 
-/// A probe running beside the connection; dropping it stops it.
-struct Probe(tokio::task::JoinHandle<Option<SocketAddr>>);
+/// A probe running beside the connection, named by `token` in the hello;
+/// dropping it stops it.
+struct Probe {
+    token: ProbeToken,
+    task: tokio::task::JoinHandle<Option<SocketAddr>>,
+}
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
 /// Connects from local `port` to the probe port at `addr`, which answers with
-/// the address it saw. `None` if it does not answer in time.
-async fn probe(addr: SocketAddr, port: u16) -> Option<SocketAddr> {
+/// the address it saw; with `token`, first names the hello it goes with
+/// ([`PeerToServer::Probe`]). `None` if it does not answer in time.
+async fn probe(addr: SocketAddr, port: u16, token: Option<ProbeToken>) -> Option<SocketAddr> {
     let ask = async {
         let socket = fixed_port_socket(addr, port).ok()?;
         let stream = socket.connect(addr).await.ok()?;
         let mut conn = Framed::new(stream, FrameCodec::<ServerToPeer, PeerToServer>::new());
+        if let Some(token) = token {
+            conn.send(PeerToServer::Probe { token }).await.ok()?;
+        }
         match conn.next().await {
             Some(Ok(ServerToPeer::Observed { observed })) => Some(observed),
             _ => None,
@@ -152,9 +161,11 @@ impl RendezvousConn {
     /// [`RendezvousConn::connect`], with the probe of our NAT's mapping
     /// ([`RendezvousConn::probe`]) to the server's probe port (its port plus
     /// [`PROBE_PORT_OFFSET`] unless `probe_port` says otherwise) started at the
-    /// same moment from the same port, instead of after: the hello waits for
-    /// whichever of the two answers last, not for both in turn (a round trip to
-    /// the server saved). [`RendezvousConn::probed`] gives its result.
+    /// same moment from the same port, instead of after: the hello goes as soon
+    /// as the connection is up and names the probe by its token
+    /// ([`RendezvousConn::probe_token`]), by which the server pairs the two
+    /// connections itself. Two round trips to the server are saved before the
+    /// hello (the probe's connection and its answer).
     pub async fn connect_probing(
         server: &str,
         port: u16,
@@ -192,7 +203,12 @@ impl RendezvousConn {
                     let probe_port =
                         probe_port.unwrap_or_else(|| addr.port().wrapping_add(PROBE_PORT_OFFSET));
                     let target = SocketAddr::new(addr.ip(), probe_port);
-                    Some(Probe(tokio::spawn(probe(target, local.port()))))
+                    let mut token = [0u8; PROBE_TOKEN_LEN];
+                    getrandom::fill(&mut token).map_err(|e| {
+                        PeerError::io("no randomness for the probe", std::io::Error::other(e))
+                    })?;
+                    let task = tokio::spawn(probe(target, local.port(), Some(token)));
+                    Some(Probe { token, task })
                 }
                 _ => None,
             };
@@ -249,17 +265,17 @@ impl RendezvousConn {
         probe(
             SocketAddr::new(self.server.ip(), probe_port),
             self.local_port,
+            None,
         )
         .await
     }
 
-    /// The probe's answer: the one started with the connection, or (if none
-    /// was) a probe to `probe_port` now.
-    pub async fn probed(&mut self, probe_port: u16) -> Option<SocketAddr> {
-        match self.probe.take() {
-            Some(mut started) => (&mut started.0).await.ok().flatten(),
-            None => self.probe(probe_port).await,
-        }
+    /// The token of the probe started with the connection
+    /// ([`RendezvousConn::connect_probing`]), for the hello: the server then
+    /// finds what its probe port saw by itself, and the hello need not wait
+    /// for the probe's answer.
+    pub fn probe_token(&self) -> Option<ProbeToken> {
+        self.probe.as_ref().map(|p| p.token)
     }
 
     /// Asks for a free nameplate for a new code.

@@ -91,7 +91,12 @@ pub(crate) async fn meet(
     let probe_port = opts
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
-    let probe_observed = rendezvous.probed(probe_port).await;
+    // The probe started with the connection is found by the server through
+    // its token; without one (none was started), probe now and report it.
+    let (probe_observed, probe_token) = match rendezvous.probe_token() {
+        Some(token) => (None, Some(token)),
+        None => (rendezvous.probe(probe_port).await, None),
+    };
     let (exchange, hello) = match keying {
         Keying::Code(code) => {
             let exchange = secure::KeyExchange::start(code);
@@ -101,6 +106,7 @@ pub(crate) async fn meet(
                 probe_observed,
                 pake: exchange.message.clone(),
                 resume: None,
+                probe_token,
             };
             (Some(exchange), hello)
         }
@@ -111,6 +117,7 @@ pub(crate) async fn meet(
                 probe_observed,
                 pake: Vec::new(),
                 resume: Some(keys.secret.resume_room()),
+                probe_token,
             };
             (None, hello)
         }

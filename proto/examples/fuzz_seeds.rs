@@ -26,10 +26,12 @@ fn main() -> std::io::Result<()> {
         probe_observed: Some("198.51.100.7:40000".parse().expect("addr")),
         pake: vec![0x42; 33],
         resume: Some([5; 16]),
+        probe_token: Some([6; 16]),
     };
     let to_server = [
         PeerToServer::Hello(hello.clone()),
         PeerToServer::Pong { seq: 3 },
+        PeerToServer::Probe { token: [6; 16] },
         PeerToServer::Report(PunchOutcome::Direct {
             public: true,
             attempts: 2,

@@ -220,16 +220,21 @@ mod tests {
                 prop::option::of(addr()),
                 prop::collection::vec(any::<u8>(), 0..40),
                 prop::option::of(any::<[u8; RESUME_ROOM_LEN]>()),
+                prop::option::of(any::<[u8; crate::PROBE_TOKEN_LEN]>()),
             )
-                .prop_map(|(version, nameplate, probe_observed, pake, resume)| {
-                    PeerToServer::Hello(Hello {
-                        version,
-                        nameplate,
-                        probe_observed,
-                        pake,
-                        resume,
-                    })
-                }),
+                .prop_map(
+                    |(version, nameplate, probe_observed, pake, resume, probe_token)| {
+                        PeerToServer::Hello(Hello {
+                            version,
+                            nameplate,
+                            probe_observed,
+                            pake,
+                            resume,
+                            probe_token,
+                        })
+                    },
+                ),
+            any::<[u8; crate::PROBE_TOKEN_LEN]>().prop_map(|token| PeerToServer::Probe { token }),
             Just(PeerToServer::Relay),
             prop::collection::vec(any::<u8>(), 0..100).prop_map(PeerToServer::Relayed),
             prop::collection::vec(any::<u8>(), 0..100).prop_map(PeerToServer::Sealed),

@@ -50,9 +50,11 @@ impl Role {
 }
 
 /// How a peer's NAT maps its fixed port, as seen from two ports of the
-/// rendezvous: the peer connects from its fixed port to the probe port before its
-/// hello and reports what the probe saw ([`Hello::probe_observed`]); the server
-/// compares that with what its main port sees ([`classify_mapping`]).
+/// rendezvous: the peer connects from its fixed port to the probe port too,
+/// beside its hello, and names that connection in its hello
+/// ([`Hello::probe_token`]; or it reports what the probe saw,
+/// [`Hello::probe_observed`]); the server compares that with what its main port
+/// sees ([`classify_mapping`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mapping {
     /// Not measured (the rendezvous' probe port did not answer).
@@ -98,7 +100,8 @@ pub struct Hello {
     /// The nameplate of the code (see [`validate_nameplate`]): the room to meet
     /// in. The rest of the code never leaves the peer. Ignored with `resume`.
     pub nameplate: String,
-    /// What the rendezvous' probe port saw as this peer's address, if it answered.
+    /// What the rendezvous' probe port saw as this peer's address, if the peer
+    /// probed before its hello and the probe answered.
     pub probe_observed: Option<SocketAddr>,
     /// The peer's SPAKE2 message, opaque to the rendezvous, handed to the other
     /// peer with the go. Empty with `resume` (the code is used once per chat).
@@ -108,7 +111,17 @@ pub struct Hello {
     /// with the other one in the same room (not by nameplate, which may have been
     /// reused since), so both can punch again and resume.
     pub resume: Option<ResumeRoom>,
+    /// Set when the peer probes beside its hello rather than before it: the
+    /// token it sends on its probe connection ([`PeerToServer::Probe`]), by which
+    /// the server finds what its probe port saw of this peer.
+    pub probe_token: Option<ProbeToken>,
 }
+
+/// Length of a [`ProbeToken`].
+pub const PROBE_TOKEN_LEN: usize = 16;
+
+/// A random token that ties a probe connection to its hello.
+pub type ProbeToken = [u8; PROBE_TOKEN_LEN];
 
 /// What one peer learns about the other when the pair is made. Only what the
 /// punch to the public address needs: the other's name and LAN candidates travel
@@ -190,6 +203,13 @@ pub enum PeerToServer {
     /// sender's LAN and extra candidates ([`SealedCandidates`]). The server passes
     /// it on as [`ServerToPeer::Sealed`]; at most [`MAX_SEALED_LEN`] bytes.
     Sealed(Vec<u8>),
+    /// On the probe port, from a peer that probes beside its hello: the
+    /// [`Hello::probe_token`] of that hello. The server keeps the address this
+    /// connection came from under the token for a few seconds, for the hello.
+    Probe {
+        /// The token.
+        token: ProbeToken,
+    },
 }
 
 /// What an unsolicited SYN from the rendezvous to a peer's public address met.

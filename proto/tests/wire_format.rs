@@ -111,6 +111,11 @@ fn room() -> [u8; RESUME_ROOM_LEN] {
     std::array::from_fn(|i| 0x80 + i as u8)
 }
 
+/// A probe token: bytes a0 to af.
+fn token() -> [u8; 16] {
+    std::array::from_fn(|i| 0xa0 + i as u8)
+}
+
 /// The nonce of the examples: 00 01 … 1f.
 fn nonce() -> [u8; 32] {
     std::array::from_fn(|i| i as u8)
@@ -202,14 +207,16 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
         PeerToServer::Relay => 6,
         PeerToServer::Relayed(_) => 7,
         PeerToServer::Sealed(_) => 8,
+        PeerToServer::Probe { .. } => 9,
     }
 }
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 24 | 00 = Hello | 03 = version 3 | nameplate "17": length 2,
+        // length 41 | 00 = Hello | 03 = version 3 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
-        // resume: 01 = some, then the 16 bytes of the room (no length)
+        // resume: 01 = some, then the 16 bytes of the room (no length) |
+        // probe_token: 01 = some, then its 16 bytes
         golden(
             PeerToServer::Hello(Hello {
                 version: PROTOCOL_VERSION,
@@ -217,8 +224,9 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 probe_observed: None,
                 pake: vec![],
                 resume: Some(room()),
+                probe_token: Some(token()),
             }),
-            "00000018 | 00 | 03 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f",
+            "00000029 | 00 | 03 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -249,6 +257,11 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
         golden(
             PeerToServer::Sealed(vec![0xde, 0xad]),
             "00000004 | 08 | 02 dead",
+        ),
+        // length 17 | 09 = Probe | token: the 16 bytes (no length)
+        golden(
+            PeerToServer::Probe { token: token() },
+            "00000011 | 09 | a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
         ),
     ]
 }

@@ -231,6 +231,70 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
     assert_eq!(go_other.peer.mapping, expected);
 }
 
+/// A peer that probes beside its hello names the probe by a token: the
+/// server finds what its probe port saw by itself, whichever connection comes
+/// first, and classifies the mapping as when the peer reported it.
+#[tokio::test]
+async fn a_probe_named_by_its_token_classifies_the_mapping() {
+    let rv = Rendezvous::start();
+    let server = rv.addr();
+    let hello_with = |token| Hello {
+        probe_token: Some(token),
+        ..hello("4", b"t")
+    };
+
+    // Same local port to both server ports; the hello goes first.
+    let main = reusable(0);
+    let port = main.local_addr().expect("addr").port();
+    let mut main = Client::new(main.connect(server).await.expect("connect main"));
+    main.send(PeerToServer::Hello(hello_with([1; 16]))).await;
+    let mut probe = Client::new(
+        reusable(port)
+            .connect(rv.probe_addr())
+            .await
+            .expect("connect probe"),
+    );
+    probe.send(PeerToServer::Probe { token: [1; 16] }).await;
+    assert!(matches!(probe.recv().await, ServerToPeer::Observed { .. }));
+    let (_, mapping) = main.welcome().await;
+    assert_eq!(mapping, Mapping::Independent);
+
+    // The probe from another port (as through a NAT that maps each
+    // destination apart), and first this time.
+    let mut probe = Client::connect(rv.probe_addr()).await;
+    let elsewhere = probe.local_addr();
+    probe.send(PeerToServer::Probe { token: [2; 16] }).await;
+    assert!(matches!(probe.recv().await, ServerToPeer::Observed { .. }));
+    let mut main = Client::connect(server).await;
+    let here = main.local_addr();
+    main.send(PeerToServer::Hello(Hello {
+        nameplate: "5".into(),
+        ..hello_with([2; 16])
+    }))
+    .await;
+    let (_, mapping) = main.welcome().await;
+    assert_eq!(
+        mapping,
+        Mapping::DependsOnDestination {
+            first: here.port(),
+            second: elsewhere.port()
+        }
+    );
+
+    // A token no probe connection sent (the probe port unreachable, say): the
+    // mapping is unknown, after a short wait, and a token is good once only.
+    for (nameplate, token) in [("6", [3; 16]), ("7", [2; 16])] {
+        let mut main = Client::connect(server).await;
+        main.send(PeerToServer::Hello(Hello {
+            nameplate: nameplate.into(),
+            ..hello_with(token)
+        }))
+        .await;
+        let (_, mapping) = main.welcome().await;
+        assert_eq!(mapping, Mapping::Unknown);
+    }
+}
+
 #[tokio::test]
 async fn new_codes_get_random_free_nameplates() {
     let rv = Rendezvous::start();

@@ -80,6 +80,7 @@ pub fn hello(nameplate: &str, pake: &[u8]) -> Hello {
         version: PROTOCOL_VERSION,
         nameplate: nameplate.into(),
         probe_observed: None,
+        probe_token: None,
         pake: pake.to_vec(),
         resume: None,
     }

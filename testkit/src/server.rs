@@ -142,6 +142,7 @@ fn serve(
         let probe = tokio::spawn(run_probe(
             probe,
             config.metrics.clone(),
+            config.probes.clone(),
             std::future::pending(),
         ));
         let served = run(main, config, async {

@@ -260,6 +260,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         relay_rate: args.relay_rate,
         relays_per_address: args.relays_per_address,
         relay_lifetime: Duration::from_secs(args.relay_lifetime),
+        probes: Default::default(),
     };
     check_file_limit(args.max_connections);
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
@@ -269,6 +270,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         background.push(tokio::spawn(run_probe(
             p,
             metrics.clone(),
+            config.probes.clone(),
             std::future::pending(),
         )));
     }

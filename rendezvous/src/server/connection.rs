@@ -41,7 +41,7 @@ use tokio_util::codec::Framed;
 use tracing::{debug, info};
 
 use super::admission::Admission;
-use super::probe::dial_back;
+use super::probe::{dial_back, PROBE_WAIT};
 use super::relay::{relay_ends, relay_for, RelayEnd};
 use super::{canonical, Event, Shared, Waiting, REPORT_TIMEOUT};
 use crate::metrics::Metrics;
@@ -230,8 +230,16 @@ async fn serve(
         probe_observed,
         pake,
         resume,
+        probe_token,
         ..
     } = hello;
+    // What the probe port saw: reported by the peer, or (when it probes beside
+    // its hello) found by its token.
+    let probe_observed = match (probe_observed, probe_token) {
+        (Some(seen), _) => Some(seen),
+        (None, Some(token)) => shared.config.probes.wait_for(&token, PROBE_WAIT).await,
+        (None, None) => None,
+    };
     // Peers resuming a chat meet in the room they derived from its secret,
     // apart from the nameplates (which may have been given to someone else
     // since).
@@ -602,6 +610,7 @@ pub(super) fn kind(msg: &PeerToServer) -> &'static str {
         PeerToServer::Relay => "relay request",
         PeerToServer::Relayed(_) => "relayed data",
         PeerToServer::Sealed(_) => "sealed box",
+        PeerToServer::Probe { .. } => "probe token",
     }
 }
 

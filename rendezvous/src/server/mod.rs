@@ -47,7 +47,7 @@ use connection::connection;
 use relay::RelayEnd;
 
 pub use accept::bind_default;
-pub use probe::run_probe;
+pub use probe::{run_probe, ProbeSightings, PROBE_WAIT};
 
 /// Port the rendezvous listens on by default (TCP, all interfaces).
 pub use punchline_proto::defaults::DEFAULT_PORT;
@@ -190,6 +190,9 @@ pub struct Config {
     pub relays_per_address: u32,
     /// How long one relay may last; the peers then reconnect over a new link.
     pub relay_lifetime: Duration,
+    /// What the probe port saw, by token, for the hellos of peers that probe
+    /// beside them: give the same to [`run_probe`].
+    pub probes: ProbeSightings,
 }
 
 impl Default for Config {
@@ -212,6 +215,7 @@ impl Default for Config {
             relay_rate: DEFAULT_RELAY_RATE,
             relays_per_address: DEFAULT_RELAYS_PER_ADDRESS,
             relay_lifetime: DEFAULT_RELAY_LIFETIME,
+            probes: ProbeSightings::default(),
         }
     }
 }

@@ -4,14 +4,15 @@
 //! port, before the hello) opens a connection to the peer's own address and
 //! reports what the SYN met.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::SinkExt;
-use punchline_proto::ServerToPeer;
+use futures::{SinkExt, StreamExt};
+use punchline_proto::{PeerToServer, ProbeToken, ServerToPeer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
@@ -25,16 +26,77 @@ use crate::metrics::Metrics;
 /// Most probe connections being answered at once; more are closed unanswered.
 const MAX_PROBE_TASKS: usize = 1024;
 
-/// Bound on answering one probe connection.
+/// Bound on answering one probe connection (and on reading its token).
 const PROBE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a hello that names a probe token waits for the probe connection
+/// to show it, when the hello comes first. The peer opens both connections at
+/// once, so they arrive together; a probe later than this (a lost SYN) leaves
+/// the mapping unknown rather than holding up the meeting.
+pub const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a probe token is kept for its hello.
+const SIGHTING_TTL: Duration = Duration::from_secs(10);
+
+/// Most probe tokens kept at once (beyond, new ones are not kept: their
+/// hellos see an unknown mapping).
+const MAX_SIGHTINGS: usize = 16_384;
+
+/// What the probe port saw, by the token each connection sent
+/// ([`PeerToServer::Probe`]): the main port looks up a hello's
+/// [`punchline_proto::Hello::probe_token`] here. Shared by [`run_probe`] and
+/// [`super::run`] through [`super::Config::probes`].
+#[derive(Debug, Clone, Default)]
+pub struct ProbeSightings(Arc<Mutex<HashMap<ProbeToken, (SocketAddr, Instant)>>>);
+
+impl ProbeSightings {
+    fn record(&self, token: ProbeToken, seen: SocketAddr) {
+        let now = Instant::now();
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if table.len() >= MAX_SIGHTINGS {
+            table.retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
+        }
+        if table.len() < MAX_SIGHTINGS {
+            table.insert(token, (seen, now));
+        }
+    }
+
+    fn take(&self, token: &ProbeToken) -> Option<SocketAddr> {
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, at) = table.remove(token)?;
+        (at.elapsed() < SIGHTING_TTL).then_some(seen)
+    }
+
+    /// What the probe port saw of the connection that sent `token`, waiting up
+    /// to `within` for it to arrive.
+    pub(super) async fn wait_for(
+        &self,
+        token: &ProbeToken,
+        within: Duration,
+    ) -> Option<SocketAddr> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(seen) = self.take(token) {
+                return Some(seen);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// Serves the probe port until `shutdown` completes: every connection is told the
-/// address it came from ([`ServerToPeer::Observed`]) and closed. A peer connects
-/// here from its fixed port before its hello; comparing what this port and the
-/// main port saw tells whether its NAT picks a new public port per destination.
+/// address it came from ([`ServerToPeer::Observed`]); one that then sends a
+/// token ([`PeerToServer::Probe`]) has that address kept under it in
+/// `sightings` for its hello on the main port. A peer connects here from its
+/// fixed port beside its hello; comparing what this port and the main port saw
+/// tells whether its NAT picks a new public port per destination.
 pub async fn run_probe(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    sightings: ProbeSightings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut tasks = JoinSet::new();
@@ -46,13 +108,17 @@ pub async fn run_probe(
         |stream, addr, serving| {
             // Past the cap the connection is dropped, which closes it.
             let metrics = metrics.clone();
+            let sightings = sightings.clone();
             (serving < MAX_PROBE_TASKS).then_some(async move {
                 let mut conn = framed(stream);
+                let seen = canonical(addr);
                 let answer = async {
-                    conn.send(ServerToPeer::Observed {
-                        observed: canonical(addr),
-                    })
-                    .await?;
+                    conn.send(ServerToPeer::Observed { observed: seen }).await?;
+                    // A peer probing beside its hello names it; `peer doctor`
+                    // just reads the answer and closes.
+                    if let Some(Ok(PeerToServer::Probe { token })) = conn.next().await {
+                        sightings.record(token, seen);
+                    }
                     conn.close().await
                 };
                 match timeout(PROBE_SEND_TIMEOUT, answer).await.unwrap_or(Ok(())) {
