@@ -34,7 +34,7 @@ use std::time::Duration;
 use punchline_rendezvous::Config;
 
 use crate::error::Result;
-use crate::scenario::{punch, Outcome, PunchSpec, Rendezvous, NAIVE, OURS, RV_PORT};
+use crate::scenario::{punch, LabRendezvous, Outcome, PunchSpec, NAIVE, OURS, RV_PORT};
 use crate::topology::{Host, Lab, LabConfig};
 use crate::wan::WanConfig;
 use crate::NatKind;
@@ -150,12 +150,12 @@ pub fn run(
     for (p, pair) in spec.pairs.iter().enumerate() {
         let config = pair.with_wan(spec.wan);
         let lab = Lab::build(&config)?;
-        let synced = Rendezvous::start_on(&lab, RV_PORT, Config::default())?;
+        let synced = LabRendezvous::start_on(&lab, RV_PORT, Config::default())?;
         let naive_config = Config {
             synchronise_go: false,
             ..Config::default()
         };
-        let unsynced = Rendezvous::start_on(&lab, RV_PORT + 10, naive_config)?;
+        let unsynced = LabRendezvous::start_on(&lab, RV_PORT + 10, naive_config)?;
         let hopeless = matches!(config.layout, crate::Layout::Separate { a, b } if !a.punchable() || !b.punchable());
         let timeout = if hopeless {
             spec.hopeless_timeout
@@ -214,7 +214,7 @@ pub fn run(
 
 fn one_run(
     lab: &Lab,
-    rv: &Rendezvous,
+    rv: &LabRendezvous,
     bin: &Path,
     spec: &PunchSpec,
     sample: &mut Sample,

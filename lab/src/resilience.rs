@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::scenario::{punch, start_pair, Outcome, PeerProcess, PunchSpec, Rendezvous, OURS};
+use crate::scenario::{punch, start_pair, LabRendezvous, Outcome, PeerProcess, PunchSpec, OURS};
 use crate::{Host, Lab, LabConfig, LabError, NatKind, Result, Side, WanConfig};
 
 /// One-way delays (ms) of the links: side A, side B, rendezvous.
@@ -59,7 +59,7 @@ pub struct Recovery {
 /// Runs one round: chat, cut the path for `cut`, restore it, count.
 pub fn recovery_round(bin: &Path, round: u32, cut: Duration) -> Result<Recovery> {
     let lab = lab(NatKind::Home, NatKind::Rst)?;
-    let rv = Rendezvous::start(&lab, rendezvous_config())?;
+    let rv = LabRendezvous::start(&lab, rendezvous_config())?;
     let Outcome::Connected(mut c) =
         punch(&lab, &rv, bin, &spec(format!("{}-cut-bench", 10 + round)))?
     else {
@@ -240,7 +240,7 @@ fn expect(p: &mut PeerProcess, want: &str) -> Result<()> {
 pub fn relay_against_direct(bin: &Path, rounds: u32) -> Result<(Carriage, Carriage)> {
     let relayed = {
         let lab = lab(NatKind::Symmetric, NatKind::Home)?;
-        let rv = Rendezvous::start(&lab, rendezvous_config())?;
+        let rv = LabRendezvous::start(&lab, rendezvous_config())?;
         let (mut a, mut b) = start_pair(&lab, &rv, bin, &spec("20-relay-bench".into()))?;
         for p in [&mut a, &mut b] {
             let line = p.wait_stderr_starting(&["connected to ", "peer: "])?;
@@ -256,7 +256,7 @@ pub fn relay_against_direct(bin: &Path, rounds: u32) -> Result<(Carriage, Carria
     };
     let direct = {
         let lab = lab(NatKind::Home, NatKind::Home)?;
-        let rv = Rendezvous::start(&lab, rendezvous_config())?;
+        let rv = LabRendezvous::start(&lab, rendezvous_config())?;
         let Outcome::Connected(mut c) = punch(&lab, &rv, bin, &spec("21-direct-bench".into()))?
         else {
             return Err(failure("no direct link"));

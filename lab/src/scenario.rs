@@ -2,7 +2,7 @@
 //!
 //! 1. The rendezvous runs in this process, in the lab's rendezvous namespace (its
 //!    listening socket is created there), with the same server code the
-//!    `rendezvous` binary runs ([`Rendezvous`]).
+//!    `rendezvous` binary runs ([`LabRendezvous`]).
 //! 2. Each peer is the real `peer` binary, started in its host's namespace with
 //!    piped stdin and stdout ([`PeerProcess`]), chatting in line mode.
 //! 3. [`punch`] starts peer A, waits until it waits, starts peer B, and collects
@@ -70,22 +70,22 @@ pub const NAIVE: Strategy = Strategy {
 };
 
 /// The rendezvous server running in the lab's rendezvous namespace.
-pub struct Rendezvous {
+pub struct LabRendezvous {
     /// Where peers reach it.
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<Result<()>>>,
 }
 
-impl Rendezvous {
+impl LabRendezvous {
     /// Starts serving on [`RV_PORT`] at the lab's rendezvous address.
-    pub fn start(lab: &Lab, config: Config) -> Result<Rendezvous> {
+    pub fn start(lab: &Lab, config: Config) -> Result<LabRendezvous> {
         Self::start_on(lab, RV_PORT, config)
     }
 
     /// Starts serving on `port` at the lab's rendezvous address, with its probe
     /// port on `port + 1`.
-    pub fn start_on(lab: &Lab, port: u16, config: Config) -> Result<Rendezvous> {
+    pub fn start_on(lab: &Lab, port: u16, config: Config) -> Result<LabRendezvous> {
         let addr = SocketAddr::new(IpAddr::V4(lab.addr(Host::Rv)), port);
         let probe_addr = SocketAddr::new(addr.ip(), port + punchline_rendezvous::PROBE_PORT_OFFSET);
         let bind = |a: SocketAddr| -> Result<std::net::TcpListener> {
@@ -108,7 +108,7 @@ impl Rendezvous {
         let thread = crate::netns::spawn_in(lab.netns(Host::Rv), "rendezvous", move || {
             serve_rendezvous(listener, probe, config, stopped)
         })?;
-        Ok(Rendezvous {
+        Ok(LabRendezvous {
             addr,
             stop: Some(stop),
             thread: Some(thread),
@@ -161,7 +161,7 @@ pub fn serve_rendezvous(
     });
 }
 
-impl Drop for Rendezvous {
+impl Drop for LabRendezvous {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -627,7 +627,7 @@ pub fn leave(a: &mut PeerProcess, b: &mut PeerProcess) -> Result<()> {
 /// ("bob"); returns both, their outcome still to come.
 pub fn start_pair(
     lab: &Lab,
-    rv: &Rendezvous,
+    rv: &LabRendezvous,
     bin: &Path,
     spec: &PunchSpec,
 ) -> Result<(PeerProcess, PeerProcess)> {
@@ -645,7 +645,7 @@ pub fn start_pair(
 
 /// Starts A, waits until it waits for the other side, starts B, and returns when
 /// both report the link or both gave up.
-pub fn punch(lab: &Lab, rv: &Rendezvous, bin: &Path, spec: &PunchSpec) -> Result<Outcome> {
+pub fn punch(lab: &Lab, rv: &LabRendezvous, bin: &Path, spec: &PunchSpec) -> Result<Outcome> {
     let (mut a, mut b) = start_pair(lab, rv, bin, spec)?;
     let ends = ["connected to ", "peer: "];
     let a_line = a.wait_stderr_starting(&ends)?;

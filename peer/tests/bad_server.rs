@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::*;
 use punchline_proto::{is_hidden_or_control, FrameCodec, PeerToServer, ServerToPeer};
-use punchline_testkit::Rendezvous;
+use punchline_testkit::TestRendezvous;
 use tokio_util::codec::Encoder;
 
 /// How long the peer may take to give a clear error. The first answer is
@@ -254,7 +254,7 @@ fn a_hostile_rendezvous_cannot_drive_the_terminal_with_other_answers() {
 
 #[test]
 fn a_local_port_in_use_is_named_with_what_to_do() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     // Another program's listener, which does not share its port.
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use punchline_lab::prereq::available_or_skip;
-use punchline_lab::scenario::Rendezvous;
+use punchline_lab::scenario::LabRendezvous;
 use punchline_lab::{Host, Lab, LabConfig, NatKind};
 use punchline_rendezvous::Config;
 
@@ -84,7 +84,7 @@ fn diagnose(kind: NatKind) {
     }
     let lab = Lab::build(&LabConfig::new(kind, NatKind::Home))
         .unwrap_or_else(|e| panic!("building the {kind} lab: {e}"));
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let out = lab
         .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
         .args([

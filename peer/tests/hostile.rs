@@ -32,7 +32,7 @@ use punchline_proto::{
     FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role,
     SealedCandidates, ServerToPeer, PROTOCOL_VERSION,
 };
-use punchline_testkit::{Client, Rendezvous};
+use punchline_testkit::{Client, TestRendezvous};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
@@ -400,7 +400,7 @@ fn a_stranger_with_the_nameplate_learns_nothing_and_the_waiting_peer_is_told() {
     use tokio::io::AsyncReadExt;
     use tokio_util::codec::Decoder;
 
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     // Besides its LAN addresses (none here: the harness runs peers with
     // --no-lan), a candidate offered by hand must stay hidden too.
     let mut alice = Peer::spawn(
@@ -621,7 +621,7 @@ fn a_forged_frame_drops_the_link_and_the_chat_resumes() {
 fn a_silent_stranger_still_uses_up_the_code() {
     use tokio::io::AsyncWriteExt;
 
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let mut alice = Peer::spawn(
         rv.addr(),
         "alice",

@@ -11,14 +11,19 @@ use std::time::Duration;
 use common::*;
 use punchline_proto::codec::encode_payload;
 use punchline_proto::{ErrorCode, Hello, PeerToServer, PROTOCOL_VERSION};
-use punchline_testkit::{hello, refusal, Client, Rendezvous};
+use punchline_testkit::{hello, refusal, Client, TestRendezvous};
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// Starts two peers with fixed ports and waits until both report the direct link.
-fn pair(rv: &Rendezvous, code: &str, extra_a: &[&str], extra_b: &[&str]) -> (Peer, Peer, u16, u16) {
+fn pair(
+    rv: &TestRendezvous,
+    code: &str,
+    extra_a: &[&str],
+    extra_b: &[&str],
+) -> (Peer, Peer, u16, u16) {
     let (pa, pb) = (free_port(), free_port());
     let port_a = pa.to_string();
     let port_b = pb.to_string();
@@ -36,7 +41,7 @@ fn pair(rv: &Rendezvous, code: &str, extra_a: &[&str], extra_b: &[&str]) -> (Pee
 
 #[test]
 fn two_peers_punch_a_direct_link_and_chat_both_ways() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let (mut a, mut b, pa, pb) = pair(&rv, "7-guitar-orbit", &[], &[]);
 
     // The status line names the other, the address, the candidate, time, attempts.
@@ -98,7 +103,7 @@ fn two_peers_punch_a_direct_link_and_chat_both_ways() {
 
 #[test]
 fn a_thousand_piped_lines_arrive_complete_and_in_order_each_way() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let (mut a, mut b, _, _) = pair(&rv, "2-thousand-lines", &[], &[]);
     const N: usize = 1000;
     let text = |who: &str| -> String { (0..N).map(|i| format!("{who} line {i}\n")).collect() };
@@ -120,7 +125,7 @@ fn a_thousand_piped_lines_arrive_complete_and_in_order_each_way() {
 fn lines_typed_before_end_of_input_are_all_delivered() {
     // Alice's whole input is there at once and ends: she exits 0 only after bob
     // confirmed receiving every line.
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let (pa, pb) = (free_port().to_string(), free_port().to_string());
     let mut b = Peer::spawn(rv.addr(), "bob", "3-burst-lines", &["--port", &pb]);
     b.wait_stderr("waiting for the other side");
@@ -143,7 +148,7 @@ fn lines_typed_before_end_of_input_are_all_delivered() {
 fn a_third_peer_on_a_full_code_gets_a_clear_error() {
     // Two peers paired on the code and still punching (protocol-level clients that
     // hold their rendezvous connections open after the go): the code is in use.
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (first, second) = rt.block_on(async {
         let mut first = Client::connect(rv.addr()).await;
@@ -174,7 +179,7 @@ fn wrong_candidates_are_recognised_and_dropped() {
     // up in microseconds, long before the real one) and a stranger that answers
     // with garbage. Bob waits first, so he is the leader who picks the link: were
     // the link check not to catch the self-connect, he would pick it.
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let stranger = TcpListener::bind("127.0.0.1:0").expect("bind stranger");
     let stranger_addr = stranger.local_addr().expect("addr");
     thread::spawn(move || {
@@ -223,7 +228,7 @@ fn wrong_candidates_are_recognised_and_dropped() {
 
 #[test]
 fn bad_clients_are_rejected_while_another_pair_chats() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let (mut a, mut b, _, _) = pair(&rv, "5-busy-day", &[], &[]);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -281,7 +286,7 @@ fn an_unreachable_rendezvous_is_a_clear_error() {
 
 #[test]
 fn an_invalid_code_is_refused_before_connecting() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let mut p = Peer::spawn(rv.addr(), "alice", "no spaces/allowed", &[]);
     assert!(!p.wait().success());
     p.wait_stderr("invalid code");
@@ -298,7 +303,7 @@ async fn refused_then_closed(c: &mut Client) -> (ErrorCode, String) {
 
 #[test]
 fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let mut a = Peer::spawn(rv.addr(), "alice", "", &[]);
     let line = a.wait_stderr("your code: ");
     let code = line.rsplit(' ').next().expect("code").to_owned();
@@ -333,7 +338,7 @@ fn a_new_code_is_printed_and_the_other_side_joins_with_it() {
 
 #[test]
 fn a_wrong_code_fails_on_both_sides_and_nothing_is_shown() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let mut a = Peer::spawn(rv.addr(), "alice", "11-apple-river", &[]);
     a.send("this must never be shown\n");
     a.wait_stderr("waiting for the other side");
@@ -364,7 +369,7 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
         eprintln!("SKIPPED: capture test needs root for tcpdump");
         return;
     }
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let (pa, pb) = (free_port(), free_port());
     let filter = format!(
         "tcp and (port {pa} or port {pb} or port {} or port {})",
@@ -444,7 +449,7 @@ fn interrupt(pid: u32) {
 /// proves the kernel's self-connect.
 #[test]
 fn the_doctor_checks_a_rendezvous_over_ipv6() {
-    let rv = Rendezvous::on(
+    let rv = TestRendezvous::on(
         std::net::Ipv6Addr::LOCALHOST.into(),
         punchline_rendezvous::Config::default(),
     );

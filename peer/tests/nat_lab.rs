@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use punchline_lab::prereq::available_or_skip;
-use punchline_lab::scenario::{punch, Outcome, PunchSpec, Rendezvous, OURS};
+use punchline_lab::scenario::{punch, LabRendezvous, Outcome, PunchSpec, OURS};
 use punchline_lab::{Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
@@ -44,7 +44,7 @@ fn must_connect(name: &str, config: LabConfig) {
 }
 
 fn connect_and_chat(name: &str, lab: &Lab) {
-    let rv = Rendezvous::start(lab, Config::default()).expect("rendezvous starts");
+    let rv = LabRendezvous::start(lab, Config::default()).expect("rendezvous starts");
     let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
     let outcome = punch(lab, &rv, bin, &spec(name, Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("{name}: {e}\n{}", lab.diagnostics()));
@@ -142,7 +142,7 @@ fn symmetric_home_fails_with_a_clear_diagnosis_where_nothing_relays() {
         relay: false,
         ..Config::default()
     };
-    let rv = Rendezvous::start(&lab, config).expect("rendezvous starts");
+    let rv = LabRendezvous::start(&lab, config).expect("rendezvous starts");
     let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
     let outcome = punch(&lab, &rv, bin, &spec(name, Duration::from_secs(5)))
         .unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use punchline_lab::prereq::available_or_skip;
 use punchline_lab::scenario::{
-    leave, punch, start_pair, Outcome, PeerProcess, PunchSpec, Rendezvous, OURS,
+    leave, punch, start_pair, LabRendezvous, Outcome, PeerProcess, PunchSpec, OURS,
 };
 use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
@@ -43,7 +43,7 @@ fn chat_through_the_relay(name: &str, a: NatKind, b: NatKind) {
 /// [`start_pair`] does.
 fn start_pair_with(
     lab: &Lab,
-    rv: &Rendezvous,
+    rv: &LabRendezvous,
     spec: &PunchSpec,
     extra_a: &[&str],
 ) -> (PeerProcess, PeerProcess) {
@@ -76,7 +76,7 @@ fn chat_through_the_relay_with(name: &str, a: NatKind, b: NatKind, extra_a: &[&s
         return;
     }
     let lab = lab(a, b);
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous");
     let (mut alice, mut bob) = start_pair_with(&lab, &rv, &spec("3-relay-chat"), extra_a);
     for p in [&mut alice, &mut bob] {
         let line = p
@@ -140,7 +140,7 @@ fn a_relay_at_its_cap_is_refused_with_a_clear_message() {
         max_relays: 0,
         ..Config::default()
     };
-    let rv = Rendezvous::start(&lab, config).expect("rendezvous");
+    let rv = LabRendezvous::start(&lab, config).expect("rendezvous");
     let outcome = punch(&lab, &rv, bin(), &spec("4-relay-capped")).expect("peers run");
     let Outcome::Failed(f) = outcome else {
         panic!("connected although the relay is capped at zero");
@@ -160,7 +160,7 @@ fn a_direct_chat_carries_on_while_the_rendezvous_restarts() {
         return;
     }
     let lab = lab(NatKind::Home, NatKind::Rst);
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous");
     let Outcome::Connected(mut c) =
         punch(&lab, &rv, bin(), &spec("2-restart-chat")).expect("punch")
     else {
@@ -171,7 +171,7 @@ fn a_direct_chat_carries_on_while_the_rendezvous_restarts() {
     drop(rv);
     c.b.send("while it is down\n").expect("send");
     assert_eq!(c.a.recv().expect("line"), "bob: while it is down");
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous again");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous again");
     c.a.send("after it is back\n").expect("send");
     assert_eq!(c.b.recv().expect("line"), "alice: after it is back");
     for p in [&mut c.a, &mut c.b] {
@@ -195,7 +195,7 @@ fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
     let b_public = lab.public_addr(punchline_lab::Host::B);
     lab.cut_path(punchline_lab::Side::A, b_public)
         .expect("cut the direct path");
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous");
     let spec = PunchSpec {
         punch_timeout: Duration::from_secs(2),
         extra_args: vec!["--upgrade-interval".into(), "3".into()],

@@ -11,11 +11,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use punchline_lab::prereq::available_or_skip;
-use punchline_lab::scenario::{punch, Connected, Outcome, PunchSpec, Rendezvous, OURS};
+use punchline_lab::scenario::{punch, Connected, LabRendezvous, Outcome, PunchSpec, OURS};
 use punchline_lab::{Host, Lab, LabConfig, NatKind, Side, WanConfig};
 use punchline_rendezvous::Config;
 
-fn connect(lab: &Lab, rv: &Rendezvous, code: &str) -> Box<Connected> {
+fn connect(lab: &Lab, rv: &LabRendezvous, code: &str) -> Box<Connected> {
     let spec = PunchSpec {
         code: code.into(),
         port_a: 40000,
@@ -48,7 +48,7 @@ fn an_idle_chat_outlives_the_nat_flow_timeout() {
         lab.set_conntrack_tcp(side, Duration::from_secs(30), false)
             .expect("conntrack settings");
     }
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous");
     let mut c = connect(&lab, &rv, "5-idle-chat");
     thread::sleep(Duration::from_secs(90));
     c.a.send("after the silence, from alice\n").expect("send");
@@ -90,7 +90,7 @@ fn a_reset_and_cut_link_resumes_without_losing_or_doubling_a_line() {
         &LabConfig::new(NatKind::Home, NatKind::Rst).with_wan(WanConfig::delays_ms(5, 10, 5)),
     )
     .expect("lab");
-    let rv = Rendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous");
     let mut c = connect(&lab, &rv, "6-cut-chat");
     let b_public = lab.public_addr(Host::B);
     const LINES: u32 = 40;

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use punchline_testkit::Rendezvous;
+use punchline_testkit::TestRendezvous;
 
 /// A tmux session running one command; killed when dropped.
 struct Tmux {
@@ -124,7 +124,7 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
         eprintln!("SKIPPED: terminal test needs tmux (apt-get install tmux)");
         return;
     }
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let peer = env!("CARGO_BIN_EXE_peer");
     let data = std::env::temp_dir().join(format!("punchline-tty-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use punchline_proto::{ErrorCode, PeerToServer, PunchOutcome, ServerToPeer};
 use punchline_rendezvous::metrics::Reject;
 use punchline_rendezvous::{serve_metrics, Config, Metrics};
-use punchline_testkit::{connect_from, http_get, refusal, Client, Rendezvous, WAIT};
+use punchline_testkit::{connect_from, http_get, refusal, Client, TestRendezvous, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout};
@@ -67,7 +67,7 @@ async fn the_connection_cap_per_address_refuses_only_that_address() {
         connections_per_address: 5,
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let abuser = from(2);
     let mut held = Vec::new();
@@ -92,7 +92,7 @@ async fn the_connection_cap_per_address_refuses_only_that_address() {
 
 #[tokio::test]
 async fn a_burst_of_new_codes_from_one_address_is_cut_off() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     let abuser = from(4);
     let mut accepted: u32 = 0;
@@ -128,7 +128,7 @@ async fn floods_do_not_stop_a_fresh_pair_from_another_address() {
         hello_timeout: Duration::from_secs(30),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let normal = honest_pair(from(9), server, "7").await;
 
@@ -200,7 +200,7 @@ async fn a_network_holds_a_multiple_of_an_address_and_other_networks_are_served(
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     // Six addresses of 127.0.1.0/24, one waiting peer each: each address is far
     // below its own limit, but together they fill their network's.
@@ -249,7 +249,7 @@ async fn new_codes_and_connections_are_rate_limited_per_network() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let code_burst = punchline_rendezvous::server::CODE_BURST * 2;
     // Connection n from this network comes from 127.0.4.n: a fresh address
@@ -345,7 +345,7 @@ async fn relays_are_shared_out_per_address_and_per_network() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let relaying = (ServerToPeer::Relaying, ServerToPeer::Relaying);
     let one = from_net(7, 1);
@@ -416,7 +416,7 @@ async fn a_relay_ends_at_its_lifetime_however_busy_and_frees_its_slots() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let ip = from_net(9, 1);
     let (mut a, mut b, ra, rb) = relayed_pair_from(ip, ip, server, "21").await;
@@ -583,7 +583,7 @@ fn ipv6_limits_count_a_64_as_one_address_and_a_48_as_one_network() {
             metrics: metrics.clone(),
             ..Config::default()
         };
-        let rv = Rendezvous::on(Ipv6Addr::LOCALHOST.into(), config);
+        let rv = TestRendezvous::on(Ipv6Addr::LOCALHOST.into(), config);
         let server = rv.addr();
 
         // Three addresses of one /64 hold its three connections; a fourth

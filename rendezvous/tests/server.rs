@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{ErrorCode, Hello, Mapping, PeerToServer, Role, ServerToPeer};
 use punchline_rendezvous::Config;
-use punchline_testkit::{error_code, hello, http_get, sample, Client, Rendezvous, WAIT};
+use punchline_testkit::{error_code, hello, http_get, sample, Client, TestRendezvous, WAIT};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
@@ -24,7 +24,7 @@ async fn join(server: SocketAddr, code: &str, name: &str) -> (Client, SocketAddr
 
 #[tokio::test]
 async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     let (mut a, addr_a) = join(server, "7", "alice").await;
     // Let alice wait long enough for the early pings.
@@ -75,7 +75,7 @@ async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
 
 #[tokio::test]
 async fn sessions_differ_between_pairs() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     let mut sessions = Vec::new();
     for code in ["1", "2"] {
@@ -91,7 +91,7 @@ async fn sessions_differ_between_pairs() {
 
 #[tokio::test]
 async fn a_third_peer_is_told_the_code_is_in_use() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     let (mut a, _) = join(server, "3", "a").await;
     let (mut b, _) = join(server, "3", "b").await;
@@ -110,7 +110,7 @@ async fn a_lonely_peer_is_told_its_wait_expired() {
         wait_ttl: Duration::from_secs(1),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let (mut a, _) = join(server, "4", "a").await;
     let reply = a.recv_after_pings().await;
@@ -125,7 +125,7 @@ async fn a_silent_connection_is_dropped_after_the_hello_timeout() {
         hello_timeout: Duration::from_millis(300),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let mut c = Client::connect(server).await;
     let reply = c.recv().await;
@@ -135,7 +135,7 @@ async fn a_silent_connection_is_dropped_after_the_hello_timeout() {
 
 #[tokio::test]
 async fn invalid_hello_fields_are_rejected() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     for (code, pake_len) in [("bad nameplate!", 1), ("", 1), ("11", 1000)] {
         let mut c = Client::connect(server).await;
@@ -147,7 +147,7 @@ async fn invalid_hello_fields_are_rejected() {
 
 #[tokio::test]
 async fn shutdown_tells_waiting_peers() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let (mut a, _) = join(rv.addr(), "5", "a").await;
     let stopped = tokio::task::spawn_blocking(move || rv.stop());
     let reply = a.recv_after_pings().await;
@@ -175,7 +175,7 @@ fn reusable(port: u16) -> tokio::net::TcpSocket {
 
 #[tokio::test]
 async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
 
     // Same local port to both server ports, as a peer does.
@@ -236,7 +236,7 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
 /// first, and classifies the mapping as when the peer reported it.
 #[tokio::test]
 async fn a_probe_named_by_its_token_classifies_the_mapping() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     let hello_with = |token| Hello {
         probe_token: Some(token),
@@ -297,7 +297,7 @@ async fn a_probe_named_by_its_token_classifies_the_mapping() {
 
 #[tokio::test]
 async fn new_codes_get_random_free_nameplates() {
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
     // Each allocated nameplate is taken by a waiting peer before the next one.
     let mut held = Vec::new();
@@ -330,7 +330,7 @@ async fn the_metrics_endpoint_counts_pairs_punches_and_rejects() {
         metrics: metrics.clone(),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let metrics_addr = metrics_listener.local_addr().expect("addr");
@@ -434,7 +434,7 @@ async fn a_waiting_peer_that_stops_answering_pings_is_dropped_and_its_code_freed
         idle_timeout: Duration::from_secs(1),
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let (mut silent, _) = join(server, "31", "a").await;
     // Read what the server sends, answer nothing.
@@ -467,7 +467,7 @@ async fn a_waiting_peer_that_stops_answering_pings_is_dropped_and_its_code_freed
 #[tokio::test]
 async fn reflect_and_dial_back_answer_the_doctor_then_a_hello_still_works() {
     use punchline_proto::DialBackResult;
-    let rv = Rendezvous::start();
+    let rv = TestRendezvous::start();
     let server = rv.addr();
 
     // Nothing listens on the client's port: the dial-back is reset.
@@ -533,7 +533,7 @@ async fn a_failed_pair_is_relayed_both_ways_within_its_allowance() {
         relay_bytes: 1000,
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let (mut a, mut b, ra, rb) = relayed_pair(server, "51").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
@@ -560,7 +560,7 @@ async fn a_server_that_does_not_relay_says_so() {
         relay: false,
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let (_a, _b, ra, rb) = relayed_pair(server, "52").await;
     for reply in [ra, rb] {
@@ -582,7 +582,7 @@ async fn a_relay_faster_than_its_pace_is_slowed_not_cut_off() {
         relay_rate: 2000,
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let (mut a, mut b, ra, rb) = relayed_pair(server, "53").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));
@@ -609,7 +609,7 @@ async fn a_relay_carries_both_directions_at_once_beyond_its_pace() {
         relay_rate: 4000,
         ..Config::default()
     };
-    let rv = Rendezvous::with_config(config);
+    let rv = TestRendezvous::with_config(config);
     let server = rv.addr();
     let (a, b, ra, rb) = relayed_pair(server, "54").await;
     assert_eq!((ra, rb), (ServerToPeer::Relaying, ServerToPeer::Relaying));

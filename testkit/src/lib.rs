@@ -1,7 +1,7 @@
 //! Test support for punchline: the pieces every test binary and the load
 //! generator share, instead of a copy in each.
 //!
-//! - [`Rendezvous`]: the real rendezvous server (main and probe port) on a
+//! - [`TestRendezvous`]: the real rendezvous server (main and probe port) on a
 //!   thread and runtime of its own, on loopback or a given address; it stops
 //!   when dropped.
 //! - [`Client`]: a raw client of the rendezvous protocol. Unlike the real peer
@@ -19,4 +19,4 @@ mod server;
 
 pub use client::{connect_from, error_code, hello, refusal, Client, ClientError, Conn, WAIT};
 pub use metrics::{http_get, sample};
-pub use server::Rendezvous;
+pub use server::TestRendezvous;

@@ -7,7 +7,7 @@
 //! 2. A thread with its own runtime serves both ports: synchronous tests (that
 //!    drive `peer` processes) and async tests use it alike, and a test's
 //!    runtime never has to run the server.
-//! 3. Dropping the handle (or [`Rendezvous::stop`]) shuts the server down as
+//! 3. Dropping the handle (or [`TestRendezvous::stop`]) shuts the server down as
 //!    the binary does on a signal, and waits for it.
 
 use std::io;
@@ -30,27 +30,27 @@ const BIND_TRIES: usize = 100;
 ///
 /// Dropping it shuts the server down and waits for it, which takes as long as
 /// its connections need to say goodbye (a few seconds at most).
-pub struct Rendezvous {
+pub struct TestRendezvous {
     addr: SocketAddr,
     probe_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<io::Result<()>>>,
 }
 
-impl Rendezvous {
+impl TestRendezvous {
     /// Serves with the default [`Config`] on 127.0.0.1.
-    pub fn start() -> Rendezvous {
+    pub fn start() -> TestRendezvous {
         Self::with_config(Config::default())
     }
 
     /// Serves with `config` on 127.0.0.1.
-    pub fn with_config(config: Config) -> Rendezvous {
+    pub fn with_config(config: Config) -> TestRendezvous {
         Self::on(Ipv4Addr::LOCALHOST.into(), config)
     }
 
     /// Serves with `config` on a free port of `ip`, with the probe port
     /// [`PROBE_PORT_OFFSET`] above it, where a `peer` looks for it.
-    pub fn on(ip: IpAddr, config: Config) -> Rendezvous {
+    pub fn on(ip: IpAddr, config: Config) -> TestRendezvous {
         let (main, probe) = bind_ports(ip);
         let addr = main.local_addr().expect("address of the main port");
         let probe_addr = probe.local_addr().expect("address of the probe port");
@@ -59,7 +59,7 @@ impl Rendezvous {
             .name(format!("rendezvous {addr}"))
             .spawn(move || serve(main, probe, config, stopped))
             .expect("start the rendezvous thread");
-        Rendezvous {
+        TestRendezvous {
             addr,
             probe_addr,
             stop: Some(stop),
@@ -98,7 +98,7 @@ impl Rendezvous {
     }
 }
 
-impl Drop for Rendezvous {
+impl Drop for TestRendezvous {
     fn drop(&mut self) {
         // Not a panic: the test may be unwinding already.
         if let Err(e) = self.shut_down() {

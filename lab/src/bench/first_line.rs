@@ -34,7 +34,7 @@ use punchline_rendezvous::Config;
 use super::{pair_name, percentile};
 use crate::error::{LabError, Result};
 use crate::scenario::{
-    after_go, log_time, peer_command, PeerProcess, PunchSpec, Rendezvous, ENCRYPTED_LOG, GO_LOG,
+    after_go, log_time, peer_command, LabRendezvous, PeerProcess, PunchSpec, ENCRYPTED_LOG, GO_LOG,
     OURS, RV_PORT,
 };
 use crate::topology::{Host, Lab, LabConfig, Layout};
@@ -137,7 +137,7 @@ pub fn run(
             break;
         };
         let lab = Lab::build(&pair.with_wan(*first_wan))?;
-        let rv = Rendezvous::start_on(&lab, RV_PORT, rendezvous_config())?;
+        let rv = LabRendezvous::start_on(&lab, RV_PORT, rendezvous_config())?;
         let raw_rv = match lab.config().layout {
             Layout::Separate { .. } => Some(RawRendezvous::start(&lab, raw_bin)?),
             Layout::SameLan(_) => None,
@@ -291,7 +291,7 @@ fn record(times: &mut Times, shown: [Option<Duration>; 2], processes: &mut [Peer
 
 fn punchline_run(
     lab: &Lab,
-    rv: &Rendezvous,
+    rv: &LabRendezvous,
     bin: &Path,
     (port_a, port_b): (u16, u16),
     code: &str,
