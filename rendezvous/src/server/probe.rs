@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{PeerToServer, ProbeToken, ServerToPeer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tracing::debug;
@@ -47,28 +48,39 @@ const MAX_SIGHTINGS: usize = 16_384;
 /// [`punchline_proto::Hello::probe_token`] here. Shared by [`run_probe`] and
 /// [`super::run`] through [`super::Config::probes`].
 #[derive(Debug, Clone, Default)]
-pub struct ProbeSightings(Arc<Mutex<HashMap<ProbeToken, (SocketAddr, Instant)>>>);
+pub struct ProbeSightings(Arc<Sightings>);
+
+#[derive(Debug, Default)]
+struct Sightings {
+    table: Mutex<HashMap<ProbeToken, (SocketAddr, Instant)>>,
+    /// Woken at each new token, for the hellos waiting for theirs.
+    recorded: Notify,
+}
 
 impl ProbeSightings {
     fn record(&self, token: ProbeToken, seen: SocketAddr) {
         let now = Instant::now();
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if table.len() >= MAX_SIGHTINGS {
-            table.retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
-        }
-        if table.len() < MAX_SIGHTINGS {
+        {
+            let mut table = self.0.table.lock().unwrap_or_else(|e| e.into_inner());
+            if table.len() >= MAX_SIGHTINGS {
+                table.retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
+            }
+            if table.len() >= MAX_SIGHTINGS {
+                return;
+            }
             table.insert(token, (seen, now));
         }
+        self.0.recorded.notify_waiters();
     }
 
     fn take(&self, token: &ProbeToken) -> Option<SocketAddr> {
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = self.0.table.lock().unwrap_or_else(|e| e.into_inner());
         let (seen, at) = table.remove(token)?;
         (at.elapsed() < SIGHTING_TTL).then_some(seen)
     }
 
     /// What the probe port saw of the connection that sent `token`, waiting up
-    /// to `within` for it to arrive.
+    /// to `within` for it to arrive (woken as soon as it does).
     pub(super) async fn wait_for(
         &self,
         token: &ProbeToken,
@@ -76,13 +88,17 @@ impl ProbeSightings {
     ) -> Option<SocketAddr> {
         let deadline = Instant::now() + within;
         loop {
+            // Registered before the look, so a token recorded in between
+            // still wakes us.
+            let recorded = self.0.recorded.notified();
+            tokio::pin!(recorded);
+            recorded.as_mut().enable();
             if let Some(seen) = self.take(token) {
                 return Some(seen);
             }
-            if Instant::now() >= deadline {
-                return None;
+            if tokio::time::timeout_at(deadline, recorded).await.is_err() {
+                return self.take(token);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
