@@ -251,6 +251,11 @@ impl RendezvousConn {
         })
     }
 
+    /// The kernel's estimate of our round trip to the rendezvous.
+    pub fn rtt(&self) -> Option<Duration> {
+        punchline_net::kernel_rtt(self.conn.get_ref())
+    }
+
     /// Our end of the connection: local address and the fixed port.
     pub fn local_addr(&self) -> Result<SocketAddr, PeerError> {
         self.conn

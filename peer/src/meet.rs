@@ -162,6 +162,7 @@ pub(crate) async fn meet(
             server: rendezvous.server,
             our_mapping: mapping,
             policy: opts.retry,
+            server_rtt: rendezvous.rtt(),
         };
         let punched =
             punch_with_their_candidates(&mut rendezvous, &go, &params, start, &secret).await;

@@ -15,13 +15,16 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
-use punchline_proto::pacing::{AttemptFailure, Pacer, RetryPolicy, ATTEMPT_TIMEOUT};
+use punchline_proto::pacing::{
+    fresh_attempt_after, AttemptFailure, Pacer, RetryPolicy, ATTEMPT_TIMEOUT,
+};
 use punchline_proto::{FrameCodec, Go, Mapping, PeerToPeer, Role, SessionToken, MAX_CANDIDATES};
 use socket2::{SockFilter, SockRef};
 use tokio::net::TcpStream;
@@ -97,6 +100,10 @@ pub struct PunchParams {
     pub our_mapping: Mapping,
     /// How attempts are paced.
     pub policy: RetryPolicy,
+    /// Our round trip to the rendezvous (the kernel's estimate), which sets
+    /// how soon a silent attempt is replaced
+    /// ([`punchline_proto::pacing::fresh_attempt_after`]).
+    pub server_rtt: Option<Duration>,
 }
 
 /// Whether `addr`, offered by the other side (or by the rendezvous), is worth a
@@ -295,6 +302,7 @@ pub async fn punch(
         start,
         deadline,
         policy: params.policy,
+        fresh_after: fresh_attempt_after(params.server_rtt),
         tallies: tallies.clone(),
         found: tx,
     };
@@ -416,6 +424,8 @@ struct Candidate {
     start: Instant,
     deadline: Instant,
     policy: RetryPolicy,
+    /// A silent attempt is replaced after this long.
+    fresh_after: Duration,
     tallies: Tallies,
     found: mpsc::Sender<Verified>,
 }
@@ -524,7 +534,22 @@ async fn connect_once(
             .map_err(|e| classify(c, &e))?;
     }
     let wait = hold.unwrap_or(ATTEMPT_TIMEOUT).min(left);
-    match timeout(wait, socket.connect(c.addr)).await {
+    let fd = socket.as_raw_fd();
+    let connecting = socket.connect(c.addr);
+    tokio::pin!(connecting);
+    let until = Instant::now() + wait;
+    // A silent attempt (not a held one) is replaced early if it has heard
+    // nothing at all; one that has heard from the other side is left to
+    // complete.
+    if hold.is_none() && c.fresh_after < wait {
+        if let Ok(done) = timeout(c.fresh_after, &mut connecting).await {
+            return done.map_err(|e| classify(c, &e));
+        }
+        if tcp_state(fd) == Some(TCP_SYN_SENT) {
+            return Err(AttemptFailure::NoAnswer);
+        }
+    }
+    match timeout_at(until, &mut connecting).await {
         Ok(Ok(stream)) => {
             if hold.is_some() {
                 // The chat must see a reset of its link.
@@ -537,6 +562,28 @@ async fn connect_once(
         Ok(Err(e)) => Err(classify(c, &e)),
         Err(_) => Err(AttemptFailure::NoAnswer),
     }
+}
+
+/// `TCP_SYN_SENT` of the kernel's TCP states (`tcpi_state`).
+const TCP_SYN_SENT: u8 = 2;
+
+/// The kernel's TCP state of the socket `fd` (`TCP_INFO`'s first field), if it
+/// can be read.
+fn tcp_state(fd: std::os::fd::RawFd) -> Option<u8> {
+    // SAFETY: tcp_info is plain old data; getsockopt fills at most `len` bytes
+    // of it, and `fd` is a socket this task owns for the duration of the call.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len > 0).then_some(info.tcpi_state)
 }
 
 /// A socket filter (classic BPF, run by the kernel on every segment that
@@ -731,6 +778,7 @@ mod tests {
             server: "198.51.100.1:7425".parse().expect("addr"),
             our_mapping: Mapping::Unknown,
             policy: RetryPolicy::Adaptive,
+            server_rtt: None,
         };
         let t = tried(
             &[
@@ -763,6 +811,7 @@ mod tests {
             server: "198.51.100.1:7425".parse().expect("addr"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
+            server_rtt: None,
         };
         let d = crate::render::punch_diagnosis(&failure(&g, &params, Duration::ZERO, Vec::new()));
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
@@ -786,6 +835,7 @@ mod tests {
             server: "198.51.100.1:7425".parse().expect("addr"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
+            server_rtt: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -839,6 +889,7 @@ mod tests {
             server: addr("127.0.0.1:7425"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
+            server_rtt: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -891,6 +942,7 @@ mod tests {
             server: addr("198.51.100.1:7425"),
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
+            server_rtt: None,
         };
         let mut late: Vec<SocketAddr> = listeners
             .iter()

@@ -39,6 +39,30 @@ pub const PUNCH_DEADLINE: Duration = Duration::from_secs(10);
 /// replaces the late second one with a fresh attempt.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2500);
 
+/// Least time an attempt that has heard nothing waits before a fresh one
+/// replaces it (see [`fresh_attempt_after`]).
+pub const FRESH_ATTEMPT_MIN: Duration = Duration::from_millis(150);
+
+/// How long an attempt that has heard nothing at all from the other side (its
+/// socket still in SYN_SENT: no SYN, no SYN-ACK, no reset) waits before a fresh
+/// attempt replaces it, rather than for the kernel's SYN retransmission after
+/// 1 s. The two sides receive the go together, so the other's SYN, or the
+/// answer to ours, comes within about one round trip between the peers; a lost
+/// SYN costs this instead of a second. The peers' round trip is not known
+/// before the punch: four times our round trip to the rendezvous covers it
+/// where the rendezvous is not much farther from the other peer than from us
+/// (the usual case), never less than [`FRESH_ATTEMPT_MIN`] and never more
+/// than [`ATTEMPT_TIMEOUT`]. Without an estimate, only [`ATTEMPT_TIMEOUT`].
+/// An attempt that has heard from the other side (SYN_RECV: a simultaneous
+/// open under way) is never replaced early: closing it would reset the
+/// connection the other side is completing.
+pub fn fresh_attempt_after(server_rtt: Option<Duration>) -> Duration {
+    match server_rtt {
+        Some(rtt) => (rtt * 4).clamp(FRESH_ATTEMPT_MIN, ATTEMPT_TIMEOUT),
+        None => ATTEMPT_TIMEOUT,
+    }
+}
+
 /// Least time between the starts of two attempts on one candidate. Without it
 /// nothing limits the rate where the reset comes back in microseconds (a host
 /// next door, a LAN, loopback): retried at once, a peer sent 3,500 to 33,000
@@ -385,5 +409,15 @@ mod tests {
             pacer.next_start(AttemptFailure::Refused, Duration::ZERO, 0.0),
             Some(ATTEMPT_FLOOR)
         );
+    }
+
+    #[test]
+    fn a_silent_attempt_is_replaced_after_a_few_round_trips_to_the_rendezvous() {
+        let ms = Duration::from_millis;
+        assert_eq!(fresh_attempt_after(Some(ms(120))), ms(480));
+        assert_eq!(fresh_attempt_after(Some(ms(5))), FRESH_ATTEMPT_MIN);
+        assert_eq!(fresh_attempt_after(Some(ms(2000))), ATTEMPT_TIMEOUT);
+        assert_eq!(fresh_attempt_after(None), ATTEMPT_TIMEOUT);
+        assert!(fresh_attempt_after(Some(ms(200))) < Duration::from_secs(1));
     }
 }
