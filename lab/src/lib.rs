@@ -25,7 +25,7 @@
 //! kinds and their rulesets, [`wan`] the delay emulator, [`netns`] namespace
 //! plumbing, [`cmd`] running the tools, [`names`] unique naming, [`prereq`] the
 //! checks tests use to skip, [`scenario`] the rendezvous and two peers meeting in
-//! a lab, [`bench`] the punch benchmark, [`rawpunch`] the raw punch baseline.
+//! a lab, [`bench`](mod@bench) the punch benchmark, [`rawpunch`] the raw punch baseline.
 
 pub mod bench;
 pub mod cmd;

@@ -4,14 +4,14 @@
 //! and gets it a new link when one drops.
 //!
 //! Lines typed arrive as [`Input`] on a channel; what the user sees goes to an
-//! [`Output`]. [`converse`] owns the chat from its first link to its end:
-//! - it carries the session over one secured link ([`carry`]): messages the
+//! [`Output`]. `converse` owns the chat from its first link to its end:
+//! - it carries the session over one secured link (`carry`): messages the
 //!   session asks for go out, messages that arrive go in, its timer is slept on;
 //! - when the session says the link is down, it meets the other peer again in
-//!   the chat's room ([`relink`]) and hands the session the new link, which
+//!   the chat's room (`relink`) and hands the session the new link, which
 //!   resumes the chat;
 //! - when the session says to try for a direct link (relayed chats only), a try
-//!   runs in the background ([`try_direct`]) and its link replaces the relay.
+//!   runs in the background (`try_direct`) and its link replaces the relay.
 
 use std::time::Duration;
 

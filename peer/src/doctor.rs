@@ -3,13 +3,13 @@
 //! It asks the rendezvous, from one fixed local port, what it sees, and tests
 //! the host itself:
 //! 1. **Public address** and whether the NAT kept the local port: the main port
-//!    reflects the connection's address ([`Rendezvous::reflect`]).
+//!    reflects the connection's address ([`RendezvousConn::reflect`]).
 //! 2. **Mapping**: the probe port (main port + 1) reflects a second connection from
 //!    the same local port. The same public port means the NAT maps independently of
 //!    the destination (punching works); another port means a "symmetric" NAT, whose
 //!    step between the two ports is reported.
 //! 3. **Unsolicited inbound SYNs**: the rendezvous dials our public address back
-//!    ([`Rendezvous::dial_back`]): a reset, silence (dropped), or a connection.
+//!    ([`RendezvousConn::dial_back`]): a reset, silence (dropped), or a connection.
 //! 4. **Simultaneous open in this kernel**: a socket connects to its own address
 //!    and port, sends a line and reads it back (the SYN meets its own SYN_SENT
 //!    socket, as two crossing SYNs do).
@@ -18,7 +18,7 @@
 //! Then a verdict in plain words, with what to do about it.
 //!
 //! Every step has a deadline (the rendezvous' requests through
-//! [`Rendezvous`]'s bounds, the local tests 3 s each), and a
+//! [`RendezvousConn`]'s bounds, the local tests 3 s each), and a
 //! `--server` that is not a punchline rendezvous is named as such within
 //! seconds, with what it sent; text from the server reaches the report only
 //! sanitised.

@@ -41,8 +41,8 @@ struct Scrape {
 /// Serves `GET /metrics` on `listener` until `shutdown` completes. Anything else
 /// gets 404. Meant for a loopback or private address: it has no authentication.
 ///
-/// Idle or slow clients cannot block the scrapes: each has [`HEADER_TIMEOUT`]
-/// to send its request, and when [`MAX_SCRAPES`] are being served a new
+/// Idle or slow clients cannot block the scrapes: each has `HEADER_TIMEOUT`
+/// to send its request, and when `MAX_SCRAPES` are being served a new
 /// connection evicts the oldest one still waiting for its request (a scraper
 /// sends its request as soon as it connects, so it is answered before it can
 /// become the oldest of a full set). A new connection is closed unanswered only
