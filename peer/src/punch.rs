@@ -7,7 +7,7 @@
 //!    until the deadline. Our SYN opens our NAT for the other's SYN; when the two
 //!    cross, both sockets, still in SYN_SENT, complete the handshake.
 //! 3. On a connected socket both ends send a link hello and check the other's
-//!    ([`punchline_proto::link`]): a wrong host or a self-connect is dropped, and
+//!    ([`punchline_proto::link_check`]): a wrong host or a self-connect is dropped, and
 //!    that candidate is not tried again.
 //! 4. The leader keeps the first verified link and says so with `Select`; the
 //!    follower keeps the link on which `Select` arrives. Every other link and task
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
-use punchline_proto::link::{link_hello, verify_link_hello, LinkRejected};
+use punchline_proto::link_check::{link_hello, verify_link_hello, LinkRejected};
 use punchline_proto::pacing::{
     fresh_attempt_after, AttemptFailure, Pacer, RetryPolicy, ATTEMPT_TIMEOUT,
 };
@@ -38,7 +38,7 @@ use crate::error::PeerError;
 use crate::net::{fixed_port_socket, LinkStream};
 
 /// The framed link between the two peers.
-pub type Link = Framed<LinkStream, FrameCodec<PeerToPeer, PeerToPeer>>;
+pub type PeerFrames = Framed<LinkStream, FrameCodec<PeerToPeer, PeerToPeer>>;
 
 /// Time the far end of a fresh link has to send its link hello. The real peer
 /// sends it at once; anything slower is some other program.
@@ -75,7 +75,7 @@ impl CandidateKind {
 /// A successful punch.
 pub struct Punched {
     /// The one link both peers kept.
-    pub link: Link,
+    pub link: PeerFrames,
     /// The other's address on that link.
     pub remote: SocketAddr,
     /// Which candidate it was.
@@ -256,7 +256,7 @@ fn with_tally<R>(tallies: &Tallies, i: usize, f: impl FnOnce(&mut Tally) -> R) -
 
 /// A link that reached the expected peer.
 struct Verified {
-    link: Link,
+    link: PeerFrames,
     remote: SocketAddr,
     kind: CandidateKind,
     elapsed: Duration,
@@ -629,7 +629,11 @@ enum Verify {
 }
 
 /// Exchanges link hellos on a fresh connection.
-async fn verify(stream: TcpStream, session: &SessionToken, role: Role) -> Result<Link, Verify> {
+async fn verify(
+    stream: TcpStream,
+    session: &SessionToken,
+    role: Role,
+) -> Result<PeerFrames, Verify> {
     let mut link = Framed::new(LinkStream::Tcp(stream), FrameCodec::new());
     let exchange = async {
         link.send(link_hello(*session, role)).await?;

@@ -49,7 +49,7 @@ use spake2::{Ed25519Group, Identity, Password, Spake2};
 use tokio::time::timeout;
 
 use crate::error::PeerError;
-use crate::punch::Link;
+use crate::punch::PeerFrames;
 
 /// The Noise protocol of the link: no static keys (the code authenticates), a
 /// pre-shared key mixed in before the first message.
@@ -281,7 +281,7 @@ pub enum RecvError {
 
 /// The link after the handshake: sealed chat messages.
 pub struct SecureLink {
-    link: Link,
+    link: PeerFrames,
     noise: snow::TransportState,
     verification: Option<String>,
     /// What the chat keeps to reveal or check its words on every link.
@@ -402,7 +402,7 @@ impl SecureLink {
     /// the chat's leader then reveals its nonce as its first message, and the
     /// follower checks it when it arrives ([`SecureLink::recv`]).
     pub async fn handshake(
-        mut link: Link,
+        mut link: PeerFrames,
         role: Role,
         secret: &Secret,
         ours: &Introduction,
@@ -618,7 +618,7 @@ async fn send_handshake(
     state: &mut snow::HandshakeState,
     payload: &[u8],
     buf: &mut [u8],
-    link: &mut Link,
+    link: &mut PeerFrames,
 ) -> Result<(), PeerError> {
     let n = state.write_message(payload, buf).map_err(noise_error)?;
     let msg = PeerToPeer::Handshake(buf[..n].to_vec());
@@ -628,7 +628,7 @@ async fn send_handshake(
     })
 }
 
-async fn read_handshake(link: &mut Link, secret: &Secret) -> Result<Vec<u8>, PeerError> {
+async fn read_handshake(link: &mut PeerFrames, secret: &Secret) -> Result<Vec<u8>, PeerError> {
     match link.next().await {
         Some(Ok(PeerToPeer::Handshake(msg))) => Ok(msg),
         // The other side closes when our first message does not decrypt for it.

@@ -19,7 +19,7 @@ use futures::{SinkExt, StreamExt};
 use punchline_peer::net::fixed_port_socket;
 use punchline_peer::secure::KeyExchange;
 use punchline_proto::codes::Code;
-use punchline_proto::link::link_hello;
+use punchline_proto::link_check::link_hello;
 use punchline_proto::{FrameCodec, Go, Mapping, PeerInfo, PeerToPeer, Role, ServerToPeer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};

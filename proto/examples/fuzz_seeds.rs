@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use punchline_proto::codec::encode_payload;
-use punchline_proto::link::link_hello;
+use punchline_proto::link_check::link_hello;
 use punchline_proto::{
     Chat, ErrorCode, Go, Hello, Mapping, PeerInfo, PeerToPeer, PeerToServer, PunchOutcome, Role,
     ServerToPeer, PROTOCOL_VERSION,

@@ -19,7 +19,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::codec::{decode_payload, encode_payload, peek_hello_version};
 use crate::codes::Code;
-use crate::link::verify_link_hello;
+use crate::link_check::verify_link_hello;
 use crate::{
     classify_mapping, sanitize_for_terminal, validate_hello, validate_line, Chat, FrameCodec,
     PeerToPeer, PeerToServer, Role, ServerToPeer, MAX_FRAME_SIZE,

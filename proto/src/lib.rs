@@ -7,7 +7,7 @@
 //! pure state machines the rendezvous and the peer drive: the pairing table
 //! ([`pairing`]), the per-address limits ([`limits`]), the synchronised-go timing ([`timing`]), the punch retry cadence
 //! ([`pacing`]), the check that a punched link reaches the expected peer
-//! ([`link`]) and the chat session over its links ([`session`]: numbering,
+//! ([`link_check`]) and the chat session over its links ([`session`]: numbering,
 //! acknowledgement, keepalive, dead links, resume, goodbye, the switch to direct). Time is always passed in, so all of it is tested without sockets.
 
 pub mod codec;
@@ -15,7 +15,7 @@ pub mod codes;
 pub mod defaults;
 pub mod fuzzing;
 pub mod limits;
-pub mod link;
+pub mod link_check;
 pub mod message;
 pub mod pacing;
 pub mod pairing;
