@@ -388,18 +388,22 @@ fn authentication_failed(
     session: &Session,
     output: &mut dyn Output,
 ) -> Result<(), PeerError> {
-    let PeerError::NotAuthenticated(why) = e else {
+    let PeerError::NotAuthenticated(why) = *e else {
         return Ok(());
     };
     *failures += 1;
     tracing::info!(
         failures = *failures,
-        why,
+        ?why,
         "a new link failed authentication"
     );
     if *failures >= MAX_AUTH_FAILURES {
         return Err(render::undelivered(
-            render::auth_fatal(why, *failures, &ctx.their_name),
+            PeerError::KeptFailingAuthentication {
+                name: ctx.their_name.clone(),
+                failures: *failures,
+                last: why,
+            },
             &ctx.their_name,
             session.unacked(),
         ));

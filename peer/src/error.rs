@@ -7,6 +7,20 @@ use punchline_proto::{CodecError, ErrorCode};
 
 use crate::punch::PunchFailure;
 
+/// How the other end of a meeting failed to prove it holds our key (the
+/// code's, or the chat's secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// Its handshake message did not decrypt with our key (or was no
+    /// handshake message at all).
+    Handshake,
+    /// It closed the link during the handshake (as a peer does whose key
+    /// cannot decrypt ours).
+    ClosedInHandshake,
+    /// Its sealed candidates did not open with our key.
+    Candidates,
+}
+
 /// Everything that can end a chat session early.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -85,13 +99,24 @@ pub enum PeerError {
         /// What happened.
         why: String,
     },
-    /// The encryption handshake failed: a wrong code or an interception.
-    #[error("{0}")]
-    BadCode(String),
+    /// Whoever joined with the code did not prove it holds the same key: a
+    /// wrong code or an interception.
+    #[error("{}", crate::render::bad_code(*.0))]
+    BadCode(KeyRefusal),
     /// A later link of the chat failed to prove it holds the chat's secret:
     /// someone other than the other peer answered.
-    #[error("{0}")]
-    NotAuthenticated(String),
+    #[error("{}", crate::render::not_authenticated(*.0))]
+    NotAuthenticated(KeyRefusal),
+    /// Later links failed authentication this many times: the chat ends.
+    #[error("{}", crate::render::kept_failing(.name, *.failures, *.last))]
+    KeptFailingAuthentication {
+        /// The other peer's name.
+        name: String,
+        /// How many new links failed.
+        failures: u32,
+        /// How the last one failed.
+        last: KeyRefusal,
+    },
     /// The rendezvous paired two of this peer's own meetings with each other.
     #[error("the new link led back to this peer itself")]
     MetItself,

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::chat::Output;
-use crate::error::PeerError;
+use crate::error::{KeyRefusal, PeerError};
 use crate::{client, net, punch, secure, Options, PROBE_PORT_OFFSET};
 
 /// How the link of a met peer runs.
@@ -298,14 +298,8 @@ pub(crate) async fn punch_with_their_candidates(
             Some(theirs) => {
                 let _ = late_tx.send(theirs.candidates);
             }
-            None if secret.is_code_key() => {
-                return Err(PeerError::BadCode(secure::WRONG_CODE_BOX.into()))
-            }
-            None => {
-                return Err(PeerError::NotAuthenticated(
-                    "the other side's candidates were not sealed with this chat's secret".into(),
-                ))
-            }
+            None if secret.is_code_key() => return Err(PeerError::BadCode(KeyRefusal::Candidates)),
+            None => return Err(PeerError::NotAuthenticated(KeyRefusal::Candidates)),
         },
         Err(e) => tracing::debug!(error = %e, "no candidates from the other side"),
     }

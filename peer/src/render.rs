@@ -9,7 +9,7 @@ use punchline_proto::session::{Failure, Session};
 use punchline_proto::Mapping;
 
 use crate::chat::ChatContext;
-use crate::error::PeerError;
+use crate::error::{KeyRefusal, PeerError};
 use crate::meet::{Met, Path};
 use crate::punch::{CandidateKind, PunchFailure};
 use crate::secure;
@@ -157,9 +157,32 @@ pub(crate) fn info_lines(
     lines
 }
 
+/// Why whoever joined with the code was refused, for the user.
+pub fn bad_code(why: KeyRefusal) -> &'static str {
+    match why {
+        KeyRefusal::Handshake => secure::WRONG_CODE,
+        KeyRefusal::ClosedInHandshake => secure::WRONG_CODE_CLOSED,
+        KeyRefusal::Candidates => secure::WRONG_CODE_BOX,
+    }
+}
+
+/// Why a later link was refused, in a few words.
+pub fn not_authenticated(why: KeyRefusal) -> &'static str {
+    match why {
+        KeyRefusal::Handshake => "the far end of the new link does not hold this chat's secret",
+        KeyRefusal::ClosedInHandshake => {
+            "the far end of the new link closed it during the encryption handshake"
+        }
+        KeyRefusal::Candidates => {
+            "the other side's candidates were not sealed with this chat's secret"
+        }
+    }
+}
+
 /// The warning shown when a later link fails authentication and one more try
 /// is made.
-pub(crate) fn auth_warning(why: &str, their_name: &str) -> String {
+pub(crate) fn auth_warning(why: KeyRefusal, their_name: &str) -> String {
+    let why = not_authenticated(why);
     format!(
         "warning: a new link failed authentication ({why}): someone who does not hold this \
          chat's secret answered in {their_name}'s place — the rendezvous, or someone on the path to it, may \
@@ -168,14 +191,15 @@ pub(crate) fn auth_warning(why: &str, their_name: &str) -> String {
 }
 
 /// The error that ends a chat whose later links failed authentication
-/// `failures` times.
-pub(crate) fn auth_fatal(why: &str, failures: u32, their_name: &str) -> PeerError {
-    PeerError::NotAuthenticated(format!(
+/// `failures` times, the last for `why`.
+pub fn kept_failing(their_name: &str, failures: u32, why: KeyRefusal) -> String {
+    let why = not_authenticated(why);
+    format!(
         "a new link failed authentication {failures} times ({why}): someone who does not \
          hold this chat's secret keeps answering in {their_name}'s place — the rendezvous, or someone \
          on the path to it, is interfering. The chat ends here; start a new one with a new \
          code, and compare the /verify words"
-    ))
+    )
 }
 
 /// The error for a chat that ended with `failure`; `unacked` lines were not

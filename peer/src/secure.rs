@@ -48,7 +48,7 @@ use punchline_proto::{
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 use tokio::time::timeout;
 
-use crate::error::PeerError;
+use crate::error::{KeyRefusal, PeerError};
 use crate::punch::PeerFrames;
 
 /// The Noise protocol of the link: no static keys (the code authenticates), a
@@ -331,11 +331,9 @@ fn noise_error(e: snow::Error) -> PeerError {
 /// message did not decrypt with our key, or was not a handshake message at all.
 fn not_authenticated(secret: &Secret) -> PeerError {
     if secret.is_code_key() {
-        PeerError::BadCode(WRONG_CODE.into())
+        PeerError::BadCode(KeyRefusal::Handshake)
     } else {
-        PeerError::NotAuthenticated(
-            "the far end of the new link does not hold this chat's secret".into(),
-        )
+        PeerError::NotAuthenticated(KeyRefusal::Handshake)
     }
 }
 
@@ -345,7 +343,7 @@ fn not_authenticated(secret: &Secret) -> PeerError {
 /// given up on it), not a failed authentication.
 fn closed_in_handshake(secret: &Secret) -> PeerError {
     if secret.is_code_key() {
-        PeerError::BadCode(WRONG_CODE_CLOSED.into())
+        PeerError::BadCode(KeyRefusal::ClosedInHandshake)
     } else {
         PeerError::LinkLost {
             name: crate::punch::THE_OTHER_SIDE.to_owned(),
