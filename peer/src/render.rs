@@ -108,15 +108,19 @@ pub fn confirmed(their_name: &str, words: &str) -> String {
     )
 }
 
-/// The verification words, or that the chat has none.
+/// The verification words, or that they are not known yet: the chat's
+/// follower learns them from the leader's first message.
 pub(crate) fn words(words: Option<&str>) -> String {
     match words {
         Some(words) => {
             format!("verification: {words}  (the other side must see the same words)")
         }
-        None => "verification: none for this chat".to_owned(),
+        None => format!("verification: {WORDS_NOT_YET}"),
     }
 }
+
+/// What `/verify` and `/info` say before the words are known.
+const WORDS_NOT_YET: &str = "not known yet (they come with the other side's first message)";
 
 /// What `/info` prints: the fixed facts, then the live numbers.
 pub(crate) fn info_lines(
@@ -152,7 +156,7 @@ pub(crate) fn info_lines(
     lines.push(format!(
         "{:<12} {}",
         "verification",
-        ctx.words.as_deref().unwrap_or("none")
+        ctx.words.as_deref().unwrap_or(WORDS_NOT_YET)
     ));
     lines
 }

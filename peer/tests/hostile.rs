@@ -538,6 +538,28 @@ async fn relay(mut a: ServerConn, mut b: ServerConn, tamper: oneshot::Receiver<T
     }
 }
 
+/// Meets the next two peers to arrive, the first as leader, with `session`
+/// (handing each the other's SPAKE2 message, which is empty on a resumed
+/// chat's meeting), and waits until both ask for the relay. Returns their
+/// connections and their hellos.
+async fn meet_for_the_relay(
+    listener: &TcpListener,
+    session: [u8; 16],
+) -> (ServerConn, ServerConn, [Hello; 2]) {
+    let independent = |_| Mapping::Independent;
+    let mut a = arrive(listener, independent).await;
+    let mut b = arrive(listener, independent).await;
+    let go_a = go(b.observed, b.hello.pake.clone(), Role::Leader, session);
+    let go_b = go(a.observed, a.hello.pake.clone(), Role::Follower, session);
+    a.conn.send(go_a).await.expect("go");
+    b.conn.send(go_b).await.expect("go");
+    let hellos = [a.hello, b.hello];
+    let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
+        .await
+        .expect("both ask for the relay");
+    (ca, cb, hellos)
+}
+
 /// Pairs the first two peers, relays their link and injects a forged frame
 /// towards the leader when told; then pairs them again, honestly, when both
 /// come back to the chat's room. Returns the hellos of the second meeting.
@@ -546,30 +568,11 @@ async fn injecting_rendezvous(
     inject: oneshot::Receiver<Tamper>,
     hellos: std::sync::mpsc::Sender<Vec<Hello>>,
 ) {
-    let independent = |_| Mapping::Independent;
-    let session = [0x22; 16];
-    let mut a = arrive(&listener, independent).await;
-    let mut b = arrive(&listener, independent).await;
-    let go_a = go(b.observed, b.hello.pake.clone(), Role::Leader, session);
-    let go_b = go(a.observed, a.hello.pake.clone(), Role::Follower, session);
-    a.conn.send(go_a).await.expect("go");
-    b.conn.send(go_b).await.expect("go");
-    let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
-        .await
-        .expect("both ask for the relay");
+    let (ca, cb, _) = meet_for_the_relay(&listener, [0x22; 16]).await;
     relay(ca, cb, inject).await;
     // Both come back; meet them again in their room, honestly.
-    let mut a = arrive(&listener, independent).await;
-    let mut b = arrive(&listener, independent).await;
-    let _ = hellos.send(vec![a.hello.clone(), b.hello.clone()]);
-    let again = [0x33; 16];
-    let go_a = go(b.observed, Vec::new(), Role::Leader, again);
-    let go_b = go(a.observed, Vec::new(), Role::Follower, again);
-    a.conn.send(go_a).await.expect("go");
-    b.conn.send(go_b).await.expect("go");
-    let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
-        .await
-        .expect("both ask for the relay again");
+    let (ca, cb, again) = meet_for_the_relay(&listener, [0x33; 16]).await;
+    let _ = hellos.send(again.to_vec());
     let (_never, quiet) = oneshot::channel();
     relay(ca, cb, quiet).await;
 }
@@ -690,29 +693,10 @@ fn a_withheld_reveal_comes_again_on_the_next_link() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (listener, server) = listen(&rt);
     rt.spawn(async move {
-        let independent = |_| Mapping::Independent;
-        let mut a = arrive(&listener, independent).await;
-        let mut b = arrive(&listener, independent).await;
-        let session = [0x44; 16];
-        let go_a = go(b.observed, b.hello.pake.clone(), Role::Leader, session);
-        let go_b = go(a.observed, a.hello.pake.clone(), Role::Follower, session);
-        a.conn.send(go_a).await.expect("go");
-        b.conn.send(go_b).await.expect("go");
-        let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
-            .await
-            .expect("both ask for the relay");
+        let (ca, cb, _) = meet_for_the_relay(&listener, [0x44; 16]).await;
         relay_until_the_reveal(ca, cb).await;
         // Both come back to the chat's room: meet them honestly.
-        let mut a = arrive(&listener, independent).await;
-        let mut b = arrive(&listener, independent).await;
-        let again = [0x45; 16];
-        let go_a = go(b.observed, Vec::new(), Role::Leader, again);
-        let go_b = go(a.observed, Vec::new(), Role::Follower, again);
-        a.conn.send(go_a).await.expect("go");
-        b.conn.send(go_b).await.expect("go");
-        let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
-            .await
-            .expect("both ask for the relay again");
+        let (ca, cb, _) = meet_for_the_relay(&listener, [0x45; 16]).await;
         let (_never, quiet) = oneshot::channel();
         relay(ca, cb, quiet).await;
     });

@@ -600,6 +600,28 @@ fn schedule(sim: &mut Sim, happenings: Vec<(u64, Awkward)>, sound: bool) {
     sim.at(secs(300), Action::Quit(A));
 }
 
+/// A simulated pair for the property tests: the first link relayed or not,
+/// direct links that come or not, the leader's upgrade interval, and
+/// `happenings` scheduled ([`schedule`]).
+fn awkward_sim(
+    happenings: Vec<(u64, Awkward)>,
+    latency: u64,
+    relayed: bool,
+    direct_works: bool,
+    upgrade: u64,
+    sound: bool,
+) -> Sim {
+    let config = Config {
+        upgrade_interval: secs(upgrade),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(config, relayed);
+    sim.direct_works = direct_works;
+    sim.latency = ms(latency);
+    schedule(&mut sim, happenings, sound);
+    sim
+}
+
 fn hostile_message() -> impl Strategy<Value = Chat> {
     let n = prop_oneof![0..5u64, Just(u64::MAX), Just(u64::MAX - 1), any::<u64>()];
     prop_oneof![
@@ -635,11 +657,7 @@ proptest! {
         direct_works in any::<bool>(),
         upgrade in 5..90u64,
     ) {
-        let config = Config { upgrade_interval: secs(upgrade), ..Config::default() };
-        let mut sim = Sim::new(config, relayed);
-        sim.direct_works = direct_works;
-        sim.latency = ms(latency);
-        schedule(&mut sim, happenings, false);
+        let mut sim = awkward_sim(happenings, latency, relayed, direct_works, upgrade, false);
         sim.run(secs(3600));
         for (me, other) in [(A, B), (B, A)] {
             prop_assert!(sim.sides[me].typed.starts_with(&sim.sides[other].shown));
@@ -662,11 +680,7 @@ proptest! {
         direct_works in any::<bool>(),
         upgrade in 5..90u64,
     ) {
-        let config = Config { upgrade_interval: secs(upgrade), ..Config::default() };
-        let mut sim = Sim::new(config, relayed);
-        sim.direct_works = direct_works;
-        sim.latency = ms(latency);
-        schedule(&mut sim, happenings, true);
+        let mut sim = awkward_sim(happenings, latency, relayed, direct_works, upgrade, true);
         sim.run(secs(3600));
         prop_assert!(matches!(sim.sides[A].ended, Some(Ok(_))), "A: {:?}", sim.sides[A].ended);
         prop_assert!(matches!(sim.sides[B].ended, Some(Ok(_))), "B: {:?}", sim.sides[B].ended);
