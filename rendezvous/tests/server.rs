@@ -295,6 +295,37 @@ async fn a_probe_named_by_its_token_classifies_the_mapping() {
     }
 }
 
+/// A server without a probe port (`--no-probe`) does not wait for a token no
+/// probe connection can bring: the hello is welcomed at once, the mapping
+/// unknown.
+#[tokio::test]
+async fn without_a_probe_port_a_probe_token_is_not_waited_for() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = listener.local_addr().expect("addr");
+    let served = tokio::spawn(punchline_rendezvous::run(
+        listener,
+        punchline_rendezvous::Config::default(),
+        std::future::pending(),
+    ));
+    let mut main = Client::connect(server).await;
+    let started = std::time::Instant::now();
+    main.send(PeerToServer::Hello(Hello {
+        probe_token: Some([9; 16]),
+        ..hello("3", b"n")
+    }))
+    .await;
+    let (_, mapping) = main.welcome().await;
+    assert_eq!(mapping, Mapping::Unknown);
+    assert!(
+        started.elapsed() < punchline_rendezvous::server::PROBE_WAIT,
+        "{:?}",
+        started.elapsed()
+    );
+    served.abort();
+}
+
 #[tokio::test]
 async fn new_codes_get_random_free_nameplates() {
     let rv = TestRendezvous::start();

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ struct Sightings {
     table: Mutex<HashMap<ProbeToken, (SocketAddr, Instant)>>,
     /// Woken at each new token, for the hellos waiting for theirs.
     recorded: Notify,
+    /// A probe port records here ([`run_probe`] runs): without one
+    /// (`--no-probe`), a hello's token never shows and is not waited for.
+    serving: AtomicBool,
 }
 
 impl ProbeSightings {
@@ -86,6 +90,9 @@ impl ProbeSightings {
         token: &ProbeToken,
         within: Duration,
     ) -> Option<SocketAddr> {
+        if !self.0.serving.load(Ordering::Relaxed) {
+            return None;
+        }
         let deadline = Instant::now() + within;
         loop {
             // Registered before the look, so a token recorded in between
@@ -115,6 +122,7 @@ pub async fn run_probe(
     sightings: ProbeSightings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    sightings.0.serving.store(true, Ordering::Relaxed);
     let mut tasks = JoinSet::new();
     accept_until(
         &listener,
