@@ -194,6 +194,14 @@ pub(crate) fn auth_warning(why: KeyRefusal, their_name: &str) -> String {
     )
 }
 
+/// The warning shown when a link dropped before the leader's reveal came.
+pub(crate) fn words_withheld_warning(their_name: &str) -> String {
+    format!(
+        "warning: the link dropped before {their_name}'s verification words arrived (they come \
+         first on every link); if it happens again the chat ends."
+    )
+}
+
 /// The error that ends a chat whose later links failed authentication
 /// `failures` times, the last for `why`.
 pub fn kept_failing(their_name: &str, failures: u32, why: KeyRefusal) -> String {

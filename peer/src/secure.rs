@@ -277,6 +277,12 @@ pub enum RecvError {
     /// A message failed authentication or is not what the protocol allows: the
     /// other side (or someone on the path) misbehaves.
     Sealed(String),
+    /// At the chat's follower, the leader's first message on a link was an
+    /// authentic one (sealed with this link's keys, so from whoever holds the
+    /// chat's secret) but not the reveal its first handshake committed to:
+    /// whoever answered as the leader is not keeping its word, or was in the
+    /// middle of the first link. Never line noise: the chat cannot go on.
+    Reveal,
 }
 
 /// The link after the handshake: sealed chat messages.
@@ -513,6 +519,12 @@ impl SecureLink {
         self.verification.as_deref()
     }
 
+    /// Whether this link, at the chat's follower, has not brought the
+    /// leader's reveal yet.
+    pub fn awaiting_reveal(&self) -> bool {
+        self.awaiting_reveal
+    }
+
     /// What the chat keeps of the words for its later links.
     pub fn words(&self) -> Option<&Words> {
         self.words.as_ref()
@@ -568,9 +580,10 @@ impl SecureLink {
             Err(e) => return Some(Err(RecvError::Sealed(e.to_string()))),
         };
         let opened = open(&mut self.noise, &frame).map_err(RecvError::Sealed);
-        if std::mem::take(&mut self.awaiting_reveal) {
+        if self.awaiting_reveal {
             // The leader's first message on any link, at the follower: its
-            // reveal, matching the first handshake's commitment.
+            // reveal, matching the first handshake's commitment. Until it has
+            // come, nothing else is taken from this link.
             let Some(Words::Follower {
                 commitment,
                 ours,
@@ -579,19 +592,15 @@ impl SecureLink {
             else {
                 return Some(opened);
             };
-            match opened {
+            return Some(match opened {
                 Ok(Chat::Reveal { nonce }) if commit(&nonce) == *commitment => {
+                    self.awaiting_reveal = false;
                     self.verification = Some(words_of(hash, &nonce, ours));
-                    return Some(Ok(Chat::Reveal { nonce }));
+                    Ok(Chat::Reveal { nonce })
                 }
-                Ok(_) => {
-                    return Some(Err(RecvError::Sealed(
-                        "the other side did not reveal what its verification words commit to"
-                            .into(),
-                    )))
-                }
-                Err(e) => return Some(Err(e)),
-            }
+                Ok(_) => Err(RecvError::Reveal),
+                Err(e) => Err(e),
+            });
         }
         Some(opened)
     }
@@ -944,7 +953,7 @@ mod tests {
         )
         .await;
         let mut f = f.expect("handshake");
-        assert!(matches!(f.recv().await, Some(Err(RecvError::Sealed(_)))));
+        assert!(matches!(f.recv().await, Some(Err(RecvError::Reveal))));
         assert_eq!(f.verification(), None);
         // The commitment binds the nonce.
         assert_ne!(commit(&[1; 32]), commit(&[2; 32]));

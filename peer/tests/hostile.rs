@@ -26,7 +26,7 @@ use common::fake::{arrive, listen, Arrival, ServerConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::LinkStream;
-use punchline_peer::secure::{KeyExchange, Secret, SecureLink};
+use punchline_peer::secure::{KeyExchange, Secret, SecureLink, Words};
 use punchline_proto::codes::Code;
 use punchline_proto::{
     FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role,
@@ -711,6 +711,7 @@ fn a_withheld_reveal_comes_again_on_the_next_link() {
         "words shown before any reveal: {:?}",
         bob.stderr_seen
     );
+    bob.wait_stderr("warning: the link dropped before alice's verification words arrived");
     let bobs = bob.wait_stderr("code confirmed");
     let words = |line: &str| {
         line.rsplit(": ")
@@ -726,4 +727,141 @@ fn a_withheld_reveal_comes_again_on_the_next_link() {
     alice.close_stdin();
     assert!(alice.wait().success());
     assert!(bob.wait().success());
+}
+
+/// Plays the chat's leader ("mallory", who holds the keys: the other user, or
+/// a man in the middle of the first link) towards `victim` over the relay:
+/// the go, the relay, the handshake with `secret` and `words`, then the link
+/// held for `hold`. Returns the handshake's hash and the words it left.
+async fn lead_over_relay(
+    mut victim: Arrival,
+    pake: Vec<u8>,
+    session: [u8; 16],
+    secret: &Secret,
+    words: Option<&Words>,
+    hold: Duration,
+) -> Option<(Vec<u8>, Option<Words>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nowhere = "127.0.0.1:9".parse().expect("addr");
+    victim
+        .conn
+        .send(go(nowhere, pake, Role::Follower, session))
+        .await
+        .expect("go");
+    until_relay(&mut victim.conn, None).await;
+    let (ours, relay_end) = tokio::io::duplex(64 * 1024);
+    let handshake = async move {
+        let link = Framed::new(LinkStream::Relayed(ours, None), FrameCodec::new());
+        let intro = Introduction {
+            name: "mallory".into(),
+            chat_role: Role::Leader,
+            words_nonce: [0; 32],
+        };
+        let link = SecureLink::handshake(link, Role::Leader, secret, &intro, words)
+            .await
+            .ok()?;
+        let kept = (link.handshake_hash().to_vec(), link.words().cloned());
+        tokio::time::sleep(hold).await;
+        Some(kept)
+    };
+    let pump = async move {
+        let (mut from_us, mut to_us) = tokio::io::split(relay_end);
+        let mut buf = vec![0u8; 8192];
+        loop {
+            tokio::select! {
+                n = from_us.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => if victim.conn.send(ServerToPeer::Relayed(buf[..n].to_vec())).await.is_err() { break },
+                },
+                m = victim.conn.next() => match m {
+                    Some(Ok(PeerToServer::Relayed(x))) => if to_us.write_all(&x).await.is_err() { break },
+                    Some(Ok(_)) => {}
+                    _ => break,
+                },
+            }
+        }
+    };
+    let (shook, _) = tokio::join!(timeout(LIMIT, handshake), timeout(LIMIT, pump));
+    shook.ok().flatten()
+}
+
+/// A chat's leader whose reveal on a later link contradicts what its first
+/// handshake committed to is not the one the words were made with: the
+/// follower ends the chat at once and says why, instead of reconnecting to it
+/// again and again.
+#[test]
+fn a_later_reveal_that_contradicts_the_first_ends_the_chat() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (listener, server) = listen(&rt);
+    let code_text = "5-right-code";
+    let code = Code::parse(code_text).expect("code");
+    let (links_tx, links_rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let bob = arrive(&listener, |_| Mapping::Independent).await;
+        let ours = KeyExchange::start(&code);
+        let pake = ours.message.clone();
+        let secret = ours.finish(&bob.hello.pake).expect("spake2");
+        let hold = Duration::from_secs(2);
+        let (hash, _) = lead_over_relay(bob, pake, [0x61; 16], &secret, None, hold)
+            .await
+            .expect("first link");
+        let chat = secret.chat(&hash);
+        let forged = Words::Leader {
+            nonce: [9; 32],
+            words: "forged".into(),
+        };
+        let mut later = 0;
+        while let Ok(bob) = timeout(
+            Duration::from_secs(10),
+            arrive(&listener, |_| Mapping::Independent),
+        )
+        .await
+        {
+            let session = [0x70 + later; 16];
+            let hold = Duration::from_millis(500);
+            if lead_over_relay(bob, Vec::new(), session, &chat, Some(&forged), hold)
+                .await
+                .is_some()
+            {
+                later += 1;
+            }
+        }
+        let _ = links_tx.send(later);
+    });
+    let mut bob = Peer::spawn(server, "bob", code_text, &["--punch-timeout", "2"]);
+    bob.wait_stderr("code confirmed");
+    assert!(!bob.wait().success(), "bob must end the chat");
+    let said = bob.wait_stderr("was not the reveal of the verification words");
+    assert!(said.contains("mallory"), "{said}");
+    let later = links_rx
+        .recv_timeout(LIMIT)
+        .expect("the fake rendezvous ends");
+    assert_eq!(later, 1, "one contradicting reveal is enough");
+}
+
+/// A rendezvous (or a man in the middle) that keeps cutting the link before
+/// the leader's reveal cannot keep the chat going without words: the second
+/// such link ends it, with the reason.
+#[test]
+fn reveals_withheld_twice_end_the_chat() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (listener, server) = listen(&rt);
+    rt.spawn(async move {
+        for session in [[0x46; 16], [0x47; 16], [0x48; 16]] {
+            let Ok((ca, cb, _)) = timeout(LIMIT, meet_for_the_relay(&listener, session)).await
+            else {
+                return;
+            };
+            relay_until_the_reveal(ca, cb).await;
+        }
+    });
+    let code = "7-right-code";
+    let mut alice = Peer::spawn(server, "alice", code, &["--punch-timeout", "2"]);
+    alice.wait_stderr("waiting for the other side");
+    let mut bob = Peer::spawn(server, "bob", code, &["--punch-timeout", "2"]);
+    assert!(!bob.wait().success(), "bob must end the chat");
+    let said = bob.wait_stderr("dropped before alice revealed the verification words");
+    assert!(said.contains("2 links"), "{said}");
+    assert!(!bob.stderr_seen.iter().any(|l| l.contains("code confirmed")));
+    drop(alice);
 }
