@@ -295,6 +295,54 @@ async fn a_probe_named_by_its_token_classifies_the_mapping() {
     }
 }
 
+/// One host (or network) flooding the probe port with made-up tokens, more
+/// than the server keeps, crowds out only its own: a peer elsewhere that
+/// probes beside its hello still gets its mapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_probe_token_flood_from_one_network_leaves_other_peers_classified() {
+    let rv = TestRendezvous::start();
+    let (server, probe_addr) = (rv.addr(), rv.probe_addr());
+    let flooded = futures::stream::iter(0u32..16_400)
+        .map(|i| async move {
+            let mut token = [0xee; 16];
+            token[..4].copy_from_slice(&i.to_be_bytes());
+            let source = std::net::IpAddr::from([127, 0, 9, 1 + (i % 200) as u8]);
+            let Ok(stream) = punchline_testkit::connect_from(source, probe_addr).await else {
+                return 0;
+            };
+            let mut probe = Client::new(stream);
+            if probe.try_send(PeerToServer::Probe { token }).await.is_err() {
+                return 0;
+            }
+            u32::from(matches!(
+                probe.next_message().await,
+                Ok(ServerToPeer::Observed { .. })
+            ))
+        })
+        .buffer_unordered(200)
+        .fold(0, |total, one| async move { total + one })
+        .await;
+    assert!(flooded > 16_000, "{flooded} probe connections answered");
+
+    let main = reusable(0);
+    let port = main.local_addr().expect("addr").port();
+    let mut main = Client::new(main.connect(server).await.expect("connect main"));
+    let mut probe = Client::new(
+        reusable(port)
+            .connect(probe_addr)
+            .await
+            .expect("connect probe"),
+    );
+    probe.send(PeerToServer::Probe { token: [0xa2; 16] }).await;
+    main.send(PeerToServer::Hello(Hello {
+        probe_token: Some([0xa2; 16]),
+        ..hello("12", b"x")
+    }))
+    .await;
+    let (_, mapping) = main.welcome().await;
+    assert_eq!(mapping, Mapping::Independent);
+}
+
 /// A server without a probe port (`--no-probe`) does not wait for a token no
 /// probe connection can bring: the hello is welcomed at once, the mapping
 /// unknown.

@@ -4,7 +4,7 @@
 //! port, before the hello) opens a connection to the peer's own address and
 //! reports what the SYN met.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use punchline_proto::limits::{Prefix, Scope};
 use punchline_proto::{PeerToServer, ProbeToken, ServerToPeer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -44,6 +45,14 @@ const SIGHTING_TTL: Duration = Duration::from_secs(10);
 /// hellos see an unknown mapping).
 const MAX_SIGHTINGS: usize = 16_384;
 
+/// Most probe tokens kept for one address (an IPv4 address, an IPv6 /64): a
+/// host probes once per meeting. Beyond, its oldest are forgotten.
+const TOKENS_PER_ADDRESS: usize = 64;
+
+/// Most probe tokens kept for one network (an IPv4 /24, an IPv6 /48), as
+/// above: filling the table takes 64 networks.
+const TOKENS_PER_NETWORK: usize = 256;
+
 /// What the probe port saw, by the token each connection sent
 /// ([`PeerToServer::Probe`]): the main port looks up a hello's
 /// [`punchline_proto::Hello::probe_token`] here. Shared by [`run_probe`] and
@@ -53,7 +62,7 @@ pub struct ProbeSightings(Arc<Sightings>);
 
 #[derive(Debug, Default)]
 struct Sightings {
-    table: Mutex<HashMap<ProbeToken, (SocketAddr, Instant)>>,
+    table: Mutex<Table>,
     /// Woken at each new token, for the hellos waiting for theirs.
     recorded: Notify,
     /// A probe port records here ([`run_probe`] runs): without one
@@ -61,25 +70,68 @@ struct Sightings {
     serving: AtomicBool,
 }
 
+/// The tokens kept, and each source's, oldest first.
+#[derive(Debug, Default)]
+struct Table {
+    seen: HashMap<ProbeToken, (SocketAddr, Instant)>,
+    /// Per address and per network ([`Scope`]): its tokens in the order they
+    /// came (some may have been taken since: they are skipped).
+    by_source: HashMap<Prefix, VecDeque<ProbeToken>>,
+}
+
+impl Table {
+    /// Keeps `token`, making room within its source's quotas by forgetting
+    /// that source's oldest tokens: one host (or network) flooding the probe
+    /// port with made-up tokens only ever crowds out its own.
+    fn insert(&mut self, token: ProbeToken, seen: SocketAddr, now: Instant) {
+        if self.seen.len() >= MAX_SIGHTINGS || self.by_source.len() >= 2 * MAX_SIGHTINGS {
+            self.forget_expired(now);
+        }
+        if self.seen.len() >= MAX_SIGHTINGS {
+            return;
+        }
+        for scope in Scope::ALL {
+            let quota = match scope {
+                Scope::Address => TOKENS_PER_ADDRESS,
+                Scope::Network => TOKENS_PER_NETWORK,
+            };
+            let queue = self
+                .by_source
+                .entry(Prefix::of(seen.ip(), scope))
+                .or_default();
+            while queue.len() >= quota {
+                if let Some(oldest) = queue.pop_front() {
+                    self.seen.remove(&oldest);
+                }
+            }
+            queue.push_back(token);
+        }
+        self.seen.insert(token, (seen, now));
+    }
+
+    fn forget_expired(&mut self, now: Instant) {
+        self.seen
+            .retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
+        let seen = &self.seen;
+        self.by_source.retain(|_, queue| {
+            queue.retain(|t| seen.contains_key(t));
+            !queue.is_empty()
+        });
+    }
+}
+
 impl ProbeSightings {
     fn record(&self, token: ProbeToken, seen: SocketAddr) {
-        let now = Instant::now();
         {
             let mut table = self.0.table.lock().unwrap_or_else(|e| e.into_inner());
-            if table.len() >= MAX_SIGHTINGS {
-                table.retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
-            }
-            if table.len() >= MAX_SIGHTINGS {
-                return;
-            }
-            table.insert(token, (seen, now));
+            table.insert(token, seen, Instant::now());
         }
         self.0.recorded.notify_waiters();
     }
 
     fn take(&self, token: &ProbeToken) -> Option<SocketAddr> {
         let mut table = self.0.table.lock().unwrap_or_else(|e| e.into_inner());
-        let (seen, at) = table.remove(token)?;
+        let (seen, at) = table.seen.remove(token)?;
         (at.elapsed() < SIGHTING_TTL).then_some(seen)
     }
 
@@ -179,5 +231,46 @@ pub(super) async fn dial_back(target: SocketAddr) -> ServerToPeer {
         target,
         result,
         elapsed_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(n: usize) -> ProbeToken {
+        let mut t = [0; 16];
+        t[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        t
+    }
+
+    #[test]
+    fn a_flooding_source_crowds_out_only_its_own_tokens() {
+        let sightings = ProbeSightings::default();
+        let honest: SocketAddr = "198.51.100.7:4000".parse().expect("addr");
+        sightings.record(token(0), honest);
+        // One host, then its whole /24, send far more tokens than the table
+        // holds.
+        for n in 1..=MAX_SIGHTINGS * 2 {
+            let host = 1 + (n % 250) as u8;
+            let flood = SocketAddr::from(([203, 0, 113, host], 5000));
+            sightings.record(token(n), flood);
+        }
+        let table = sightings.0.table.lock().expect("lock");
+        assert!(
+            table.seen.len() <= TOKENS_PER_NETWORK + 1,
+            "{}",
+            table.seen.len()
+        );
+        assert!(table
+            .by_source
+            .values()
+            .all(|q| q.len() <= TOKENS_PER_NETWORK));
+        drop(table);
+        assert_eq!(sightings.take(&token(0)), Some(honest));
+        // The flood's newest tokens are kept, its oldest forgotten.
+        let newest = SocketAddr::from(([203, 0, 113, 1 + ((MAX_SIGHTINGS * 2) % 250) as u8], 5000));
+        assert_eq!(sightings.take(&token(MAX_SIGHTINGS * 2)), Some(newest));
+        assert_eq!(sightings.take(&token(1)), None);
     }
 }
