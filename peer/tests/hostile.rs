@@ -651,21 +651,34 @@ fn a_silent_stranger_still_uses_up_the_code() {
     assert!(said.contains("start again with a new code"), "{said}");
 }
 
-/// Relays the leader's side (`a`) until its first sealed frame — the reveal of
-/// the verification words — and cuts there, withholding it.
+/// Relays a link both ways until the first sealed frame either way, and cuts
+/// there, withholding it: the chat's leader's first sealed frame is its reveal
+/// of the verification words, and whichever of the two the rendezvous named
+/// leader of this meeting, nothing sealed gets through before it.
 async fn relay_until_the_reveal(mut a: ServerConn, mut b: ServerConn) {
     use tokio_util::codec::Decoder;
-    let mut frames = FrameCodec::<PeerToPeer, PeerToPeer>::new();
-    let mut seen = bytes::BytesMut::new();
+    // Whether a piece of one side's byte stream completes a sealed frame.
+    fn seals(
+        frames: &mut FrameCodec<PeerToPeer, PeerToPeer>,
+        seen: &mut bytes::BytesMut,
+        x: &[u8],
+    ) -> bool {
+        seen.extend_from_slice(x);
+        while let Ok(Some(frame)) = frames.decode(seen) {
+            if matches!(frame, PeerToPeer::Sealed(_)) {
+                return true;
+            }
+        }
+        false
+    }
+    let (mut from_a, mut from_b) = (FrameCodec::new(), FrameCodec::new());
+    let (mut seen_a, mut seen_b) = (bytes::BytesMut::new(), bytes::BytesMut::new());
     loop {
         tokio::select! {
             m = a.next() => match m {
                 Some(Ok(PeerToServer::Relayed(x))) => {
-                    seen.extend_from_slice(&x);
-                    while let Ok(Some(frame)) = frames.decode(&mut seen) {
-                        if matches!(frame, PeerToPeer::Sealed(_)) {
-                            return;
-                        }
+                    if seals(&mut from_a, &mut seen_a, &x) {
+                        return;
                     }
                     b.send(ServerToPeer::Relayed(x)).await.expect("to b");
                 }
@@ -673,7 +686,12 @@ async fn relay_until_the_reveal(mut a: ServerConn, mut b: ServerConn) {
                 _ => return,
             },
             m = b.next() => match m {
-                Some(Ok(PeerToServer::Relayed(x))) => a.send(ServerToPeer::Relayed(x)).await.expect("to a"),
+                Some(Ok(PeerToServer::Relayed(x))) => {
+                    if seals(&mut from_b, &mut seen_b, &x) {
+                        return;
+                    }
+                    a.send(ServerToPeer::Relayed(x)).await.expect("to a");
+                }
                 Some(Ok(_)) => {}
                 _ => return,
             },
