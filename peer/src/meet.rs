@@ -5,6 +5,7 @@
 //! own room at the rendezvous.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use punchline_proto::session::LinkKind;
 use punchline_proto::{
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::chat::Output;
 use crate::error::{KeyRefusal, PeerError};
+use crate::secure::LinkKeys;
 use crate::{client, net, punch, secure, Options, PROBE_PORT_OFFSET};
 
 /// How the link of a met peer runs.
@@ -164,19 +166,22 @@ pub(crate) async fn meet(
             policy: opts.retry,
             server_rtt: rendezvous.rtt(),
         };
+        let keys = Arc::new(LinkKeys {
+            secret: secret.clone(),
+            ours: Introduction {
+                name: opts.name.clone(),
+                chat_role,
+                // Filled in by the handshake.
+                words_nonce: [0; 32],
+            },
+            // The words' material: drawn by the first link, kept for the others.
+            words: match keying {
+                Keying::Code(_) => None,
+                Keying::Chat(keys) => keys.words.clone(),
+            },
+        });
         let punched =
-            punch_with_their_candidates(&mut rendezvous, &go, &params, start, &secret).await;
-        let ours = Introduction {
-            name: opts.name.clone(),
-            chat_role,
-            // Filled in by the handshake.
-            words_nonce: [0; 32],
-        };
-        // The words' material: drawn by the first link, kept for the others.
-        let words = match keying {
-            Keying::Code(_) => None,
-            Keying::Chat(keys) => keys.words.as_ref(),
-        };
+            punch_with_their_candidates(&mut rendezvous, &go, &params, keys.clone(), start).await;
         let keep = |link: &secure::SecureLink| match keying {
             Keying::Code(_) => ChatKeys {
                 secret: secret.chat(link.handshake_hash()),
@@ -200,8 +205,14 @@ pub(crate) async fn meet(
                 };
                 let link =
                     tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
-                let link =
-                    secure::SecureLink::handshake(link, go.role, &secret, &ours, words).await?;
+                let link = secure::SecureLink::handshake(
+                    link,
+                    go.role,
+                    &keys.secret,
+                    &keys.ours,
+                    keys.words.as_ref(),
+                )
+                .await?;
                 let why = crate::render::punch_cause(&failure);
                 tracing::info!("relayed and encrypted");
                 return Ok(Met {
@@ -225,16 +236,15 @@ pub(crate) async fn meet(
         };
         let elapsed_ms = punched.elapsed.as_millis();
         tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
-        // The report and the closing handshake with the rendezvous (a round trip to
-        // it) go on beside the encryption handshake, not before it.
+        tracing::info!("encrypted");
+        // The report and the closing handshake with the rendezvous (a round
+        // trip to it) go on beside the chat, not before it.
         tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
             public: punched.kind == punch::CandidateKind::Public,
             attempts: punched.attempts,
             elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
         }));
-        let link =
-            secure::SecureLink::handshake(punched.link, go.role, &secret, &ours, words).await?;
-        tracing::info!("encrypted");
+        let link = punched.link;
         Ok(Met {
             observed,
             mapping,
@@ -283,11 +293,12 @@ pub(crate) async fn punch_with_their_candidates(
     rendezvous: &mut client::RendezvousConn,
     go: &punchline_proto::Go,
     params: &punch::PunchParams,
+    keys: Arc<LinkKeys>,
     start: Instant,
-    secret: &secure::Secret,
 ) -> Result<punch::Punched, PeerError> {
     let (late_tx, late_rx) = oneshot::channel();
-    let punching = punch::punch(go, params, start, late_rx);
+    let secret = keys.secret.clone();
+    let punching = punch::punch(go, params, keys, start, late_rx);
     tokio::pin!(punching);
     let opened = tokio::select! {
         punched = &mut punching => return punched,

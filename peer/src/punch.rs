@@ -8,10 +8,14 @@
 //!    cross, both sockets, still in SYN_SENT, complete the handshake.
 //! 3. On a connected socket both ends send a link hello and check the other's
 //!    ([`punchline_proto::link_check`]): a wrong host or a self-connect is dropped, and
-//!    that candidate is not tried again.
-//! 4. The leader keeps the first verified link and says so with `Select`; the
-//!    follower keeps the link on which `Select` arrives. Every other link and task
-//!    is dropped, so exactly one TCP connection survives on both ends.
+//!    that candidate is not tried again. The leader sends the first message of
+//!    the encryption handshake ([`crate::secure::Handshake`]) right behind its
+//!    link hello, on every link, so that the check and the handshake cost one
+//!    round trip between them.
+//! 4. The follower keeps the first link whose handshake message authenticates
+//!    and answers on it alone; the leader keeps the link on which that answer
+//!    arrives. Every other link and task is dropped, so exactly one TCP
+//!    connection survives on both ends, already encrypted.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +40,7 @@ use tracing::debug;
 
 use crate::error::PeerError;
 use crate::net::{fixed_port_socket, LinkStream};
+use crate::secure::{handshake_frame, Handshake, LinkKeys, SecureLink};
 
 /// The framed link between the two peers.
 pub type PeerFrames = Framed<LinkStream, FrameCodec<PeerToPeer, PeerToPeer>>;
@@ -49,8 +54,9 @@ pub const LINK_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// answer comes within milliseconds.
 pub const LAN_ONLY_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Extra time the follower waits for the leader's `Select` after the deadline:
-/// a link the leader verified just in time still needs to carry it over.
+/// Extra time after the deadline for the handshake on a link that connected
+/// just in time: the follower waits for the leader's first message, the
+/// leader for the answer.
 pub const SELECT_GRACE: Duration = Duration::from_secs(2);
 
 /// Where a candidate address came from.
@@ -74,8 +80,8 @@ impl CandidateKind {
 
 /// A successful punch.
 pub struct Punched {
-    /// The one link both peers kept.
-    pub link: PeerFrames,
+    /// The one link both peers kept, encrypted.
+    pub link: SecureLink,
     /// The other's address on that link.
     pub remote: SocketAddr,
     /// Which candidate it was.
@@ -254,21 +260,31 @@ fn with_tally<R>(tallies: &Tallies, i: usize, f: impl FnOnce(&mut Tally) -> R) -
     f(&mut t[i].2)
 }
 
-/// A link that reached the expected peer.
+/// A link that reached the expected peer, with its handshake so far: at the
+/// leader, its first message sent; at the follower, the leader's first message
+/// read and authentic.
 struct Verified {
     link: PeerFrames,
+    hs: Handshake,
     remote: SocketAddr,
     kind: CandidateKind,
     elapsed: Duration,
 }
 
-/// Punches a direct link to the peer of `go`. `start` is when the go arrived.
-/// The other side's public address is tried at once; its LAN and extra
-/// candidates come later on `late` (they travel sealed, so that only a holder
-/// of the code learns them) and are tried as they come.
+/// Punches a direct link to the peer of `go` and secures it with `keys`.
+/// `start` is when the go arrived. The other side's public address is tried at
+/// once; its LAN and extra candidates come later on `late` (they travel
+/// sealed, so that only a holder of the code learns them) and are tried as
+/// they come.
+///
+/// A handshake message that does not authenticate ends the punch at once with
+/// the refusal (the other side holds another key); so does a link the other
+/// side closed in the middle of its handshake, if no other link brings the
+/// answer soon after.
 pub async fn punch(
     go: &Go,
     params: &PunchParams,
+    keys: Arc<LinkKeys>,
     start: Instant,
     late: oneshot::Receiver<Vec<SocketAddr>>,
 ) -> Result<Punched, PeerError> {
@@ -304,6 +320,7 @@ pub async fn punch(
         policy: params.policy,
         fresh_after: fresh_attempt_after(params.server_rtt),
         tallies: tallies.clone(),
+        keys,
         found: tx,
     };
     let mut tasks = JoinSet::new();
@@ -332,16 +349,16 @@ pub async fn punch(
     });
 
     let chosen = match go.role {
-        Role::Leader => lead(&mut rx, deadline).await,
+        Role::Leader => lead(&mut rx, deadline + SELECT_GRACE).await,
         Role::Follower => follow(&mut rx, deadline + SELECT_GRACE).await,
     };
     tasks.abort_all();
     late_tasks.abort();
     let tried = tallies.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let attempts = tried.iter().map(|(_, _, t)| t.attempts).sum();
-    match chosen {
+    match chosen? {
         Some(v) => Ok(Punched {
-            link: v.link,
+            link: v.hs.finish(v.link).await?,
             remote: v.remote,
             kind: v.kind,
             attempts,
@@ -374,44 +391,85 @@ pub fn link_token(session: &SessionToken) -> SessionToken {
 /// encryption handshake).
 pub const THE_OTHER_SIDE: &str = "the other side";
 
-/// Leader: the first verified link wins; tell the follower.
-async fn lead(rx: &mut mpsc::Receiver<Verified>, deadline: Instant) -> Option<Verified> {
+/// Leader: our first handshake message is out on every verified link; keep
+/// the link on which the follower's answer comes. A link the follower closed
+/// before answering is a refusal of our message (another key), unless another
+/// link brings the answer within [`LINK_HELLO_TIMEOUT`] (the follower drops
+/// the links it did not choose as it answers on the one it did).
+async fn lead(
+    rx: &mut mpsc::Receiver<Found>,
+    deadline: Instant,
+) -> Result<Option<Verified>, PeerError> {
+    let mut pending = FuturesUnordered::new();
+    let mut open = true;
+    let mut refused: Option<(PeerError, Instant)> = None;
     loop {
-        let mut v = timeout_at(deadline, rx.recv()).await.ok()??;
-        match timeout(LINK_HELLO_TIMEOUT, v.link.send(PeerToPeer::Select)).await {
-            Ok(Ok(())) => return Some(v),
+        let until = match &refused {
+            Some((_, at)) => deadline.min(*at + LINK_HELLO_TIMEOUT),
+            None => deadline,
+        };
+        tokio::select! {
+            v = rx.recv(), if open => match v {
+                Some(Ok(mut v)) => pending.push(async move {
+                    let read = timeout_at(deadline, v.link.next()).await;
+                    (v, read)
+                }),
+                Some(Err(e)) => return Err(e),
+                None => open = false,
+            },
+            Some((mut v, read)) = pending.next(), if !pending.is_empty() => {
+                let Ok(read) = read else {
+                    debug!(remote = %v.remote, "no handshake answer on this link");
+                    continue;
+                };
+                match handshake_frame(read, &v.hs).and_then(|msg| v.hs.read(&msg)) {
+                    Ok(()) => return Ok(Some(v)),
+                    Err(e @ (PeerError::BadCode(crate::error::KeyRefusal::ClosedInHandshake)
+                    | PeerError::LinkLost { .. })) => {
+                        debug!(remote = %v.remote, error = %e, "link closed before the handshake's answer");
+                        if refused.is_none() {
+                            refused = Some((e, Instant::now()));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            _ = sleep_until(until) => break,
+        }
+        if !open && pending.is_empty() {
+            break;
+        }
+    }
+    match refused {
+        Some((e, _)) => Err(e),
+        None => Ok(None),
+    }
+}
+
+/// Follower: the leader's first handshake message came and authenticates on
+/// each verified link; answer on the first one and keep it.
+async fn follow(
+    rx: &mut mpsc::Receiver<Found>,
+    deadline: Instant,
+) -> Result<Option<Verified>, PeerError> {
+    loop {
+        let mut v = match timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(v))) => v,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        let answer = v.hs.write()?;
+        match timeout(LINK_HELLO_TIMEOUT, v.link.send(answer)).await {
+            Ok(Ok(())) => return Ok(Some(v)),
             // That link broke at once; another candidate may still come.
-            _ => debug!(remote = %v.remote, "link failed while selecting it"),
+            _ => debug!(remote = %v.remote, "link failed while answering on it"),
         }
     }
 }
 
-/// Follower: keep the verified link on which the leader's `Select` arrives.
-async fn follow(rx: &mut mpsc::Receiver<Verified>, deadline: Instant) -> Option<Verified> {
-    let mut pending = FuturesUnordered::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            v = rx.recv(), if open => match v {
-                Some(mut v) => pending.push(async move {
-                    let first = timeout_at(deadline, v.link.next()).await;
-                    (v, matches!(first, Ok(Some(Ok(PeerToPeer::Select)))))
-                }),
-                None => open = false,
-            },
-            Some((v, selected)) = pending.next(), if !pending.is_empty() => {
-                if selected {
-                    return Some(v);
-                }
-                debug!(remote = %v.remote, "leader did not select this link");
-            }
-            _ = sleep_until(deadline) => return None,
-        }
-        if !open && pending.is_empty() {
-            return None;
-        }
-    }
-}
+/// What a candidate's task hands over: a verified link, or a refusal that
+/// ends the punch (the other side holds another key).
+type Found = Result<Verified, PeerError>;
 
 struct Candidate {
     /// Position in the tallies.
@@ -427,7 +485,8 @@ struct Candidate {
     /// A silent attempt is replaced after this long.
     fresh_after: Duration,
     tallies: Tallies,
-    found: mpsc::Sender<Verified>,
+    keys: Arc<LinkKeys>,
+    found: mpsc::Sender<Found>,
 }
 
 impl Candidate {
@@ -443,6 +502,7 @@ impl Candidate {
             addr,
             kind,
             tallies: self.tallies.clone(),
+            keys: self.keys.clone(),
             found: self.found.clone(),
             ..*self
         }
@@ -471,15 +531,21 @@ async fn try_candidate(c: Candidate) {
             Ok(stream) => {
                 let elapsed = c.start.elapsed();
                 debug!(addr = %c.addr, attempt, ?elapsed, "connected; verifying");
-                match verify(stream, &c.session, c.role).await {
-                    Ok(link) => {
+                match verify(stream, &c).await {
+                    Ok((link, hs)) => {
                         let v = Verified {
                             link,
+                            hs,
                             remote: c.addr,
                             kind: c.kind,
                             elapsed,
                         };
-                        let _ = c.found.send(v).await;
+                        let _ = c.found.send(Ok(v)).await;
+                        return;
+                    }
+                    Err(Verify::Refused(e)) => {
+                        debug!(addr = %c.addr, error = %e, "handshake refused");
+                        let _ = c.found.send(Err(e)).await;
                         return;
                     }
                     Err(Verify::Rejected(r)) => {
@@ -626,32 +692,73 @@ fn classify(c: &Candidate, e: &io::Error) -> AttemptFailure {
 enum Verify {
     Rejected(LinkRejected),
     Broken(io::Error),
+    /// The other peer's handshake message does not authenticate: it holds
+    /// another key. Ends the punch.
+    Refused(PeerError),
 }
 
-/// Exchanges link hellos on a fresh connection.
-async fn verify(
-    stream: TcpStream,
-    session: &SessionToken,
-    role: Role,
-) -> Result<PeerFrames, Verify> {
+/// Exchanges link hellos on a fresh connection, the leader's first handshake
+/// message right behind its hello (in the same segment); the follower reads
+/// that message too.
+async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handshake), Verify> {
+    let mut hs = c.keys.handshake(c.role).map_err(Verify::Refused)?;
     let mut link = Framed::new(LinkStream::Tcp(stream), FrameCodec::new());
+    let hello = link_hello(c.session, c.role);
+    let first = match c.role {
+        Role::Leader => Some(hs.write().map_err(Verify::Refused)?),
+        Role::Follower => None,
+    };
     let exchange = async {
-        link.send(link_hello(*session, role)).await?;
+        match first {
+            Some(first) => {
+                link.feed(hello).await?;
+                link.send(first).await?;
+            }
+            None => link.send(hello).await?,
+        }
         link.next().await.transpose()
     };
     match timeout(LINK_HELLO_TIMEOUT, exchange).await {
-        Err(_) => Err(Verify::Rejected(LinkRejected::NotAHello)),
-        Ok(Ok(Some(msg))) => match verify_link_hello(session, role, &msg) {
-            Ok(()) => Ok(link),
-            Err(r) => Err(Verify::Rejected(r)),
-        },
-        Ok(Ok(None)) => Err(Verify::Broken(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed before its link hello",
-        ))),
-        Ok(Err(punchline_proto::CodecError::Io(e))) => Err(Verify::Broken(e)),
-        Ok(Err(_)) => Err(Verify::Rejected(LinkRejected::NotAHello)),
+        Err(_) => return Err(Verify::Rejected(LinkRejected::NotAHello)),
+        Ok(Ok(Some(msg))) => {
+            verify_link_hello(&c.session, c.role, &msg).map_err(Verify::Rejected)?;
+        }
+        Ok(Ok(None)) => {
+            return Err(Verify::Broken(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before its link hello",
+            )))
+        }
+        Ok(Err(punchline_proto::CodecError::Io(e))) => return Err(Verify::Broken(e)),
+        Ok(Err(_)) => return Err(Verify::Rejected(LinkRejected::NotAHello)),
     }
+    if c.role == Role::Follower {
+        // The leader sent its first handshake message with its hello.
+        let read = match timeout(LINK_HELLO_TIMEOUT, link.next()).await {
+            Ok(read) => read,
+            Err(_) => {
+                return Err(Verify::Broken(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no handshake message after its link hello",
+                )))
+            }
+        };
+        let msg = match handshake_frame(read, &hs) {
+            Ok(msg) => msg,
+            Err(PeerError::LinkLost { why, .. }) => {
+                return Err(Verify::Broken(io::Error::other(why)))
+            }
+            Err(PeerError::BadCode(crate::error::KeyRefusal::ClosedInHandshake)) => {
+                return Err(Verify::Broken(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before its handshake message",
+                )))
+            }
+            Err(e) => return Err(Verify::Refused(e)),
+        };
+        hs.read(&msg).map_err(Verify::Refused)?;
+    }
+    Ok((link, hs))
 }
 
 /// The facts of a punch that found no link.
@@ -679,7 +786,20 @@ fn failure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use punchline_proto::PeerInfo;
+    use punchline_proto::{Introduction, PeerInfo};
+
+    /// Handshake keys of a later link, for punches that never get that far.
+    fn keys() -> Arc<LinkKeys> {
+        Arc::new(LinkKeys {
+            secret: crate::secure::Secret::from_key([5; 32]),
+            ours: Introduction {
+                name: "n".into(),
+                chat_role: Role::Leader,
+                words_nonce: [0; 32],
+            },
+            words: None,
+        })
+    }
 
     fn go(observed: &str) -> Go {
         Go {
@@ -844,7 +964,8 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
         let started = Instant::now();
-        let Err(PeerError::PunchFailed { failure, .. }) = punch(&g, &params, started, rx).await
+        let Err(PeerError::PunchFailed { failure, .. }) =
+            punch(&g, &params, keys(), started, rx).await
         else {
             panic!("a punch with no candidate succeeded");
         };
@@ -858,7 +979,9 @@ mod tests {
         // deadline ends it.
         let (tx, rx) = oneshot::channel::<Vec<SocketAddr>>();
         drop(tx);
-        assert!(punch(&g, &params, Instant::now(), rx).await.is_err());
+        assert!(punch(&g, &params, keys(), Instant::now(), rx)
+            .await
+            .is_err());
     }
 
     fn refused(r: Result<Punched, PeerError>) -> (u32, f64) {
@@ -897,7 +1020,7 @@ mod tests {
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
-        let (attempts, secs) = refused(punch(&g, &params, Instant::now(), rx).await);
+        let (attempts, secs) = refused(punch(&g, &params, keys(), Instant::now(), rx).await);
         let most = 2 + (deadline.as_millis() / NEAR_HOLD.as_millis()) as u32;
         assert!(attempts >= 2, "it did not try: {attempts}");
         assert!(
@@ -916,7 +1039,7 @@ mod tests {
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
-        let (attempts, secs) = refused(punch(&g, &params, Instant::now(), rx).await);
+        let (attempts, secs) = refused(punch(&g, &params, keys(), Instant::now(), rx).await);
         assert!(
             f64::from(attempts) <= 1.0 + secs / ATTEMPT_FLOOR.as_secs_f64(),
             "{attempts} attempts in {secs:.2} s"
@@ -966,7 +1089,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         tx.send(late).expect("send");
         let started = Instant::now();
-        let (attempts, _) = refused(punch(&g, &params, started, rx).await);
+        let (attempts, _) = refused(punch(&g, &params, keys(), started, rx).await);
         assert_eq!(attempts, 0);
         assert!(
             started.elapsed() < params.deadline,

@@ -13,7 +13,10 @@
 //!    that the other side has another key (a wrong code, or a guess).
 //! 3. Confirmation, over the punched link: a Noise `NNpsk0` handshake (leader
 //!    initiates) whose pre-shared key is derived from the SPAKE2 key with HKDF and
-//!    a purpose label ([`SecureLink::handshake`]). Its two payloads carry each
+//!    a purpose label ([`Handshake`]). The punch runs it on every candidate link
+//!    as it connects, the leader's first message right behind its link hello;
+//!    the follower answers on the first link where that message authenticates,
+//!    and that answer chooses the link ([`crate::punch`]). Its two payloads carry each
 //!    side's [`Introduction`] (name, role in the chat), encrypted. A wrong code, or
 //!    a man in the middle that ran SPAKE2 with each side, makes the keys differ
 //!    and the handshake fail on both sides; nothing typed has been sent yet.
@@ -333,31 +336,6 @@ fn noise_error(e: snow::Error) -> PeerError {
     PeerError::Protocol(format!("encryption: {e}"))
 }
 
-/// Why the handshake failed to authenticate, for the user: the other end's
-/// message did not decrypt with our key, or was not a handshake message at all.
-fn not_authenticated(secret: &Secret) -> PeerError {
-    if secret.is_code_key() {
-        PeerError::BadCode(KeyRefusal::Handshake)
-    } else {
-        PeerError::NotAuthenticated(KeyRefusal::Handshake)
-    }
-}
-
-/// The other end closed the link in the middle of the handshake. On the first
-/// link that is how a peer that cannot decrypt our message (another code)
-/// answers; on a later one it is a lost link (the other side may simply have
-/// given up on it), not a failed authentication.
-fn closed_in_handshake(secret: &Secret) -> PeerError {
-    if secret.is_code_key() {
-        PeerError::BadCode(KeyRefusal::ClosedInHandshake)
-    } else {
-        PeerError::LinkLost {
-            name: crate::punch::THE_OTHER_SIDE.to_owned(),
-            why: "closed during the encryption handshake".into(),
-        }
-    }
-}
-
 /// What the user is told when the other end closes during the first
 /// handshake.
 pub const WRONG_CODE_CLOSED: &str = "the other side did not prove it knows the code: it closed \
@@ -394,24 +372,57 @@ fn random_nonce() -> Result<[u8; 32], PeerError> {
     Ok(nonce)
 }
 
-impl SecureLink {
-    /// Runs the Noise handshake on `link`, keyed by `secret`: the leader writes
+/// What every link's handshake is keyed with: the punch runs one on each
+/// candidate link as it connects.
+pub struct LinkKeys {
+    /// The code's key on a first link, the chat's secret on a later one.
+    pub secret: Secret,
+    /// How we introduce ourselves (name, chat role).
+    pub ours: Introduction,
+    /// What the chat's first link left of the words, on a later link.
+    pub words: Option<Words>,
+}
+
+impl LinkKeys {
+    /// A fresh handshake for one link, in the given link role.
+    pub fn handshake(&self, role: Role) -> Result<Handshake, PeerError> {
+        Handshake::new(role, &self.secret, &self.ours, self.words.as_ref())
+    }
+}
+
+/// One side's Noise handshake on one link, in steps, so that the punch can run
+/// it on every candidate link as soon as it connects: the leader writes the
+/// first message, the follower reads it and answers, the leader reads the
+/// answer; then [`Handshake::finish`] makes the [`SecureLink`].
+pub struct Handshake {
+    state: snow::HandshakeState,
+    role: Role,
+    /// A first link (keyed by the code): the words' nonces are drawn here.
+    first: bool,
+    nonce: [u8; 32],
+    ours: Introduction,
+    intro: Vec<u8>,
+    their: Option<Introduction>,
+    words: Option<Words>,
+    secret_from_code: bool,
+}
+
+impl Handshake {
+    /// Starts the handshake of one link, keyed by `secret`: the leader writes
     /// first; each side's payload is its introduction (`ours`, whose
-    /// `words_nonce` is filled in here). A link to ourselves (an introduction
-    /// with our own chat role) is refused.
+    /// `words_nonce` is filled in here).
     ///
     /// Words: on a first link (keyed by the code) the nonces are drawn and
     /// committed to here ([`Introduction::words_nonce`]); on a later link
     /// `words` is what the first one left ([`SecureLink::words`]). Either way
     /// the chat's leader then reveals its nonce as its first message, and the
     /// follower checks it when it arrives ([`SecureLink::recv`]).
-    pub async fn handshake(
-        mut link: PeerFrames,
+    pub fn new(
         role: Role,
         secret: &Secret,
         ours: &Introduction,
         words: Option<&Words>,
-    ) -> Result<SecureLink, PeerError> {
+    ) -> Result<Handshake, PeerError> {
         let params = NOISE_PARAMS
             .parse()
             .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
@@ -419,7 +430,7 @@ impl SecureLink {
         let builder = snow::Builder::new(params)
             .psk(0, &psk)
             .map_err(noise_error)?;
-        let mut state = match role {
+        let state = match role {
             Role::Leader => builder.build_initiator(),
             Role::Follower => builder.build_responder(),
         }
@@ -434,26 +445,95 @@ impl SecureLink {
         };
         let intro = encode_payload(&ours)
             .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
+        Ok(Handshake {
+            state,
+            role,
+            first,
+            nonce,
+            ours,
+            intro,
+            their: None,
+            words: words.cloned(),
+            secret_from_code: secret.is_code_key(),
+        })
+    }
+
+    /// Our next handshake message (the leader's first, the follower's answer),
+    /// as a frame.
+    pub fn write(&mut self) -> Result<PeerToPeer, PeerError> {
         let mut buf = vec![0u8; NOISE_MAX];
-        let exchange = async {
-            if role == Role::Leader {
-                send_handshake(&mut state, &intro, &mut buf, &mut link).await?;
+        let n = self
+            .state
+            .write_message(&self.intro, &mut buf)
+            .map_err(noise_error)?;
+        buf.truncate(n);
+        Ok(PeerToPeer::Handshake(buf))
+    }
+
+    /// Reads the other side's handshake message. A wrong key shows here: the
+    /// message does not decrypt ([`PeerError::BadCode`] on a first link, else
+    /// [`PeerError::NotAuthenticated`]).
+    pub fn read(&mut self, msg: &[u8]) -> Result<(), PeerError> {
+        let mut buf = vec![0u8; NOISE_MAX];
+        let n = self
+            .state
+            .read_message(msg, &mut buf)
+            .map_err(|_| self.refused(KeyRefusal::Handshake))?;
+        let theirs: Introduction = decode_payload(&buf[..n])
+            .map_err(|e| PeerError::Protocol(format!("the other side's introduction: {e}")))?;
+        self.their = Some(theirs);
+        Ok(())
+    }
+
+    /// What a frame other than a handshake message, where one was due, means:
+    /// the far end does not hold the key (an impostor, or a broken peer).
+    pub fn refused(&self, how: KeyRefusal) -> PeerError {
+        if self.secret_from_code {
+            PeerError::BadCode(how)
+        } else {
+            PeerError::NotAuthenticated(how)
+        }
+    }
+
+    /// The other end closed the link in the middle of the handshake. On the
+    /// first link that is how a peer that cannot decrypt our message (another
+    /// code) answers; on a later one it is a lost link (the other side may
+    /// simply have given up on it), not a failed authentication.
+    pub fn closed(&self) -> PeerError {
+        if self.secret_from_code {
+            PeerError::BadCode(KeyRefusal::ClosedInHandshake)
+        } else {
+            PeerError::LinkLost {
+                name: crate::punch::THE_OTHER_SIDE.to_owned(),
+                why: "closed during the encryption handshake".into(),
             }
-            let msg = read_handshake(&mut link, secret).await?;
-            // A wrong key shows here: the other's message does not decrypt.
-            let n = state
-                .read_message(&msg, &mut buf)
-                .map_err(|_| not_authenticated(secret))?;
-            let theirs: Introduction = decode_payload(&buf[..n])
-                .map_err(|e| PeerError::Protocol(format!("the other side's introduction: {e}")))?;
-            if role == Role::Follower {
-                send_handshake(&mut state, &intro, &mut buf, &mut link).await?;
-            }
-            Ok::<Introduction, PeerError>(theirs)
+        }
+    }
+
+    /// Whether both messages have passed.
+    pub fn is_done(&self) -> bool {
+        self.state.is_handshake_finished()
+    }
+
+    /// The secured link, once both messages have passed; the leader sends its
+    /// reveal on it at once. A link to ourselves (an introduction with our own
+    /// chat role) is refused.
+    pub async fn finish(self, link: PeerFrames) -> Result<SecureLink, PeerError> {
+        let Handshake {
+            state,
+            role,
+            first,
+            nonce,
+            ours,
+            their,
+            words,
+            ..
+        } = self;
+        let Some(mut their) = their else {
+            return Err(PeerError::Protocol(
+                "the handshake finished without the other side's introduction".into(),
+            ));
         };
-        let mut their = timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
-            PeerError::Timeout("the other side did not complete the encryption handshake".into())
-        })??;
         if their.chat_role == ours.chat_role {
             return Err(PeerError::MetItself);
         }
@@ -465,17 +545,17 @@ impl SecureLink {
         }
         let hash = state.get_handshake_hash().to_vec();
         let noise = state.into_transport_mode().map_err(noise_error)?;
-        let words = match (first, role, words) {
-            (true, Role::Leader, _) => Some(Words::Leader {
+        let words = match (first, role) {
+            (true, Role::Leader) => Some(Words::Leader {
                 nonce,
                 words: words_of(&hash, &nonce, &their.words_nonce),
             }),
-            (true, Role::Follower, _) => Some(Words::Follower {
+            (true, Role::Follower) => Some(Words::Follower {
                 commitment: their.words_nonce,
                 ours: nonce,
                 hash: hash.clone(),
             }),
-            (false, _, words) => words.cloned(),
+            (false, _) => words,
         };
         let mut secured = SecureLink {
             link,
@@ -499,6 +579,35 @@ impl SecureLink {
             secured.verification = Some(words);
         }
         Ok(secured)
+    }
+}
+
+impl SecureLink {
+    /// Runs the whole [`Handshake`] on `link` (a relayed link: the punch runs
+    /// it on each candidate link itself) and returns the secured link.
+    pub async fn handshake(
+        mut link: PeerFrames,
+        role: Role,
+        secret: &Secret,
+        ours: &Introduction,
+        words: Option<&Words>,
+    ) -> Result<SecureLink, PeerError> {
+        let mut hs = Handshake::new(role, secret, ours, words)?;
+        let exchange = async {
+            if role == Role::Leader {
+                send_handshake(&mut hs, &mut link).await?;
+            }
+            let msg = read_handshake(&mut link, &hs).await?;
+            hs.read(&msg)?;
+            if role == Role::Follower {
+                send_handshake(&mut hs, &mut link).await?;
+            }
+            Ok::<(), PeerError>(())
+        };
+        timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
+            PeerError::Timeout("the other side did not complete the encryption handshake".into())
+        })??;
+        hs.finish(link).await
     }
 
     /// The handshake's hash (equal on both sides unless someone is in the middle).
@@ -620,26 +729,30 @@ impl SecureLink {
     }
 }
 
-/// Writes our next handshake message, with `payload`, and sends it.
-async fn send_handshake(
-    state: &mut snow::HandshakeState,
-    payload: &[u8],
-    buf: &mut [u8],
-    link: &mut PeerFrames,
-) -> Result<(), PeerError> {
-    let n = state.write_message(payload, buf).map_err(noise_error)?;
-    let msg = PeerToPeer::Handshake(buf[..n].to_vec());
+/// Writes our next handshake message and sends it.
+async fn send_handshake(hs: &mut Handshake, link: &mut PeerFrames) -> Result<(), PeerError> {
+    let msg = hs.write()?;
     link.send(msg).await.map_err(|e| PeerError::LinkLost {
         name: crate::punch::THE_OTHER_SIDE.to_owned(),
         why: e.to_string(),
     })
 }
 
-async fn read_handshake(link: &mut PeerFrames, secret: &Secret) -> Result<Vec<u8>, PeerError> {
-    match link.next().await {
+/// Reads the other side's next handshake message from `link`.
+pub async fn read_handshake(link: &mut PeerFrames, hs: &Handshake) -> Result<Vec<u8>, PeerError> {
+    handshake_frame(link.next().await, hs)
+}
+
+/// The handshake message in what was read from a link where one was due, or
+/// what its absence means.
+pub fn handshake_frame(
+    read: Option<Result<PeerToPeer, CodecError>>,
+    hs: &Handshake,
+) -> Result<Vec<u8>, PeerError> {
+    match read {
         Some(Ok(PeerToPeer::Handshake(msg))) => Ok(msg),
         // The other side closes when our first message does not decrypt for it.
-        None => Err(closed_in_handshake(secret)),
+        None => Err(hs.closed()),
         Some(Err(CodecError::Io(e))) => Err(PeerError::LinkLost {
             name: crate::punch::THE_OTHER_SIDE.to_owned(),
             why: e.to_string(),
@@ -648,11 +761,11 @@ async fn read_handshake(link: &mut PeerFrames, secret: &Secret) -> Result<Vec<u8
         // impostor's doing (or a broken peer's): it does not hold the key.
         Some(Ok(other)) => {
             tracing::info!(got = describe_frame(&other), "expected a handshake message");
-            Err(not_authenticated(secret))
+            Err(hs.refused(KeyRefusal::Handshake))
         }
         Some(Err(e)) => {
             tracing::info!(error = %e, "expected a handshake message");
-            Err(not_authenticated(secret))
+            Err(hs.refused(KeyRefusal::Handshake))
         }
     }
 }
@@ -661,7 +774,6 @@ async fn read_handshake(link: &mut PeerFrames, secret: &Secret) -> Result<Vec<u8
 fn describe_frame(frame: &PeerToPeer) -> &'static str {
     match frame {
         PeerToPeer::LinkHello { .. } => "a link hello",
-        PeerToPeer::Select => "a link selection",
         PeerToPeer::Handshake(_) => "a handshake message",
         PeerToPeer::Sealed(_) => "a sealed message",
     }

@@ -87,7 +87,6 @@ fn main() -> std::io::Result<()> {
 
     let link = [
         link_hello([7; 16], Role::Follower),
-        PeerToPeer::Select,
         PeerToPeer::Handshake(vec![1; 48]),
         PeerToPeer::Sealed(vec![2; 40]),
     ];

@@ -105,7 +105,7 @@ mod tests {
             Err(LinkRejected::Version(PROTOCOL_VERSION + 1))
         );
         assert_eq!(
-            verify_link_hello(&S, Role::Leader, &PeerToPeer::Select),
+            verify_link_hello(&S, Role::Leader, &PeerToPeer::Handshake(vec![0; 32])),
             Err(LinkRejected::NotAHello)
         );
     }

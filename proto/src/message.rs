@@ -33,9 +33,11 @@ pub type ResumeRoom = [u8; RESUME_ROOM_LEN];
 /// both "clients", so nothing on the link itself can break the tie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
-    /// Picks the link both peers keep and announces it with [`PeerToPeer::Select`].
+    /// Initiates the encryption handshake on every candidate link, and keeps
+    /// the link on which the follower answers.
     Leader,
-    /// Keeps the link on which the leader's [`PeerToPeer::Select`] arrives.
+    /// Answers the leader's handshake on the first link where it
+    /// authenticates, and keeps that link.
     Follower,
 }
 
@@ -353,9 +355,8 @@ pub enum PeerToPeer {
         /// The sender's role.
         role: Role,
     },
-    /// From the leader: this link is the one both keep.
-    Select,
-    /// A Noise handshake message (the leader initiates).
+    /// A Noise handshake message (the leader initiates, right behind its link
+    /// hello; the follower answers on the one link it keeps).
     Handshake(Vec<u8>),
     /// A Noise transport message; its plaintext is a bincode [`Chat`].
     Sealed(Vec<u8>),

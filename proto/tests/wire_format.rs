@@ -213,7 +213,7 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 41 | 00 = Hello | 03 = version 3 | nameplate "17": length 2,
+        // length 41 | 00 = Hello | 04 = version 4 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
         // resume: 01 = some, then the 16 bytes of the room (no length) |
         // probe_token: 01 = some, then its 16 bytes
@@ -226,7 +226,7 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 resume: Some(room()),
                 probe_token: Some(token()),
             }),
-            "00000029 | 00 | 03 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            "00000029 | 00 | 04 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -379,15 +379,14 @@ fn server_to_peer_frames_are_pinned() {
 fn peer_to_peer_index(msg: &PeerToPeer) -> u32 {
     match msg {
         PeerToPeer::LinkHello { .. } => 0,
-        PeerToPeer::Select => 1,
-        PeerToPeer::Handshake(_) => 2,
-        PeerToPeer::Sealed(_) => 3,
+        PeerToPeer::Handshake(_) => 1,
+        PeerToPeer::Sealed(_) => 2,
     }
 }
 
 fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
     vec![
-        // length 19 | 00 = LinkHello | 03 = version 3 | session: the 16 bytes (no
+        // length 19 | 00 = LinkHello | 04 = version 4 | session: the 16 bytes (no
         // length) | role: 00 = Leader
         golden(
             PeerToPeer::LinkHello {
@@ -395,14 +394,12 @@ fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
                 session: session(),
                 role: Role::Leader,
             },
-            "00000013 | 00 | 03 | 101112131415161718191a1b1c1d1e1f | 00",
+            "00000013 | 00 | 04 | 101112131415161718191a1b1c1d1e1f | 00",
         ),
-        // length 1 | 01 = Select
-        golden(PeerToPeer::Select, "00000001 | 01"),
-        // length 4 | 02 = Handshake | length 2, the bytes
-        golden(PeerToPeer::Handshake(vec![1, 2]), "00000004 | 02 | 02 0102"),
-        // length 3 | 03 = Sealed | length 1, the byte
-        golden(PeerToPeer::Sealed(vec![0xff]), "00000003 | 03 | 01 ff"),
+        // length 4 | 01 = Handshake | length 2, the bytes
+        golden(PeerToPeer::Handshake(vec![1, 2]), "00000004 | 01 | 02 0102"),
+        // length 3 | 02 = Sealed | length 1, the byte
+        golden(PeerToPeer::Sealed(vec![0xff]), "00000003 | 02 | 01 ff"),
     ]
 }
 
