@@ -74,14 +74,16 @@ async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
             Role::Leader,
             &psk,
             &ia,
-            None
+            None,
+            &[0; 16],
         ),
         SecureLink::handshake(
             Framed::new(LinkStream::Tcp(b), FrameCodec::new()),
             Role::Follower,
             &psk,
             &ib,
-            None
+            None,
+            &[0; 16],
         ),
     );
     let took = start.elapsed();

@@ -211,6 +211,7 @@ pub(crate) async fn meet(
                     &keys.secret,
                     &keys.ours,
                     keys.words.as_ref(),
+                    &punch::link_token(&go.session),
                 )
                 .await?;
                 let why = crate::render::punch_cause(&failure);

@@ -57,7 +57,15 @@ pub const LAN_ONLY_DEADLINE: Duration = Duration::from_secs(2);
 /// Extra time after the deadline for the handshake on a link that connected
 /// just in time: the follower waits for the leader's first message, the
 /// leader for the answer.
-pub const SELECT_GRACE: Duration = Duration::from_secs(2);
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a refusal on one link (a handshake message that does not
+/// authenticate, or the other end closing in the middle of the handshake)
+/// waits for another link to bring an authentic one before it ends the
+/// punch. Someone else at a candidate address (a host on a LAN that shares
+/// the other side's range) can refuse one link; the other peer, if it holds
+/// another key, refuses every link, and the user hears of it this soon.
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Where a candidate address came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,7 +337,7 @@ pub async fn punch(
     }
     // The late candidates get their own tasks, under one that owns them (and
     // with them a sender of `rx`, so `rx` stays open until they are known).
-    let late_tasks = tokio::spawn(async move {
+    let late_tasks = AbortOnDrop(tokio::spawn(async move {
         let mut set = JoinSet::new();
         if let Ok(offered) = late.await {
             let mut known = first;
@@ -346,14 +354,14 @@ pub async fn punch(
         }
         drop(template);
         while set.join_next().await.is_some() {}
-    });
+    }));
 
     let chosen = match go.role {
-        Role::Leader => lead(&mut rx, deadline + SELECT_GRACE).await,
-        Role::Follower => follow(&mut rx, deadline + SELECT_GRACE).await,
+        Role::Leader => lead(&mut rx, deadline + HANDSHAKE_GRACE).await,
+        Role::Follower => follow(&mut rx, deadline + HANDSHAKE_GRACE).await,
     };
     tasks.abort_all();
-    late_tasks.abort();
+    drop(late_tasks);
     let tried = tallies.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let attempts = tried.iter().map(|(_, _, t)| t.attempts).sum();
     match chosen? {
@@ -391,30 +399,61 @@ pub fn link_token(session: &SessionToken) -> SessionToken {
 /// encryption handshake).
 pub const THE_OTHER_SIDE: &str = "the other side";
 
+/// Aborts a spawned task when dropped (a punch whose future is dropped must
+/// not leave tasks dialling).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The first refusal seen on some link, and when.
+type Refused = Option<(PeerError, Instant)>;
+
+fn note_refusal(refused: &mut Refused, e: PeerError) {
+    if refused.is_none() {
+        *refused = Some((e, Instant::now()));
+    }
+}
+
+/// When to stop waiting: the deadline, or [`REFUSAL_GRACE`] after a refusal.
+fn wait_until(refused: &Refused, deadline: Instant) -> Instant {
+    match refused {
+        Some((_, at)) => deadline.min(*at + REFUSAL_GRACE),
+        None => deadline,
+    }
+}
+
+/// What a punch without an authentic link ends with: the refusal seen, if it
+/// says something about the other side's key; else a plain failure (which
+/// may still be relayed).
+fn without_link(refused: Refused) -> Result<Option<Verified>, PeerError> {
+    match refused {
+        Some((PeerError::LinkLost { .. }, _)) | None => Ok(None),
+        Some((e, _)) => Err(e),
+    }
+}
+
 /// Leader: our first handshake message is out on every verified link; keep
-/// the link on which the follower's answer comes. A link the follower closed
-/// before answering is a refusal of our message (another key), unless another
-/// link brings the answer within [`LINK_HELLO_TIMEOUT`] (the follower drops
-/// the links it did not choose as it answers on the one it did).
+/// the link on which the follower's answer comes. A refusal on one link (see
+/// [`REFUSAL_GRACE`]) ends the punch only if no other link answers soon.
 async fn lead(
     rx: &mut mpsc::Receiver<Found>,
     deadline: Instant,
 ) -> Result<Option<Verified>, PeerError> {
     let mut pending = FuturesUnordered::new();
     let mut open = true;
-    let mut refused: Option<(PeerError, Instant)> = None;
+    let mut refused: Refused = None;
     loop {
-        let until = match &refused {
-            Some((_, at)) => deadline.min(*at + LINK_HELLO_TIMEOUT),
-            None => deadline,
-        };
         tokio::select! {
             v = rx.recv(), if open => match v {
                 Some(Ok(mut v)) => pending.push(async move {
                     let read = timeout_at(deadline, v.link.next()).await;
                     (v, read)
                 }),
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => note_refusal(&mut refused, e),
                 None => open = false,
             },
             Some((mut v, read)) = pending.next(), if !pending.is_empty() => {
@@ -424,26 +463,19 @@ async fn lead(
                 };
                 match handshake_frame(read, &v.hs).and_then(|msg| v.hs.read(&msg)) {
                     Ok(()) => return Ok(Some(v)),
-                    Err(e @ (PeerError::BadCode(crate::error::KeyRefusal::ClosedInHandshake)
-                    | PeerError::LinkLost { .. })) => {
-                        debug!(remote = %v.remote, error = %e, "link closed before the handshake's answer");
-                        if refused.is_none() {
-                            refused = Some((e, Instant::now()));
-                        }
+                    Err(e) => {
+                        debug!(remote = %v.remote, error = %e, "no authentic answer on this link");
+                        note_refusal(&mut refused, e);
                     }
-                    Err(e) => return Err(e),
                 }
             }
-            _ = sleep_until(until) => break,
+            _ = sleep_until(wait_until(&refused, deadline)) => break,
         }
         if !open && pending.is_empty() {
             break;
         }
     }
-    match refused {
-        Some((e, _)) => Err(e),
-        None => Ok(None),
-    }
+    without_link(refused)
 }
 
 /// Follower: the leader's first handshake message came and authenticates on
@@ -452,11 +484,15 @@ async fn follow(
     rx: &mut mpsc::Receiver<Found>,
     deadline: Instant,
 ) -> Result<Option<Verified>, PeerError> {
+    let mut refused: Refused = None;
     loop {
-        let mut v = match timeout_at(deadline, rx.recv()).await {
+        let mut v = match timeout_at(wait_until(&refused, deadline), rx.recv()).await {
             Ok(Some(Ok(v))) => v,
-            Ok(Some(Err(e))) => return Err(e),
-            Ok(None) | Err(_) => return Ok(None),
+            Ok(Some(Err(e))) => {
+                note_refusal(&mut refused, e);
+                continue;
+            }
+            Ok(None) | Err(_) => break,
         };
         let answer = v.hs.write()?;
         match timeout(LINK_HELLO_TIMEOUT, v.link.send(answer)).await {
@@ -465,6 +501,7 @@ async fn follow(
             _ => debug!(remote = %v.remote, "link failed while answering on it"),
         }
     }
+    without_link(refused)
 }
 
 /// What a candidate's task hands over: a verified link, or a refusal that
@@ -701,7 +738,13 @@ enum Verify {
 /// message right behind its hello (in the same segment); the follower reads
 /// that message too.
 async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handshake), Verify> {
-    let mut hs = c.keys.handshake(c.role).map_err(Verify::Refused)?;
+    let mut hs = c
+        .keys
+        .handshake(c.role, &c.session)
+        .map_err(Verify::Refused)?;
+    // A link given up here is reset, not closed: no TIME_WAIT is left on the
+    // fixed port's 4-tuple, which the next attempt needs.
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     let mut link = Framed::new(LinkStream::Tcp(stream), FrameCodec::new());
     let hello = link_hello(c.session, c.role);
     let first = match c.role {
@@ -718,7 +761,15 @@ async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handsha
         }
         link.next().await.transpose()
     };
-    match timeout(LINK_HELLO_TIMEOUT, exchange).await {
+    // The leader has sent its first message and waits as long as the punch
+    // lasts: a follower that got it answers on this link, and must not be
+    // left with a link the leader gave up (its hello may come late on a lossy
+    // path).
+    let hello_by = match c.role {
+        Role::Leader => (c.deadline + HANDSHAKE_GRACE).max(Instant::now() + LINK_HELLO_TIMEOUT),
+        Role::Follower => Instant::now() + LINK_HELLO_TIMEOUT,
+    };
+    match timeout_at(hello_by, exchange).await {
         Err(_) => return Err(Verify::Rejected(LinkRejected::NotAHello)),
         Ok(Ok(Some(msg))) => {
             verify_link_hello(&c.session, c.role, &msg).map_err(Verify::Rejected)?;
@@ -756,7 +807,15 @@ async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handsha
             }
             Err(e) => return Err(Verify::Refused(e)),
         };
-        hs.read(&msg).map_err(Verify::Refused)?;
+        match hs.read(&msg) {
+            Ok(()) => {}
+            // Our own first message, come back: not the other peer.
+            Err(PeerError::MetItself) => return Err(Verify::Rejected(LinkRejected::SameRole)),
+            Err(e) => return Err(Verify::Refused(e)),
+        }
+    }
+    if let Some(tcp) = link.get_ref().tcp() {
+        let _ = SockRef::from(tcp).set_linger(None);
     }
     Ok((link, hs))
 }

@@ -384,10 +384,22 @@ pub struct LinkKeys {
 }
 
 impl LinkKeys {
-    /// A fresh handshake for one link, in the given link role.
-    pub fn handshake(&self, role: Role) -> Result<Handshake, PeerError> {
-        Handshake::new(role, &self.secret, &self.ours, self.words.as_ref())
+    /// A fresh handshake for one link of the meeting `session`, in the given
+    /// link role.
+    pub fn handshake(&self, role: Role, session: &SessionToken) -> Result<Handshake, PeerError> {
+        Handshake::new(role, &self.secret, &self.ours, self.words.as_ref(), session)
     }
+}
+
+/// The Noise prologue of a link of the meeting `session`: both sides mix it
+/// in, so a handshake message recorded in one meeting (the leader's first
+/// message goes to every candidate address, whoever answers there) does not
+/// authenticate in another, although later links of a chat share a key.
+fn prologue(session: &SessionToken) -> Vec<u8> {
+    let mut p = b"punchline link prologue".to_vec();
+    p.extend_from_slice(&punchline_proto::PROTOCOL_VERSION.to_le_bytes());
+    p.extend_from_slice(session);
+    p
 }
 
 /// One side's Noise handshake on one link, in steps, so that the punch can run
@@ -417,18 +429,25 @@ impl Handshake {
     /// `words` is what the first one left ([`SecureLink::words`]). Either way
     /// the chat's leader then reveals its nonce as its first message, and the
     /// follower checks it when it arrives ([`SecureLink::recv`]).
+    ///
+    /// The handshake is bound to the meeting's session token (see
+    /// [`prologue`]).
     pub fn new(
         role: Role,
         secret: &Secret,
         ours: &Introduction,
         words: Option<&Words>,
+        session: &SessionToken,
     ) -> Result<Handshake, PeerError> {
         let params = NOISE_PARAMS
             .parse()
             .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
         let psk = secret.psk();
+        let prologue = prologue(session);
         let builder = snow::Builder::new(params)
             .psk(0, &psk)
+            .map_err(noise_error)?
+            .prologue(&prologue)
             .map_err(noise_error)?;
         let state = match role {
             Role::Leader => builder.build_initiator(),
@@ -472,16 +491,26 @@ impl Handshake {
 
     /// Reads the other side's handshake message. A wrong key shows here: the
     /// message does not decrypt ([`PeerError::BadCode`] on a first link, else
-    /// [`PeerError::NotAuthenticated`]).
+    /// [`PeerError::NotAuthenticated`]). A message with our own chat role is
+    /// our own, come back ([`PeerError::MetItself`]).
     pub fn read(&mut self, msg: &[u8]) -> Result<(), PeerError> {
         let mut buf = vec![0u8; NOISE_MAX];
         let n = self
             .state
             .read_message(msg, &mut buf)
             .map_err(|_| self.refused(KeyRefusal::Handshake))?;
-        let theirs: Introduction = decode_payload(&buf[..n])
+        let mut their: Introduction = decode_payload(&buf[..n])
             .map_err(|e| PeerError::Protocol(format!("the other side's introduction: {e}")))?;
-        self.their = Some(theirs);
+        if their.chat_role == self.ours.chat_role {
+            return Err(PeerError::MetItself);
+        }
+        if validate_name(&their.name).is_err() {
+            their.name = punchline_proto::sanitize_for_terminal(&their.name)
+                .chars()
+                .take(punchline_proto::MAX_NAME_CHARS)
+                .collect();
+        }
+        self.their = Some(their);
         Ok(())
     }
 
@@ -510,39 +539,21 @@ impl Handshake {
         }
     }
 
-    /// Whether both messages have passed.
-    pub fn is_done(&self) -> bool {
-        self.state.is_handshake_finished()
-    }
-
     /// The secured link, once both messages have passed; the leader sends its
-    /// reveal on it at once. A link to ourselves (an introduction with our own
-    /// chat role) is refused.
+    /// reveal on it at once.
     pub async fn finish(self, link: PeerFrames) -> Result<SecureLink, PeerError> {
         let Handshake {
             state,
             role,
             first,
             nonce,
-            ours,
             their,
             words,
             ..
         } = self;
-        let Some(mut their) = their else {
-            return Err(PeerError::Protocol(
-                "the handshake finished without the other side's introduction".into(),
-            ));
+        let (Some(their), true) = (their, state.is_handshake_finished()) else {
+            return Err(PeerError::Protocol("the handshake is not finished".into()));
         };
-        if their.chat_role == ours.chat_role {
-            return Err(PeerError::MetItself);
-        }
-        if validate_name(&their.name).is_err() {
-            their.name = punchline_proto::sanitize_for_terminal(&their.name)
-                .chars()
-                .take(punchline_proto::MAX_NAME_CHARS)
-                .collect();
-        }
         let hash = state.get_handshake_hash().to_vec();
         let noise = state.into_transport_mode().map_err(noise_error)?;
         let words = match (first, role) {
@@ -583,16 +594,18 @@ impl Handshake {
 }
 
 impl SecureLink {
-    /// Runs the whole [`Handshake`] on `link` (a relayed link: the punch runs
-    /// it on each candidate link itself) and returns the secured link.
+    /// Runs the whole [`Handshake`] on `link` of the meeting `session` (a
+    /// relayed link: the punch runs it on each candidate link itself) and
+    /// returns the secured link.
     pub async fn handshake(
         mut link: PeerFrames,
         role: Role,
         secret: &Secret,
         ours: &Introduction,
         words: Option<&Words>,
+        session: &SessionToken,
     ) -> Result<SecureLink, PeerError> {
-        let mut hs = Handshake::new(role, secret, ours, words)?;
+        let mut hs = Handshake::new(role, secret, ours, words, session)?;
         let exchange = async {
             if role == Role::Leader {
                 send_handshake(&mut hs, &mut link).await?;
@@ -739,7 +752,7 @@ async fn send_handshake(hs: &mut Handshake, link: &mut PeerFrames) -> Result<(),
 }
 
 /// Reads the other side's next handshake message from `link`.
-pub async fn read_handshake(link: &mut PeerFrames, hs: &Handshake) -> Result<Vec<u8>, PeerError> {
+async fn read_handshake(link: &mut PeerFrames, hs: &Handshake) -> Result<Vec<u8>, PeerError> {
     handshake_frame(link.next().await, hs)
 }
 
@@ -966,6 +979,7 @@ mod tests {
                 secrets.0,
                 &ia,
                 words.0,
+                &[3; 16],
             ),
             SecureLink::handshake(
                 Framed::new(LinkStream::Relayed(y, None), FrameCodec::new()),
@@ -973,6 +987,7 @@ mod tests {
                 secrets.1,
                 &ib,
                 words.1,
+                &[3; 16],
             ),
         )
     }
@@ -1000,10 +1015,15 @@ mod tests {
             b.err()
         );
         // Two meetings of one peer paired with each other: same secret, same
-        // chat role.
+        // chat role. The follower sees it in the first message and answers
+        // nothing, so the leader sees the link close.
         let (a, b) = linked((&chat, &chat), (Role::Leader, Role::Leader)).await;
-        assert!(matches!(a, Err(PeerError::MetItself)));
-        assert!(matches!(b, Err(PeerError::MetItself)));
+        assert!(matches!(b, Err(PeerError::MetItself)), "{:?}", b.err());
+        assert!(
+            matches!(a, Err(PeerError::LinkLost { .. })),
+            "{:?}",
+            a.err()
+        );
     }
 
     #[tokio::test]

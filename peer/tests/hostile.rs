@@ -26,6 +26,7 @@ use common::fake::{arrive, listen, Arrival, ServerConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::LinkStream;
+use punchline_peer::punch::link_token;
 use punchline_peer::secure::{KeyExchange, Secret, SecureLink, Words};
 use punchline_proto::codes::Code;
 use punchline_proto::{
@@ -184,7 +185,15 @@ async fn impersonate(mut victim: Arrival, impostor: Impostor, code: &Code) -> Ve
             chat_role: Role::Follower,
             words_nonce: [0; 32],
         };
-        SecureLink::handshake(link, impostor_role, &secret, &intro, None).await
+        SecureLink::handshake(
+            link,
+            impostor_role,
+            &secret,
+            &intro,
+            None,
+            &link_token(&session),
+        )
+        .await
     };
     let pump = async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -775,9 +784,16 @@ async fn lead_over_relay(
             chat_role: Role::Leader,
             words_nonce: [0; 32],
         };
-        let link = SecureLink::handshake(link, Role::Leader, secret, &intro, words)
-            .await
-            .ok()?;
+        let link = SecureLink::handshake(
+            link,
+            Role::Leader,
+            secret,
+            &intro,
+            words,
+            &link_token(&session),
+        )
+        .await
+        .ok()?;
         let kept = (link.handshake_hash().to_vec(), link.words().cloned());
         tokio::time::sleep(hold).await;
         Some(kept)

@@ -597,7 +597,7 @@ fn dial_back_result_encodings_are_pinned() {
 /// deliberate act: the golden hellos above change with it.
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(PROTOCOL_VERSION, 4);
 }
 
 /// [`ServerToPeer::Error`] carries its code as a number
