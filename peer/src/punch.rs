@@ -38,7 +38,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
 use tracing::debug;
 
-use crate::error::PeerError;
+use crate::error::{KeyRefusal, PeerError};
 use crate::net::{fixed_port_socket, LinkStream};
 use crate::secure::{handshake_frame, Handshake, LinkKeys, SecureLink};
 
@@ -794,18 +794,18 @@ async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handsha
                 )))
             }
         };
-        let msg = match handshake_frame(read, &hs) {
-            Ok(msg) => msg,
-            Err(PeerError::LinkLost { why, .. }) => {
-                return Err(Verify::Broken(io::Error::other(why)))
-            }
-            Err(PeerError::BadCode(crate::error::KeyRefusal::ClosedInHandshake)) => {
+        let msg = match read {
+            Some(Ok(PeerToPeer::Handshake(msg))) => msg,
+            None => {
                 return Err(Verify::Broken(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "closed before its handshake message",
                 )))
             }
-            Err(e) => return Err(Verify::Refused(e)),
+            Some(Err(punchline_proto::CodecError::Io(e))) => return Err(Verify::Broken(e)),
+            // Anything else from an end that passed the link check: it does
+            // not hold the key.
+            Some(_) => return Err(Verify::Refused(hs.refused(KeyRefusal::Handshake))),
         };
         match hs.read(&msg) {
             Ok(()) => {}

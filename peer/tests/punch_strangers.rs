@@ -145,6 +145,24 @@ async fn meeting_with_a_stranger(
     (both.0, both.1, local(po))
 }
 
+/// The victim punches, in link role `role`, with the stranger at `at` as the
+/// other side's only address (no other peer, no late candidates).
+async fn alone_with(role: Role, at: SocketAddr, deadline: Duration) -> Result<Punched, PeerError> {
+    let (tx, none) = oneshot::channel();
+    drop(tx);
+    punch(
+        &go(role, at, SESSION),
+        &PunchParams {
+            deadline,
+            ..params(free_port())
+        },
+        keys(role),
+        Instant::now(),
+        none,
+    )
+    .await
+}
+
 fn kept(r: &Result<Punched, PeerError>) -> SocketAddr {
     match r {
         Ok(p) => p.remote,
@@ -187,17 +205,8 @@ async fn a_first_message_replayed_from_another_meeting_does_not_authenticate() {
         .expect("message");
     let (listener, at) = listening().await;
     let strange = tokio::spawn(stranger(listener, vec![recorded]));
-    let (tx, none) = oneshot::channel();
-    drop(tx);
     let started = Instant::now();
-    let r = punch(
-        &go(Role::Follower, at, SESSION),
-        &params(free_port()),
-        keys(Role::Follower),
-        Instant::now(),
-        none,
-    )
-    .await;
+    let r = alone_with(Role::Follower, at, Duration::from_secs(5)).await;
     // The victim kept no link to the stranger, and answered nothing.
     assert!(
         matches!(r, Err(PeerError::NotAuthenticated(_))),
@@ -223,16 +232,7 @@ async fn our_own_first_message_reflected_is_not_a_peer_and_leaves_the_punch_rela
         .expect("message");
     let (listener, at) = listening().await;
     let strange = tokio::spawn(stranger(listener, vec![own]));
-    let (tx, none) = oneshot::channel();
-    drop(tx);
-    let r = punch(
-        &go(Role::Follower, at, SESSION),
-        &params(free_port()),
-        keys(Role::Follower),
-        Instant::now(),
-        none,
-    )
-    .await;
+    let r = alone_with(Role::Follower, at, Duration::from_secs(5)).await;
     strange.abort();
     let Err(PeerError::PunchFailed { failure, .. }) = r else {
         panic!("not a plain punch failure: {:?}", r.map(|p| p.remote));
@@ -260,19 +260,7 @@ async fn a_link_closed_in_the_handshake_leaves_the_punch_relayable() {
         }
         // Closes before any answer.
     });
-    let (tx, none) = oneshot::channel();
-    drop(tx);
-    let r = punch(
-        &go(Role::Leader, at, SESSION),
-        &PunchParams {
-            deadline: Duration::from_secs(2),
-            ..params(free_port())
-        },
-        keys(Role::Leader),
-        Instant::now(),
-        none,
-    )
-    .await;
+    let r = alone_with(Role::Leader, at, Duration::from_secs(2)).await;
     let _ = strange.await;
     assert!(
         matches!(r, Err(PeerError::PunchFailed { .. })),
