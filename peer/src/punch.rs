@@ -409,6 +409,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Whether a refusal on a link to a candidate of this kind says something
+/// about the other side's key. The public address is where the rendezvous
+/// saw the other peer; a LAN candidate is often some other host (two homes
+/// sharing a private range), which could refuse every link there and make
+/// a right code look wrong, or end a relayed chat's tries for a direct link
+/// as failed authentications. A refusal there only drops that link; if no
+/// link forms, the punch fails plainly and the relay's handshake decides.
+fn refusal_counts(kind: CandidateKind) -> bool {
+    kind == CandidateKind::Public
+}
+
 /// The first refusal seen on some link, and when.
 type Refused = Option<(PeerError, Instant)>;
 
@@ -465,7 +476,9 @@ async fn lead(
                     Ok(()) => return Ok(Some(v)),
                     Err(e) => {
                         debug!(remote = %v.remote, error = %e, "no authentic answer on this link");
-                        note_refusal(&mut refused, e);
+                        if refusal_counts(v.kind) {
+                            note_refusal(&mut refused, e);
+                        }
                     }
                 }
             }
@@ -582,7 +595,13 @@ async fn try_candidate(c: Candidate) {
                     }
                     Err(Verify::Refused(e)) => {
                         debug!(addr = %c.addr, error = %e, "handshake refused");
-                        let _ = c.found.send(Err(e)).await;
+                        with_tally(&c.tallies, c.index, |t| t.last_error = Some(e.to_string()));
+                        // Only the public address speaks for the other
+                        // side: whoever answers at a LAN candidate may be
+                        // some other host of ours (see `refusal_counts`).
+                        if refusal_counts(c.kind) {
+                            let _ = c.found.send(Err(e)).await;
+                        }
                         return;
                     }
                     Err(Verify::Rejected(r)) => {
@@ -805,19 +824,33 @@ async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handsha
             Some(Err(punchline_proto::CodecError::Io(e))) => return Err(Verify::Broken(e)),
             // Anything else from an end that passed the link check: it does
             // not hold the key.
-            Some(_) => return Err(Verify::Refused(hs.refused(KeyRefusal::Handshake))),
+            Some(_) => {
+                closes_gracefully(&link);
+                return Err(Verify::Refused(hs.refused(KeyRefusal::Handshake)));
+            }
         };
         match hs.read(&msg) {
             Ok(()) => {}
             // Our own first message, come back: not the other peer.
             Err(PeerError::MetItself) => return Err(Verify::Rejected(LinkRejected::SameRole)),
-            Err(e) => return Err(Verify::Refused(e)),
+            Err(e) => {
+                closes_gracefully(&link);
+                return Err(Verify::Refused(e));
+            }
         }
     }
+    closes_gracefully(&link);
+    Ok((link, hs))
+}
+
+/// Undoes the reset-on-close of [`verify`]: a link kept, or one whose
+/// handshake we refuse, closes with a FIN. The other end of a refused one
+/// then reads a close in its handshake, which it takes as our refusal of its
+/// key, not as a lost link.
+fn closes_gracefully(link: &PeerFrames) {
     if let Some(tcp) = link.get_ref().tcp() {
         let _ = SockRef::from(tcp).set_linger(None);
     }
-    Ok((link, hs))
 }
 
 /// The facts of a punch that found no link.

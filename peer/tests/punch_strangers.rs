@@ -13,7 +13,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::error::PeerError;
 use punchline_peer::punch::{link_token, punch, PunchParams, Punched};
-use punchline_peer::secure::{LinkKeys, Secret};
+use punchline_peer::secure::{KeyExchange, LinkKeys, Secret};
+use punchline_proto::codes::Code;
 use punchline_proto::pacing::RetryPolicy;
 use punchline_proto::{
     FrameCodec, Go, Introduction, Mapping, PeerInfo, PeerToPeer, Role, SessionToken,
@@ -261,6 +262,99 @@ async fn a_link_closed_in_the_handshake_leaves_the_punch_relayable() {
         // Closes before any answer.
     });
     let r = alone_with(Role::Leader, at, Duration::from_secs(2)).await;
+    let _ = strange.await;
+    assert!(
+        matches!(r, Err(PeerError::PunchFailed { .. })),
+        "{:?}",
+        r.map(|p| p.remote)
+    );
+}
+
+/// Keys of a first link, from one code, for the two sides.
+fn code_keys() -> (Arc<LinkKeys>, Arc<LinkKeys>) {
+    let code = Code::parse("7-guitar-orbit").expect("code");
+    let (a, b) = (KeyExchange::start(&code), KeyExchange::start(&code));
+    let (ma, mb) = (a.message.clone(), b.message.clone());
+    let side = |secret, chat_role| {
+        Arc::new(LinkKeys {
+            secret,
+            ours: Introduction {
+                name: format!("{chat_role}"),
+                chat_role,
+                words_nonce: [0; 32],
+            },
+            words: None,
+        })
+    };
+    (
+        side(a.finish(&mb).expect("a"), Role::Leader),
+        side(b.finish(&ma).expect("b"), Role::Follower),
+    )
+}
+
+#[tokio::test]
+async fn on_a_first_link_a_refusal_at_a_lan_candidate_is_no_wrong_code() {
+    // The stranger refuses at once; the other peer starts punching 1.5 s
+    // later, past the grace a refusal at its public address would get.
+    let (listener, at) = listening().await;
+    let strange = tokio::spawn(stranger(listener, vec![PeerToPeer::Handshake(vec![0; 48])]));
+    let (lead_keys, follow_keys) = code_keys();
+    let (pv, po) = (free_port(), free_port());
+    let local = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    let (go_v, go_o) = (
+        go(Role::Follower, local(po), SESSION),
+        go(Role::Leader, local(pv), SESSION),
+    );
+    let (params_v, params_o) = (params(pv), params(po));
+    let (tx, none) = oneshot::channel();
+    drop(tx);
+    let victim = punch(&go_v, &params_v, follow_keys, Instant::now(), late(at));
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        punch(&go_o, &params_o, lead_keys, Instant::now(), none).await
+    };
+    let (victim, other) = timeout(LIMIT, async { tokio::join!(victim, other) })
+        .await
+        .expect("punches end");
+    strange.abort();
+    assert_eq!(
+        kept(&victim),
+        local(po),
+        "the victim kept no link to its peer"
+    );
+    kept(&other);
+}
+
+#[tokio::test]
+async fn on_a_first_link_a_close_at_a_lan_candidate_leaves_the_punch_relayable() {
+    let (listener, at) = listening().await;
+    let strange = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut conn: Conn = Framed::new(stream, FrameCodec::new());
+        if let Some(Ok(PeerToPeer::LinkHello { session, role, .. })) = conn.next().await {
+            let _ = conn
+                .send(PeerToPeer::LinkHello {
+                    version: PROTOCOL_VERSION,
+                    session,
+                    role: role.other(),
+                })
+                .await;
+        }
+    });
+    let (lead_keys, _) = code_keys();
+    // The other side's public address answers nothing (a closed port).
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let r = punch(
+        &go(Role::Leader, nowhere, SESSION),
+        &PunchParams {
+            deadline: Duration::from_secs(2),
+            ..params(free_port())
+        },
+        lead_keys,
+        Instant::now(),
+        late(at),
+    )
+    .await;
     let _ = strange.await;
     assert!(
         matches!(r, Err(PeerError::PunchFailed { .. })),
