@@ -116,8 +116,6 @@ pub(crate) async fn converse(
 ) -> Result<ChatEnd, PeerError> {
     let keys = met.chat.clone();
     let mut auth_failures = 0;
-    // Links that dropped before the leader's reveal came (at the follower).
-    let mut withheld = 0;
     // A direct link being tried for in the background while relayed.
     let mut attempt: Option<Background> = None;
     session.link_up(now(), met.kind());
@@ -161,22 +159,10 @@ pub(crate) async fn converse(
                 authentication_failed(&e, &mut auth_failures, ctx, session, output)?;
                 tracing::info!(error = %e, "still no direct link; staying relayed");
             }
-            Step::WordsContradicted => {
-                return Err(render::undelivered(
-                    PeerError::WordsContradicted {
-                        name: ctx.their_name.clone(),
-                    },
-                    &ctx.their_name,
-                    session.unacked(),
-                ))
-            }
             Step::Down(why) => {
                 // The background try must not meet our own reconnect in the
                 // chat's room.
                 attempt = None;
-                if met.link.awaiting_reveal() {
-                    words_withheld(&mut withheld, ctx, session, output)?;
-                }
                 met.link.abort();
                 let dropped = Instant::now();
                 output.status(&format!(
@@ -217,8 +203,6 @@ enum Step<T> {
     TryDirect,
     /// The replacement link came: switch to it.
     Replaced(T),
-    /// The leader's first message was not its reveal ([`RecvError::Reveal`]).
-    WordsContradicted,
 }
 
 /// The session's clock: the driver's time, as the session takes it.
@@ -282,15 +266,6 @@ async fn carry<T>(
                 typed_on_link(typed, link, session, ctx, output);
             }
             received = link.recv() => match received {
-                // The chat's leader reveals its words' nonce first on every
-                // link (checked by the link): the chat's follower learns the
-                // words from the first one. Not a message of the session.
-                Some(Ok(Chat::Reveal { .. })) => {
-                    if let (None, Some(words)) = (&ctx.words, link.verification()) {
-                        output.status(&render::confirmed(&ctx.their_name, words));
-                        ctx.words = Some(words.to_owned());
-                    }
-                }
                 Some(Ok(msg)) => {
                     if msg == Chat::Bye {
                         // The other side still reads until our answering
@@ -305,9 +280,6 @@ async fn carry<T>(
                     session.handle(now(), msg);
                 }
                 Some(Err(RecvError::Link(why))) => session.link_down(now(), DownReason::Link(why)),
-                // Authentic, and not the reveal its word was given for: proof
-                // of misbehaviour, not a link to replace.
-                Some(Err(RecvError::Reveal)) => return Step::WordsContradicted,
                 // A frame that fails authentication was injected or altered on
                 // the way (or replayed): this link is no longer trustworthy,
                 // but the chat is. A new link (keyed by the chat's secret)
@@ -428,32 +400,6 @@ fn authentication_failed(
         ));
     }
     output.status(&render::auth_warning(why, &ctx.their_name));
-    Ok(())
-}
-
-/// Counts a link that dropped before the leader's reveal came: the first is
-/// shown as a warning, the [`MAX_AUTH_FAILURES`]th ends the chat (someone in
-/// the middle could otherwise keep the words from us for as long as it likes,
-/// while the chat never gets going).
-fn words_withheld(
-    links: &mut u32,
-    ctx: &ChatContext,
-    session: &Session,
-    output: &mut dyn Output,
-) -> Result<(), PeerError> {
-    *links += 1;
-    tracing::info!(links = *links, "a link dropped before the reveal");
-    if *links >= MAX_AUTH_FAILURES {
-        return Err(render::undelivered(
-            PeerError::WordsWithheld {
-                name: ctx.their_name.clone(),
-                links: *links,
-            },
-            &ctx.their_name,
-            session.unacked(),
-        ));
-    }
-    output.status(&render::words_withheld_warning(&ctx.their_name));
     Ok(())
 }
 

@@ -19,6 +19,10 @@ pub enum KeyRefusal {
     ClosedInHandshake,
     /// Its sealed candidates did not open with our key.
     Candidates,
+    /// Its handshake decrypted, but the words nonce in it is not the one its
+    /// hello committed to: whoever answered holds the code's key, and the
+    /// rendezvous passed on someone else's commitment (or altered it).
+    Words,
 }
 
 /// Everything that can end a chat session early.
@@ -116,22 +120,6 @@ pub enum PeerError {
         failures: u32,
         /// How the last one failed.
         last: KeyRefusal,
-    },
-    /// The chat's leader, on a new link, sent something other than the reveal
-    /// of the verification words its first handshake committed to.
-    #[error("{name}'s first message on the new link was not the reveal of the verification words its first handshake committed to: whoever answers as {name} now is not who the words were made with (someone may have been in the middle of the first link). The chat ends here; start a new one with a new code, and compare the /verify words")]
-    WordsContradicted {
-        /// The other peer's name.
-        name: String,
-    },
-    /// Links of the chat kept dropping before the leader revealed the
-    /// verification words.
-    #[error("{links} links to {name} dropped before {name} revealed the verification words: someone in the middle may be keeping them from you. The chat ends here; start a new one with a new code, and compare the /verify words")]
-    WordsWithheld {
-        /// The other peer's name.
-        name: String,
-        /// How many links dropped so.
-        links: u32,
     },
     /// The rendezvous paired two of this peer's own meetings with each other.
     #[error("the new link led back to this peer itself")]

@@ -49,9 +49,8 @@ pub(crate) struct ChatKeys {
     pub(crate) secret: secure::Secret,
     /// Our role on the first link, fixed for the chat.
     pub(crate) role: Role,
-    /// The verification words' material: the leader reveals its nonce first
-    /// on every link, the follower checks it.
-    pub(crate) words: Option<secure::Words>,
+    /// The chat's verification words, from its first link.
+    pub(crate) words: Option<String>,
 }
 
 /// A met peer: the go and our view of the meeting, and the secured link.
@@ -101,7 +100,7 @@ pub(crate) async fn meet(
     };
     let (exchange, hello) = match keying {
         Keying::Code(code) => {
-            let exchange = secure::KeyExchange::start(code);
+            let exchange = secure::KeyExchange::start(code)?;
             let hello = Hello {
                 version: PROTOCOL_VERSION,
                 nameplate: code.nameplate.clone(),
@@ -186,7 +185,7 @@ pub(crate) async fn meet(
             Keying::Code(_) => ChatKeys {
                 secret: secret.chat(link.handshake_hash()),
                 role: chat_role,
-                words: link.words().cloned(),
+                words: link.verification().map(str::to_owned),
             },
             Keying::Chat(keys) => keys.clone(),
         };
@@ -210,7 +209,7 @@ pub(crate) async fn meet(
                     go.role,
                     &keys.secret,
                     &keys.ours,
-                    keys.words.as_ref(),
+                    keys.words.as_deref(),
                     &punch::link_token(&go.session),
                 )
                 .await?;

@@ -366,7 +366,7 @@ pub async fn punch(
     let attempts = tried.iter().map(|(_, _, t)| t.attempts).sum();
     match chosen? {
         Some(v) => Ok(Punched {
-            link: v.hs.finish(v.link).await?,
+            link: v.hs.finish(v.link)?,
             remote: v.remote,
             kind: v.kind,
             attempts,

@@ -108,8 +108,7 @@ pub fn confirmed(their_name: &str, words: &str) -> String {
     )
 }
 
-/// The verification words, or that they are not known yet: the chat's
-/// follower learns them from the leader's first message.
+/// The verification words, or that the chat has none.
 pub(crate) fn words(words: Option<&str>) -> String {
     match words {
         Some(words) => {
@@ -119,8 +118,9 @@ pub(crate) fn words(words: Option<&str>) -> String {
     }
 }
 
-/// What `/verify` and `/info` say before the words are known.
-const WORDS_NOT_YET: &str = "not known yet (they come with the other side's first message)";
+/// What `/verify` and `/info` say of a chat without words (a code chat always
+/// has them, from its first handshake).
+const WORDS_NOT_YET: &str = "none for this chat";
 
 /// What `/info` prints: the fixed facts, then the live numbers.
 pub(crate) fn info_lines(
@@ -167,6 +167,7 @@ pub fn bad_code(why: KeyRefusal) -> &'static str {
         KeyRefusal::Handshake => secure::WRONG_CODE,
         KeyRefusal::ClosedInHandshake => secure::WRONG_CODE_CLOSED,
         KeyRefusal::Candidates => secure::WRONG_CODE_BOX,
+        KeyRefusal::Words => secure::WORDS_BROKEN,
     }
 }
 
@@ -180,6 +181,8 @@ pub fn not_authenticated(why: KeyRefusal) -> &'static str {
         KeyRefusal::Candidates => {
             "the other side's candidates were not sealed with this chat's secret"
         }
+        // Only a first link checks the words' commitments.
+        KeyRefusal::Words => "the far end of the new link broke its words commitment",
     }
 }
 
@@ -191,14 +194,6 @@ pub(crate) fn auth_warning(why: KeyRefusal, their_name: &str) -> String {
         "warning: a new link failed authentication ({why}): someone who does not hold this \
          chat's secret answered in {their_name}'s place — the rendezvous, or someone on the path to it, may \
          be interfering. Nothing was sent to it. One more try; a second failure ends the chat."
-    )
-}
-
-/// The warning shown when a link dropped before the leader's reveal came.
-pub(crate) fn words_withheld_warning(their_name: &str) -> String {
-    format!(
-        "warning: the link dropped before {their_name}'s verification words arrived (they come \
-         first on every link); if it happens again the chat ends."
     )
 }
 

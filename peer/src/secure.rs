@@ -29,13 +29,15 @@
 //!    sealed [`Chat`] inside a [`PeerToPeer::Sealed`] frame. Lines are at most
 //!    [`punchline_proto::MAX_LINE_BYTES`], so one line is always one message
 //!    (longer lines are refused by the sender, not split).
-//! 6. The first handshake's hash, the same on both sides only without a man in
-//!    the middle, and two nonces — the leader's committed to in its handshake
-//!    message and revealed in its first message after it (on every link of the
-//!    chat: see [`Words`]), the follower's sent in its handshake message — give
-//!    the chat's verification words (`/verify`), 48 bits. Whatever decides the
-//!    words is revealed only after a man in the middle's last message on that
-//!    side, so it cannot grind them into a match.
+//! 6. The chat's verification words (`/verify`), 48 bits, hash the code's key
+//!    with a random nonce from each side. Each peer commits to its nonce in its
+//!    hello, next to its SPAKE2 message (the rendezvous hands the commitment on
+//!    with the go), and reveals it in its handshake payload, where the other
+//!    checks it ([`Pledge`]). A man in the middle who knows the code has fixed
+//!    its SPAKE2 message and its commitment to each side before either side
+//!    reveals anything, so it has nothing left to grind: the two sides' words
+//!    agree by chance only, 1 in 2^48. Both sides know the words as soon as the
+//!    handshake is done; nothing waits for a later message.
 
 use std::time::Duration;
 
@@ -72,6 +74,9 @@ const CHAT_LABEL: &[u8] = b"punchline/2 chat secret";
 /// secret).
 const LATER_PSK_LABEL: &[u8] = b"punchline/2 later link psk";
 
+/// HKDF purpose label of the verification words' key (from the code's key).
+const WORDS_LABEL: &[u8] = b"punchline/5 words key";
+
 /// HKDF purpose label of the resume room (from the chat's secret).
 const ROOM_LABEL: &[u8] = b"punchline/2 resume room";
 
@@ -102,25 +107,56 @@ pub const WRONG_CODE_BOX: &str = "someone joined with a different code: either t
 typed it wrong, or someone is guessing codes. It learned nothing about you but your public \
 address, and this code is now used up: start again with a new code.";
 
-/// The first half of SPAKE2, started before the hello.
+/// What the user is told when the other side's handshake does not keep the
+/// words commitment of its hello.
+pub const WORDS_BROKEN: &str = "the other side proved it knows the code, but its verification \
+words do not match the commitment the rendezvous passed on from it: someone who knows the code \
+is trying to sit in the middle (the rendezvous, or whoever saw the code). Nothing you type was \
+sent. Start again with a new code, passed on another way.";
+
+/// The first half of SPAKE2, started before the hello, with our commitment to
+/// the verification words' nonce.
 pub struct KeyExchange {
     state: Spake2<Ed25519Group>,
-    /// Our message, to send with the hello.
+    /// Our words nonce, revealed in our first handshake.
+    nonce: [u8; 32],
+    /// Our message, to send with the hello ([`punchline_proto::Hello::pake`]):
+    /// the commitment to our words nonce, then the SPAKE2 message.
     pub message: Vec<u8>,
 }
 
+/// Length of the words commitment at the start of a key-exchange message.
+const COMMITMENT_LEN: usize = 32;
+
 impl KeyExchange {
-    /// Starts SPAKE2 with `code` as the password.
-    pub fn start(code: &Code) -> KeyExchange {
-        let (state, message) = Spake2::<Ed25519Group>::start_symmetric(
+    /// Starts SPAKE2 with `code` as the password and draws our words nonce.
+    pub fn start(code: &Code) -> Result<KeyExchange, PeerError> {
+        let (state, spake) = Spake2::<Ed25519Group>::start_symmetric(
             &Password::new(code.password().as_bytes()),
             &Identity::new(SPAKE2_IDENTITY),
         );
-        KeyExchange { state, message }
+        let nonce = random_nonce()?;
+        let mut message = commit(&nonce).to_vec();
+        message.extend_from_slice(&spake);
+        Ok(KeyExchange {
+            state,
+            nonce,
+            message,
+        })
     }
 
-    /// Finishes with the other peer's message: the key of the code.
+    /// Finishes with the other peer's message: the key of the code, with the
+    /// words' pledges of both sides.
     pub fn finish(self, theirs: &[u8]) -> Result<Secret, PeerError> {
+        if theirs.len() < COMMITMENT_LEN {
+            return Err(PeerError::Protocol(format!(
+                "the other side's key-exchange message is too short ({} bytes)",
+                theirs.len()
+            )));
+        }
+        let (commitment, theirs) = theirs.split_at(COMMITMENT_LEN);
+        let mut their_commitment = [0u8; COMMITMENT_LEN];
+        their_commitment.copy_from_slice(commitment);
         let key = self.state.finish(theirs).map_err(|e| {
             PeerError::Protocol(format!(
                 "the other side's key-exchange message is invalid: {e:?}"
@@ -132,9 +168,21 @@ impl KeyExchange {
             .map_err(|_| PeerError::Protocol("key derivation failed".into()))?;
         Ok(Secret {
             key: secret,
-            from_code: true,
+            pledge: Some(Pledge {
+                ours: self.nonce,
+                their_commitment,
+            }),
         })
     }
+}
+
+/// The verification words' nonces of a first meeting: ours (revealed in our
+/// handshake payload) and the other side's commitment (from its hello, which
+/// its handshake payload must keep).
+#[derive(Clone)]
+pub struct Pledge {
+    ours: [u8; 32],
+    their_commitment: [u8; 32],
 }
 
 /// A secret the two peers share: the key of the code (from SPAKE2, for the
@@ -142,7 +190,8 @@ impl KeyExchange {
 #[derive(Clone)]
 pub struct Secret {
     key: [u8; 32],
-    from_code: bool,
+    /// The words' nonces, with the key of the code only.
+    pledge: Option<Pledge>,
 }
 
 impl std::fmt::Debug for Secret {
@@ -163,20 +212,17 @@ impl Secret {
     /// A chat's secret from raw key bytes (for tests and benchmarks; a real
     /// chat's secret comes from [`Secret::chat`]).
     pub fn from_key(key: [u8; 32]) -> Secret {
-        Secret {
-            key,
-            from_code: false,
-        }
+        Secret { key, pledge: None }
     }
 
     /// True for the key of the code, false for a chat's secret.
     pub fn is_code_key(&self) -> bool {
-        self.from_code
+        self.pledge.is_some()
     }
 
     /// The Noise pre-shared key of a link keyed by this secret.
     pub fn psk(&self) -> [u8; 32] {
-        if self.from_code {
+        if self.is_code_key() {
             self.derive(None, FIRST_PSK_LABEL)
         } else {
             self.derive(None, LATER_PSK_LABEL)
@@ -189,7 +235,7 @@ impl Secret {
     pub fn chat(&self, handshake_hash: &[u8]) -> Secret {
         Secret {
             key: self.derive(Some(handshake_hash), CHAT_LABEL),
-            from_code: false,
+            pledge: None,
         }
     }
 
@@ -280,12 +326,6 @@ pub enum RecvError {
     /// A message failed authentication or is not what the protocol allows: the
     /// other side (or someone on the path) misbehaves.
     Sealed(String),
-    /// At the chat's follower, the leader's first message on a link was an
-    /// authentic one (sealed with this link's keys, so from whoever holds the
-    /// chat's secret) but not the reveal its first handshake committed to:
-    /// whoever answered as the leader is not keeping its word, or was in the
-    /// middle of the first link. Never line noise: the chat cannot go on.
-    Reveal,
 }
 
 /// The link after the handshake: sealed chat messages.
@@ -293,43 +333,10 @@ pub struct SecureLink {
     link: PeerFrames,
     noise: snow::TransportState,
     verification: Option<String>,
-    /// What the chat keeps to reveal or check its words on every link.
-    words: Option<Words>,
-    /// At the chat's follower, until the leader's reveal arrives on this link.
-    awaiting_reveal: bool,
     hash: Vec<u8>,
     their: Introduction,
     /// Sealed bytes sent and received (ciphertext with its tags).
     bytes: (u64, u64),
-}
-
-/// The verification words' material a chat keeps from its first link. The
-/// chat's leader reveals its nonce as its first message on **every** link of
-/// the chat; the follower checks it against the commitment of the first
-/// handshake and learns the words from the first reveal. Nothing waits for
-/// it: the follower sends as soon as its handshake is done, and its words
-/// (`/verify`) come with the leader's first message. A man in the middle that
-/// withholds the reveal gets no message to the follower through (every
-/// message of the leader comes after it), so no line of the follower is ever
-/// acknowledged, and the chat cannot go on without words to compare.
-#[derive(Clone)]
-pub enum Words {
-    /// We lead the chat: our nonce, and the words.
-    Leader {
-        /// The nonce the first handshake committed to.
-        nonce: [u8; 32],
-        /// The words.
-        words: String,
-    },
-    /// We follow: what checks the leader's reveal.
-    Follower {
-        /// The leader's commitment, from the first handshake.
-        commitment: [u8; 32],
-        /// Our nonce, sent in the first handshake.
-        ours: [u8; 32],
-        /// The first handshake's hash.
-        hash: Vec<u8>,
-    },
 }
 
 fn noise_error(e: snow::Error) -> PeerError {
@@ -343,7 +350,7 @@ the connection during the key confirmation (one of you typed the code wrong, som
 intercept the connection, or the connection broke). Nothing you type was sent. Start again with a \
 new code.";
 
-/// The commitment to the leader's words nonce.
+/// The commitment to a words nonce.
 fn commit(nonce: &[u8; 32]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::new()
@@ -353,12 +360,13 @@ fn commit(nonce: &[u8; 32]) -> [u8; 32] {
         .into()
 }
 
-/// The verification words of a first link: its handshake hash with both nonces.
-fn words_of(hash: &[u8], leader_nonce: &[u8; 32], follower_nonce: &[u8; 32]) -> String {
+/// The verification words of a chat: the code's key (its words key, derived
+/// for nothing else) with both nonces.
+fn words_of(secret: &Secret, leader_nonce: &[u8; 32], follower_nonce: &[u8; 32]) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::new()
         .chain_update(b"punchline/2 verification words")
-        .chain_update(hash)
+        .chain_update(secret.derive(None, WORDS_LABEL))
         .chain_update(leader_nonce)
         .chain_update(follower_nonce)
         .finalize();
@@ -379,15 +387,22 @@ pub struct LinkKeys {
     pub secret: Secret,
     /// How we introduce ourselves (name, chat role).
     pub ours: Introduction,
-    /// What the chat's first link left of the words, on a later link.
-    pub words: Option<Words>,
+    /// The chat's verification words, on a later link (the first link's
+    /// handshake makes them).
+    pub words: Option<String>,
 }
 
 impl LinkKeys {
     /// A fresh handshake for one link of the meeting `session`, in the given
     /// link role.
     pub fn handshake(&self, role: Role, session: &SessionToken) -> Result<Handshake, PeerError> {
-        Handshake::new(role, &self.secret, &self.ours, self.words.as_ref(), session)
+        Handshake::new(
+            role,
+            &self.secret,
+            &self.ours,
+            self.words.as_deref(),
+            session,
+        )
     }
 }
 
@@ -409,14 +424,14 @@ fn prologue(session: &SessionToken) -> Vec<u8> {
 pub struct Handshake {
     state: snow::HandshakeState,
     role: Role,
-    /// A first link (keyed by the code): the words' nonces are drawn here.
-    first: bool,
-    nonce: [u8; 32],
     ours: Introduction,
     intro: Vec<u8>,
     their: Option<Introduction>,
-    words: Option<Words>,
-    secret_from_code: bool,
+    /// The secret's words pledge (a first link), to check the other's reveal.
+    secret: Secret,
+    /// The chat's words: given on a later link, made by a first link's
+    /// [`Handshake::read`].
+    verification: Option<String>,
 }
 
 impl Handshake {
@@ -424,11 +439,10 @@ impl Handshake {
     /// first; each side's payload is its introduction (`ours`, whose
     /// `words_nonce` is filled in here).
     ///
-    /// Words: on a first link (keyed by the code) the nonces are drawn and
-    /// committed to here ([`Introduction::words_nonce`]); on a later link
-    /// `words` is what the first one left ([`SecureLink::words`]). Either way
-    /// the chat's leader then reveals its nonce as its first message, and the
-    /// follower checks it when it arrives ([`SecureLink::recv`]).
+    /// Words: on a first link (keyed by the code) each side reveals the nonce
+    /// its hello committed to ([`Introduction::words_nonce`]), and the words
+    /// are made when the other's reveal is read; on a later link `words` are
+    /// the chat's, made by its first link.
     ///
     /// The handshake is bound to the meeting's session token (see
     /// [`prologue`]).
@@ -436,7 +450,7 @@ impl Handshake {
         role: Role,
         secret: &Secret,
         ours: &Introduction,
-        words: Option<&Words>,
+        words: Option<&str>,
         session: &SessionToken,
     ) -> Result<Handshake, PeerError> {
         let params = NOISE_PARAMS
@@ -454,26 +468,21 @@ impl Handshake {
             Role::Follower => builder.build_responder(),
         }
         .map_err(noise_error)?;
-        let first = secret.is_code_key() && words.is_none();
-        let nonce = random_nonce()?;
         let mut ours = ours.clone();
-        ours.words_nonce = match (first, role) {
-            (true, Role::Leader) => commit(&nonce),
-            (true, Role::Follower) => nonce,
-            (false, _) => [0; 32],
+        ours.words_nonce = match &secret.pledge {
+            Some(pledge) => pledge.ours,
+            None => [0; 32],
         };
         let intro = encode_payload(&ours)
             .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
         Ok(Handshake {
             state,
             role,
-            first,
-            nonce,
             ours,
             intro,
             their: None,
-            words: words.cloned(),
-            secret_from_code: secret.is_code_key(),
+            secret: secret.clone(),
+            verification: words.map(str::to_owned),
         })
     }
 
@@ -492,7 +501,10 @@ impl Handshake {
     /// Reads the other side's handshake message. A wrong key shows here: the
     /// message does not decrypt ([`PeerError::BadCode`] on a first link, else
     /// [`PeerError::NotAuthenticated`]). A message with our own chat role is
-    /// our own, come back ([`PeerError::MetItself`]).
+    /// our own, come back ([`PeerError::MetItself`]). On a first link, a nonce
+    /// that is not the one the other's hello committed to is refused too
+    /// ([`KeyRefusal::Words`]): whoever sent it holds the code's key but is not
+    /// who the rendezvous said (or the rendezvous changed the commitment).
     pub fn read(&mut self, msg: &[u8]) -> Result<(), PeerError> {
         let mut buf = vec![0u8; NOISE_MAX];
         let n = self
@@ -503,6 +515,16 @@ impl Handshake {
             .map_err(|e| PeerError::Protocol(format!("the other side's introduction: {e}")))?;
         if their.chat_role == self.ours.chat_role {
             return Err(PeerError::MetItself);
+        }
+        if let Some(pledge) = &self.secret.pledge {
+            if commit(&their.words_nonce) != pledge.their_commitment {
+                return Err(self.refused(KeyRefusal::Words));
+            }
+            let (leader, follower) = match self.role {
+                Role::Leader => (&pledge.ours, &their.words_nonce),
+                Role::Follower => (&their.words_nonce, &pledge.ours),
+            };
+            self.verification = Some(words_of(&self.secret, leader, follower));
         }
         if validate_name(&their.name).is_err() {
             their.name = punchline_proto::sanitize_for_terminal(&their.name)
@@ -517,7 +539,7 @@ impl Handshake {
     /// What a frame other than a handshake message, where one was due, means:
     /// the far end does not hold the key (an impostor, or a broken peer).
     pub fn refused(&self, how: KeyRefusal) -> PeerError {
-        if self.secret_from_code {
+        if self.secret.is_code_key() {
             PeerError::BadCode(how)
         } else {
             PeerError::NotAuthenticated(how)
@@ -529,7 +551,7 @@ impl Handshake {
     /// code) answers; on a later one it is a lost link (the other side may
     /// simply have given up on it), not a failed authentication.
     pub fn closed(&self) -> PeerError {
-        if self.secret_from_code {
+        if self.secret.is_code_key() {
             PeerError::BadCode(KeyRefusal::ClosedInHandshake)
         } else {
             PeerError::LinkLost {
@@ -539,16 +561,12 @@ impl Handshake {
         }
     }
 
-    /// The secured link, once both messages have passed; the leader sends its
-    /// reveal on it at once.
-    pub async fn finish(self, link: PeerFrames) -> Result<SecureLink, PeerError> {
+    /// The secured link, once both messages have passed.
+    pub fn finish(self, link: PeerFrames) -> Result<SecureLink, PeerError> {
         let Handshake {
             state,
-            role,
-            first,
-            nonce,
             their,
-            words,
+            verification,
             ..
         } = self;
         let (Some(their), true) = (their, state.is_handshake_finished()) else {
@@ -556,40 +574,14 @@ impl Handshake {
         };
         let hash = state.get_handshake_hash().to_vec();
         let noise = state.into_transport_mode().map_err(noise_error)?;
-        let words = match (first, role) {
-            (true, Role::Leader) => Some(Words::Leader {
-                nonce,
-                words: words_of(&hash, &nonce, &their.words_nonce),
-            }),
-            (true, Role::Follower) => Some(Words::Follower {
-                commitment: their.words_nonce,
-                ours: nonce,
-                hash: hash.clone(),
-            }),
-            (false, _) => words,
-        };
-        let mut secured = SecureLink {
+        Ok(SecureLink {
             link,
             noise,
-            verification: None,
-            awaiting_reveal: matches!(words, Some(Words::Follower { .. })),
-            words,
+            verification,
             hash,
             their,
             bytes: (0, 0),
-        };
-        if let Some(Words::Leader { nonce, words }) = &secured.words {
-            let (nonce, words) = (*nonce, words.clone());
-            secured
-                .send(&Chat::Reveal { nonce })
-                .await
-                .map_err(|e| PeerError::LinkLost {
-                    name: crate::punch::THE_OTHER_SIDE.to_owned(),
-                    why: e.to_string(),
-                })?;
-            secured.verification = Some(words);
-        }
-        Ok(secured)
+        })
     }
 }
 
@@ -602,7 +594,7 @@ impl SecureLink {
         role: Role,
         secret: &Secret,
         ours: &Introduction,
-        words: Option<&Words>,
+        words: Option<&str>,
         session: &SessionToken,
     ) -> Result<SecureLink, PeerError> {
         let mut hs = Handshake::new(role, secret, ours, words, session)?;
@@ -620,7 +612,7 @@ impl SecureLink {
         timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| {
             PeerError::Timeout("the other side did not complete the encryption handshake".into())
         })??;
-        hs.finish(link).await
+        hs.finish(link)
     }
 
     /// The handshake's hash (equal on both sides unless someone is in the middle).
@@ -634,22 +626,10 @@ impl SecureLink {
     }
 
     /// The chat's verification words, which both users may compare
-    /// (`/verify`): equal on both sides unless someone is in the middle. At the
-    /// chat's follower, `None` until the leader's reveal has arrived on this
-    /// link; `None` on links of a chat without words.
+    /// (`/verify`): equal on both sides unless someone is in the middle.
+    /// `None` on links of a chat without words.
     pub fn verification(&self) -> Option<&str> {
         self.verification.as_deref()
-    }
-
-    /// Whether this link, at the chat's follower, has not brought the
-    /// leader's reveal yet.
-    pub fn awaiting_reveal(&self) -> bool {
-        self.awaiting_reveal
-    }
-
-    /// What the chat keeps of the words for its later links.
-    pub fn words(&self) -> Option<&Words> {
-        self.words.as_ref()
     }
 
     /// The kernel's current RTT estimate for the link, if it is direct.
@@ -701,30 +681,7 @@ impl SecureLink {
             Err(CodecError::Io(e)) => return Some(Err(RecvError::Link(e.to_string()))),
             Err(e) => return Some(Err(RecvError::Sealed(e.to_string()))),
         };
-        let opened = open(&mut self.noise, &frame).map_err(RecvError::Sealed);
-        if self.awaiting_reveal {
-            // The leader's first message on any link, at the follower: its
-            // reveal, matching the first handshake's commitment. Until it has
-            // come, nothing else is taken from this link.
-            let Some(Words::Follower {
-                commitment,
-                ours,
-                hash,
-            }) = &self.words
-            else {
-                return Some(opened);
-            };
-            return Some(match opened {
-                Ok(Chat::Reveal { nonce }) if commit(&nonce) == *commitment => {
-                    self.awaiting_reveal = false;
-                    self.verification = Some(words_of(hash, &nonce, ours));
-                    Ok(Chat::Reveal { nonce })
-                }
-                Ok(_) => Err(RecvError::Reveal),
-                Err(e) => Err(e),
-            });
-        }
-        Some(opened)
+        Some(open(&mut self.noise, &frame).map_err(RecvError::Sealed))
     }
 
     /// Drops the link with a reset rather than a close: no TIME_WAIT is left on
@@ -820,6 +777,10 @@ mod tests {
 
     use super::*;
 
+    fn start(code: &Code) -> KeyExchange {
+        KeyExchange::start(code).expect("randomness")
+    }
+
     /// Both ends of a finished handshake, in memory.
     fn transport_pair() -> (snow::TransportState, snow::TransportState) {
         let psk = [7u8; 32];
@@ -899,11 +860,7 @@ mod tests {
     fn same_code_same_key_other_code_other_key() {
         let code = Code::parse("7-guitar-orbit").expect("code");
         let wrong = Code::parse("7-guitar-orchid").expect("code");
-        let (a, b, c) = (
-            KeyExchange::start(&code),
-            KeyExchange::start(&code),
-            KeyExchange::start(&wrong),
-        );
+        let (a, b, c) = (start(&code), start(&code), start(&wrong));
         let (ma, mb) = (a.message.clone(), b.message.clone());
         let ka = a.finish(&mb).expect("a");
         let kb = b.finish(&ma).expect("b");
@@ -911,7 +868,7 @@ mod tests {
         // The wrong code's side derives another key from the same message.
         let kc = c.finish(&ma).expect("c");
         assert_ne!(ka.psk(), kc.psk());
-        assert!(KeyExchange::start(&code).finish(&[1, 2, 3]).is_err());
+        assert!(start(&code).finish(&[1, 2, 3]).is_err());
         // The chat's secret differs from the code's key in every use.
         let chat = ka.chat(&[1; 32]);
         assert_ne!(chat.psk(), ka.psk());
@@ -922,7 +879,7 @@ mod tests {
     #[test]
     fn sealed_candidates_open_only_with_the_key_role_and_session() {
         let code = Code::parse("7-guitar-orbit").expect("code");
-        let (a, b) = (KeyExchange::start(&code), KeyExchange::start(&code));
+        let (a, b) = (start(&code), start(&code));
         let (ma, mb) = (a.message.clone(), b.message.clone());
         let (ka, kb) = (a.finish(&mb).expect("a"), b.finish(&ma).expect("b"));
         let c = SealedCandidates {
@@ -942,7 +899,7 @@ mod tests {
         assert_eq!(kb.open_candidates(Role::Leader, &[3; 16], &altered), None);
         // Another code's key does not open it.
         let wrong = Code::parse("7-guitar-orchid").expect("code");
-        let kc = KeyExchange::start(&wrong).finish(&ma).expect("c");
+        let kc = start(&wrong).finish(&ma).expect("c");
         assert_eq!(kc.open_candidates(Role::Leader, &[3; 16], &sealed), None);
         assert_eq!(kb.open_candidates(Role::Leader, &[3; 16], &[]), None);
     }
@@ -960,7 +917,7 @@ mod tests {
     async fn linked_with_words(
         secrets: (&Secret, &Secret),
         chat_roles: (Role, Role),
-        words: (Option<&Words>, Option<&Words>),
+        words: (Option<&str>, Option<&str>),
     ) -> (Result<SecureLink, PeerError>, Result<SecureLink, PeerError>) {
         use crate::net::LinkStream;
         use punchline_proto::FrameCodec;
@@ -1030,65 +987,70 @@ mod tests {
     async fn first_link_words_agree_and_depend_on_both_nonces() {
         let code = Code::parse("7-guitar-orbit").expect("code");
         let keys = || {
-            let (x, y) = (KeyExchange::start(&code), KeyExchange::start(&code));
+            let (x, y) = (start(&code), start(&code));
             let (mx, my) = (x.message.clone(), y.message.clone());
             (x.finish(&my).expect("x"), y.finish(&mx).expect("y"))
         };
         let (kx, ky) = keys();
         let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
-        let (a, mut b) = (a.expect("leader"), b.expect("follower"));
+        let (a, b) = (a.expect("leader"), b.expect("follower"));
+        // Both sides know the words when the handshake is done.
         let words = a.verification().expect("the leader's words");
-        // The follower does not wait for the reveal: it learns the words from
-        // the leader's first message.
-        assert_eq!(b.verification(), None);
-        assert!(matches!(b.recv().await, Some(Ok(Chat::Reveal { .. }))));
         assert_eq!(Some(words), b.verification());
         assert_eq!(words.split('-').count(), VERIFY_WORDS);
-        // Not the handshake hash alone: the nonces revealed after it count.
-        assert_ne!(words, verification_words(a.handshake_hash()));
-        // Another run, another set of words.
-        let (kx, ky) = keys();
-        let (c, _) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+        // Another run (other nonces), other words.
+        let (kx2, ky2) = keys();
+        let (c, _) = linked((&kx2, &ky2), (Role::Leader, Role::Follower)).await;
         assert_ne!(c.expect("leader").verification(), a.verification());
 
-        // A later link of the chat (whoever the rendezvous names leader of
-        // its meeting): the chat's leader reveals again, the follower checks
-        // the reveal against the first link's commitment and gets the same
-        // words.
+        // A later link of the chat carries the first link's words.
         let chat = kx.chat(a.handshake_hash());
-        let (wa, wb) = (a.words().cloned(), b.words().cloned());
         let (f, l) = linked_with_words(
             (&chat, &chat),
             (Role::Follower, Role::Leader),
-            (wb.as_ref(), wa.as_ref()),
+            (Some(words), Some(words)),
         )
         .await;
-        let (mut f, l) = (
-            f.expect("the follower leads the meeting"),
-            l.expect("leader"),
-        );
-        assert_eq!(f.verification(), None);
-        assert!(matches!(f.recv().await, Some(Ok(Chat::Reveal { .. }))));
-        assert_eq!(f.verification(), Some(words));
-        assert_eq!(l.verification(), Some(words));
-
-        // A leader that reveals another nonce than the first link committed
-        // to is refused at its first message.
-        let forged = Words::Leader {
-            nonce: [9; 32],
-            words: "forged".into(),
-        };
-        let (f, _l) = linked_with_words(
-            (&chat, &chat),
-            (Role::Follower, Role::Leader),
-            (wb.as_ref(), Some(&forged)),
-        )
-        .await;
-        let mut f = f.expect("handshake");
-        assert!(matches!(f.recv().await, Some(Err(RecvError::Reveal))));
-        assert_eq!(f.verification(), None);
+        assert_eq!(f.expect("follower").verification(), Some(words));
+        assert_eq!(l.expect("leader").verification(), Some(words));
         // The commitment binds the nonce.
         assert_ne!(commit(&[1; 32]), commit(&[2; 32]));
+    }
+
+    #[tokio::test]
+    async fn a_nonce_that_breaks_its_commitment_is_refused() {
+        let code = Code::parse("7-guitar-orbit").expect("code");
+        // The rendezvous hands one side another commitment than the other
+        // side made (the SPAKE2 message, after it, is intact): the key is the
+        // same, the handshake decrypts, and the reveal does not match.
+        let altered = |leader_sees_altered: bool| {
+            let (x, y) = (start(&code), start(&code));
+            let (mut mx, mut my) = (x.message.clone(), y.message.clone());
+            if leader_sees_altered {
+                my[0] ^= 1;
+            } else {
+                mx[0] ^= 1;
+            }
+            (x.finish(&my).expect("x"), y.finish(&mx).expect("y"))
+        };
+        let (kx, ky) = altered(false);
+        assert_eq!(kx.psk(), ky.psk());
+        let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+        assert!(
+            matches!(b, Err(PeerError::BadCode(KeyRefusal::Words))),
+            "{:?}",
+            b.err()
+        );
+        assert!(a.is_err(), "the leader gets no answer");
+        let (kx, ky) = altered(true);
+        let (a, _) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+        assert!(
+            matches!(a, Err(PeerError::BadCode(KeyRefusal::Words))),
+            "{:?}",
+            a.err()
+        );
+        // A message too short to hold a commitment is refused.
+        assert!(start(&code).finish(&[7; 31]).is_err());
     }
 
     #[test]

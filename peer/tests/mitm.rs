@@ -95,7 +95,7 @@ async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
             peer: PeerInfo {
                 observed: here(at),
                 mapping: Mapping::Independent,
-                pake: KeyExchange::start(&guess).message,
+                pake: KeyExchange::start(&guess).expect("randomness").message,
             },
             role,
             session,

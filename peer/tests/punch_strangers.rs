@@ -273,7 +273,10 @@ async fn a_link_closed_in_the_handshake_leaves_the_punch_relayable() {
 /// Keys of a first link, from one code, for the two sides.
 fn code_keys() -> (Arc<LinkKeys>, Arc<LinkKeys>) {
     let code = Code::parse("7-guitar-orbit").expect("code");
-    let (a, b) = (KeyExchange::start(&code), KeyExchange::start(&code));
+    let (a, b) = (
+        KeyExchange::start(&code).expect("randomness"),
+        KeyExchange::start(&code).expect("randomness"),
+    );
     let (ma, mb) = (a.message.clone(), b.message.clone());
     let side = |secret, chat_role| {
         Arc::new(LinkKeys {

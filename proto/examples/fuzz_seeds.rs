@@ -24,7 +24,7 @@ fn main() -> std::io::Result<()> {
         version: PROTOCOL_VERSION,
         nameplate: "17".into(),
         probe_observed: Some("198.51.100.7:40000".parse().expect("addr")),
-        pake: vec![0x42; 33],
+        pake: vec![0x42; 65],
         resume: Some([5; 16]),
         probe_token: Some([6; 16]),
     };
@@ -109,7 +109,6 @@ fn main() -> std::io::Result<()> {
         Chat::Ping,
         Chat::Resume { next: 3 },
         Chat::TryDirect,
-        Chat::Reveal { nonce: [0x5e; 32] },
     ]
     .iter()
     .enumerate()

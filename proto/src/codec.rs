@@ -308,7 +308,6 @@ mod tests {
             Just(Chat::Ping),
             any::<u64>().prop_map(|next| Chat::Resume { next }),
             Just(Chat::TryDirect),
-            any::<[u8; 32]>().prop_map(|nonce| Chat::Reveal { nonce }),
         ]
     }
 

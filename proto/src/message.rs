@@ -105,8 +105,10 @@ pub struct Hello {
     /// What the rendezvous' probe port saw as this peer's address, if the peer
     /// probed before its hello and the probe answered.
     pub probe_observed: Option<SocketAddr>,
-    /// The peer's SPAKE2 message, opaque to the rendezvous, handed to the other
-    /// peer with the go. Empty with `resume` (the code is used once per chat).
+    /// The peer's key-exchange message, opaque to the rendezvous, handed to
+    /// the other peer with the go: its commitment to its verification words'
+    /// nonce (32 bytes, see [`Introduction::words_nonce`]), then its SPAKE2
+    /// message. Empty with `resume` (the code is used once per chat).
     pub pake: Vec<u8>,
     /// Set when the two peers already chatted and lost their link: the room of
     /// that chat, derived from its secret. The rendezvous then pairs this peer
@@ -135,7 +137,8 @@ pub struct PeerInfo {
     pub observed: SocketAddr,
     /// How the other's NAT maps its port.
     pub mapping: Mapping,
-    /// The other's SPAKE2 message (empty when resuming a chat).
+    /// The other's key-exchange message, as it sent it in [`Hello::pake`]
+    /// (empty when resuming a chat).
     pub pake: Vec<u8>,
 }
 
@@ -382,13 +385,12 @@ pub struct Introduction {
     /// peer that meets itself (two of its own meetings paired by the rendezvous)
     /// notices.
     pub chat_role: Role,
-    /// For the verification words of the first link. From the leader (the
-    /// handshake's initiator): a commitment to a random nonce, revealed after the
-    /// handshake ([`Chat::Reveal`]). From the follower: its random nonce. The
-    /// words hash both nonces with the handshake hash, so neither end — nor a man
-    /// in the middle playing both — can choose its last message to make two
-    /// handshakes' words agree: what decides the words is revealed only after it
-    /// is too late to change anything. Random on later links (unused there).
+    /// On the chat's first link: the sender's verification words nonce, the
+    /// one its hello committed to ([`Hello::pake`]). The words hash both
+    /// sides' nonces with the code's key; since each side committed before
+    /// anything was revealed, no one — not a man in the middle playing both
+    /// sides — can choose a message late to make two sets of words agree.
+    /// Zero on later links.
     pub words_nonce: [u8; 32],
 }
 
@@ -434,12 +436,6 @@ pub enum Chat {
     /// try for a direct link now (through the rendezvous again, by session); the
     /// relay carries on until one is up.
     TryDirect,
-    /// First message after the first link's handshake, from the leader: the
-    /// nonce its [`Introduction::words_nonce`] committed to.
-    Reveal {
-        /// The nonce.
-        nonce: [u8; 32],
-    },
 }
 
 /// Why a field of a message is not acceptable.

@@ -450,8 +450,7 @@ impl Session {
                 }
             }
             // A resume only opens a resumed link; a late one changes nothing.
-            // The reveal is taken by the first link's handshake.
-            Chat::Resume { .. } | Chat::Reveal { .. } => {}
+            Chat::Resume { .. } => {}
         }
     }
 

@@ -637,7 +637,6 @@ fn hostile_message() -> impl Strategy<Value = Chat> {
         Just(Chat::Nick {
             name: "evil".into()
         }),
-        Just(Chat::Reveal { nonce: [0; 32] }),
     ]
 }
 
