@@ -65,6 +65,7 @@ async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
         name: name.into(),
         chat_role,
         words_nonce: [0; 32],
+        first_lines: Vec::new(),
     };
     let (ia, ib) = (intro("a", Role::Leader), intro("b", Role::Follower));
     let start = Instant::now();

@@ -111,6 +111,7 @@ pub(crate) async fn converse(
     mut met: Met,
     session: &mut Session,
     ctx: &mut ChatContext,
+    typed_early: Vec<Input>,
     input: &mut mpsc::Receiver<Input>,
     output: &mut dyn Output,
 ) -> Result<ChatEnd, PeerError> {
@@ -118,7 +119,7 @@ pub(crate) async fn converse(
     let mut auth_failures = 0;
     // A direct link being tried for in the background while relayed.
     let mut attempt: Option<Background> = None;
-    session.link_up(now(), met.kind());
+    first_link_up(&met, session, ctx, typed_early, output);
     loop {
         let step = carry(
             &mut met.link,
@@ -190,6 +191,42 @@ pub(crate) async fn converse(
                 session.link_up(now(), met.kind());
             }
         }
+    }
+}
+
+/// The chat's first link is up. What was typed before it goes to the session
+/// first: the lines typed first (some of which the link's handshake may have
+/// carried, [`SecureLink::carried`]) before the link counts as up, the rest
+/// after. Then the first lines the other side's handshake carried, if any,
+/// are taken as received.
+fn first_link_up(
+    met: &Met,
+    session: &mut Session,
+    ctx: &mut ChatContext,
+    typed_early: Vec<Input>,
+    output: &mut dyn Output,
+) {
+    let mut typed = typed_early.into_iter().peekable();
+    while let Some(Input::Line(_)) = typed.peek() {
+        let Some(Input::Line(text)) = typed.next() else {
+            break;
+        };
+        if let Err(e) = session.send_line(now(), text) {
+            output.status(&format!("not sent: {e}"));
+        }
+    }
+    session.link_up_carrying(now(), met.kind(), met.link.carried());
+    for (seq, text) in (1..).zip(&met.link.their_introduction().first_lines) {
+        session.handle(
+            now(),
+            Chat::Line {
+                seq,
+                text: text.clone(),
+            },
+        );
+    }
+    for later in typed {
+        typed_on_link(Some(later), &met.link, session, ctx, output);
     }
 }
 

@@ -197,8 +197,35 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         }
     };
 
+    // Lines given on stdin are read from now on: those that come before the
+    // link is up go with the leader's first handshake message (a terminal's
+    // line editor starts once the link is up).
+    let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
+    if mode == Mode::Lines {
+        ui::spawn_stdin_lines(tx.clone());
+    }
+    let first_lines = secure::FirstLines::default();
+    let mut typed_early = Vec::new();
+
     // 2.-4. Meet, punch, secure.
-    let met = meet::meet(&opts, rendezvous, meet::Keying::Code(&code), &mut status).await?;
+    let met = {
+        let keying = meet::Keying::Code(&code, &first_lines);
+        let meeting = meet::meet(&opts, rendezvous, keying, &mut status);
+        tokio::pin!(meeting);
+        loop {
+            tokio::select! {
+                met = &mut meeting => break met?,
+                // Kept for the chat; no more than the channel would hold.
+                Some(typed) = rx.recv(), if typed_early.len() < ui::INPUT_CHANNEL => {
+                    first_lines.typed(match &typed {
+                        chat::Input::Line(text) => Some(text.as_str()),
+                        _ => None,
+                    });
+                    typed_early.push(typed);
+                }
+            }
+        }
+    };
     let their_name = sanitize_for_terminal(&met.link.their_introduction().name);
     status.status(&format!(
         "connected to {their_name}: {}",
@@ -218,7 +245,6 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     };
     let mut session = chat::new_session(&opts);
     let style = ui::Style::for_stdout(opts.timestamps);
-    let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
     let mut terminal = None;
     let mut lines_out = ui::LinesOutput { style };
     match mode {
@@ -228,7 +254,6 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             terminal = Some(term);
         }
         Mode::Lines => {
-            ui::spawn_stdin_lines(tx.clone());
             tokio::spawn(async move {
                 if tokio::signal::ctrl_c().await.is_ok() {
                     let _ = tx.send(chat::Input::Interrupted).await;
@@ -241,7 +266,16 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             Some(term) => term,
             None => &mut lines_out,
         };
-        chat::converse(&opts, met, &mut session, &mut ctx, &mut rx, output).await
+        chat::converse(
+            &opts,
+            met,
+            &mut session,
+            &mut ctx,
+            typed_early,
+            &mut rx,
+            output,
+        )
+        .await
     };
     if let Some(term) = terminal.as_mut() {
         term.restore();

@@ -36,8 +36,9 @@ pub(crate) enum Path {
 /// What a meeting authenticates with.
 #[derive(Clone, Copy)]
 pub(crate) enum Keying<'a> {
-    /// The chat's first meeting: the code, by SPAKE2 through the rendezvous.
-    Code(&'a Code),
+    /// The chat's first meeting: the code, by SPAKE2 through the rendezvous;
+    /// the leader's first handshake message carries the lines typed so far.
+    Code(&'a Code, &'a secure::FirstLines),
     /// A later meeting of the chat: its secret.
     Chat(&'a ChatKeys),
 }
@@ -99,7 +100,7 @@ pub(crate) async fn meet(
         None => (rendezvous.probe(probe_port).await, None),
     };
     let (exchange, hello) = match keying {
-        Keying::Code(code) => {
+        Keying::Code(code, _) => {
             let exchange = secure::KeyExchange::start(code)?;
             let hello = Hello {
                 version: PROTOCOL_VERSION,
@@ -143,7 +144,7 @@ pub(crate) async fn meet(
         let (secret, chat_role) = match (exchange, keying) {
             (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
             (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
-            (None, Keying::Code(_)) => unreachable!("a first meeting always starts the exchange"),
+            (None, Keying::Code(..)) => unreachable!("a first meeting always starts the exchange"),
         };
         tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
 
@@ -172,17 +173,22 @@ pub(crate) async fn meet(
                 chat_role,
                 // Filled in by the handshake.
                 words_nonce: [0; 32],
+                first_lines: Vec::new(),
             },
-            // The words' material: drawn by the first link, kept for the others.
+            // The words: made by the first link, kept for the others.
             words: match keying {
-                Keying::Code(_) => None,
+                Keying::Code(..) => None,
                 Keying::Chat(keys) => keys.words.clone(),
+            },
+            first_lines: match keying {
+                Keying::Code(_, typed) => typed.clone(),
+                Keying::Chat(_) => secure::FirstLines::default(),
             },
         });
         let punched =
             punch_with_their_candidates(&mut rendezvous, &go, &params, keys.clone(), start).await;
         let keep = |link: &secure::SecureLink| match keying {
-            Keying::Code(_) => ChatKeys {
+            Keying::Code(..) => ChatKeys {
                 secret: secret.chat(link.handshake_hash()),
                 role: chat_role,
                 words: link.verification().map(str::to_owned),
@@ -204,17 +210,10 @@ pub(crate) async fn meet(
                 };
                 let link =
                     tokio_util::codec::Framed::new(stream, punchline_proto::FrameCodec::new());
-                let link = secure::SecureLink::handshake(
-                    link,
-                    go.role,
-                    &keys.secret,
-                    &keys.ours,
-                    keys.words.as_deref(),
-                    &punch::link_token(&go.session),
-                )
-                .await?;
+                let hs = keys.handshake(go.role, &punch::link_token(&go.session))?;
+                let link = secure::SecureLink::over(link, hs).await?;
                 let why = crate::render::punch_cause(&failure);
-                tracing::info!("relayed and encrypted");
+                tracing::info!(carried = link.carried(), "relayed and encrypted");
                 return Ok(Met {
                     observed,
                     mapping,
@@ -236,7 +235,8 @@ pub(crate) async fn meet(
         };
         let elapsed_ms = punched.elapsed.as_millis();
         tracing::info!(remote = %punched.remote, elapsed_ms, attempts = punched.attempts, "direct link up");
-        tracing::info!("encrypted");
+        // How many of our first lines the handshake carried.
+        tracing::info!(carried = punched.link.carried(), "encrypted");
         // The report and the closing handshake with the rendezvous (a round
         // trip to it) go on beside the chat, not before it.
         tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
@@ -261,7 +261,7 @@ pub(crate) async fn meet(
         })
     };
     match keying {
-        Keying::Code(_) => after_go.await.map_err(PeerError::code_used),
+        Keying::Code(..) => after_go.await.map_err(PeerError::code_used),
         Keying::Chat(_) => after_go.await,
     }
 }

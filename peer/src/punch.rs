@@ -888,8 +888,10 @@ mod tests {
                 name: "n".into(),
                 chat_role: Role::Leader,
                 words_nonce: [0; 32],
+                first_lines: Vec::new(),
             },
             words: None,
+            first_lines: Default::default(),
         })
     }
 

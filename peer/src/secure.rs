@@ -39,6 +39,7 @@
 //!    agree by chance only, 1 in 2^48. Both sides know the words as soon as the
 //!    handshake is done; nothing waits for a later message.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -47,8 +48,9 @@ use futures::{SinkExt, StreamExt};
 use punchline_proto::codec::{decode_payload, encode_payload};
 use punchline_proto::codes::{Code, WORDS};
 use punchline_proto::{
-    validate_candidates, validate_name, Chat, CodecError, Introduction, PeerToPeer, ResumeRoom,
-    Role, SealedCandidates, SessionToken, MAX_FRAME_SIZE, RESUME_ROOM_LEN,
+    validate_candidates, validate_first_lines, validate_line, validate_name, Chat, CodecError,
+    Introduction, PeerToPeer, ResumeRoom, Role, SealedCandidates, SessionToken, MAX_FIRST_LINES,
+    MAX_FIRST_LINES_BYTES, MAX_FRAME_SIZE, RESUME_ROOM_LEN,
 };
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 use tokio::time::timeout;
@@ -98,8 +100,8 @@ pub const VERIFY_WORDS: usize = 6;
 
 /// What the user is told when the first handshake fails.
 pub const WRONG_CODE: &str = "the other side did not prove it knows the code: either one of you \
-typed it wrong, or someone tried to intercept the connection. Nothing you type was sent. Start \
-again with a new code.";
+typed it wrong, or someone tried to intercept the connection. Nothing you typed could be read by \
+it. Start again with a new code.";
 
 /// What the user is told when the other side's sealed candidates do not open
 /// with our key: it holds another key, so it typed another code.
@@ -111,8 +113,8 @@ address, and this code is now used up: start again with a new code.";
 /// words commitment of its hello.
 pub const WORDS_BROKEN: &str = "the other side proved it knows the code, but its verification \
 words do not match the commitment the rendezvous passed on from it: someone who knows the code \
-is trying to sit in the middle (the rendezvous, or whoever saw the code). Nothing you type was \
-sent. Start again with a new code, passed on another way.";
+is trying to sit in the middle (the rendezvous, or whoever saw the code). Lines you typed before \
+the link was up may have reached it. Start again with a new code, passed on another way.";
 
 /// The first half of SPAKE2, started before the hello, with our commitment to
 /// the verification words' nonce.
@@ -334,6 +336,8 @@ pub struct SecureLink {
     noise: snow::TransportState,
     verification: Option<String>,
     hash: Vec<u8>,
+    /// How many of the chat's first lines our first handshake message carried.
+    carried: u64,
     their: Introduction,
     /// Sealed bytes sent and received (ciphertext with its tags).
     bytes: (u64, u64),
@@ -347,7 +351,7 @@ fn noise_error(e: snow::Error) -> PeerError {
 /// handshake.
 pub const WRONG_CODE_CLOSED: &str = "the other side did not prove it knows the code: it closed \
 the connection during the key confirmation (one of you typed the code wrong, someone tried to \
-intercept the connection, or the connection broke). Nothing you type was sent. Start again with a \
+intercept the connection, or the connection broke). Nothing you typed could be read by it. Start again with a \
 new code.";
 
 /// The commitment to a words nonce.
@@ -390,19 +394,74 @@ pub struct LinkKeys {
     /// The chat's verification words, on a later link (the first link's
     /// handshake makes them).
     pub words: Option<String>,
+    /// What the user typed before the first link was up: the leader's first
+    /// handshake message on a first link carries it.
+    pub first_lines: FirstLines,
+}
+
+/// The chat's first lines, typed before its first link is up, as the leader's
+/// first handshake message carries them ([`Introduction::first_lines`]): the
+/// lines typed first, up to the first thing that is not a line (or a line
+/// that is not valid, or one past the limits). Shared between what reads the
+/// user's input and the handshakes, which take what is there when each writes
+/// its first message.
+#[derive(Clone, Default)]
+pub struct FirstLines(Arc<Mutex<FirstLinesState>>);
+
+#[derive(Default)]
+struct FirstLinesState {
+    lines: Vec<String>,
+    bytes: usize,
+    /// Something other than a line that fits came: the first lines end.
+    closed: bool,
+}
+
+impl FirstLines {
+    /// The next thing typed: a line (`Some`) extends the first lines while it
+    /// fits; anything else ends them.
+    pub fn typed(&self, line: Option<&str>) {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if state.closed {
+            return;
+        }
+        match line {
+            Some(text)
+                if validate_line(text).is_ok()
+                    && state.lines.len() < MAX_FIRST_LINES
+                    && state.bytes + text.len() <= MAX_FIRST_LINES_BYTES =>
+            {
+                state.bytes += text.len();
+                state.lines.push(text.to_owned());
+            }
+            _ => state.closed = true,
+        }
+    }
+
+    /// The first lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines
+            .clone()
+    }
 }
 
 impl LinkKeys {
     /// A fresh handshake for one link of the meeting `session`, in the given
     /// link role.
     pub fn handshake(&self, role: Role, session: &SessionToken) -> Result<Handshake, PeerError> {
-        Handshake::new(
+        let mut hs = Handshake::new(
             role,
             &self.secret,
             &self.ours,
             self.words.as_deref(),
             session,
-        )
+        )?;
+        if role == Role::Leader && self.secret.is_code_key() {
+            hs.carry_first_lines(self.first_lines.lines())?;
+        }
+        Ok(hs)
     }
 }
 
@@ -473,6 +532,7 @@ impl Handshake {
             Some(pledge) => pledge.ours,
             None => [0; 32],
         };
+        ours.first_lines = Vec::new();
         let intro = encode_payload(&ours)
             .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
         Ok(Handshake {
@@ -484,6 +544,19 @@ impl Handshake {
             secret: secret.clone(),
             verification: words.map(str::to_owned),
         })
+    }
+
+    /// Our first handshake message (we lead a chat's first link) carries
+    /// `lines`, the chat's first ones ([`Introduction::first_lines`]).
+    pub fn carry_first_lines(&mut self, lines: Vec<String>) -> Result<(), PeerError> {
+        validate_first_lines(&lines).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.ours.first_lines = lines;
+        self.intro = encode_payload(&self.ours)
+            .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
+        Ok(())
     }
 
     /// Our next handshake message (the leader's first, the follower's answer),
@@ -516,6 +589,17 @@ impl Handshake {
         if their.chat_role == self.ours.chat_role {
             return Err(PeerError::MetItself);
         }
+        // First lines come only from the leader of a first link, within the
+        // limits; anything else is a broken or hostile peer.
+        let may_carry = self.role == Role::Follower && self.secret.is_code_key();
+        if !their.first_lines.is_empty() && !may_carry {
+            return Err(PeerError::Protocol(
+                "the other side's handshake carried lines where none may be".into(),
+            ));
+        }
+        validate_first_lines(&their.first_lines)
+            .and_then(|()| their.first_lines.iter().try_for_each(|l| validate_line(l)))
+            .map_err(|e| PeerError::Protocol(format!("the other side's first lines: {e}")))?;
         if let Some(pledge) = &self.secret.pledge {
             if commit(&their.words_nonce) != pledge.their_commitment {
                 return Err(self.refused(KeyRefusal::Words));
@@ -565,6 +649,7 @@ impl Handshake {
     pub fn finish(self, link: PeerFrames) -> Result<SecureLink, PeerError> {
         let Handshake {
             state,
+            ours,
             their,
             verification,
             ..
@@ -579,6 +664,7 @@ impl Handshake {
             noise,
             verification,
             hash,
+            carried: ours.first_lines.len() as u64,
             their,
             bytes: (0, 0),
         })
@@ -586,18 +672,25 @@ impl Handshake {
 }
 
 impl SecureLink {
-    /// Runs the whole [`Handshake`] on `link` of the meeting `session` (a
-    /// relayed link: the punch runs it on each candidate link itself) and
-    /// returns the secured link.
+    /// Runs the whole [`Handshake`] on `link` of the meeting `session` and
+    /// returns the secured link (see [`SecureLink::over`]).
     pub async fn handshake(
-        mut link: PeerFrames,
+        link: PeerFrames,
         role: Role,
         secret: &Secret,
         ours: &Introduction,
         words: Option<&str>,
         session: &SessionToken,
     ) -> Result<SecureLink, PeerError> {
-        let mut hs = Handshake::new(role, secret, ours, words, session)?;
+        let hs = Handshake::new(role, secret, ours, words, session)?;
+        SecureLink::over(link, hs).await
+    }
+
+    /// Runs the handshake `hs` to its end on `link` (a relayed link: the
+    /// punch runs it on each candidate link itself) and returns the secured
+    /// link.
+    pub async fn over(mut link: PeerFrames, mut hs: Handshake) -> Result<SecureLink, PeerError> {
+        let role = hs.role;
         let exchange = async {
             if role == Role::Leader {
                 send_handshake(&mut hs, &mut link).await?;
@@ -618,6 +711,12 @@ impl SecureLink {
     /// The handshake's hash (equal on both sides unless someone is in the middle).
     pub fn handshake_hash(&self) -> &[u8] {
         &self.hash
+    }
+
+    /// How many of the chat's first lines (from sequence number 1) our first
+    /// handshake message on this link carried: they count as sent on it.
+    pub fn carried(&self) -> u64 {
+        self.carried
     }
 
     /// What the other side said of itself in the handshake.
@@ -927,6 +1026,7 @@ mod tests {
             name: "n".into(),
             chat_role,
             words_nonce: [0; 32],
+            first_lines: Vec::new(),
         };
         let (ia, ib) = (intro(chat_roles.0), intro(chat_roles.1));
         tokio::join!(
@@ -1051,6 +1151,107 @@ mod tests {
         );
         // A message too short to hold a commitment is refused.
         assert!(start(&code).finish(&[7; 31]).is_err());
+    }
+
+    /// Both ends of a link over an in-memory stream, the leader's handshake
+    /// made by `leader`, the follower's keyed like it.
+    async fn linked_from(
+        leader: Handshake,
+        follower: Handshake,
+    ) -> (Result<SecureLink, PeerError>, Result<SecureLink, PeerError>) {
+        use crate::net::LinkStream;
+        use punchline_proto::FrameCodec;
+        use tokio_util::codec::Framed;
+        let (x, y) = tokio::io::duplex(64 * 1024);
+        tokio::join!(
+            SecureLink::over(
+                Framed::new(LinkStream::Relayed(x, None), FrameCodec::new()),
+                leader
+            ),
+            SecureLink::over(
+                Framed::new(LinkStream::Relayed(y, None), FrameCodec::new()),
+                follower
+            ),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_leaders_first_lines_ride_in_its_first_message_of_a_first_link_only() {
+        let code = Code::parse("7-guitar-orbit").expect("code");
+        let (x, y) = (start(&code), start(&code));
+        let (mx, my) = (x.message.clone(), y.message.clone());
+        let (kx, ky) = (x.finish(&my).expect("x"), y.finish(&mx).expect("y"));
+        let typed = FirstLines::default();
+        for line in ["one", "two"] {
+            typed.typed(Some(line));
+        }
+        typed.typed(None);
+        typed.typed(Some("after a command: not a first line"));
+        let keys = |secret: Secret, chat_role, first_lines: FirstLines| LinkKeys {
+            secret,
+            ours: Introduction {
+                name: "n".into(),
+                chat_role,
+                words_nonce: [0; 32],
+                first_lines: Vec::new(),
+            },
+            words: None,
+            first_lines,
+        };
+        let session = [5; 16];
+        let leader = keys(kx.clone(), Role::Leader, typed.clone());
+        let follower = keys(ky, Role::Follower, typed.clone());
+        let (a, b) = linked_from(
+            leader.handshake(Role::Leader, &session).expect("hs"),
+            follower.handshake(Role::Follower, &session).expect("hs"),
+        )
+        .await;
+        let (a, b) = (a.expect("leader"), b.expect("follower"));
+        assert_eq!(a.carried(), 2);
+        assert_eq!(b.carried(), 0);
+        assert_eq!(b.their_introduction().first_lines, ["one", "two"]);
+        assert!(a.their_introduction().first_lines.is_empty());
+
+        // A later link carries none, and refuses any.
+        let chat = kx.chat(a.handshake_hash());
+        let leader = keys(chat.clone(), Role::Leader, typed.clone());
+        let follower = keys(chat, Role::Follower, FirstLines::default());
+        let (a, b) = linked_from(
+            leader.handshake(Role::Leader, &session).expect("hs"),
+            follower.handshake(Role::Follower, &session).expect("hs"),
+        )
+        .await;
+        assert_eq!(a.expect("leader").carried(), 0);
+        assert!(b
+            .expect("follower")
+            .their_introduction()
+            .first_lines
+            .is_empty());
+        let mut forced = leader.handshake(Role::Leader, &session).expect("hs");
+        forced
+            .carry_first_lines(vec!["x".into()])
+            .expect("within limits");
+        let (_, b) = linked_from(
+            forced,
+            follower.handshake(Role::Follower, &session).expect("hs"),
+        )
+        .await;
+        assert!(matches!(b, Err(PeerError::Protocol(_))), "{:?}", b.err());
+
+        // The limits: lines past them stay for the session to send.
+        let many = FirstLines::default();
+        for i in 0..MAX_FIRST_LINES + 3 {
+            many.typed(Some(&format!("line {i}")));
+        }
+        assert_eq!(many.lines().len(), MAX_FIRST_LINES);
+        let big = FirstLines::default();
+        big.typed(Some(&"x".repeat(MAX_FIRST_LINES_BYTES - 1)));
+        big.typed(Some("yy"));
+        big.typed(Some("z"));
+        assert_eq!(big.lines().len(), 1, "a line past the byte limit ends them");
+        let mut hs = leader.handshake(Role::Leader, &session).expect("hs");
+        let too_many = vec![String::new(); MAX_FIRST_LINES + 1];
+        assert!(hs.carry_first_lines(too_many).is_err());
     }
 
     #[test]

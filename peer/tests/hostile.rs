@@ -184,6 +184,7 @@ async fn impersonate(mut victim: Arrival, impostor: Impostor, code: &Code) -> Ve
             name: "bob".into(),
             chat_role: Role::Follower,
             words_nonce: [0; 32],
+            first_lines: Vec::new(),
         };
         SecureLink::handshake(
             link,

@@ -144,6 +144,42 @@ fn lines_typed_before_end_of_input_are_all_delivered() {
     b.wait_stderr("alice left");
 }
 
+/// Lines given before the link is up: the leader's ride in its first
+/// handshake message (shown as soon as it arrives, and never again when the
+/// session sends what follows), the follower's go out right behind its
+/// answer; all in order, before anything typed later.
+#[test]
+fn lines_typed_before_the_link_is_up_arrive_once_and_in_order() {
+    let rv = TestRendezvous::start();
+    let code = "9-early-lines";
+    let logged = |name: &str| {
+        let mut cmd = peer_command(rv.addr(), name, code, &[]);
+        cmd.env("RUST_LOG", "punchline_peer=info");
+        Peer::spawn_command(cmd, name)
+    };
+    let mut a = logged("alice");
+    a.send("early one\nearly two\n");
+    a.wait_stderr("waiting for the other side");
+    let mut b = logged("bob");
+    b.send("bob early\n");
+    // Alice came first: she leads, and her first message carried both lines.
+    let secured = a.wait_stderr("encrypted");
+    assert!(secured.contains("carried=2"), "{secured}");
+    let secured = b.wait_stderr("encrypted");
+    assert!(secured.contains("carried=0"), "{secured}");
+    assert_eq!(b.recv(), "alice: early one");
+    assert_eq!(b.recv(), "alice: early two");
+    assert_eq!(a.recv(), "bob: bob early");
+    a.send("later\n");
+    assert_eq!(b.recv(), "alice: later");
+    a.close_stdin();
+    assert!(a.wait().success());
+    assert!(b.wait().success());
+    // Nothing shown twice.
+    assert!(b.rest_of_stdout().is_empty());
+    assert!(a.rest_of_stdout().is_empty());
+}
+
 #[test]
 fn a_third_peer_on_a_full_code_gets_a_clear_error() {
     // Two peers paired on the code and still punching (protocol-level clients that
@@ -394,9 +430,12 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
 
     let code = "12-walnut-zebra";
     let mut a = Peer::spawn(rv.addr(), "alice", code, &["--port", &pa.to_string()]);
+    // A line given before the link is up rides in the first handshake message.
+    a.send("frobnitz early line\n");
     a.wait_stderr("waiting for the other side");
     let mut b = Peer::spawn(rv.addr(), "bob", code, &["--port", &pb.to_string()]);
     b.wait_stderr("encrypted");
+    assert_eq!(b.recv(), "alice: frobnitz early line");
     a.send("xyzzy plugh secret line\n");
     assert_eq!(b.recv(), "alice: xyzzy plugh secret line");
     b.send("quux reply\n");
@@ -425,7 +464,9 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
         captured.len()
     );
     // Names travel only inside the encrypted handshake now, like the lines.
-    for secret in ["xyzzy", "plugh", "quux", "walnut", "zebra", "alice", "bob"] {
+    for secret in [
+        "frobnitz", "xyzzy", "plugh", "quux", "walnut", "zebra", "alice", "bob",
+    ] {
         assert!(!contains(secret), "{secret:?} crossed the wire in clear");
     }
 }

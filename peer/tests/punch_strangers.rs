@@ -38,8 +38,10 @@ fn keys(chat_role: Role) -> Arc<LinkKeys> {
             name: format!("{chat_role}"),
             chat_role,
             words_nonce: [0; 32],
+            first_lines: Vec::new(),
         },
         words: None,
+        first_lines: Default::default(),
     })
 }
 
@@ -285,8 +287,10 @@ fn code_keys() -> (Arc<LinkKeys>, Arc<LinkKeys>) {
                 name: format!("{chat_role}"),
                 chat_role,
                 words_nonce: [0; 32],
+                first_lines: Vec::new(),
             },
             words: None,
+            first_lines: Default::default(),
         })
     };
     (

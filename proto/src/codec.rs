@@ -317,13 +317,18 @@ mod tests {
     }
 
     fn introduction() -> impl Strategy<Value = Introduction> {
-        ("\\PC{0,40}", role(), any::<[u8; 32]>()).prop_map(|(name, chat_role, words_nonce)| {
-            Introduction {
+        (
+            "\\PC{0,40}",
+            role(),
+            any::<[u8; 32]>(),
+            prop::collection::vec(".{0,40}", 0..4),
+        )
+            .prop_map(|(name, chat_role, words_nonce, first_lines)| Introduction {
                 name,
                 chat_role,
                 words_nonce,
-            }
-        })
+                first_lines,
+            })
     }
 
     /// The names of the variants `strategy` drew in a few thousand tries (from a

@@ -27,7 +27,7 @@ pub use message::*;
 
 /// Version of the wire protocol. Both the rendezvous and the other peer must speak
 /// exactly this version; a mismatch is reported with a clear error, never guessed at.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest frame (payload after the 4-byte length prefix) anyone accepts.
 ///
@@ -39,6 +39,15 @@ pub const MAX_FRAME_SIZE: usize = 16 * 1024;
 /// Longest chat line, in bytes of UTF-8. Longer lines are refused by the sender with
 /// a clear error (not split), so that one typed line is always one received line.
 pub const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// Most chat lines a leader's first handshake message carries
+/// ([`Introduction::first_lines`]).
+pub const MAX_FIRST_LINES: usize = 16;
+
+/// Most bytes of UTF-8 in all the lines a leader's first handshake message
+/// carries together: with the name and the encoding, the message stays well
+/// within [`MAX_FRAME_SIZE`].
+pub const MAX_FIRST_LINES_BYTES: usize = MAX_LINE_BYTES;
 
 /// Longest nameplate (the part of a code the rendezvous sees), in digits.
 pub const MAX_NAMEPLATE_LEN: usize = codes::MAX_NAMEPLATE_DIGITS;

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    MAX_CANDIDATES, MAX_LINE_BYTES, MAX_NAMEPLATE_LEN, MAX_NAME_CHARS, MAX_PAKE_LEN,
-    MAX_SEALED_LEN, RESUME_ROOM_LEN, SESSION_LEN,
+    MAX_CANDIDATES, MAX_FIRST_LINES, MAX_FIRST_LINES_BYTES, MAX_LINE_BYTES, MAX_NAMEPLATE_LEN,
+    MAX_NAME_CHARS, MAX_PAKE_LEN, MAX_SEALED_LEN, RESUME_ROOM_LEN, SESSION_LEN,
 };
 
 /// Random token the rendezvous gives both peers of one pair; each punched link
@@ -392,6 +392,12 @@ pub struct Introduction {
     /// sides — can choose a message late to make two sets of words agree.
     /// Zero on later links.
     pub words_nonce: [u8; 32],
+    /// From the leader, on the chat's first link only: the chat's first lines
+    /// (sequence numbers 1, 2, …), typed before the link was up, so that they
+    /// are shown as soon as the handshake's first message arrives rather than
+    /// one round trip later (see [`validate_first_lines`]). They are sealed
+    /// under the pre-shared key like the rest of the payload. Empty otherwise.
+    pub first_lines: Vec<String>,
 }
 
 /// What travels sealed over the link once the Noise handshake is done.
@@ -459,6 +465,9 @@ pub enum InvalidField {
     /// A chat line longer than [`MAX_LINE_BYTES`].
     #[error("line too long ({0} bytes, at most {MAX_LINE_BYTES})")]
     LineTooLong(usize),
+    /// More first lines than a handshake message may carry.
+    #[error("too many first lines ({0} lines or bytes, at most {MAX_FIRST_LINES} lines of {MAX_FIRST_LINES_BYTES} bytes in all)")]
+    FirstLines(usize),
 }
 
 /// Checks a nameplate: 1 to [`MAX_NAMEPLATE_LEN`] ASCII digits.
@@ -512,6 +521,20 @@ pub fn validate_candidates(c: &SealedCandidates) -> Result<(), InvalidField> {
     } else {
         Ok(())
     }
+}
+
+/// Checks the first lines of a handshake message
+/// ([`Introduction::first_lines`]): at most [`MAX_FIRST_LINES`], of at most
+/// [`MAX_FIRST_LINES_BYTES`] in all.
+pub fn validate_first_lines(lines: &[String]) -> Result<(), InvalidField> {
+    if lines.len() > MAX_FIRST_LINES {
+        return Err(InvalidField::FirstLines(lines.len()));
+    }
+    let bytes: usize = lines.iter().map(String::len).sum();
+    if bytes > MAX_FIRST_LINES_BYTES {
+        return Err(InvalidField::FirstLines(bytes));
+    }
+    Ok(())
 }
 
 /// Checks a chat line before it is sent.

@@ -319,6 +319,15 @@ impl Session {
     /// A new link carries the chat from now on (replacing the current one, if
     /// any). Every link after the first begins with the resume exchange.
     pub fn link_up(&mut self, now: Instant, kind: LinkKind) {
+        self.link_up_carrying(now, kind, 0);
+    }
+
+    /// [`Session::link_up`] for a first link whose handshake already carried
+    /// our lines up to `carried` (typed before the link was up, in the
+    /// leader's first handshake message): they count as sent on it, awaiting
+    /// acknowledgement like any other. Ignored on later links (they begin with
+    /// the resume exchange).
+    pub fn link_up_carrying(&mut self, now: Instant, kind: LinkKind, carried: u64) {
         if self.ended {
             return;
         }
@@ -326,6 +335,9 @@ impl Session {
         self.links += 1;
         self.transmit.clear();
         self.numbering.unsend();
+        if !resuming {
+            self.numbering.mark_sent(carried, now);
+        }
         // A goodbye that went out on the old link may never have been read
         // (the other side switched links first): it goes again after the
         // resume, and its answer is awaited from then.
@@ -724,6 +736,13 @@ impl Numbering {
     fn ack(&mut self, upto: u64) {
         while self.unacked.front().is_some_and(|p| p.seq <= upto) {
             self.unacked.pop_front();
+        }
+    }
+
+    /// Lines up to `upto` went out at `now` (on a link's handshake).
+    fn mark_sent(&mut self, upto: u64, now: Instant) {
+        for p in self.unacked.iter_mut().filter(|p| p.seq <= upto) {
+            p.sent = Some(now);
         }
     }
 

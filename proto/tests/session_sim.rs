@@ -711,3 +711,39 @@ proptest! {
         }
     }
 }
+
+/// Lines the first link's handshake carried (the leader's first lines) count
+/// as sent on it: not sent again there, acknowledged like any other, and sent
+/// again after a resume if the acknowledgement never came.
+#[test]
+fn lines_carried_by_the_first_handshake_are_not_sent_again_on_it() {
+    use punchline_proto::session::{LinkKind, Session};
+    let t0 = std::time::Instant::now();
+    let kind = LinkKind {
+        relayed: false,
+        leads: true,
+    };
+    let line = |seq: u64, text: &str| Chat::Line {
+        seq,
+        text: text.into(),
+    };
+    let mut s = Session::new(Config::default());
+    for text in ["one", "two", "three"] {
+        s.send_line(t0, text.into()).expect("line");
+    }
+    s.link_up_carrying(t0, kind, 2);
+    let sent: Vec<Chat> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(sent, vec![line(3, "three")]);
+    assert_eq!(s.unacked(), 3);
+    s.handle(t0 + ms(10), Chat::Ack { upto: 1 });
+    assert_eq!(s.unacked(), 2);
+    // A new link: what is unacknowledged goes again after the resume (a later
+    // link carries no first lines).
+    s.link_down(t0 + ms(20), DownReason::Link("cut".into()));
+    s.link_up_carrying(t0 + ms(30), kind, 3);
+    let sent: Vec<Chat> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(sent, vec![Chat::Resume { next: 1 }]);
+    s.handle(t0 + ms(40), Chat::Resume { next: 2 });
+    let sent: Vec<Chat> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(sent, vec![line(2, "two"), line(3, "three")]);
+}
