@@ -33,11 +33,14 @@
 //!    with a random nonce from each side. Each peer commits to its nonce in its
 //!    hello, next to its SPAKE2 message (the rendezvous hands the commitment on
 //!    with the go), and reveals it in its handshake payload, where the other
-//!    checks it ([`Pledge`]). A man in the middle who knows the code has fixed
-//!    its SPAKE2 message and its commitment to each side before either side
-//!    reveals anything, so it has nothing left to grind: the two sides' words
-//!    agree by chance only, 1 in 2^48. Both sides know the words as soon as the
-//!    handshake is done; nothing waits for a later message.
+//!    checks it ([`Pledge`]); both commitments are in the first link's Noise
+//!    prologue, so one altered on the way fails the handshake on both sides. A
+//!    side's words are fixed when its go arrives and hash its own nonce, secret
+//!    until then, with the key of its own SPAKE2 run: a man in the middle who
+//!    knows the code (two runs, two keys) has nothing left to grind, and the two
+//!    sides' words agree by chance only, 1 in 2^48 (`docs/security.md`, item
+//!    5). Both sides know the words as soon as the handshake is done; nothing
+//!    waits for a later message.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -160,8 +163,10 @@ impl KeyExchange {
         let mut their_commitment = [0u8; COMMITMENT_LEN];
         their_commitment.copy_from_slice(commitment);
         let key = self.state.finish(theirs).map_err(|e| {
+            tracing::info!(error = ?e, "SPAKE2 refused the other side's message");
             PeerError::Protocol(format!(
-                "the other side's key-exchange message is invalid: {e:?}"
+                "the other side's key-exchange message is not a valid SPAKE2 message ({} bytes)",
+                theirs.len()
             ))
         })?;
         let mut secret = [0u8; 32];
@@ -172,6 +177,7 @@ impl KeyExchange {
             key: secret,
             pledge: Some(Pledge {
                 ours: self.nonce,
+                our_commitment: commit(&self.nonce),
                 their_commitment,
             }),
         })
@@ -184,7 +190,20 @@ impl KeyExchange {
 #[derive(Clone)]
 pub struct Pledge {
     ours: [u8; 32],
+    /// The commitment to `ours`, as our hello sent it.
+    our_commitment: [u8; 32],
     their_commitment: [u8; 32],
+}
+
+impl Pledge {
+    /// Both commitments, the leader's first, as this side saw them: the
+    /// first link's Noise prologue mixes them in (see [`prologue`]).
+    fn commitments(&self, role: Role) -> [&[u8; 32]; 2] {
+        match role {
+            Role::Leader => [&self.our_commitment, &self.their_commitment],
+            Role::Follower => [&self.their_commitment, &self.our_commitment],
+        }
+    }
 }
 
 /// A secret the two peers share: the key of the code (from SPAKE2, for the
@@ -469,10 +488,21 @@ impl LinkKeys {
 /// in, so a handshake message recorded in one meeting (the leader's first
 /// message goes to every candidate address, whoever answers there) does not
 /// authenticate in another, although later links of a chat share a key.
-fn prologue(session: &SessionToken) -> Vec<u8> {
+///
+/// On a first link it holds the two words commitments too, the leader's
+/// first, as this side got them: they travel in clear through the
+/// rendezvous, outside what SPAKE2 authenticates, so whoever alters one (with
+/// or without the code) makes the two prologues differ and the handshake
+/// fail on both sides, like any other tampering. A nonce that then breaks
+/// its commitment ([`KeyRefusal::Words`]) can only come from a holder of the
+/// code's key.
+fn prologue(session: &SessionToken, commitments: Option<[&[u8; 32]; 2]>) -> Vec<u8> {
     let mut p = b"punchline link prologue".to_vec();
     p.extend_from_slice(&punchline_proto::PROTOCOL_VERSION.to_le_bytes());
     p.extend_from_slice(session);
+    for c in commitments.into_iter().flatten() {
+        p.extend_from_slice(c);
+    }
     p
 }
 
@@ -516,7 +546,7 @@ impl Handshake {
             .parse()
             .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
         let psk = secret.psk();
-        let prologue = prologue(session);
+        let prologue = prologue(session, secret.pledge.as_ref().map(|p| p.commitments(role)));
         let builder = snow::Builder::new(params)
             .psk(0, &psk)
             .map_err(noise_error)?
@@ -861,7 +891,7 @@ fn open(noise: &mut snow::TransportState, sealed: &[u8]) -> Result<Chat, String>
     decode_payload(&plain[..n]).map_err(|e| e.to_string())
 }
 
-/// Words from the start of the handshake hash.
+/// Words from the start of a hash.
 fn verification_words(hash: &[u8]) -> String {
     hash.iter()
         .take(VERIFY_WORDS)
@@ -1118,11 +1148,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_nonce_that_breaks_its_commitment_is_refused() {
+    async fn an_altered_commitment_fails_both_sides_and_a_broken_one_is_refused() {
         let code = Code::parse("7-guitar-orbit").expect("code");
         // The rendezvous hands one side another commitment than the other
         // side made (the SPAKE2 message, after it, is intact): the key is the
-        // same, the handshake decrypts, and the reveal does not match.
+        // same, but the prologues differ, so neither side completes the
+        // handshake, whichever side got the altered one.
         let altered = |leader_sees_altered: bool| {
             let (x, y) = (start(&code), start(&code));
             let (mut mx, mut my) = (x.message.clone(), y.message.clone());
@@ -1133,21 +1164,34 @@ mod tests {
             }
             (x.finish(&my).expect("x"), y.finish(&mx).expect("y"))
         };
-        let (kx, ky) = altered(false);
-        assert_eq!(kx.psk(), ky.psk());
-        let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+        for leader_sees_altered in [false, true] {
+            let (kx, ky) = altered(leader_sees_altered);
+            assert_eq!(kx.psk(), ky.psk());
+            let (a, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
+            assert!(
+                matches!(b, Err(PeerError::BadCode(KeyRefusal::Handshake))),
+                "{:?}",
+                b.err()
+            );
+            assert!(
+                matches!(a, Err(PeerError::BadCode(KeyRefusal::ClosedInHandshake))),
+                "{:?}",
+                a.err()
+            );
+        }
+        // A holder of the code's key that reveals another nonce than it
+        // committed to (the commitments themselves intact) is refused for it.
+        let (x, y) = (start(&code), start(&code));
+        let (mx, my) = (x.message.clone(), y.message.clone());
+        let (mut kx, ky) = (x.finish(&my).expect("x"), y.finish(&mx).expect("y"));
+        if let Some(pledge) = kx.pledge.as_mut() {
+            pledge.ours = [9; 32];
+        }
+        let (_, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
         assert!(
             matches!(b, Err(PeerError::BadCode(KeyRefusal::Words))),
             "{:?}",
             b.err()
-        );
-        assert!(a.is_err(), "the leader gets no answer");
-        let (kx, ky) = altered(true);
-        let (a, _) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
-        assert!(
-            matches!(a, Err(PeerError::BadCode(KeyRefusal::Words))),
-            "{:?}",
-            a.err()
         );
         // A message too short to hold a commitment is refused.
         assert!(start(&code).finish(&[7; 31]).is_err());
