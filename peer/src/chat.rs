@@ -111,7 +111,7 @@ pub(crate) async fn converse(
     mut met: Met,
     session: &mut Session,
     ctx: &mut ChatContext,
-    typed_early: Vec<Input>,
+    early: Early,
     input: &mut mpsc::Receiver<Input>,
     output: &mut dyn Output,
 ) -> Result<ChatEnd, PeerError> {
@@ -119,7 +119,7 @@ pub(crate) async fn converse(
     let mut auth_failures = 0;
     // A direct link being tried for in the background while relayed.
     let mut attempt: Option<Background> = None;
-    first_link_up(&met, session, ctx, typed_early, output);
+    first_link_up(&met, session, ctx, early, output);
     loop {
         let step = carry(
             &mut met.link,
@@ -194,19 +194,28 @@ pub(crate) async fn converse(
     }
 }
 
+/// What happened before the chat's first link was up.
+pub struct Early {
+    /// What the user typed meanwhile, in order.
+    pub typed: Vec<Input>,
+    /// How many of the other side's first lines were shown meanwhile (they
+    /// came in a box on the way to the link).
+    pub shown: u64,
+}
+
 /// The chat's first link is up. What was typed before it goes to the session
 /// first: the lines typed first (some of which the link's handshake may have
 /// carried, [`SecureLink::carried`]) before the link counts as up, the rest
-/// after. Then the first lines the other side's handshake carried, if any,
-/// are taken as received.
+/// after. The other side's first lines shown before the link was up count as
+/// received, and those its handshake carried, if any, are taken in.
 fn first_link_up(
     met: &Met,
     session: &mut Session,
     ctx: &mut ChatContext,
-    typed_early: Vec<Input>,
+    early: Early,
     output: &mut dyn Output,
 ) {
-    let mut typed = typed_early.into_iter().peekable();
+    let mut typed = early.typed.into_iter().peekable();
     while let Some(Input::Line(_)) = typed.peek() {
         let Some(Input::Line(text)) = typed.next() else {
             break;
@@ -216,6 +225,7 @@ fn first_link_up(
         }
     }
     session.link_up_carrying(now(), met.kind(), met.link.carried());
+    session.received_early(now(), early.shown);
     for (seq, text) in (1..).zip(&met.link.their_introduction().first_lines) {
         session.handle(
             now(),

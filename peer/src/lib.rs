@@ -198,18 +198,26 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     };
 
     // Lines given on stdin are read from now on: those that come before the
-    // link is up go with the leader's first handshake message (a terminal's
-    // line editor starts once the link is up).
+    // link is up go with the first link's handshake (a terminal's line editor
+    // starts once the link is up), and the other side's, if it sends any that
+    // way, are shown as they come.
     let (tx, mut rx) = mpsc::channel(ui::INPUT_CHANNEL);
     if mode == Mode::Lines {
         ui::spawn_stdin_lines(tx.clone());
     }
-    let first_lines = secure::FirstLines::default();
+    let (shows_tx, mut shows_rx) = mpsc::unbounded_channel();
+    let early = secure::EarlyLines {
+        ours: secure::FirstLines::default(),
+        theirs: shows_tx,
+    };
     let mut typed_early = Vec::new();
+    let style = ui::Style::for_stdout(opts.timestamps);
+    let mut lines_out = ui::LinesOutput { style };
+    let mut shown_early = 0;
 
     // 2.-4. Meet, punch, secure.
     let met = {
-        let keying = meet::Keying::Code(&code, &first_lines);
+        let keying = meet::Keying::Code(&code, &early);
         let meeting = meet::meet(&opts, rendezvous, keying, &mut status);
         tokio::pin!(meeting);
         loop {
@@ -217,15 +225,21 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
                 met = &mut meeting => break met?,
                 // Kept for the chat; no more than the channel would hold.
                 Some(typed) = rx.recv(), if typed_early.len() < ui::INPUT_CHANNEL => {
-                    first_lines.typed(match &typed {
+                    early.ours.typed(match &typed {
                         chat::Input::Line(text) => Some(text.as_str()),
                         _ => None,
                     });
                     typed_early.push(typed);
                 }
+                Some(theirs) = shows_rx.recv() => {
+                    show_first_lines(&theirs, &mut shown_early, &mut lines_out);
+                }
             }
         }
     };
+    while let Ok(theirs) = shows_rx.try_recv() {
+        show_first_lines(&theirs, &mut shown_early, &mut lines_out);
+    }
     let their_name = sanitize_for_terminal(&met.link.their_introduction().name);
     status.status(&format!(
         "connected to {their_name}: {}",
@@ -244,9 +258,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         words,
     };
     let mut session = chat::new_session(&opts);
-    let style = ui::Style::for_stdout(opts.timestamps);
     let mut terminal = None;
-    let mut lines_out = ui::LinesOutput { style };
     match mode {
         Mode::Terminal => {
             let term = ui::Terminal::start(tx, style, opts.history.clone())
@@ -271,7 +283,10 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             met,
             &mut session,
             &mut ctx,
-            typed_early,
+            chat::Early {
+                typed: typed_early,
+                shown: shown_early,
+            },
             &mut rx,
             output,
         )
@@ -290,6 +305,21 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         }
     }
     Ok(end)
+}
+
+/// Shows the other side's first lines that came in a box on the way to the
+/// first link (each box holds all its first lines so far), past the `shown`
+/// ones.
+fn show_first_lines(
+    theirs: &punchline_proto::Introduction,
+    shown: &mut u64,
+    output: &mut dyn chat::Output,
+) {
+    let already = usize::try_from(*shown).unwrap_or(usize::MAX);
+    for text in theirs.first_lines.iter().skip(already) {
+        output.incoming(&theirs.name, text);
+        *shown += 1;
+    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub(crate) enum Path {
 pub(crate) enum Keying<'a> {
     /// The chat's first meeting: the code, by SPAKE2 through the rendezvous;
     /// the leader's first handshake message carries the lines typed so far.
-    Code(&'a Code, &'a secure::FirstLines),
+    Code(&'a Code, &'a secure::EarlyLines),
     /// A later meeting of the chat: its secret.
     Chat(&'a ChatKeys),
 }
@@ -181,8 +181,12 @@ pub(crate) async fn meet(
                 Keying::Chat(keys) => keys.words.clone(),
             },
             first_lines: match keying {
-                Keying::Code(_, typed) => typed.clone(),
+                Keying::Code(_, early) => early.ours.clone(),
                 Keying::Chat(_) => secure::FirstLines::default(),
+            },
+            shows_first_lines: match keying {
+                Keying::Code(_, early) => Some(early.theirs.clone()),
+                Keying::Chat(_) => None,
             },
         });
         let punched =

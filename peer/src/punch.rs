@@ -461,8 +461,16 @@ async fn lead(
         tokio::select! {
             v = rx.recv(), if open => match v {
                 Some(Ok(mut v)) => pending.push(async move {
-                    let read = timeout_at(deadline, v.link.next()).await;
-                    (v, read)
+                    // The follower's first lines may come before its answer.
+                    loop {
+                        let read = timeout_at(deadline, v.link.next()).await;
+                        match read {
+                            Ok(Some(Ok(PeerToPeer::FirstLines(sealed)))) => {
+                                v.hs.took_first_lines(&sealed);
+                            }
+                            read => return (v, read),
+                        }
+                    }
                 }),
                 Some(Err(e)) => note_refusal(&mut refused, e),
                 None => open = false,
@@ -766,9 +774,11 @@ async fn verify(stream: TcpStream, c: &Candidate) -> Result<(PeerFrames, Handsha
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     let mut link = Framed::new(LinkStream::Tcp(stream), FrameCodec::new());
     let hello = link_hello(c.session, c.role);
+    // Behind the hello: the leader's first handshake message, or the
+    // follower's box of first lines if it has any.
     let first = match c.role {
         Role::Leader => Some(hs.write().map_err(Verify::Refused)?),
-        Role::Follower => None,
+        Role::Follower => hs.take_first_lines_box(),
     };
     let exchange = async {
         match first {
@@ -892,6 +902,7 @@ mod tests {
             },
             words: None,
             first_lines: Default::default(),
+            shows_first_lines: None,
         })
     }
 

@@ -56,6 +56,7 @@ use punchline_proto::{
     MAX_FIRST_LINES_BYTES, MAX_FRAME_SIZE, RESUME_ROOM_LEN,
 };
 use spake2::{Ed25519Group, Identity, Password, Spake2};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use crate::error::{KeyRefusal, PeerError};
@@ -81,6 +82,10 @@ const LATER_PSK_LABEL: &[u8] = b"punchline/2 later link psk";
 
 /// HKDF purpose label of the verification words' key (from the code's key).
 const WORDS_LABEL: &[u8] = b"punchline/5 words key";
+
+/// HKDF purpose label of the key of the follower's sealed first lines (from
+/// the code's key).
+const FIRST_LINES_LABEL: &[u8] = b"punchline/8 first lines from the follower";
 
 /// HKDF purpose label of the resume room (from the chat's secret).
 const ROOM_LABEL: &[u8] = b"punchline/2 resume room";
@@ -362,6 +367,18 @@ pub struct SecureLink {
     bytes: (u64, u64),
 }
 
+/// The other side's name as we show it: as it is if valid, else sanitised
+/// and cut to the longest valid length.
+fn shown_name(name: &str) -> String {
+    if validate_name(name).is_ok() {
+        return name.to_owned();
+    }
+    punchline_proto::sanitize_for_terminal(name)
+        .chars()
+        .take(punchline_proto::MAX_NAME_CHARS)
+        .collect()
+}
+
 fn noise_error(e: snow::Error) -> PeerError {
     PeerError::Protocol(format!("encryption: {e}"))
 }
@@ -414,8 +431,12 @@ pub struct LinkKeys {
     /// handshake makes them).
     pub words: Option<String>,
     /// What the user typed before the first link was up: the leader's first
-    /// handshake message on a first link carries it.
+    /// handshake message on a first link carries it, the follower's box of
+    /// first lines too.
     pub first_lines: FirstLines,
+    /// Where the leader of a first link hands the follower's first lines as
+    /// they come, to be shown before the handshake ends.
+    pub shows_first_lines: Option<mpsc::UnboundedSender<Introduction>>,
 }
 
 /// The chat's first lines, typed before its first link is up, as the leader's
@@ -424,6 +445,17 @@ pub struct LinkKeys {
 /// that is not valid, or one past the limits). Shared between what reads the
 /// user's input and the handshakes, which take what is there when each writes
 /// its first message.
+/// The first lines of a chat's first meeting, both ways: ours, as typed, and
+/// where the other side's go as their box opens (we lead).
+#[derive(Clone)]
+pub struct EarlyLines {
+    /// Ours.
+    pub ours: FirstLines,
+    /// Theirs, with the name they came under.
+    pub theirs: mpsc::UnboundedSender<Introduction>,
+}
+
+/// What the user typed first ([`EarlyLines::ours`]).
 #[derive(Clone, Default)]
 pub struct FirstLines(Arc<Mutex<FirstLinesState>>);
 
@@ -477,8 +509,14 @@ impl LinkKeys {
             self.words.as_deref(),
             session,
         )?;
-        if role == Role::Leader && self.secret.is_code_key() {
-            hs.carry_first_lines(self.first_lines.lines())?;
+        if self.secret.is_code_key() {
+            match role {
+                Role::Leader => {
+                    hs.carry_first_lines(self.first_lines.lines())?;
+                    hs.shows_first_lines = self.shows_first_lines.clone();
+                }
+                Role::Follower => hs.seal_first_lines(self.first_lines.lines())?,
+            }
         }
         Ok(hs)
     }
@@ -521,6 +559,16 @@ pub struct Handshake {
     /// The chat's words: given on a later link, made by a first link's
     /// [`Handshake::read`].
     verification: Option<String>,
+    /// The Noise prologue, also the associated data of the follower's sealed
+    /// first lines.
+    prologue: Vec<u8>,
+    /// How many of the chat's first lines our side sent before the handshake
+    /// ended (the leader's in its first message, the follower's in its box).
+    carried: u64,
+    /// The follower's sealed first lines, to send behind its link hello.
+    first_lines_box: Option<PeerToPeer>,
+    /// Where the leader hands the follower's first lines as their boxes open.
+    shows_first_lines: Option<mpsc::UnboundedSender<Introduction>>,
 }
 
 impl Handshake {
@@ -573,6 +621,10 @@ impl Handshake {
             their: None,
             secret: secret.clone(),
             verification: words.map(str::to_owned),
+            prologue,
+            carried: 0,
+            first_lines_box: None,
+            shows_first_lines: None,
         })
     }
 
@@ -583,10 +635,90 @@ impl Handshake {
         if lines.is_empty() {
             return Ok(());
         }
+        self.carried = lines.len() as u64;
         self.ours.first_lines = lines;
         self.intro = encode_payload(&self.ours)
             .map_err(|e| PeerError::Protocol(format!("encoding our introduction: {e}")))?;
         Ok(())
+    }
+
+    fn first_lines_cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(&self.secret.derive(None, FIRST_LINES_LABEL).into())
+    }
+
+    /// We follow a chat's first link: `lines`, the chat's first ones, go in
+    /// a sealed box right behind our link hello ([`PeerToPeer::FirstLines`]),
+    /// so that the leader shows them before the handshake ends.
+    pub fn seal_first_lines(&mut self, lines: Vec<String>) -> Result<(), PeerError> {
+        validate_first_lines(&lines).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let carried = lines.len() as u64;
+        let intro = Introduction {
+            words_nonce: [0; 32],
+            first_lines: lines,
+            ..self.ours.clone()
+        };
+        let plain = encode_payload(&intro)
+            .map_err(|e| PeerError::Protocol(format!("encoding our first lines: {e}")))?;
+        let nonce = random_nonce()?;
+        let nonce = XNonce::from_slice(&nonce[..24]);
+        let sealed = self
+            .first_lines_cipher()
+            .encrypt(
+                nonce,
+                Payload {
+                    msg: &plain,
+                    aad: &self.prologue,
+                },
+            )
+            .map_err(|_| PeerError::Protocol("sealing our first lines failed".into()))?;
+        let mut boxed = nonce.to_vec();
+        boxed.extend_from_slice(&sealed);
+        self.first_lines_box = Some(PeerToPeer::FirstLines(boxed));
+        self.carried = carried;
+        Ok(())
+    }
+
+    /// The follower's sealed first lines, to send behind its link hello.
+    pub fn take_first_lines_box(&mut self) -> Option<PeerToPeer> {
+        self.first_lines_box.take()
+    }
+
+    /// We lead a chat's first link and the follower's box of first lines
+    /// came: opened, checked and handed on to be shown at once. A box that
+    /// does not open (another key, another meeting, altered) or does not
+    /// hold what it may is dropped: the follower's lines come again after
+    /// the handshake anyway.
+    pub fn took_first_lines(&self, sealed: &[u8]) {
+        let Some(shows) = &self.shows_first_lines else {
+            return;
+        };
+        if sealed.len() < 24 {
+            return;
+        }
+        let (nonce, body) = sealed.split_at(24);
+        let Ok(plain) = self.first_lines_cipher().decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: body,
+                aad: &self.prologue,
+            },
+        ) else {
+            tracing::info!("a box of first lines did not open");
+            return;
+        };
+        let Ok(mut their) = decode_payload::<Introduction>(&plain) else {
+            return;
+        };
+        let fits = validate_first_lines(&their.first_lines)
+            .and_then(|()| their.first_lines.iter().try_for_each(|l| validate_line(l)));
+        if their.chat_role == self.ours.chat_role || fits.is_err() {
+            return;
+        }
+        their.name = shown_name(&their.name);
+        let _ = shows.send(their);
     }
 
     /// Our next handshake message (the leader's first, the follower's answer),
@@ -640,12 +772,7 @@ impl Handshake {
             };
             self.verification = Some(words_of(&self.secret, leader, follower));
         }
-        if validate_name(&their.name).is_err() {
-            their.name = punchline_proto::sanitize_for_terminal(&their.name)
-                .chars()
-                .take(punchline_proto::MAX_NAME_CHARS)
-                .collect();
-        }
+        their.name = shown_name(&their.name);
         self.their = Some(their);
         Ok(())
     }
@@ -679,9 +806,9 @@ impl Handshake {
     pub fn finish(self, link: PeerFrames) -> Result<SecureLink, PeerError> {
         let Handshake {
             state,
-            ours,
             their,
             verification,
+            carried,
             ..
         } = self;
         let (Some(their), true) = (their, state.is_handshake_finished()) else {
@@ -694,7 +821,7 @@ impl Handshake {
             noise,
             verification,
             hash,
-            carried: ours.first_lines.len() as u64,
+            carried,
             their,
             bytes: (0, 0),
         })
@@ -724,6 +851,14 @@ impl SecureLink {
         let exchange = async {
             if role == Role::Leader {
                 send_handshake(&mut hs, &mut link).await?;
+            }
+            if let Some(first_lines) = hs.take_first_lines_box() {
+                link.send(first_lines)
+                    .await
+                    .map_err(|e| PeerError::LinkLost {
+                        name: crate::punch::THE_OTHER_SIDE.to_owned(),
+                        why: e.to_string(),
+                    })?;
             }
             let msg = read_handshake(&mut link, &hs).await?;
             hs.read(&msg)?;
@@ -837,9 +972,17 @@ async fn send_handshake(hs: &mut Handshake, link: &mut PeerFrames) -> Result<(),
     })
 }
 
-/// Reads the other side's next handshake message from `link`.
+/// Reads the other side's next handshake message from `link` (the leader
+/// takes the follower's box of first lines on the way).
 async fn read_handshake(link: &mut PeerFrames, hs: &Handshake) -> Result<Vec<u8>, PeerError> {
-    handshake_frame(link.next().await, hs)
+    loop {
+        match link.next().await {
+            Some(Ok(PeerToPeer::FirstLines(sealed))) if hs.role == Role::Leader => {
+                hs.took_first_lines(&sealed);
+            }
+            read => return handshake_frame(read, hs),
+        }
+    }
 }
 
 /// The handshake message in what was read from a link where one was due, or
@@ -875,6 +1018,7 @@ fn describe_frame(frame: &PeerToPeer) -> &'static str {
         PeerToPeer::LinkHello { .. } => "a link hello",
         PeerToPeer::Handshake(_) => "a handshake message",
         PeerToPeer::Sealed(_) => "a sealed message",
+        PeerToPeer::FirstLines(_) => "a box of first lines",
     }
 }
 
@@ -1220,7 +1364,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_leaders_first_lines_ride_in_its_first_message_of_a_first_link_only() {
+    async fn first_lines_ride_with_the_first_links_handshake_only() {
         let code = Code::parse("7-guitar-orbit").expect("code");
         let (x, y) = (start(&code), start(&code));
         let (mx, my) = (x.message.clone(), y.message.clone());
@@ -1241,20 +1385,49 @@ mod tests {
             },
             words: None,
             first_lines,
+            shows_first_lines: None,
         };
         let session = [5; 16];
-        let leader = keys(kx.clone(), Role::Leader, typed.clone());
-        let follower = keys(ky, Role::Follower, typed.clone());
+        let (shows, mut shown) = mpsc::unbounded_channel();
+        let leader = LinkKeys {
+            shows_first_lines: Some(shows),
+            ..keys(kx.clone(), Role::Leader, typed.clone())
+        };
+        let theirs = FirstLines::default();
+        theirs.typed(Some("from the follower"));
+        let follower = keys(ky.clone(), Role::Follower, theirs.clone());
         let (a, b) = linked_from(
             leader.handshake(Role::Leader, &session).expect("hs"),
             follower.handshake(Role::Follower, &session).expect("hs"),
         )
         .await;
         let (a, b) = (a.expect("leader"), b.expect("follower"));
+        // The leader's ride in its first message, the follower's in its box.
         assert_eq!(a.carried(), 2);
-        assert_eq!(b.carried(), 0);
+        assert_eq!(b.carried(), 1);
         assert_eq!(b.their_introduction().first_lines, ["one", "two"]);
         assert!(a.their_introduction().first_lines.is_empty());
+        let boxed = shown.try_recv().expect("the follower's box was shown");
+        assert_eq!(boxed.first_lines, ["from the follower"]);
+        assert_eq!(boxed.name, "n");
+        // A box from another meeting, or altered, is not shown.
+        let mut elsewhere = follower.handshake(Role::Follower, &[6; 16]).expect("hs");
+        let Some(PeerToPeer::FirstLines(sealed)) = elsewhere.take_first_lines_box() else {
+            panic!("no box");
+        };
+        let hs = leader.handshake(Role::Leader, &session).expect("hs");
+        hs.took_first_lines(&sealed);
+        let mut here = follower.handshake(Role::Follower, &session).expect("hs");
+        let Some(PeerToPeer::FirstLines(mut sealed)) = here.take_first_lines_box() else {
+            panic!("no box");
+        };
+        sealed[30] ^= 1;
+        hs.took_first_lines(&sealed);
+        hs.took_first_lines(&sealed[..10]);
+        assert!(
+            shown.try_recv().is_err(),
+            "a box that must not open was shown"
+        );
 
         // A later link carries none, and refuses any.
         let chat = kx.chat(a.handshake_hash());

@@ -145,9 +145,9 @@ fn lines_typed_before_end_of_input_are_all_delivered() {
 }
 
 /// Lines given before the link is up: the leader's ride in its first
-/// handshake message (shown as soon as it arrives, and never again when the
-/// session sends what follows), the follower's go out right behind its
-/// answer; all in order, before anything typed later.
+/// handshake message, the follower's in a sealed box behind its link hello;
+/// each side shows them as soon as they arrive, and never again when the
+/// session sends what follows; all in order, before anything typed later.
 #[test]
 fn lines_typed_before_the_link_is_up_arrive_once_and_in_order() {
     let rv = TestRendezvous::start();
@@ -166,7 +166,7 @@ fn lines_typed_before_the_link_is_up_arrive_once_and_in_order() {
     let secured = a.wait_stderr("encrypted");
     assert!(secured.contains("carried=2"), "{secured}");
     let secured = b.wait_stderr("encrypted");
-    assert!(secured.contains("carried=0"), "{secured}");
+    assert!(secured.contains("carried=1"), "{secured}");
     assert_eq!(b.recv(), "alice: early one");
     assert_eq!(b.recv(), "alice: early two");
     assert_eq!(a.recv(), "bob: bob early");
@@ -434,8 +434,11 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
     a.send("frobnitz early line\n");
     a.wait_stderr("waiting for the other side");
     let mut b = Peer::spawn(rv.addr(), "bob", code, &["--port", &pb.to_string()]);
+    // The follower's, in the box behind its link hello.
+    b.send("gazump early line\n");
     b.wait_stderr("encrypted");
     assert_eq!(b.recv(), "alice: frobnitz early line");
+    assert_eq!(a.recv(), "bob: gazump early line");
     a.send("xyzzy plugh secret line\n");
     assert_eq!(b.recv(), "alice: xyzzy plugh secret line");
     b.send("quux reply\n");
@@ -465,7 +468,7 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
     );
     // Names travel only inside the encrypted handshake now, like the lines.
     for secret in [
-        "frobnitz", "xyzzy", "plugh", "quux", "walnut", "zebra", "alice", "bob",
+        "frobnitz", "gazump", "xyzzy", "plugh", "quux", "walnut", "zebra", "alice", "bob",
     ] {
         assert!(!contains(secret), "{secret:?} crossed the wire in clear");
     }

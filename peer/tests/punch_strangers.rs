@@ -42,6 +42,7 @@ fn keys(chat_role: Role) -> Arc<LinkKeys> {
         },
         words: None,
         first_lines: Default::default(),
+        shows_first_lines: None,
     })
 }
 
@@ -291,6 +292,7 @@ fn code_keys() -> (Arc<LinkKeys>, Arc<LinkKeys>) {
             },
             words: None,
             first_lines: Default::default(),
+            shows_first_lines: None,
         })
     };
     (

@@ -89,6 +89,7 @@ fn main() -> std::io::Result<()> {
         link_hello([7; 16], Role::Follower),
         PeerToPeer::Handshake(vec![1; 48]),
         PeerToPeer::Sealed(vec![2; 40]),
+        PeerToPeer::FirstLines(vec![3; 60]),
     ];
     write_stream(&root.join("peer_link"), &link)?;
 

@@ -296,6 +296,7 @@ mod tests {
             ),
             prop::collection::vec(any::<u8>(), 0..100).prop_map(PeerToPeer::Handshake),
             prop::collection::vec(any::<u8>(), 0..300).prop_map(PeerToPeer::Sealed),
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(PeerToPeer::FirstLines),
         ]
     }
 

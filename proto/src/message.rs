@@ -363,6 +363,13 @@ pub enum PeerToPeer {
     Handshake(Vec<u8>),
     /// A Noise transport message; its plaintext is a bincode [`Chat`].
     Sealed(Vec<u8>),
+    /// From the follower of a chat's first link, right behind its link hello:
+    /// a sealed box (XChaCha20-Poly1305 under a key from the code's key, the
+    /// meeting's link token as associated data) holding an [`Introduction`]
+    /// whose `first_lines` are the chat's first lines from the follower, so
+    /// that the leader shows them half a round trip after the link is up
+    /// instead of after the handshake. Only when it has such lines.
+    FirstLines(Vec<u8>),
 }
 
 /// What the sealed box of [`PeerToServer::Sealed`] holds, once opened.

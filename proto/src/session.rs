@@ -358,6 +358,22 @@ impl Session {
         }
     }
 
+    /// The other side's lines up to `upto` were shown before the first link
+    /// was up (they came on the way to it, with the handshake): they count as
+    /// received, and are acknowledged on the link. Ignored unless the first
+    /// link is up and nothing was received yet.
+    pub fn received_early(&mut self, now: Instant, upto: u64) {
+        if self.ended || self.links != 1 || self.link.is_none() || upto == 0 {
+            return;
+        }
+        if self.numbering.next_expected != 1 {
+            return;
+        }
+        self.numbering.next_expected = upto + 1;
+        self.stats.received += upto;
+        self.queue(now, Chat::Ack { upto });
+    }
+
     /// The driver saw the current link fail. The chat goes on over the next
     /// link ([`Event::LinkDown`]), unless we were leaving.
     pub fn link_down(&mut self, now: Instant, why: DownReason) {

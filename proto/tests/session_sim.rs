@@ -747,3 +747,41 @@ fn lines_carried_by_the_first_handshake_are_not_sent_again_on_it() {
     let sent: Vec<Chat> = std::iter::from_fn(|| s.poll_transmit()).collect();
     assert_eq!(sent, vec![line(2, "two"), line(3, "three")]);
 }
+
+/// The other side's first lines shown before the first link was up count as
+/// received: acknowledged on the link, and the same lines sent again over it
+/// are not shown twice.
+#[test]
+fn first_lines_shown_before_the_link_count_as_received() {
+    use punchline_proto::session::{Event, LinkKind, Session};
+    let t0 = std::time::Instant::now();
+    let kind = LinkKind {
+        relayed: false,
+        leads: true,
+    };
+    let mut s = Session::new(Config::default());
+    s.link_up(t0, kind);
+    s.received_early(t0, 2);
+    let sent: Vec<Chat> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(sent, vec![Chat::Ack { upto: 2 }]);
+    assert_eq!(s.stats().received, 2);
+    for (seq, text) in [(2, "two"), (3, "three")] {
+        s.handle(
+            t0,
+            Chat::Line {
+                seq,
+                text: text.into(),
+            },
+        );
+    }
+    let shown: Vec<String> = std::iter::from_fn(|| s.poll_event())
+        .filter_map(|e| match e {
+            Event::Line(text) => Some(text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shown, ["three"]);
+    // Only once, and only before anything was received.
+    s.received_early(t0, 5);
+    assert_eq!(s.stats().received, 3);
+}

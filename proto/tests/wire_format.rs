@@ -213,7 +213,7 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 41 | 00 = Hello | 07 = version 7 | nameplate "17": length 2,
+        // length 41 | 00 = Hello | 08 = version 8 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
         // resume: 01 = some, then the 16 bytes of the room (no length) |
         // probe_token: 01 = some, then its 16 bytes
@@ -226,7 +226,7 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 resume: Some(room()),
                 probe_token: Some(token()),
             }),
-            "00000029 | 00 | 07 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            "00000029 | 00 | 08 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -381,12 +381,13 @@ fn peer_to_peer_index(msg: &PeerToPeer) -> u32 {
         PeerToPeer::LinkHello { .. } => 0,
         PeerToPeer::Handshake(_) => 1,
         PeerToPeer::Sealed(_) => 2,
+        PeerToPeer::FirstLines(_) => 3,
     }
 }
 
 fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
     vec![
-        // length 19 | 00 = LinkHello | 07 = version 7 | session: the 16 bytes (no
+        // length 19 | 00 = LinkHello | 08 = version 8 | session: the 16 bytes (no
         // length) | role: 00 = Leader
         golden(
             PeerToPeer::LinkHello {
@@ -394,12 +395,14 @@ fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
                 session: session(),
                 role: Role::Leader,
             },
-            "00000013 | 00 | 07 | 101112131415161718191a1b1c1d1e1f | 00",
+            "00000013 | 00 | 08 | 101112131415161718191a1b1c1d1e1f | 00",
         ),
         // length 4 | 01 = Handshake | length 2, the bytes
         golden(PeerToPeer::Handshake(vec![1, 2]), "00000004 | 01 | 02 0102"),
         // length 3 | 02 = Sealed | length 1, the byte
         golden(PeerToPeer::Sealed(vec![0xff]), "00000003 | 02 | 01 ff"),
+        // length 3 | 03 = FirstLines | length 1, the byte
+        golden(PeerToPeer::FirstLines(vec![0xfe]), "00000003 | 03 | 01 fe"),
     ]
 }
 
@@ -592,7 +595,7 @@ fn dial_back_result_encodings_are_pinned() {
 /// deliberate act: the golden hellos above change with it.
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 7);
+    assert_eq!(PROTOCOL_VERSION, 8);
 }
 
 /// [`ServerToPeer::Error`] carries its code as a number
