@@ -325,6 +325,9 @@ pub async fn punch(
         role: go.role,
         start,
         deadline,
+        others_go: start
+            + Duration::from_micros(go.others_go_after_us.into())
+                .min(punchline_proto::timing::MAX_GO_DELAY),
         policy: params.policy,
         fresh_after: fresh_attempt_after(params.server_rtt),
         tallies: tallies.clone(),
@@ -539,6 +542,9 @@ struct Candidate {
     role: Role,
     start: Instant,
     deadline: Instant,
+    /// When the other peer gets its go, and its SYN leaves (see
+    /// [`punchline_proto::Go::others_go_after_us`]).
+    others_go: Instant,
     policy: RetryPolicy,
     /// A silent attempt is replaced after this long.
     fresh_after: Duration,
@@ -636,7 +642,13 @@ async fn try_candidate(c: Candidate) {
             debug!(addr = %c.addr, attempts = pacer.attempts(), "attempt budget spent; giving up this candidate");
             return;
         };
-        let next = (c.start + next).min(c.deadline);
+        let mut next = (c.start + next).min(c.deadline);
+        if failure == AttemptFailure::Refused && next < c.others_go {
+            // Our SYN came before the other's NAT held a mapping for it (the
+            // other's go had not come yet): the next one leaves when the
+            // other's SYN does, and they cross.
+            next = c.others_go.min(c.deadline);
+        }
         tracing::trace!(addr = %c.addr, attempt, ?failure, pause = ?next.saturating_duration_since(Instant::now()), "attempt failed");
         if next <= Instant::now() {
             // A tokio sleep that is already due still waits for the next timer
@@ -915,6 +927,7 @@ mod tests {
             },
             role: Role::Leader,
             session: [1; 16],
+            others_go_after_us: 0,
         }
     }
 

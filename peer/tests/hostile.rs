@@ -63,6 +63,7 @@ fn go(
         },
         role,
         session,
+        others_go_after_us: 0,
     })
 }
 

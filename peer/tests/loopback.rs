@@ -165,8 +165,15 @@ fn lines_typed_before_the_link_is_up_arrive_once_and_in_order() {
     // Alice came first: she leads, and her first message carried both lines.
     let secured = a.wait_stderr("encrypted");
     assert!(secured.contains("carried=2"), "{secured}");
+    // Bob joins second: his go comes at once, and on loopback his punch may
+    // be done before his line has been read from stdin, so his box may or
+    // may not have held it (the unit tests in `secure` open one). Either way
+    // it is shown once.
     let secured = b.wait_stderr("encrypted");
-    assert!(secured.contains("carried=1"), "{secured}");
+    assert!(
+        secured.contains("carried=1") || secured.contains("carried=0"),
+        "{secured}"
+    );
     assert_eq!(b.recv(), "alice: early one");
     assert_eq!(b.recv(), "alice: early two");
     assert_eq!(a.recv(), "bob: bob early");
@@ -296,7 +303,7 @@ fn bad_clients_are_rejected_while_another_pair_chats() {
         // A future hello whose fields this version cannot even parse: still a
         // version error.
         let mut future = Client::connect(rv.addr()).await;
-        let payload = encode_payload(&(0u32, 9u16, [0xffu8; 5])).expect("encode");
+        let payload = encode_payload(&(0u32, PROTOCOL_VERSION + 1, [0xffu8; 5])).expect("encode");
         let len = u32::try_from(payload.len()).expect("small").to_be_bytes();
         future.send_raw(&[&len[..], &payload].concat()).await;
         let (code, _) = refused_then_closed(&mut future).await;

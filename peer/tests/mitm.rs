@@ -99,6 +99,7 @@ async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
             },
             role,
             session,
+            others_go_after_us: 0,
         })
     };
     let (s1, s2) = ([1u8; 16], [2u8; 16]);

@@ -75,6 +75,7 @@ fn go(role: Role, observed: SocketAddr, session: SessionToken) -> Go {
         },
         role,
         session,
+        others_go_after_us: 0,
     }
 }
 

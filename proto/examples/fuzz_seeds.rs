@@ -67,6 +67,7 @@ fn main() -> std::io::Result<()> {
             peer: info,
             role: Role::Leader,
             session: [9; 16],
+            others_go_after_us: 35_000,
         }),
         ServerToPeer::Allocated {
             nameplate: "4".into(),

@@ -259,19 +259,26 @@ mod tests {
                 addr(),
                 role(),
                 any::<[u8; SESSION_LEN]>(),
-                (mapping(), prop::collection::vec(any::<u8>(), 0..40)),
+                (
+                    mapping(),
+                    prop::collection::vec(any::<u8>(), 0..40),
+                    any::<u32>(),
+                ),
             )
-                .prop_map(|(observed, role, session, (mapping, pake))| {
-                    ServerToPeer::Go(Go {
-                        peer: PeerInfo {
-                            observed,
-                            mapping,
-                            pake,
-                        },
-                        role,
-                        session,
-                    })
-                }),
+                .prop_map(
+                    |(observed, role, session, (mapping, pake, others_go_after_us))| {
+                        ServerToPeer::Go(Go {
+                            peer: PeerInfo {
+                                observed,
+                                mapping,
+                                pake,
+                            },
+                            role,
+                            session,
+                            others_go_after_us,
+                        })
+                    },
+                ),
             Just(ServerToPeer::Relaying),
             prop::collection::vec(any::<u8>(), 0..100).prop_map(ServerToPeer::Relayed),
             (addr(), dial_back_result(), any::<u32>()).prop_map(|(target, result, elapsed_ms)| {

@@ -151,6 +151,17 @@ pub struct Go {
     pub role: Role,
     /// Token both peers show on each punched link to recognise each other.
     pub session: SessionToken,
+    /// How long after this go the other peer gets its own, in microseconds
+    /// (0 for the farther peer). The rendezvous sends both goes at once; from
+    /// its RTTs to both peers it knows that the nearer peer's arrives sooner
+    /// by half their difference ([`crate::timing::go_delays`]), and the other
+    /// peer's SYN leaves only then. The nearer peer punches at once anyway:
+    /// its SYN usually reaches the other's NAT after the other's own SYN went
+    /// out (the path through the rendezvous is rarely shorter than the direct
+    /// one), and the link is up sooner. An attempt refused before this instant
+    /// (the SYN came too early to a NAT that answers with a reset) is retried
+    /// from this instant, when the two SYNs cross as they would have.
+    pub others_go_after_us: u32,
 }
 
 /// How a punch ended, as a peer reports it to the rendezvous (for its logs and

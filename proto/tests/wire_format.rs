@@ -213,7 +213,7 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 41 | 00 = Hello | 08 = version 8 | nameplate "17": length 2,
+        // length 41 | 00 = Hello | 09 = version 9 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
         // resume: 01 = some, then the 16 bytes of the room (no length) |
         // probe_token: 01 = some, then its 16 bytes
@@ -226,7 +226,7 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 resume: Some(room()),
                 probe_token: Some(token()),
             }),
-            "00000029 | 00 | 08 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            "00000029 | 00 | 09 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -314,9 +314,10 @@ fn server_to_peer_cases() -> Vec<Golden<ServerToPeer>> {
         ),
         // length 2 | 02 = Ping | seq 5
         golden(ServerToPeer::Ping { seq: 5 }, "00000002 | 02 | 05"),
-        // length 31 | 03 = Go | peer.observed: 00 = V4, 198.51.100.7, port 40000
+        // length 34 | 03 = Go | peer.observed: 00 = V4, 198.51.100.7, port 40000
         // = 0x9c40 | peer.mapping: 01 = Independent | peer.pake: length 3, the
-        // bytes | role: 01 = Follower | session: the 16 bytes (no length)
+        // bytes | role: 01 = Follower | session: the 16 bytes (no length) |
+        // others_go_after_us: 35000 = 0x88b8, fb = u16 follows, LE
         golden(
             ServerToPeer::Go(Go {
                 peer: PeerInfo {
@@ -326,9 +327,10 @@ fn server_to_peer_cases() -> Vec<Golden<ServerToPeer>> {
                 },
                 role: Role::Follower,
                 session: session(),
+                others_go_after_us: 35_000,
             }),
-            "0000001f | 03 | 00 c6336407 fb409c | 01 | 03 aabbcc | 01 \
-             | 101112131415161718191a1b1c1d1e1f",
+            "00000022 | 03 | 00 c6336407 fb409c | 01 | 03 aabbcc | 01 \
+             | 101112131415161718191a1b1c1d1e1f | fb b888",
         ),
         // length 6 | 04 = Allocated | nameplate: length 4, "4821"
         golden(
@@ -387,7 +389,7 @@ fn peer_to_peer_index(msg: &PeerToPeer) -> u32 {
 
 fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
     vec![
-        // length 19 | 00 = LinkHello | 08 = version 8 | session: the 16 bytes (no
+        // length 19 | 00 = LinkHello | 09 = version 9 | session: the 16 bytes (no
         // length) | role: 00 = Leader
         golden(
             PeerToPeer::LinkHello {
@@ -395,7 +397,7 @@ fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
                 session: session(),
                 role: Role::Leader,
             },
-            "00000013 | 00 | 08 | 101112131415161718191a1b1c1d1e1f | 00",
+            "00000013 | 00 | 09 | 101112131415161718191a1b1c1d1e1f | 00",
         ),
         // length 4 | 01 = Handshake | length 2, the bytes
         golden(PeerToPeer::Handshake(vec![1, 2]), "00000004 | 01 | 02 0102"),
@@ -595,7 +597,7 @@ fn dial_back_result_encodings_are_pinned() {
 /// deliberate act: the golden hellos above change with it.
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 8);
+    assert_eq!(PROTOCOL_VERSION, 9);
 }
 
 /// [`ServerToPeer::Error`] carries its code as a number

@@ -11,7 +11,8 @@
 //!    - Second: the pair is made. The joining task computes both go delays
 //!      ([`go_delays`]) and hands the waiting task its go through a channel.
 //!    - Third: "code already in use" instead of the welcome.
-//! 3. Each task holds its go back by its delay, sends it, then keeps the connection
+//! 3. Each task sends its go at once, with its delay in it (how much later the
+//!    other peer gets its go), then keeps the connection
 //!    open while the peers punch (their NAT mappings depend on it), until the peer
 //!    reports the outcome or leaves (or asks for a relay: see `relay`).
 //!
@@ -36,7 +37,7 @@ use punchline_proto::{
 };
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
-use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
 use tracing::{debug, info};
 
@@ -293,6 +294,7 @@ async fn serve(
                     peer: me.clone(),
                     role: Role::Leader,
                     session,
+                    others_go_after_us: 0,
                 };
                 let (relay_mine, relay_theirs) =
                     relay_ends(shared.config.relay_bytes, shared.config.relay_rate);
@@ -318,6 +320,7 @@ async fn serve(
                     peer: value.info,
                     role: Role::Follower,
                     session,
+                    others_go_after_us: 0,
                 };
                 joined = Some(Joined::Paired(mine, my_delay, relay_mine));
             }
@@ -394,10 +397,11 @@ async fn serve(
         }
     };
 
-    // 3. The synchronised go, then hold the connection during the punch.
-    if !delay.is_zero() {
-        sleep(delay).await;
-    }
+    // 3. The go, at once, saying how much later the other peer gets its own
+    // (the nearer peer may punch at once, see `Go::others_go_after_us`); then
+    // hold the connection during the punch.
+    let mut go = go;
+    go.others_go_after_us = u32::try_from(delay.as_micros()).unwrap_or(u32::MAX);
     send(&mut conn, ServerToPeer::Go(go)).await?;
     debug!(id, delay_ms = ms(delay), "go sent");
     // The report, or after a failed punch a request to relay; meanwhile each
