@@ -721,3 +721,52 @@ fn a_rendezvous_that_alters_a_words_commitment_gets_no_chat() {
         );
     }
 }
+
+/// Whatever a rendezvous hands on as the other side's key-exchange message —
+/// nothing, too short for a commitment, a commitment alone, a corrupt SPAKE2
+/// point, an old protocol's bare SPAKE2 message, a long one — the peer ends
+/// with an error (the code used up), never a panic or a hang.
+#[test]
+fn hostile_key_exchange_messages_in_the_go_end_cleanly() {
+    let real = KeyExchange::start(&Code::parse("2-right-code").expect("code"))
+        .expect("randomness")
+        .message;
+    let mut corrupt = real.clone();
+    corrupt[40] ^= 0xff;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("31 bytes", vec![7; 31]),
+        ("commitment only", real[..32].to_vec()),
+        ("commitment and a corrupt point", corrupt),
+        ("no commitment", real[32..].to_vec()),
+        ("long", vec![0x53; 4000]),
+    ];
+    for (what, pake) in cases {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (listener, server) = listen(&rt);
+        rt.spawn(async move {
+            let mut a = arrive(&listener, |_| Mapping::Independent).await;
+            let nowhere = "127.0.0.1:9".parse().expect("addr");
+            a.conn
+                .send(go(nowhere, pake, Role::Leader, [1; 16]))
+                .await
+                .expect("go");
+            while let Some(Ok(_)) = a.conn.next().await {}
+        });
+        let mut p = Peer::spawn(server, "alice", "2-right-code", &["--punch-timeout", "2"]);
+        assert!(!p.wait().success(), "{what}");
+        p.wait_stderr("must not be used again");
+        assert!(
+            p.stderr_seen
+                .iter()
+                .any(|l| l.contains("key-exchange message")),
+            "{what}: {:?}",
+            p.stderr_seen
+        );
+        assert!(
+            !p.stderr_seen.iter().any(|l| l.contains("panicked")),
+            "{what}: {:?}",
+            p.stderr_seen
+        );
+    }
+}

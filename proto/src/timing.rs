@@ -1,10 +1,21 @@
 //! RTT estimation and the timing of the synchronised go.
 //!
-//! The punch is quickest when both peers' SYNs leave at the same instant: then each
+//! A punch never fails when both peers' SYNs leave at the same instant: then each
 //! SYN finds the other's NAT already holding a mapping, whatever that NAT does to
 //! unsolicited packets. The rendezvous cannot make the peers act together, but it
-//! knows its RTT to each, so it sends the go to the nearer peer later by half the
-//! difference of the RTTs: both then receive it after the larger one-way delay.
+//! knows its RTT to each: the nearer peer's go arrives sooner by half the
+//! difference of the RTTs ([`go_delays`]). The rendezvous sends both goes at once
+//! and tells the nearer peer that difference
+//! ([`crate::Go::others_go_after_us`]). The nearer peer's SYN leaves at once: it
+//! reaches the other's NAT one A-B one-way delay later, and that is after the
+//! other's SYN left (so a mapping is there) whenever the direct path is not
+//! shorter than the detour through the rendezvous, which is the usual case; its
+//! link is then up half the RTT difference sooner. When it is shorter (a
+//! rendezvous far from one peer, the peers close together), a NAT that drops the
+//! early SYN costs nothing (the other's SYN still finds this peer's socket
+//! waiting in SYN_SENT), and one that answers it with a reset gets a new SYN
+//! from this peer at the other's go, when the two cross as if the go had been
+//! held back.
 
 use std::collections::VecDeque;
 use std::time::Duration;
