@@ -42,7 +42,7 @@ use tokio_util::codec::Framed;
 use tracing::{debug, info};
 
 use super::admission::Admission;
-use super::probe::{dial_back, PROBE_WAIT};
+use super::probe::{dial_back, probe_wait};
 use super::relay::{relay_ends, relay_for, RelayEnd};
 use super::{canonical, Event, Shared, Waiting, REPORT_TIMEOUT};
 use crate::metrics::Metrics;
@@ -238,7 +238,10 @@ async fn serve(
     // its hello) found by its token.
     let probe_observed = match (probe_observed, probe_token) {
         (Some(seen), _) => Some(seen),
-        (None, Some(token)) => shared.config.probes.wait_for(&token, PROBE_WAIT).await,
+        (None, Some(token)) => {
+            let wait = probe_wait(estimator.estimate());
+            shared.config.probes.wait_for(&token, wait).await
+        }
         (None, None) => None,
     };
     // Peers resuming a chat meet in the room they derived from its secret,

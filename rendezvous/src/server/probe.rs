@@ -32,11 +32,26 @@ const MAX_PROBE_TASKS: usize = 1024;
 /// Bound on answering one probe connection (and on reading its token).
 const PROBE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a hello that names a probe token waits for the probe connection
-/// to show it, when the hello comes first. The peer opens both connections at
-/// once, so they arrive together; a probe later than this (a lost SYN) leaves
-/// the mapping unknown rather than holding up the meeting.
+/// Longest a hello that names a probe token waits for the probe connection
+/// to show it, when the hello comes first (see [`probe_wait`]).
 pub const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// Slack over the expected skew between a hello and its probe's token.
+const PROBE_SLACK: Duration = Duration::from_millis(50);
+
+/// How long a hello waits for its probe's token, given the RTT of the hello's
+/// connection (if known). The peer opens the probe connection 2 ms after the
+/// main one, over the same path, so the token normally comes within a few
+/// milliseconds of the hello; a probe that has not come within half a round
+/// trip and [`PROBE_SLACK`] lost a packet, and the retransmission (a second
+/// for a SYN) would come far too late to be worth waiting for: the mapping is
+/// then unknown rather than the meeting held up. At most [`PROBE_WAIT`].
+pub fn probe_wait(rtt: Option<Duration>) -> Duration {
+    match rtt {
+        Some(rtt) => (rtt / 2 + PROBE_SLACK).min(PROBE_WAIT),
+        None => PROBE_WAIT,
+    }
+}
 
 /// How long a probe token is kept for its hello.
 const SIGHTING_TTL: Duration = Duration::from_secs(10);
@@ -237,6 +252,15 @@ pub(super) async fn dial_back(target: SocketAddr) -> ServerToPeer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hello_waits_for_its_probe_about_half_a_round_trip() {
+        let ms = Duration::from_millis;
+        assert_eq!(probe_wait(Some(ms(120))), ms(60) + PROBE_SLACK);
+        assert_eq!(probe_wait(Some(ms(2))), ms(1) + PROBE_SLACK);
+        assert_eq!(probe_wait(Some(Duration::from_secs(5))), PROBE_WAIT);
+        assert_eq!(probe_wait(None), PROBE_WAIT);
+    }
 
     fn token(n: usize) -> ProbeToken {
         let mut t = [0; 16];
