@@ -205,7 +205,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     if mode == Mode::Lines {
         ui::spawn_stdin_lines(tx.clone());
     }
-    let (shows_tx, mut shows_rx) = mpsc::unbounded_channel();
+    let (shows_tx, mut shows_rx) = mpsc::channel(SHOWN_EARLY_QUEUE);
     let early = secure::EarlyLines {
         ours: secure::FirstLines::default(),
         theirs: shows_tx,
@@ -306,6 +306,10 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     }
     Ok(end)
 }
+
+/// Boxes of the other side's first lines waiting to be shown (each holds all
+/// of them so far, so one dropped when the queue is full loses nothing).
+const SHOWN_EARLY_QUEUE: usize = 8;
 
 /// Shows the other side's first lines that came in a box on the way to the
 /// first link (each box holds all its first lines so far), past the `shown`

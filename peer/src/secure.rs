@@ -108,8 +108,8 @@ pub const VERIFY_WORDS: usize = 6;
 
 /// What the user is told when the first handshake fails.
 pub const WRONG_CODE: &str = "the other side did not prove it knows the code: either one of you \
-typed it wrong, or someone tried to intercept the connection. Nothing you typed could be read by \
-it. Start again with a new code.";
+typed it wrong, or someone tried to intercept the connection. Nothing you typed can be read \
+without the code. Start again with a new code.";
 
 /// What the user is told when the other side's sealed candidates do not open
 /// with our key: it holds another key, so it typed another code.
@@ -387,7 +387,7 @@ fn noise_error(e: snow::Error) -> PeerError {
 /// handshake.
 pub const WRONG_CODE_CLOSED: &str = "the other side did not prove it knows the code: it closed \
 the connection during the key confirmation (one of you typed the code wrong, someone tried to \
-intercept the connection, or the connection broke). Nothing you typed could be read by it. Start again with a \
+intercept the connection, or the connection broke). Nothing you typed can be read without the code. Start again with a \
 new code.";
 
 /// The commitment to a words nonce.
@@ -436,7 +436,7 @@ pub struct LinkKeys {
     pub first_lines: FirstLines,
     /// Where the leader of a first link hands the follower's first lines as
     /// they come, to be shown before the handshake ends.
-    pub shows_first_lines: Option<mpsc::UnboundedSender<Introduction>>,
+    pub shows_first_lines: Option<mpsc::Sender<Introduction>>,
 }
 
 /// The chat's first lines, typed before its first link is up, as the leader's
@@ -452,7 +452,7 @@ pub struct EarlyLines {
     /// Ours.
     pub ours: FirstLines,
     /// Theirs, with the name they came under.
-    pub theirs: mpsc::UnboundedSender<Introduction>,
+    pub theirs: mpsc::Sender<Introduction>,
 }
 
 /// What the user typed first ([`EarlyLines::ours`]).
@@ -568,7 +568,7 @@ pub struct Handshake {
     /// The follower's sealed first lines, to send behind its link hello.
     first_lines_box: Option<PeerToPeer>,
     /// Where the leader hands the follower's first lines as their boxes open.
-    shows_first_lines: Option<mpsc::UnboundedSender<Introduction>>,
+    shows_first_lines: Option<mpsc::Sender<Introduction>>,
 }
 
 impl Handshake {
@@ -648,13 +648,14 @@ impl Handshake {
 
     /// We follow a chat's first link: `lines`, the chat's first ones, go in
     /// a sealed box right behind our link hello ([`PeerToPeer::FirstLines`]),
-    /// so that the leader shows them before the handshake ends.
+    /// so that the leader shows them before the handshake ends. A preview
+    /// only: the session sends them again after the handshake (a box dropped
+    /// or altered on the way must not lose them).
     pub fn seal_first_lines(&mut self, lines: Vec<String>) -> Result<(), PeerError> {
         validate_first_lines(&lines).map_err(|e| PeerError::Protocol(e.to_string()))?;
         if lines.is_empty() {
             return Ok(());
         }
-        let carried = lines.len() as u64;
         let intro = Introduction {
             words_nonce: [0; 32],
             first_lines: lines,
@@ -677,7 +678,9 @@ impl Handshake {
         let mut boxed = nonce.to_vec();
         boxed.extend_from_slice(&sealed);
         self.first_lines_box = Some(PeerToPeer::FirstLines(boxed));
-        self.carried = carried;
+        // Not counted as carried: the box is outside the handshake, so whoever
+        // carries the link could drop or alter it unseen. The lines go again
+        // after the handshake; the leader skips those it already showed.
         Ok(())
     }
 
@@ -718,7 +721,9 @@ impl Handshake {
             return;
         }
         their.name = shown_name(&their.name);
-        let _ = shows.send(their);
+        // A preview: when the queue is full (boxes replayed in a flood), one
+        // more is dropped, and its lines come after the handshake anyway.
+        let _ = shows.try_send(their);
     }
 
     /// Our next handshake message (the leader's first, the follower's answer),
@@ -1388,7 +1393,7 @@ mod tests {
             shows_first_lines: None,
         };
         let session = [5; 16];
-        let (shows, mut shown) = mpsc::unbounded_channel();
+        let (shows, mut shown) = mpsc::channel(8);
         let leader = LinkKeys {
             shows_first_lines: Some(shows),
             ..keys(kx.clone(), Role::Leader, typed.clone())
@@ -1402,9 +1407,10 @@ mod tests {
         )
         .await;
         let (a, b) = (a.expect("leader"), b.expect("follower"));
-        // The leader's ride in its first message, the follower's in its box.
+        // The leader's ride in its first message, the follower's in its box
+        // (a preview: they go again after the handshake, not carried).
         assert_eq!(a.carried(), 2);
-        assert_eq!(b.carried(), 1);
+        assert_eq!(b.carried(), 0);
         assert_eq!(b.their_introduction().first_lines, ["one", "two"]);
         assert!(a.their_introduction().first_lines.is_empty());
         let boxed = shown.try_recv().expect("the follower's box was shown");

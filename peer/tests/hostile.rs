@@ -733,15 +733,17 @@ fn hostile_key_exchange_messages_in_the_go_end_cleanly() {
         .message;
     let mut corrupt = real.clone();
     corrupt[40] ^= 0xff;
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("empty", vec![]),
-        ("31 bytes", vec![7; 31]),
-        ("commitment only", real[..32].to_vec()),
-        ("commitment and a corrupt point", corrupt),
-        ("no commitment", real[32..].to_vec()),
-        ("long", vec![0x53; 4000]),
+    // Whether the error names the key-exchange message: a corrupt point may
+    // still decode as a point (another key, so the punch fails instead).
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("empty", vec![], true),
+        ("31 bytes", vec![7; 31], true),
+        ("commitment only", real[..32].to_vec(), true),
+        ("commitment and a corrupt point", corrupt, false),
+        ("no commitment", real[32..].to_vec(), true),
+        ("long", vec![0x53; 4000], true),
     ];
-    for (what, pake) in cases {
+    for (what, pake, named) in cases {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let (listener, server) = listen(&rt);
         rt.spawn(async move {
@@ -757,9 +759,10 @@ fn hostile_key_exchange_messages_in_the_go_end_cleanly() {
         assert!(!p.wait().success(), "{what}");
         p.wait_stderr("must not be used again");
         assert!(
-            p.stderr_seen
-                .iter()
-                .any(|l| l.contains("key-exchange message")),
+            !named
+                || p.stderr_seen
+                    .iter()
+                    .any(|l| l.contains("key-exchange message")),
             "{what}: {:?}",
             p.stderr_seen
         );

@@ -76,6 +76,11 @@ impl Peer {
         self.inner.recv().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The next stdout line within `wait`, if one comes.
+    pub fn try_recv(&mut self, wait: Duration) -> Option<String> {
+        self.inner.try_recv(wait)
+    }
+
     /// Waits for a stderr line containing `needle`; returns it.
     pub fn wait_stderr(&mut self, needle: &str) -> String {
         let line = self
