@@ -4,4 +4,4 @@
 
 pub mod rtt;
 
-pub use rtt::kernel_rtt;
+pub use rtt::{kernel_rtt, tcp_state, unacked_segments};

@@ -9,8 +9,8 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-/// The smoothed RTT the kernel keeps for `socket`, if it has one.
-pub fn kernel_rtt(socket: &impl AsRawFd) -> Option<Duration> {
+/// The kernel's `TCP_INFO` for `socket`, if it can be read.
+fn tcp_info(socket: &impl AsRawFd) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data, valid when zeroed; getsockopt writes at
     // most `len` bytes into it and reports how many.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -25,10 +25,26 @@ pub fn kernel_rtt(socket: &impl AsRawFd) -> Option<Duration> {
             &mut len,
         )
     };
-    if rc != 0 || info.tcpi_rtt == 0 {
-        return None;
-    }
-    Some(Duration::from_micros(u64::from(info.tcpi_rtt)))
+    (rc == 0 && len > 0).then_some(info)
+}
+
+/// The smoothed RTT the kernel keeps for `socket`, if it has one.
+pub fn kernel_rtt(socket: &impl AsRawFd) -> Option<Duration> {
+    let info = tcp_info(socket)?;
+    (info.tcpi_rtt != 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
+/// How many segments sent on `socket` the other end's TCP has not yet
+/// acknowledged: nonzero while a loss is being repaired (or the path is
+/// dead), zero once everything sent has arrived there.
+pub fn unacked_segments(socket: &impl AsRawFd) -> Option<u32> {
+    Some(tcp_info(socket)?.tcpi_unacked)
+}
+
+/// The kernel's TCP state of `socket` (`tcpi_state`: 1 established, 2
+/// SYN_SENT, …), if it can be read.
+pub fn tcp_state(socket: &impl AsRawFd) -> Option<u8> {
+    Some(tcp_info(socket)?.tcpi_state)
 }
 
 #[cfg(test)]
@@ -44,5 +60,12 @@ mod tests {
         let rtt = kernel_rtt(&server).expect("kernel has an RTT after the handshake");
         assert!(rtt < Duration::from_secs(1), "{rtt:?}");
         assert!(kernel_rtt(&client).is_some());
+        assert_eq!(tcp_state(&client), Some(1), "established");
+        // What was sent and has arrived is acknowledged.
+        std::io::Write::write_all(&mut &client, b"hello").expect("write");
+        let mut got = [0u8; 5];
+        std::io::Read::read_exact(&mut &server, &mut got).expect("read");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(unacked_segments(&client), Some(0));
     }
 }

@@ -368,13 +368,34 @@ impl RendezvousConn {
         limit: Duration,
     ) -> Result<ServerToPeer, PeerError> {
         let first = !self.answered;
-        let limit = if first {
+        let full = limit;
+        let mut limit = if first {
             limit.min(FIRST_ANSWER_TIMEOUT)
         } else {
             limit
         };
         self.send(msg).await?;
-        let reply = match timeout(limit, self.conn.next()).await {
+        let sent = tokio::time::Instant::now();
+        let reply = loop {
+            match tokio::time::timeout_at(sent + limit, self.conn.next()).await {
+                Ok(reply) => break Ok(reply),
+                // Our request has not even reached the server's TCP yet (it
+                // is being retransmitted: a lossy path): silence says
+                // nothing about what listens there, so wait the request's
+                // full time.
+                Err(_)
+                    if first
+                        && limit < full
+                        && punchline_net::unacked_segments(self.conn.get_ref())
+                            .is_some_and(|n| n > 0) =>
+                {
+                    tracing::debug!("request not yet acknowledged; waiting longer");
+                    limit = full;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let reply = match reply {
             Ok(reply) => reply,
             Err(_) if first => {
                 let silent = format!("no answer within {}", in_words(limit));

@@ -687,7 +687,7 @@ async fn connect_once(
         if let Ok(done) = timeout(c.fresh_after, &mut connecting).await {
             return done.map_err(|e| classify(c, &e));
         }
-        if tcp_state(fd) == Some(TCP_SYN_SENT) {
+        if punchline_net::tcp_state(&fd) == Some(TCP_SYN_SENT) {
             return Err(AttemptFailure::NoAnswer);
         }
     }
@@ -708,25 +708,6 @@ async fn connect_once(
 
 /// `TCP_SYN_SENT` of the kernel's TCP states (`tcpi_state`).
 const TCP_SYN_SENT: u8 = 2;
-
-/// The kernel's TCP state of the socket `fd` (`TCP_INFO`'s first field), if it
-/// can be read.
-fn tcp_state(fd: std::os::fd::RawFd) -> Option<u8> {
-    // SAFETY: tcp_info is plain old data; getsockopt fills at most `len` bytes
-    // of it, and `fd` is a socket this task owns for the duration of the call.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && len > 0).then_some(info.tcpi_state)
-}
 
 /// A socket filter (classic BPF, run by the kernel on every segment that
 /// reaches the socket, with the TCP header at offset 0) that drops segments

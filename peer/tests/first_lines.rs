@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::fake::{arrive, listen, ServerConn};
+use common::fake::{arrive, listen, until_both_relay, ServerConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{
@@ -62,31 +62,6 @@ fn go(other_observed: SocketAddr, other_pake: Vec<u8>, role: Role) -> ServerToPe
         session: [0x77; 16],
         others_go_after_us: 0,
     })
-}
-
-/// Passes each one's sealed candidates to the other until both ask for the
-/// relay; agrees.
-async fn until_both_relay(mut a: ServerConn, mut b: ServerConn) -> (ServerConn, ServerConn) {
-    let (mut a_done, mut b_done) = (false, false);
-    while !(a_done && b_done) {
-        tokio::select! {
-            m = a.next(), if !a_done => match m {
-                Some(Ok(PeerToServer::Sealed(x))) => b.send(ServerToPeer::Sealed(x)).await.expect("box to b"),
-                Some(Ok(PeerToServer::Relay)) => a_done = true,
-                Some(Ok(_)) => {}
-                other => panic!("a peer left before asking for the relay: {other:?}"),
-            },
-            m = b.next(), if !b_done => match m {
-                Some(Ok(PeerToServer::Sealed(x))) => a.send(ServerToPeer::Sealed(x)).await.expect("box to a"),
-                Some(Ok(PeerToServer::Relay)) => b_done = true,
-                Some(Ok(_)) => {}
-                other => panic!("a peer left before asking for the relay: {other:?}"),
-            },
-        }
-    }
-    a.send(ServerToPeer::Relaying).await.expect("relaying");
-    b.send(ServerToPeer::Relaying).await.expect("relaying");
-    (a, b)
 }
 
 /// Relays between leader `a` and follower `b`; what `b` sends is cut into

@@ -22,7 +22,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::fake::{arrive, listen, Arrival, ServerConn};
+use common::fake::{arrive, listen, until_both_relay, Arrival, ServerConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::LinkStream;
@@ -86,32 +86,6 @@ async fn until_relay(conn: &mut ServerConn, forward: Option<&mut ServerConn>) {
             other => panic!("peer left before asking for the relay: {other:?}"),
         }
     }
-}
-
-/// After the go to both: passes each one's sealed box to the other, as an
-/// honest rendezvous does, until both ask for the relay (their punch, to LAN
-/// candidates only and with none offered, fails at once); agrees to relay.
-async fn until_both_relay(mut a: ServerConn, mut b: ServerConn) -> (ServerConn, ServerConn) {
-    let (mut a_done, mut b_done) = (false, false);
-    while !(a_done && b_done) {
-        tokio::select! {
-            m = a.next(), if !a_done => match m {
-                Some(Ok(PeerToServer::Sealed(x))) => b.send(ServerToPeer::Sealed(x)).await.expect("box to b"),
-                Some(Ok(PeerToServer::Relay)) => a_done = true,
-                Some(Ok(_)) => {}
-                other => panic!("a peer left before asking for the relay: {other:?}"),
-            },
-            m = b.next(), if !b_done => match m {
-                Some(Ok(PeerToServer::Sealed(x))) => a.send(ServerToPeer::Sealed(x)).await.expect("box to a"),
-                Some(Ok(PeerToServer::Relay)) => b_done = true,
-                Some(Ok(_)) => {}
-                other => panic!("a peer left before asking for the relay: {other:?}"),
-            },
-        }
-    }
-    a.send(ServerToPeer::Relaying).await.expect("relaying");
-    b.send(ServerToPeer::Relaying).await.expect("relaying");
-    (a, b)
 }
 
 /// How an impostor tries to pass for the other peer of a resumed chat.

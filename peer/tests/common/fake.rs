@@ -50,3 +50,29 @@ pub async fn arrive(listener: &TcpListener, mapping: impl Fn(SocketAddr) -> Mapp
         };
     }
 }
+
+/// After the go to both: passes each one's sealed box to the other, as an
+/// honest rendezvous does, until both ask for the relay (their punch, to LAN
+/// candidates only and with none offered, fails at once); agrees to relay.
+pub async fn until_both_relay(mut a: ServerConn, mut b: ServerConn) -> (ServerConn, ServerConn) {
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        tokio::select! {
+            m = a.next(), if !a_done => match m {
+                Some(Ok(PeerToServer::Sealed(x))) => b.send(ServerToPeer::Sealed(x)).await.expect("box to b"),
+                Some(Ok(PeerToServer::Relay)) => a_done = true,
+                Some(Ok(_)) => {}
+                other => panic!("a peer left before asking for the relay: {other:?}"),
+            },
+            m = b.next(), if !b_done => match m {
+                Some(Ok(PeerToServer::Sealed(x))) => a.send(ServerToPeer::Sealed(x)).await.expect("box to a"),
+                Some(Ok(PeerToServer::Relay)) => b_done = true,
+                Some(Ok(_)) => {}
+                other => panic!("a peer left before asking for the relay: {other:?}"),
+            },
+        }
+    }
+    a.send(ServerToPeer::Relaying).await.expect("relaying");
+    b.send(ServerToPeer::Relaying).await.expect("relaying");
+    (a, b)
+}
