@@ -48,7 +48,9 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Strategy {
     /// Short name for tables.
     pub name: &'static str,
-    /// The rendezvous holds the go back for the nearer peer.
+    /// The rendezvous tells the nearer peer how much later the other gets its
+    /// go (`Go::others_go_after_us`), so a reset SYN is tried again when the two
+    /// cross.
     pub synchronised_go: bool,
     /// Fixed pause between attempts instead of the adaptive cadence.
     pub fixed_retry: Option<Duration>,

@@ -184,8 +184,8 @@ struct Args {
     )]
     stats_interval: u64,
 
-    /// Benchmark baseline: send the go to both peers at once, without holding it
-    /// back for the nearer one
+    /// Benchmark baseline: the go tells neither peer how much later the other
+    /// gets its own (both are sent at once either way)
     #[arg(long, hide = true)]
     unsynchronised_go: bool,
 }

@@ -164,8 +164,11 @@ pub struct Config {
     pub max_connections: usize,
     /// Most rooms (codes) at once.
     pub max_rooms: usize,
-    /// Hold the go back for the nearer peer so both receive it together. Off only
-    /// for the benchmark baseline, which sends it to both at once.
+    /// Tell the nearer peer, in its go, how much later the other gets its own
+    /// ([`punchline_proto::Go::others_go_after_us`]), so that a SYN of its
+    /// reset for coming too early is tried again when the two cross. Off only
+    /// for the benchmark baseline (both goes say 0). Either way both goes are
+    /// sent at once.
     pub synchronise_go: bool,
     /// Most open connections from one address (an IPv4 address, an IPv6 /64).
     pub connections_per_address: u32,
