@@ -173,9 +173,11 @@ fn symmetric_home_fails_with_a_clear_diagnosis_where_nothing_relays() {
 
 #[test]
 fn rst_rst_with_a_far_rendezvous() {
-    // A and B 5 ms apart, the rendezvous 12 ms from A but 93 ms from B: a go sent
-    // to both at once reaches A 81 ms early, its SYN is reset by B's NAT, and the
-    // two sides' retries rarely cross. The synchronised go makes them cross at once.
+    // A and B 5 ms apart, the rendezvous 12 ms from A but 93 ms from B: the go,
+    // sent to both at once, reaches A 81 ms early, and A's first SYN is reset by
+    // B's NAT (B has sent nothing yet). A tries again when B's go comes, which its
+    // go told it (`Go::others_go_after_us`), and the two SYNs cross; without
+    // that, the two sides' retries rarely cross.
     let name = "rst-rst-far-rendezvous";
     if !available_or_skip(name) {
         return;
