@@ -216,10 +216,7 @@ fn first_link_up(
     output: &mut dyn Output,
 ) {
     let mut typed = early.typed.into_iter().peekable();
-    while let Some(Input::Line(_)) = typed.peek() {
-        let Some(Input::Line(text)) = typed.next() else {
-            break;
-        };
+    while let Some(Input::Line(text)) = typed.next_if(|i| matches!(i, Input::Line(_))) {
         if let Err(e) = session.send_line(now(), text) {
             output.status(&format!("not sent: {e}"));
         }

@@ -23,7 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::fake::{arrive, listen, until_both_relay, ServerConn};
+use common::fake::{arrive, go, listen, pose, punch, until_both_relay, ServerConn};
+
+/// The session token the fake rendezvous gives its pairs.
+const SESSION_77: [u8; 16] = [0x77; 16];
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_proto::{
@@ -35,11 +38,6 @@ use tokio_util::codec::{Decoder, Encoder};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-const SYMMETRIC: Mapping = Mapping::DependsOnDestination {
-    first: 1,
-    second: 2,
-};
-
 /// What the rendezvous does to the follower's box of first lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tamper {
@@ -49,19 +47,6 @@ enum Tamper {
     Drop,
     /// One bit of the box's ciphertext is flipped.
     Flip,
-}
-
-fn go(other_observed: SocketAddr, other_pake: Vec<u8>, role: Role) -> ServerToPeer {
-    ServerToPeer::Go(Go {
-        peer: PeerInfo {
-            observed: other_observed,
-            mapping: SYMMETRIC,
-            pake: other_pake,
-        },
-        role,
-        session: [0x77; 16],
-        others_go_after_us: 0,
-    })
 }
 
 /// Relays between leader `a` and follower `b`; what `b` sends is cut into
@@ -122,11 +107,21 @@ async fn rendezvous(listener: TcpListener, tamper: Tamper, boxes: Arc<AtomicUsiz
     let mut b = arrive(&listener, |_| Mapping::Independent).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.conn
-        .send(go(b.observed, b.hello.pake.clone(), Role::Leader))
+        .send(go(
+            b.observed,
+            b.hello.pake.clone(),
+            Role::Leader,
+            SESSION_77,
+        ))
         .await
         .expect("go");
     b.conn
-        .send(go(a.observed, a.hello.pake.clone(), Role::Follower))
+        .send(go(
+            a.observed,
+            a.hello.pake.clone(),
+            Role::Follower,
+            SESSION_77,
+        ))
         .await
         .expect("go");
     let (ca, cb) = timeout(LIMIT, until_both_relay(a.conn, b.conn))
@@ -267,41 +262,9 @@ fn a_dropped_box_of_a_one_line_pipe_is_not_lost_at_the_leader() {
 /// Alice after them, in order.
 mod on_path {
     use super::*;
-    use punchline_peer::net::fixed_port_socket;
-    use punchline_proto::link_check::link_hello;
-    use tokio::net::TcpStream;
-    use tokio::time::Instant;
-    use tokio_util::codec::Framed;
+    use common::fake::LinkConn;
 
-    type LinkConn = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
     const SESSION: [u8; 16] = [0x31; 16];
-
-    async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let socket = fixed_port_socket(peer, local).expect("socket");
-            if let Ok(stream) = socket.connect(peer).await {
-                return stream;
-            }
-            assert!(Instant::now() < deadline, "could not punch to {peer}");
-            tokio::task::yield_now().await;
-        }
-    }
-
-    async fn pose(stream: TcpStream, role: Role) -> LinkConn {
-        let mut link: LinkConn = Framed::new(stream, FrameCodec::new());
-        link.send(link_hello(
-            punchline_peer::punch::link_token(&SESSION),
-            role,
-        ))
-        .await
-        .expect("link hello");
-        assert!(matches!(
-            link.next().await,
-            Some(Ok(PeerToPeer::LinkHello { .. }))
-        ));
-        link
-    }
 
     async fn forward(mut alice: LinkConn, mut bob: LinkConn, boxes: Arc<AtomicUsize>) {
         loop {
@@ -347,7 +310,10 @@ mod on_path {
             .await
             .expect("go");
         let (to_a, to_b) = tokio::join!(punch(m1, a.observed), punch(m2, b.observed));
-        let (to_a, to_b) = tokio::join!(pose(to_a, Role::Follower), pose(to_b, Role::Leader));
+        let (to_a, to_b) = tokio::join!(
+            pose(to_a, SESSION, Role::Follower),
+            pose(to_b, SESSION, Role::Leader)
+        );
         // Keep the rendezvous connections open while the chat runs.
         let _keep = (a.conn, b.conn);
         forward(to_a, to_b, boxes).await;
@@ -394,31 +360,13 @@ mod on_path {
 /// the code (not "by it", as an earlier message said).
 mod code_holder {
     use super::*;
-    use punchline_peer::net::fixed_port_socket;
     use punchline_peer::punch::link_token;
     use punchline_peer::secure::{KeyExchange, NOISE_PARAMS};
     use punchline_proto::codec::decode_payload;
     use punchline_proto::codes::Code;
-    use punchline_proto::link_check::link_hello;
     use punchline_proto::{Introduction, PROTOCOL_VERSION};
-    use tokio::net::TcpStream;
-    use tokio::time::Instant;
-    use tokio_util::codec::Framed;
 
-    type LinkConn = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
     const SESSION: [u8; 16] = [0x41; 16];
-
-    async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let socket = fixed_port_socket(peer, local).expect("socket");
-            if let Ok(stream) = socket.connect(peer).await {
-                return stream;
-            }
-            assert!(Instant::now() < deadline, "could not punch to {peer}");
-            tokio::task::yield_now().await;
-        }
-    }
 
     /// Returns the lines read from Alice's first handshake message.
     async fn reader(listener: TcpListener, m1: u16, code: Code) -> Vec<String> {
@@ -442,14 +390,7 @@ mod code_holder {
             .await
             .expect("go");
         let token = link_token(&SESSION);
-        let mut link: LinkConn = Framed::new(punch(m1, a.observed).await, FrameCodec::new());
-        link.send(link_hello(token, Role::Follower))
-            .await
-            .expect("hello");
-        assert!(matches!(
-            link.next().await,
-            Some(Ok(PeerToPeer::LinkHello { .. }))
-        ));
+        let mut link = pose(punch(m1, a.observed).await, SESSION, Role::Follower).await;
         let Some(Ok(PeerToPeer::Handshake(msg1))) = link.next().await else {
             panic!("no first handshake message");
         };

@@ -22,7 +22,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::fake::{arrive, listen, until_both_relay, Arrival, ServerConn};
+use common::fake::{arrive, go, listen, until_both_relay, Arrival, ServerConn, SYMMETRIC};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use punchline_peer::net::LinkStream;
@@ -30,8 +30,8 @@ use punchline_peer::punch::link_token;
 use punchline_peer::secure::{KeyExchange, Secret, SecureLink};
 use punchline_proto::codes::Code;
 use punchline_proto::{
-    FrameCodec, Go, Hello, Introduction, Mapping, PeerInfo, PeerToPeer, PeerToServer, Role,
-    SealedCandidates, ServerToPeer, PROTOCOL_VERSION,
+    FrameCodec, Hello, Introduction, Mapping, PeerToPeer, PeerToServer, Role, SealedCandidates,
+    ServerToPeer, PROTOCOL_VERSION,
 };
 use punchline_testkit::{Client, TestRendezvous};
 use tokio::net::TcpListener;
@@ -40,32 +40,6 @@ use tokio::time::timeout;
 use tokio_util::codec::Framed;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// A mapping that makes a peer skip the punch to the public address (so the
-/// test rendezvous relays the link, and can cut it).
-const SYMMETRIC: Mapping = Mapping::DependsOnDestination {
-    first: 1,
-    second: 2,
-};
-
-/// The go for a peer paired with `other`.
-fn go(
-    other_observed: SocketAddr,
-    other_pake: Vec<u8>,
-    role: Role,
-    session: [u8; 16],
-) -> ServerToPeer {
-    ServerToPeer::Go(Go {
-        peer: PeerInfo {
-            observed: other_observed,
-            mapping: SYMMETRIC,
-            pake: other_pake,
-        },
-        role,
-        session,
-        others_go_after_us: 0,
-    })
-}
 
 /// Reads from a peer after its go until it asks for the relay (its sealed box,
 /// if it sends one, goes to `forward`), and agrees.

@@ -13,52 +13,16 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
-use common::fake::{arrive, listen};
+use common::fake::{arrive, listen, pose, punch, LinkConn};
 use common::*;
 use futures::{SinkExt, StreamExt};
-use punchline_peer::net::fixed_port_socket;
 use punchline_peer::secure::KeyExchange;
 use punchline_proto::codes::Code;
-use punchline_proto::link_check::link_hello;
-use punchline_proto::{FrameCodec, Go, Mapping, PeerInfo, PeerToPeer, Role, ServerToPeer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{timeout, Instant};
-use tokio_util::codec::Framed;
-
-type LinkConn = Framed<TcpStream, FrameCodec<PeerToPeer, PeerToPeer>>;
+use punchline_proto::{Go, Mapping, PeerInfo, PeerToPeer, Role, ServerToPeer};
+use tokio::net::TcpListener;
+use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(15);
-
-/// Connects from `local` to `peer` until the simultaneous open succeeds.
-async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let socket = fixed_port_socket(peer, local).expect("socket");
-        if let Ok(stream) = socket.connect(peer).await {
-            return stream;
-        }
-        assert!(Instant::now() < deadline, "could not punch to {peer}");
-        tokio::task::yield_now().await;
-    }
-}
-
-/// Runs the link checks with a victim, posing as the other peer in `role`.
-async fn pose(stream: TcpStream, session: [u8; 16], role: Role) -> LinkConn {
-    let mut link: LinkConn = Framed::new(stream, FrameCodec::new());
-    link.send(link_hello(
-        punchline_peer::punch::link_token(&session),
-        role,
-    ))
-    .await
-    .expect("link hello");
-    assert!(matches!(
-        link.next().await,
-        Some(Ok(PeerToPeer::LinkHello { .. }))
-    ));
-    // Whatever comes next (the leader's handshake message, right behind its
-    // hello, and the follower's answer) is relayed as it is.
-    link
-}
 
 /// Relays frames both ways until either side closes; returns every payload byte
 /// that came from `a`.

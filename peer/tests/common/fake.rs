@@ -76,3 +76,69 @@ pub async fn until_both_relay(mut a: ServerConn, mut b: ServerConn) -> (ServerCo
     b.send(ServerToPeer::Relaying).await.expect("relaying");
     (a, b)
 }
+
+/// A mapping that makes a peer skip the punch to the public address (so the
+/// test rendezvous relays the link, and can cut it).
+pub const SYMMETRIC: punchline_proto::Mapping = punchline_proto::Mapping::DependsOnDestination {
+    first: 1,
+    second: 2,
+};
+
+/// A go naming the other peer at `other_observed` behind a symmetric NAT
+/// (so neither side punches the public address), with its key-exchange
+/// message `other_pake`, our `role` and the meeting's `session`.
+pub fn go(
+    other_observed: SocketAddr,
+    other_pake: Vec<u8>,
+    role: punchline_proto::Role,
+    session: [u8; 16],
+) -> ServerToPeer {
+    ServerToPeer::Go(punchline_proto::Go {
+        peer: punchline_proto::PeerInfo {
+            observed: other_observed,
+            mapping: SYMMETRIC,
+            pake: other_pake,
+        },
+        role,
+        session,
+        others_go_after_us: 0,
+    })
+}
+
+/// A punched link to a peer, framed as peers frame it.
+pub type LinkConn =
+    Framed<TcpStream, FrameCodec<punchline_proto::PeerToPeer, punchline_proto::PeerToPeer>>;
+
+/// Connects from `local` to `peer` until the simultaneous open succeeds
+/// (within 15 s).
+pub async fn punch(local: u16, peer: SocketAddr) -> TcpStream {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let socket = punchline_peer::net::fixed_port_socket(peer, local).expect("socket");
+        if let Ok(stream) = socket.connect(peer).await {
+            return stream;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "could not punch to {peer}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs the link checks with a victim, posing as the other peer in `role` of
+/// the meeting `session`. Whatever comes next is the caller's.
+pub async fn pose(stream: TcpStream, session: [u8; 16], role: punchline_proto::Role) -> LinkConn {
+    let mut link: LinkConn = Framed::new(stream, FrameCodec::new());
+    link.send(punchline_proto::link_check::link_hello(
+        punchline_peer::punch::link_token(&session),
+        role,
+    ))
+    .await
+    .expect("link hello");
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(punchline_proto::PeerToPeer::LinkHello { .. }))
+    ));
+    link
+}
