@@ -569,6 +569,10 @@ pub struct Handshake {
     first_lines_box: Option<PeerToPeer>,
     /// Where the leader hands the follower's first lines as their boxes open.
     shows_first_lines: Option<mpsc::Sender<Introduction>>,
+    /// A box of the other's first lines opened on this link: it holds the
+    /// code's key, so a handshake that then fails was cut or altered on the
+    /// way, not refused for another code.
+    their_box_opened: bool,
 }
 
 impl Handshake {
@@ -625,6 +629,7 @@ impl Handshake {
             carried: 0,
             first_lines_box: None,
             shows_first_lines: None,
+            their_box_opened: false,
         })
     }
 
@@ -694,7 +699,7 @@ impl Handshake {
     /// does not open (another key, another meeting, altered) or does not
     /// hold what it may is dropped: the follower's lines come again after
     /// the handshake anyway.
-    pub fn took_first_lines(&self, sealed: &[u8]) {
+    pub fn took_first_lines(&mut self, sealed: &[u8]) {
         let Some(shows) = &self.shows_first_lines else {
             return;
         };
@@ -720,6 +725,7 @@ impl Handshake {
         if their.chat_role == self.ours.chat_role || fits.is_err() {
             return;
         }
+        self.their_box_opened = true;
         their.name = shown_name(&their.name);
         // A preview: when the queue is full (boxes replayed in a flood), one
         // more is dropped, and its lines come after the handshake anyway.
@@ -785,6 +791,9 @@ impl Handshake {
     /// What a frame other than a handshake message, where one was due, means:
     /// the far end does not hold the key (an impostor, or a broken peer).
     pub fn refused(&self, how: KeyRefusal) -> PeerError {
+        if self.their_box_opened && how != KeyRefusal::Words {
+            return self.cut_after_box();
+        }
         if self.secret.is_code_key() {
             PeerError::BadCode(how)
         } else {
@@ -797,6 +806,9 @@ impl Handshake {
     /// code) answers; on a later one it is a lost link (the other side may
     /// simply have given up on it), not a failed authentication.
     pub fn closed(&self) -> PeerError {
+        if self.their_box_opened {
+            return self.cut_after_box();
+        }
         if self.secret.is_code_key() {
             PeerError::BadCode(KeyRefusal::ClosedInHandshake)
         } else {
@@ -804,6 +816,17 @@ impl Handshake {
                 name: crate::punch::THE_OTHER_SIDE.to_owned(),
                 why: "closed during the encryption handshake".into(),
             }
+        }
+    }
+
+    /// The link lost after the other's box of first lines opened (so it
+    /// holds the code's key): not a wrong code.
+    fn cut_after_box(&self) -> PeerError {
+        PeerError::LinkLost {
+            name: crate::punch::THE_OTHER_SIDE.to_owned(),
+            why: "the link was cut or altered during the encryption handshake, after the other \
+                  side's first lines (shown above) proved it holds the code"
+                .into(),
         }
     }
 
@@ -865,7 +888,7 @@ impl SecureLink {
                         why: e.to_string(),
                     })?;
             }
-            let msg = read_handshake(&mut link, &hs).await?;
+            let msg = read_handshake(&mut link, &mut hs).await?;
             hs.read(&msg)?;
             if role == Role::Follower {
                 send_handshake(&mut hs, &mut link).await?;
@@ -979,7 +1002,7 @@ async fn send_handshake(hs: &mut Handshake, link: &mut PeerFrames) -> Result<(),
 
 /// Reads the other side's next handshake message from `link` (the leader
 /// takes the follower's box of first lines on the way).
-async fn read_handshake(link: &mut PeerFrames, hs: &Handshake) -> Result<Vec<u8>, PeerError> {
+async fn read_handshake(link: &mut PeerFrames, hs: &mut Handshake) -> Result<Vec<u8>, PeerError> {
     loop {
         match link.next().await {
             Some(Ok(PeerToPeer::FirstLines(sealed))) if hs.role == Role::Leader => {
@@ -1421,7 +1444,7 @@ mod tests {
         let Some(PeerToPeer::FirstLines(sealed)) = elsewhere.take_first_lines_box() else {
             panic!("no box");
         };
-        let hs = leader.handshake(Role::Leader, &session).expect("hs");
+        let mut hs = leader.handshake(Role::Leader, &session).expect("hs");
         hs.took_first_lines(&sealed);
         let mut here = follower.handshake(Role::Follower, &session).expect("hs");
         let Some(PeerToPeer::FirstLines(mut sealed)) = here.take_first_lines_box() else {

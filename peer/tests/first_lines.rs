@@ -47,6 +47,9 @@ enum Tamper {
     Drop,
     /// One bit of the box's ciphertext is flipped.
     Flip,
+    /// The box is passed on, then the relay ends (the follower's handshake
+    /// answer never reaches the leader).
+    CutAfterBox,
 }
 
 /// Relays between leader `a` and follower `b`; what `b` sends is cut into
@@ -68,6 +71,7 @@ async fn relay(mut a: ServerConn, mut b: ServerConn, tamper: Tamper, boxes: Arc<
                 Some(Ok(PeerToServer::Relayed(x))) => {
                     from_b.extend_from_slice(&x);
                     let mut out = BytesMut::new();
+                    let mut cut = false;
                     while let Ok(Some(frame)) = codec.decode(&mut from_b) {
                         let frame = match frame {
                             PeerToPeer::FirstLines(mut sealed) => {
@@ -80,6 +84,10 @@ async fn relay(mut a: ServerConn, mut b: ServerConn, tamper: Tamper, boxes: Arc<
                                         sealed[last] ^= 1;
                                         Some(PeerToPeer::FirstLines(sealed))
                                     }
+                                    Tamper::CutAfterBox => {
+                                        cut = true;
+                                        Some(PeerToPeer::FirstLines(sealed))
+                                    }
                                 }
                             }
                             other => Some(other),
@@ -87,6 +95,14 @@ async fn relay(mut a: ServerConn, mut b: ServerConn, tamper: Tamper, boxes: Arc<
                         if let Some(frame) = frame {
                             codec.encode(frame, &mut out).expect("encode");
                         }
+                        if cut {
+                            break;
+                        }
+                    }
+                    if cut {
+                        let _ = a.send(ServerToPeer::Relayed(out.to_vec())).await;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        return;
                     }
                     if !out.is_empty() && a.send(ServerToPeer::Relayed(out.to_vec())).await.is_err() {
                         return;
@@ -223,6 +239,24 @@ fn a_dropped_box_of_first_lines_then_a_line_keeps_the_chat() {
 #[test]
 fn an_altered_box_of_first_lines_then_a_line_keeps_the_chat() {
     box_tampered_then_another_line(Tamper::Flip, "5-early-box");
+}
+
+/// A rendezvous without the code passes Bob's box on, then ends the relay
+/// before his handshake answer. Alice has shown Bob's line (his box opened
+/// under the code's key: he typed the same code), so her error must not
+/// blame a wrong code: the link was lost.
+#[test]
+fn a_relay_cut_after_the_box_does_not_blame_a_wrong_code() {
+    let mut run = start(Tamper::CutAfterBox, "7-early-box", "early from bob\n");
+    let shown = run.alice.try_recv(Duration::from_secs(15));
+    let _ = run.alice.wait();
+    let stderr = run.alice.stderr_seen.join("\n");
+    eprintln!("alice shown: {shown:?}\nalice stderr: {stderr}");
+    assert_eq!(shown.as_deref(), Some("bob: early from bob"));
+    assert!(
+        !stderr.contains("typed the code wrong") && !stderr.contains("typed it wrong"),
+        "alice showed bob's boxed line, then said the code may be wrong: {stderr}"
+    );
 }
 
 /// `printf 'early\n' | peer CODE`: Bob's only line is in his box and he
