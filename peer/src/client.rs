@@ -20,12 +20,14 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use punchline_proto::defaults::PROBE_PORT_OFFSET;
+use punchline_proto::pacing::{rendezvous_silence, RENDEZVOUS_FRESH_CONNECTS};
 use punchline_proto::{
     sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
     PeerToServer, PunchOutcome, ServerToPeer, MAX_RELAY_CHUNK,
 };
 use punchline_proto::{ProbeToken, PROBE_TOKEN_LEN};
-use tokio::net::{lookup_host, TcpStream};
+use tokio::net::{lookup_host, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::codec::Framed;
 
@@ -108,6 +110,9 @@ pub struct RendezvousConn {
     /// Whether the server has answered once with a message of the protocol
     /// (until then, it may be some other program).
     answered: bool,
+    /// How many fresh connections replaced a silent one before this one
+    /// connected ([`rendezvous_silence`]).
+    fresh_connects: u32,
 }
 
 /// The addresses of `server` (`HOST:PORT`), within [`RESOLVE_TIMEOUT`].
@@ -141,11 +146,21 @@ impl Drop for Probe {
 
 /// Connects from local `port` to the probe port at `addr`, which answers with
 /// the address it saw; with `token`, first names the hello it goes with
-/// ([`PeerToServer::Probe`]). `None` if it does not answer in time.
-async fn probe(addr: SocketAddr, port: u16, token: Option<ProbeToken>) -> Option<SocketAddr> {
+/// ([`PeerToServer::Probe`]). `None` if it does not answer in time. The time
+/// its TCP connection took goes to `connected` (a round trip to the server).
+async fn probe(
+    addr: SocketAddr,
+    port: u16,
+    token: Option<ProbeToken>,
+    connected: Option<oneshot::Sender<Duration>>,
+) -> Option<SocketAddr> {
     let ask = async {
         let socket = fixed_port_socket(addr, port).ok()?;
+        let started = Instant::now();
         let stream = socket.connect(addr).await.ok()?;
+        if let Some(connected) = connected {
+            let _ = connected.send(started.elapsed());
+        }
         let mut conn = Framed::new(stream, FrameCodec::<ServerToPeer, PeerToServer>::new());
         if let Some(token) = token {
             conn.send(PeerToServer::Probe { token }).await.ok()?;
@@ -158,6 +173,55 @@ async fn probe(addr: SocketAddr, port: u16, token: Option<ProbeToken>) -> Option
     let seen = timeout(PROBE_TIMEOUT, ask).await.ok().flatten();
     tracing::debug!(%addr, ?seen, "probe");
     seen
+}
+
+/// Connects `socket` to `addr`. With `probe_rtt`, the time the probe's own
+/// connection to the same server took (when it comes), a connection that has
+/// heard nothing [`rendezvous_silence`] after its SYN is replaced by a fresh
+/// one from the same local port, at most [`RENDEZVOUS_FRESH_CONNECTS`] times,
+/// instead of waiting a second for the kernel to send the SYN again: a lost
+/// SYN or SYN-ACK on the way to the rendezvous delays both peers' meeting.
+async fn connect_replacing_silence(
+    socket: TcpSocket,
+    addr: SocketAddr,
+    probe_rtt: Option<oneshot::Receiver<Duration>>,
+) -> std::io::Result<(TcpStream, u32)> {
+    let port = socket.local_addr()?.port();
+    let mut started = Instant::now();
+    let mut attempt = Box::pin(socket.connect(addr));
+    let Some(mut probe_rtt) = probe_rtt else {
+        return Ok((attempt.await?, 0));
+    };
+    let silence = tokio::select! {
+        done = &mut attempt => return Ok((done?, 0)),
+        rtt = &mut probe_rtt => match rtt {
+            Ok(rtt) => rendezvous_silence(rtt),
+            // The probe did not connect: no estimate, the kernel's timing.
+            Err(_) => return Ok((attempt.await?, 0)),
+        },
+    };
+    let mut fresh_connects = 0;
+    while fresh_connects < RENDEZVOUS_FRESH_CONNECTS {
+        tokio::select! {
+            done = &mut attempt => return Ok((done?, fresh_connects)),
+            _ = tokio::time::sleep_until(started + silence) => {}
+        }
+        let fresh = match fixed_port_socket(addr, port) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "no fresh socket for the rendezvous");
+                break;
+            }
+        };
+        tracing::debug!(%addr, ?silence, "no answer from the rendezvous yet: connecting afresh");
+        // The silent attempt's socket closes here (nothing is sent from
+        // SYN_SENT), before the fresh one's connect() runs at its first poll:
+        // the two share the address pair.
+        attempt = Box::pin(fresh.connect(addr));
+        started = Instant::now();
+        fresh_connects += 1;
+    }
+    Ok((attempt.await?, fresh_connects))
 }
 
 impl RendezvousConn {
@@ -220,16 +284,23 @@ impl RendezvousConn {
                         PeerError::io("no randomness for the probe", std::io::Error::other(e))
                     })?;
                     let port = local.port();
+                    let (connected, probe_rtt) = oneshot::channel();
                     let task = tokio::spawn(async move {
                         tokio::time::sleep(PROBE_STAGGER).await;
-                        probe(target, port, Some(token)).await
+                        probe(target, port, Some(token), Some(connected)).await
                     });
-                    Some(Probe { token, task })
+                    Some((Probe { token, task }, probe_rtt))
                 }
                 _ => None,
             };
-            match timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
-                Ok(Ok(stream)) => {
+            let (probe, probe_rtt) = probe.unzip();
+            match timeout(
+                CONNECT_TIMEOUT,
+                connect_replacing_silence(socket, addr, probe_rtt),
+            )
+            .await
+            {
+                Ok(Ok((stream, fresh_connects))) => {
                     let local_port = stream
                         .local_addr()
                         .map_err(|e| PeerError::io("reading the local port", e))?
@@ -240,6 +311,7 @@ impl RendezvousConn {
                         local_port,
                         answered: false,
                         probe,
+                        fresh_connects,
                     });
                 }
                 Ok(Err(e)) => tried.push((addr, e)),
@@ -267,6 +339,12 @@ impl RendezvousConn {
         })
     }
 
+    /// How many fresh connections replaced a silent one (a lost SYN or
+    /// SYN-ACK) before this connection to the rendezvous was made.
+    pub fn fresh_connects(&self) -> u32 {
+        self.fresh_connects
+    }
+
     /// The kernel's estimate of our round trip to the rendezvous.
     pub fn rtt(&self) -> Option<Duration> {
         punchline_net::kernel_rtt(self.conn.get_ref())
@@ -286,6 +364,7 @@ impl RendezvousConn {
         probe(
             SocketAddr::new(self.server.ip(), probe_port),
             self.local_port,
+            None,
             None,
         )
         .await

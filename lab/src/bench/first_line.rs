@@ -417,7 +417,7 @@ pub const COLUMNS: [&str; 12] = [
     "ratio median",
     "ratio p90",
     "shown (punchline, baseline)",
-    "punchline: go / link / encrypted, median ms",
+    "punchline: go / link / encrypted, median (p90) ms",
     "emulator lost packets",
 ];
 
@@ -470,7 +470,10 @@ pub fn table(spec: &FirstLineSpec, rows: &[Row]) -> String {
             }
             None => (None, None, "not run (no LAN candidates)".to_owned()),
         };
-        let phase = |v: &[Duration]| ms(percentile(&sorted(v), 50));
+        let phase = |v: &[Duration]| {
+            let v = sorted(v);
+            format!("{} ({})", ms(percentile(&v, 50)), ms(percentile(&v, 90)))
+        };
         let relayed = if r.phases.relayed > 0 {
             format!(", {} side(s) relayed", r.phases.relayed)
         } else {
