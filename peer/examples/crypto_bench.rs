@@ -66,6 +66,7 @@ async fn secure_pair() -> (SecureLink, SecureLink, Duration) {
         chat_role,
         words_nonce: [0; 32],
         first_lines: Vec::new(),
+        identity: [0; 32],
     };
     let (ia, ib) = (intro("a", Role::Leader), intro("b", Role::Follower));
     let start = Instant::now();

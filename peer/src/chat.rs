@@ -63,6 +63,8 @@ pub enum Input {
     Line(String),
     /// `/nick NAME`: go by another name.
     Nick(String),
+    /// `/save NAME`: keep the other side as a contact.
+    Save(String),
     /// `/info`: show the link's details.
     Info,
     /// `/verify`: show the verification words.
@@ -93,6 +95,8 @@ pub struct ChatContext {
     pub facts: Vec<(String, String)>,
     /// The first link's verification words.
     pub words: Option<String>,
+    /// What `/save` keeps of the other side.
+    pub offer: Option<crate::contacts::Offer>,
 }
 
 /// A session with the user's settings.
@@ -398,6 +402,10 @@ fn typed_any(
         },
         Some(Input::Info) => output.status("no link right now: reconnecting"),
         Some(Input::Verify) => output.status(&render::words(ctx.words.as_deref())),
+        Some(Input::Save(name)) => match &ctx.offer {
+            Some(offer) => output.status(&crate::save_contact(&name, offer)),
+            None => output.status("not saved: nothing to save yet"),
+        },
         Some(Input::Quit) | None => session.quit(now(), false),
         Some(Input::Interrupted) => session.quit(now(), true),
     }

@@ -531,6 +531,13 @@ impl RendezvousConn {
         })
     }
 
+    /// Leaves the rendezvous at once with a reset rather than a goodbye, so
+    /// that no TIME_WAIT holds our port towards it: a peer moving to a new
+    /// room reconnects from the same port right away.
+    pub fn abort(self) {
+        let _ = socket2::SockRef::from(self.conn.get_ref()).set_linger(Some(Duration::ZERO));
+    }
+
     /// Waits for the go, answering pings. Bounded by [`WAIT_SILENCE_TIMEOUT`]
     /// should the server go quiet, and by [`GO_WAIT_LIMIT`] in all (the server
     /// normally ends the wait sooner, with an error saying nobody joined).

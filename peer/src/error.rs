@@ -111,6 +111,23 @@ pub enum PeerError {
     /// someone other than the other peer answered.
     #[error("{}", crate::render::not_authenticated(*.0))]
     NotAuthenticated(KeyRefusal),
+    /// The other side of a contact's meeting did not prove it holds the
+    /// contact's identity key and the pairing secret.
+    #[error("{}", crate::render::contact_refused(.name, *.how))]
+    ContactRefused {
+        /// The contact's name.
+        name: String,
+        /// How it failed.
+        how: KeyRefusal,
+    },
+    /// The contacts or identity file, or the config directory, could not be
+    /// used (its path and what to do are in the message).
+    #[error("{0}")]
+    Contacts(String),
+    /// A contact's room at the rendezvous changed ([`crate::contacts::ROOM_EPOCH`])
+    /// while we waited there: meet again in the new one.
+    #[error("the contact's room changed while waiting")]
+    RoomChanged,
     /// Later links failed authentication this many times: the chat ends.
     #[error("{}", crate::render::kept_failing(.name, *.failures, *.last))]
     KeptFailingAuthentication {

@@ -24,6 +24,7 @@
 
 pub mod chat;
 pub mod client;
+pub mod contacts;
 pub mod doctor;
 pub mod error;
 pub mod meet;
@@ -67,8 +68,11 @@ pub struct Options {
     pub port: u16,
     /// Name shown to the other side.
     pub name: String,
-    /// The code as typed; `None` to start a new one.
+    /// The code as typed, or `@NAME` to meet a contact; `None` to start a
+    /// new code.
     pub code: Option<String>,
+    /// Save the other side as a contact under this name once the chat is up.
+    pub save: Option<String>,
     /// Words in a new code.
     pub words: usize,
     /// How long to try punching.
@@ -158,7 +162,23 @@ pub use render::describe_mapping;
 /// Runs a whole session: meet, punch, chat; meet and punch again whenever the
 /// link drops. Returns how the chat ended.
 pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
-    let typed_code = opts.code.as_deref().map(parse_code).transpose()?;
+    let (typed_code, contact) = match opts.code.as_deref().map(str::trim) {
+        Some(typed) if typed.starts_with('@') => {
+            let name = &typed[1..];
+            contacts::validate_contact_name(name)?;
+            let book = contacts::Book::load(&contacts::config_dir()?)?;
+            let contact = book
+                .get(name)
+                .cloned()
+                .ok_or_else(|| contacts::no_such_contact(name))?;
+            (None, Some(contact))
+        }
+        Some(typed) => (Some(parse_code(typed)?), None),
+        None => (None, None),
+    };
+    if let Some(name) = &opts.save {
+        contacts::validate_contact_name(name)?;
+    }
     if !(punchline_proto::codes::MIN_WORDS..=punchline_proto::codes::MAX_WORDS)
         .contains(&opts.words)
     {
@@ -172,6 +192,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     check_punch_timeout(opts.punch_timeout)?;
     let mut status = ui::StderrStatus;
     use chat::Output as _;
+    let identity = our_identity(contact.is_some(), &mut status)?;
 
     // 1. Rendezvous, from the fixed port.
     let server = with_default_port(&opts.server);
@@ -180,7 +201,8 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let port = rendezvous.local_port;
     tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
     let code = match typed_code {
-        Some(code) => code,
+        Some(code) => Some(code),
+        None if contact.is_some() => None,
         None => {
             let nameplate = rendezvous.allocate().await?;
             let mut random = [0u8; punchline_proto::codes::MAX_WORDS];
@@ -193,7 +215,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
                 "on the other host, run:  peer --server {} {code}",
                 opts.server.trim()
             ));
-            code
+            Some(code)
         }
     };
 
@@ -206,9 +228,12 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         ui::spawn_stdin_lines(tx.clone());
     }
     let (shows_tx, mut shows_rx) = mpsc::channel(SHOWN_EARLY_QUEUE);
-    let early = secure::EarlyLines {
-        ours: secure::FirstLines::default(),
-        theirs: shows_tx,
+    let first = meet::FirstMeeting {
+        early: secure::EarlyLines {
+            ours: secure::FirstLines::default(),
+            theirs: shows_tx,
+        },
+        identity,
     };
     let mut typed_early = Vec::new();
     let style = ui::Style::for_stdout(opts.timestamps);
@@ -216,16 +241,20 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let mut shown_early = 0;
 
     // 2.-4. Meet, punch, secure.
-    let met = {
-        let keying = meet::Keying::Code(&code, &early);
+    let met = loop {
+        let keying = match (&code, &contact) {
+            (Some(code), _) => meet::Keying::Code(code, &first),
+            (None, Some(contact)) => meet::Keying::Contact(contact, &first),
+            (None, None) => unreachable!("a code is made when none is given"),
+        };
         let meeting = meet::meet(&opts, rendezvous, keying, &mut status);
         tokio::pin!(meeting);
-        loop {
+        let met = loop {
             tokio::select! {
-                met = &mut meeting => break met?,
+                met = &mut meeting => break met,
                 // Kept for the chat; no more than the channel would hold.
                 Some(typed) = rx.recv(), if typed_early.len() < ui::INPUT_CHANNEL => {
-                    early.ours.typed(match &typed {
+                    first.early.ours.typed(match &typed {
                         chat::Input::Line(text) => Some(text.as_str()),
                         _ => None,
                     });
@@ -235,6 +264,15 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
                     show_first_lines(&theirs, &mut shown_early, &mut lines_out);
                 }
             }
+        };
+        match met {
+            // The contact's room changed with the hour while we waited:
+            // wait in the new one.
+            Err(PeerError::RoomChanged) => {
+                rendezvous =
+                    client::RendezvousConn::connect_probing(&server, port, opts.probe_port).await?;
+            }
+            met => break met?,
         }
     };
     while let Ok(theirs) = shows_rx.try_recv() {
@@ -246,8 +284,25 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         render::describe_link(&met)
     ));
     let words = met.link.verification().map(str::to_owned);
-    if let Some(words) = &words {
-        status.status(&render::confirmed(&their_name, words));
+    match (&contact, &words) {
+        (Some(contact), _) => status.status(&format!(
+            "this is {}: the key you saved, and your pairing",
+            sanitize_for_terminal(&contact.name)
+        )),
+        (None, Some(words)) => status.status(&render::confirmed(&their_name, words)),
+        (None, None) => {}
+    }
+    // What saving the other side as a contact keeps: in a contact's chat,
+    // the key its handshake proved; else the key it introduced itself with.
+    let offer = contacts::Offer {
+        key: match &contact {
+            Some(contact) => contact.key,
+            None => met.link.their_introduction().identity,
+        },
+        pairing: met.chat.secret.pairing(),
+    };
+    if let Some(name) = &opts.save {
+        status.status(&save_contact(name, &offer));
     }
 
     // 5. Chat, over new links as needed.
@@ -256,6 +311,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         our_name: opts.name.clone(),
         facts: render::link_facts(&met),
         words,
+        offer: Some(offer),
     };
     let mut session = chat::new_session(&opts);
     let mut terminal = None;
@@ -305,6 +361,55 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         }
     }
     Ok(end)
+}
+
+/// Our identity, made on first use. Where it cannot be kept (no config
+/// directory, a read-only home), a chat with a code still runs, with an
+/// identity for this chat only (the other side cannot save us then), and
+/// the user is told; a contact's chat needs the real one.
+fn our_identity(
+    for_contact: bool,
+    status: &mut dyn chat::Output,
+) -> Result<contacts::Identity, PeerError> {
+    let kept = contacts::config_dir().and_then(|dir| {
+        let (identity, made) = contacts::Identity::load_or_create(&dir)?;
+        if made && !contacts::Book::load(&dir)?.contacts.is_empty() {
+            status.status(&format!(
+                "warning: {} was missing, so a new identity key was made: your contacts know \
+                 the old one and will refuse this one until you pair with them again",
+                dir.join(contacts::IDENTITY_FILE).display()
+            ));
+        }
+        Ok(identity)
+    });
+    match kept {
+        Ok(identity) => Ok(identity),
+        Err(e) if !for_contact => {
+            status.status(&format!(
+                "warning: {e}\n(this chat runs with a passing identity: the other side cannot save you as a contact)"
+            ));
+            contacts::Identity::generate()
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Saves the other side as the contact `name`; what to tell the user.
+pub(crate) fn save_contact(name: &str, offer: &contacts::Offer) -> String {
+    let saved = contacts::config_dir().and_then(|dir| {
+        contacts::Book::update(&dir, |book| {
+            book.save(name, offer, std::time::SystemTime::now())
+        })
+    });
+    match saved {
+        Ok(contacts::Saved::New) => format!(
+            "saved as contact {name} (key {}): next time, `peer @{name}` meets them with no code, \
+             once they have saved you too",
+            contacts::fingerprint(&offer.key)
+        ),
+        Ok(contacts::Saved::Renewed) => format!("contact {name} renewed with this chat's pairing"),
+        Err(e) => format!("not saved: {e}"),
+    }
 }
 
 /// Boxes of the other side's first lines waiting to be shown (each holds all

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use punchline_proto::session::LinkKind;
 use punchline_proto::{
@@ -16,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::chat::Output;
+use crate::contacts::{self, Contact, Identity};
 use crate::error::{KeyRefusal, PeerError};
 use crate::secure::LinkKeys;
 use crate::{client, net, punch, secure, Options, PROBE_PORT_OFFSET};
@@ -38,9 +40,22 @@ pub(crate) enum Path {
 pub(crate) enum Keying<'a> {
     /// The chat's first meeting: the code, by SPAKE2 through the rendezvous;
     /// the leader's first handshake message carries the lines typed so far.
-    Code(&'a Code, &'a secure::EarlyLines),
+    Code(&'a Code, &'a FirstMeeting),
+    /// The chat's first meeting, with a contact: in the room of its pairing
+    /// for the current hour, authenticated by both identity keys and the
+    /// pairing ([`secure::Secret::contact`]); first lines as with a code.
+    Contact(&'a Contact, &'a FirstMeeting),
     /// A later meeting of the chat: its secret.
     Chat(&'a ChatKeys),
+}
+
+/// What a chat's first meeting brings besides its key.
+pub(crate) struct FirstMeeting {
+    /// The first lines, both ways.
+    pub(crate) early: secure::EarlyLines,
+    /// Our identity, introduced to the other side (and, with a contact, the
+    /// handshake's static key).
+    pub(crate) identity: Identity,
 }
 
 /// What a chat keeps from its first link for every later one.
@@ -52,6 +67,8 @@ pub(crate) struct ChatKeys {
     pub(crate) role: Role,
     /// The chat's verification words, from its first link.
     pub(crate) words: Option<String>,
+    /// Our identity's public key, which every link's introduction names.
+    pub(crate) identity: [u8; 32],
 }
 
 /// A met peer: the go and our view of the meeting, and the secured link.
@@ -112,6 +129,20 @@ pub(crate) async fn meet(
             };
             (Some(exchange), hello)
         }
+        Keying::Contact(contact, _) => {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                nameplate: String::new(),
+                probe_observed,
+                pake: Vec::new(),
+                resume: Some(secure::contact_room(
+                    &contact.pairing,
+                    contacts::room_epoch(SystemTime::now()),
+                )),
+                probe_token,
+            };
+            (None, hello)
+        }
         Keying::Chat(keys) => {
             let hello = Hello {
                 version: PROTOCOL_VERSION,
@@ -124,11 +155,19 @@ pub(crate) async fn meet(
             (None, hello)
         }
     };
+    // A contact's room changes with the hour: a peer still waiting then
+    // meets again in the new one, where the other will look.
+    let room_changes = contacts::until_next_epoch(SystemTime::now());
     let (observed, mapping) = rendezvous.hello(hello).await?;
-    if exchange.is_some() {
-        status.status(&format!(
+    match keying {
+        Keying::Code(..) => status.status(&format!(
             "waiting for the other side to join with the code (your public address: {observed}, local port {port})"
-        ));
+        )),
+        Keying::Contact(contact, _) => status.status(&format!(
+            "waiting for {} (your public address: {observed}, local port {port})",
+            contact.name
+        )),
+        Keying::Chat(_) => {}
     }
     if let Mapping::DependsOnDestination { first, second } = mapping {
         status.status(&format!(
@@ -136,13 +175,25 @@ pub(crate) async fn meet(
              a direct connection can only work if the other side is on your LAN"
         ));
     }
-    let go = rendezvous.wait_for_go().await?;
+    let go = match keying {
+        Keying::Contact(..) => tokio::select! {
+            go = rendezvous.wait_for_go() => go?,
+            () = tokio::time::sleep(room_changes) => {
+                rendezvous.abort();
+                return Err(PeerError::RoomChanged);
+            }
+        },
+        _ => rendezvous.wait_for_go().await?,
+    };
     let start = Instant::now();
     // From here on, in a first meeting, the code has been handed to whoever
     // joined: whatever fails now, it must not be used again.
     let after_go = async move {
         let (secret, chat_role) = match (exchange, keying) {
             (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
+            (None, Keying::Contact(contact, first)) => {
+                (secure::Secret::contact(contact, &first.identity), go.role)
+            }
             (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
             (None, Keying::Code(..)) => unreachable!("a first meeting always starts the exchange"),
         };
@@ -166,6 +217,10 @@ pub(crate) async fn meet(
             policy: opts.retry,
             server_rtt: rendezvous.rtt(),
         };
+        let identity = match keying {
+            Keying::Code(_, first) | Keying::Contact(_, first) => first.identity.public(),
+            Keying::Chat(keys) => keys.identity,
+        };
         let keys = Arc::new(LinkKeys {
             secret: secret.clone(),
             ours: Introduction {
@@ -174,28 +229,32 @@ pub(crate) async fn meet(
                 // Filled in by the handshake.
                 words_nonce: [0; 32],
                 first_lines: Vec::new(),
+                identity,
             },
             // The words: made by the first link, kept for the others.
             words: match keying {
-                Keying::Code(..) => None,
+                Keying::Code(..) | Keying::Contact(..) => None,
                 Keying::Chat(keys) => keys.words.clone(),
             },
             first_lines: match keying {
-                Keying::Code(_, early) => early.ours.clone(),
+                Keying::Code(_, first) | Keying::Contact(_, first) => first.early.ours.clone(),
                 Keying::Chat(_) => secure::FirstLines::default(),
             },
             shows_first_lines: match keying {
-                Keying::Code(_, early) => Some(early.theirs.clone()),
+                Keying::Code(_, first) | Keying::Contact(_, first) => {
+                    Some(first.early.theirs.clone())
+                }
                 Keying::Chat(_) => None,
             },
         });
         let punched =
             punch_with_their_candidates(&mut rendezvous, &go, &params, keys.clone(), start).await;
         let keep = |link: &secure::SecureLink| match keying {
-            Keying::Code(..) => ChatKeys {
+            Keying::Code(..) | Keying::Contact(..) => ChatKeys {
                 secret: secret.chat(link.handshake_hash()),
                 role: chat_role,
                 words: link.verification().map(str::to_owned),
+                identity,
             },
             Keying::Chat(keys) => keys.clone(),
         };
@@ -266,7 +325,7 @@ pub(crate) async fn meet(
     };
     match keying {
         Keying::Code(..) => after_go.await.map_err(PeerError::code_used),
-        Keying::Chat(_) => after_go.await,
+        Keying::Contact(..) | Keying::Chat(_) => after_go.await,
     }
 }
 
@@ -313,8 +372,7 @@ pub(crate) async fn punch_with_their_candidates(
             Some(theirs) => {
                 let _ = late_tx.send(theirs.candidates);
             }
-            None if secret.is_code_key() => return Err(PeerError::BadCode(KeyRefusal::Candidates)),
-            None => return Err(PeerError::NotAuthenticated(KeyRefusal::Candidates)),
+            None => return Err(secret.refused(KeyRefusal::Candidates)),
         },
         Err(e) => tracing::debug!(error = %e, "no candidates from the other side"),
     }

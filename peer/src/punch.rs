@@ -892,6 +892,7 @@ mod tests {
                 chat_role: Role::Leader,
                 words_nonce: [0; 32],
                 first_lines: Vec::new(),
+                identity: [0; 32],
             },
             words: None,
             first_lines: Default::default(),

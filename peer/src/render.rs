@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use punchline_proto::session::{Failure, Session};
-use punchline_proto::Mapping;
+use punchline_proto::{sanitize_for_terminal, Mapping};
 
 use crate::chat::ChatContext;
 use crate::error::{KeyRefusal, PeerError};
@@ -169,6 +169,26 @@ pub fn bad_code(why: KeyRefusal) -> &'static str {
         KeyRefusal::Candidates => secure::WRONG_CODE_BOX,
         KeyRefusal::Words => secure::WORDS_BROKEN,
     }
+}
+
+/// What the user is told when the other side of a meeting with the contact
+/// `name` does not prove it holds that contact's identity key and the
+/// pairing secret: loudly, with what to do.
+pub fn contact_refused(name: &str, why: KeyRefusal) -> String {
+    let name = sanitize_for_terminal(name);
+    let how = match why {
+        KeyRefusal::Handshake | KeyRefusal::Words => "its handshake did not prove it",
+        KeyRefusal::ClosedInHandshake => "it closed the link during the handshake",
+        KeyRefusal::Candidates => "its candidates were not sealed with your pairing",
+    };
+    format!(
+        "REFUSED: whoever answered as {name} is not the {name} you saved ({how}): it does not hold \
+         both {name}'s identity key and your pairing. Either {name} set up punchline again (a new \
+         identity key) or forgot you, or someone else is answering in {name}'s place. Nothing you \
+         typed can be read by it. If {name} set up again, forget the old contact (`peer contacts \
+         forget {name}`), chat once more with a code and save {name} again; otherwise do not \
+         trust this meeting."
+    )
 }
 
 /// Why a later link was refused, in a few words.

@@ -66,6 +66,11 @@ use crate::punch::PeerFrames;
 /// pre-shared key mixed in before the first message.
 pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 
+/// The Noise protocol of a contact's first link: both sides' identity keys,
+/// known to each other in advance, and the pairing secret as pre-shared key
+/// ([`Secret::contact`]).
+pub const CONTACT_NOISE_PARAMS: &str = "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s";
+
 /// SPAKE2 identity: binds the exchange to this application and protocol.
 const SPAKE2_IDENTITY: &[u8] = b"punchline/2 spake2";
 
@@ -86,6 +91,16 @@ const WORDS_LABEL: &[u8] = b"punchline/5 words key";
 /// HKDF purpose label of the key of the follower's sealed first lines (from
 /// the code's key).
 const FIRST_LINES_LABEL: &[u8] = b"punchline/8 first lines from the follower";
+
+/// HKDF purpose label of a contact's pairing secret (from the chat's secret).
+const PAIRING_LABEL: &[u8] = b"punchline/10 contact pairing";
+
+/// HKDF purpose label of a contact's first-link key (from the pairing secret).
+const CONTACT_KEY_LABEL: &[u8] = b"punchline/10 contact key";
+
+/// HKDF purpose label of a contact's room (from the pairing secret, with the
+/// room epoch).
+const CONTACT_ROOM_LABEL: &[u8] = b"punchline/10 contact room";
 
 /// HKDF purpose label of the resume room (from the chat's secret).
 const ROOM_LABEL: &[u8] = b"punchline/2 resume room";
@@ -180,7 +195,7 @@ impl KeyExchange {
             .map_err(|_| PeerError::Protocol("key derivation failed".into()))?;
         Ok(Secret {
             key: secret,
-            pledge: Some(Pledge {
+            kind: Kind::Code(Pledge {
                 ours: self.nonce,
                 our_commitment: commit(&self.nonce),
                 their_commitment,
@@ -211,13 +226,49 @@ impl Pledge {
     }
 }
 
-/// A secret the two peers share: the key of the code (from SPAKE2, for the
-/// first link), or the chat's secret (for every later link).
+/// A secret the two peers share: what a chat's first link is keyed with (the
+/// key of the code, from SPAKE2; or a contact's pairing secret, with both
+/// identity keys), or the chat's secret (for every later link).
 #[derive(Clone)]
 pub struct Secret {
     key: [u8; 32],
-    /// The words' nonces, with the key of the code only.
-    pledge: Option<Pledge>,
+    kind: Kind,
+}
+
+/// What a [`Secret`] keys.
+#[derive(Clone)]
+enum Kind {
+    /// A code chat's first link: the words' nonces come with it.
+    Code(Pledge),
+    /// A contact chat's first link (Noise `KKpsk0`).
+    Contact(Arc<Statics>),
+    /// Every later link of a chat.
+    Chat,
+}
+
+/// The identity keys of a contact's first link.
+struct Statics {
+    /// Our identity's secret key.
+    ours: [u8; 32],
+    /// The contact's public key.
+    theirs: [u8; 32],
+    /// What the user calls the contact.
+    name: String,
+}
+
+/// The room at the rendezvous where two contacts with `pairing` meet during
+/// the room epoch `epoch` ([`crate::contacts::room_epoch`]): the rendezvous
+/// cannot tie it to the pairing or the names, and it changes every epoch.
+pub fn contact_room(pairing: &[u8; 32], epoch: u64) -> ResumeRoom {
+    let mut label = CONTACT_ROOM_LABEL.to_vec();
+    label.extend_from_slice(&epoch.to_be_bytes());
+    let mut full = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(None, pairing)
+        .expand(&label, &mut full)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    let mut room = [0u8; RESUME_ROOM_LEN];
+    room.copy_from_slice(&full[..RESUME_ROOM_LEN]);
+    room
 }
 
 impl std::fmt::Debug for Secret {
@@ -238,21 +289,79 @@ impl Secret {
     /// A chat's secret from raw key bytes (for tests and benchmarks; a real
     /// chat's secret comes from [`Secret::chat`]).
     pub fn from_key(key: [u8; 32]) -> Secret {
-        Secret { key, pledge: None }
+        Secret {
+            key,
+            kind: Kind::Chat,
+        }
     }
 
-    /// True for the key of the code, false for a chat's secret.
+    /// The key of a contact chat's first link: the `contact`'s pairing
+    /// secret, with our `identity` and the contact's public key as the
+    /// handshake's static keys.
+    ///
+    /// The key itself mixes the two identities' Diffie-Hellman result in with
+    /// the pairing: so the candidates' boxes and the follower's box of first
+    /// lines, which travel before the handshake, are as hard to seal as the
+    /// handshake is to complete. Whoever holds a copy of the pairing without
+    /// one of the two identity keys (a contacts file stolen alone) can seal
+    /// nothing either side would open.
+    pub fn contact(
+        contact: &crate::contacts::Contact,
+        identity: &crate::contacts::Identity,
+    ) -> Secret {
+        let shared = curve25519_dalek::MontgomeryPoint(contact.key)
+            .mul_clamped(*identity.secret())
+            .to_bytes();
+        let pairing = Secret::from_key(contact.pairing);
+        Secret {
+            key: pairing.derive(Some(&shared), CONTACT_KEY_LABEL),
+            kind: Kind::Contact(Arc::new(Statics {
+                ours: *identity.secret(),
+                theirs: contact.key,
+                name: contact.name.clone(),
+            })),
+        }
+    }
+
+    /// True for the key of the code, false for a contact's or a chat's secret.
     pub fn is_code_key(&self) -> bool {
-        self.pledge.is_some()
+        matches!(self.kind, Kind::Code(_))
+    }
+
+    /// True for what keys a chat's first link (the code's key, a contact's
+    /// pairing), false for a chat's secret.
+    pub fn opens_chat(&self) -> bool {
+        !matches!(self.kind, Kind::Chat)
+    }
+
+    /// The contact's name, for a contact chat's first link.
+    pub fn contact_name(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Contact(statics) => Some(&statics.name),
+            _ => None,
+        }
+    }
+
+    fn pledge(&self) -> Option<&Pledge> {
+        match &self.kind {
+            Kind::Code(pledge) => Some(pledge),
+            _ => None,
+        }
     }
 
     /// The Noise pre-shared key of a link keyed by this secret.
     pub fn psk(&self) -> [u8; 32] {
-        if self.is_code_key() {
+        if self.opens_chat() {
             self.derive(None, FIRST_PSK_LABEL)
         } else {
             self.derive(None, LATER_PSK_LABEL)
         }
+    }
+
+    /// The pairing secret a contact saved from this chat holds: the same on
+    /// both sides, derived from the chat's secret (never from the code).
+    pub fn pairing(&self) -> [u8; 32] {
+        self.derive(None, PAIRING_LABEL)
     }
 
     /// The chat's secret, from the code's key and the first link's handshake
@@ -261,7 +370,20 @@ impl Secret {
     pub fn chat(&self, handshake_hash: &[u8]) -> Secret {
         Secret {
             key: self.derive(Some(handshake_hash), CHAT_LABEL),
-            pledge: None,
+            kind: Kind::Chat,
+        }
+    }
+
+    /// What the user is told when the other end of a meeting keyed by this
+    /// secret fails to prove it holds it.
+    pub fn refused(&self, how: KeyRefusal) -> PeerError {
+        match &self.kind {
+            Kind::Code(_) => PeerError::BadCode(how),
+            Kind::Contact(statics) => PeerError::ContactRefused {
+                name: statics.name.clone(),
+                how,
+            },
+            Kind::Chat => PeerError::NotAuthenticated(how),
         }
     }
 
@@ -509,7 +631,7 @@ impl LinkKeys {
             self.words.as_deref(),
             session,
         )?;
-        if self.secret.is_code_key() {
+        if self.secret.opens_chat() {
             match role {
                 Role::Leader => {
                     hs.carry_first_lines(self.first_lines.lines())?;
@@ -594,23 +716,33 @@ impl Handshake {
         words: Option<&str>,
         session: &SessionToken,
     ) -> Result<Handshake, PeerError> {
-        let params = NOISE_PARAMS
-            .parse()
-            .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
+        let params = match secret.kind {
+            Kind::Contact(_) => CONTACT_NOISE_PARAMS,
+            _ => NOISE_PARAMS,
+        }
+        .parse()
+        .map_err(|e| PeerError::Protocol(format!("noise parameters: {e}")))?;
         let psk = secret.psk();
-        let prologue = prologue(session, secret.pledge.as_ref().map(|p| p.commitments(role)));
-        let builder = snow::Builder::new(params)
+        let prologue = prologue(session, secret.pledge().map(|p| p.commitments(role)));
+        let mut builder = snow::Builder::new(params)
             .psk(0, &psk)
             .map_err(noise_error)?
             .prologue(&prologue)
             .map_err(noise_error)?;
+        if let Kind::Contact(statics) = &secret.kind {
+            builder = builder
+                .local_private_key(&statics.ours)
+                .map_err(noise_error)?
+                .remote_public_key(&statics.theirs)
+                .map_err(noise_error)?;
+        }
         let state = match role {
             Role::Leader => builder.build_initiator(),
             Role::Follower => builder.build_responder(),
         }
         .map_err(noise_error)?;
         let mut ours = ours.clone();
-        ours.words_nonce = match &secret.pledge {
+        ours.words_nonce = match secret.pledge() {
             Some(pledge) => pledge.ours,
             None => [0; 32],
         };
@@ -764,7 +896,7 @@ impl Handshake {
         }
         // First lines come only from the leader of a first link, within the
         // limits; anything else is a broken or hostile peer.
-        let may_carry = self.role == Role::Follower && self.secret.is_code_key();
+        let may_carry = self.role == Role::Follower && self.secret.opens_chat();
         if !their.first_lines.is_empty() && !may_carry {
             return Err(PeerError::Protocol(
                 "the other side's handshake carried lines where none may be".into(),
@@ -773,7 +905,17 @@ impl Handshake {
         validate_first_lines(&their.first_lines)
             .and_then(|()| their.first_lines.iter().try_for_each(|l| validate_line(l)))
             .map_err(|e| PeerError::Protocol(format!("the other side's first lines: {e}")))?;
-        if let Some(pledge) = &self.secret.pledge {
+        // A contact's handshake authenticated the key we saved: the
+        // introduction must name that one.
+        if let Kind::Contact(statics) = &self.secret.kind {
+            if their.identity != statics.theirs {
+                return Err(PeerError::Protocol(
+                    "the other side's introduction names another identity key than its handshake"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(pledge) = self.secret.pledge() {
             if commit(&their.words_nonce) != pledge.their_commitment {
                 return Err(self.refused(KeyRefusal::Words));
             }
@@ -794,11 +936,7 @@ impl Handshake {
         if self.their_box_opened && how != KeyRefusal::Words {
             return self.cut_after_box();
         }
-        if self.secret.is_code_key() {
-            PeerError::BadCode(how)
-        } else {
-            PeerError::NotAuthenticated(how)
-        }
+        self.secret.refused(how)
     }
 
     /// The other end closed the link in the middle of the handshake. On the
@@ -809,8 +947,8 @@ impl Handshake {
         if self.their_box_opened {
             return self.cut_after_box();
         }
-        if self.secret.is_code_key() {
-            PeerError::BadCode(KeyRefusal::ClosedInHandshake)
+        if self.secret.opens_chat() {
+            self.secret.refused(KeyRefusal::ClosedInHandshake)
         } else {
             PeerError::LinkLost {
                 name: crate::punch::THE_OTHER_SIDE.to_owned(),
@@ -825,7 +963,7 @@ impl Handshake {
         PeerError::LinkLost {
             name: crate::punch::THE_OTHER_SIDE.to_owned(),
             why: "the link was cut or altered during the encryption handshake, after the other \
-                  side's first lines (shown above) proved it holds the code"
+                  side's first lines (shown above) proved it holds the key"
                 .into(),
         }
     }
@@ -835,14 +973,21 @@ impl Handshake {
         let Handshake {
             state,
             their,
-            verification,
+            mut verification,
             carried,
+            secret,
             ..
         } = self;
         let (Some(their), true) = (their, state.is_handshake_finished()) else {
             return Err(PeerError::Protocol("the handshake is not finished".into()));
         };
         let hash = state.get_handshake_hash().to_vec();
+        // A contact's first link: both identity keys are authenticated; the
+        // words, from the handshake's hash, show the two ends saw one
+        // handshake.
+        if matches!(secret.kind, Kind::Contact(_)) {
+            verification = Some(verification_words(&hash));
+        }
         let noise = state.into_transport_mode().map_err(noise_error)?;
         Ok(SecureLink {
             link,
@@ -994,9 +1139,21 @@ impl SecureLink {
 /// Writes our next handshake message and sends it.
 async fn send_handshake(hs: &mut Handshake, link: &mut PeerFrames) -> Result<(), PeerError> {
     let msg = hs.write()?;
-    link.send(msg).await.map_err(|e| PeerError::LinkLost {
-        name: crate::punch::THE_OTHER_SIDE.to_owned(),
-        why: e.to_string(),
+    link.send(msg).await.map_err(|e| match e {
+        // The far end closed before our message went: the same as reading
+        // its close (which of the two we see first is a race).
+        CodecError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            hs.closed()
+        }
+        e => PeerError::LinkLost {
+            name: crate::punch::THE_OTHER_SIDE.to_owned(),
+            why: e.to_string(),
+        },
     })
 }
 
@@ -1224,13 +1381,23 @@ mod tests {
         use punchline_proto::FrameCodec;
         use tokio_util::codec::Framed;
         let (x, y) = tokio::io::duplex(64 * 1024);
-        let intro = |chat_role| Introduction {
+        // A contact's link introduces the identity whose key it holds.
+        let intro = |chat_role, secret: &Secret| Introduction {
             name: "n".into(),
             chat_role,
             words_nonce: [0; 32],
             first_lines: Vec::new(),
+            identity: match &secret.kind {
+                Kind::Contact(statics) => {
+                    crate::contacts::Identity::from_secret(statics.ours).public()
+                }
+                _ => [0; 32],
+            },
         };
-        let (ia, ib) = (intro(chat_roles.0), intro(chat_roles.1));
+        let (ia, ib) = (
+            intro(chat_roles.0, secrets.0),
+            intro(chat_roles.1, secrets.1),
+        );
         tokio::join!(
             SecureLink::handshake(
                 Framed::new(LinkStream::Relayed(x, None), FrameCodec::new()),
@@ -1249,6 +1416,87 @@ mod tests {
                 &[3; 16],
             ),
         )
+    }
+
+    /// A contact as `owner` keeps it: `them`'s key and the `pairing`.
+    fn contact_secret(
+        owner: &crate::contacts::Identity,
+        them: &crate::contacts::Identity,
+        pairing: u8,
+    ) -> Secret {
+        let contact = crate::contacts::Contact {
+            name: "them".into(),
+            key: them.public(),
+            pairing: [pairing; 32],
+            saved: 0,
+        };
+        Secret::contact(&contact, owner)
+    }
+
+    #[tokio::test]
+    async fn contacts_meet_with_both_identity_keys_and_the_pairing() {
+        use crate::contacts::Identity;
+        let (alice, bob, carol) = (
+            Identity::from_secret([1; 32]),
+            Identity::from_secret([2; 32]),
+            Identity::from_secret([3; 32]),
+        );
+        let (ka, kb) = (
+            contact_secret(&alice, &bob, 7),
+            contact_secret(&bob, &alice, 7),
+        );
+        assert!(ka.opens_chat() && !ka.is_code_key());
+        let (a, b) = linked((&ka, &kb), (Role::Leader, Role::Follower)).await;
+        let (a, b) = (a.expect("alice"), b.expect("bob"));
+        assert_eq!(a.handshake_hash(), b.handshake_hash());
+        assert!(a.verification().is_some());
+        assert_eq!(a.verification(), b.verification());
+        // Both sides derive the same pairing from the chat they then have.
+        let (ca, cb) = (ka.chat(a.handshake_hash()), kb.chat(b.handshake_hash()));
+        assert_eq!(ca.pairing(), cb.pairing());
+        assert_ne!(ca.pairing(), [7; 32]);
+
+        // Carol holds the pairing (a stolen contacts file) but not Bob's key:
+        // refused on both sides, as the contact each expected.
+        let kc = contact_secret(&carol, &alice, 7);
+        for (x, y) in [(&ka, &kc), (&kc, &ka)] {
+            let (a, b) = linked((x, y), (Role::Leader, Role::Follower)).await;
+            for side in [a, b] {
+                assert!(
+                    matches!(side, Err(PeerError::ContactRefused { .. })),
+                    "{:?}",
+                    side.err()
+                );
+            }
+        }
+        // Bob's key, another pairing: refused too.
+        let other = contact_secret(&bob, &alice, 8);
+        let (a, b) = linked((&ka, &other), (Role::Leader, Role::Follower)).await;
+        assert!(matches!(a, Err(PeerError::ContactRefused { .. })));
+        assert!(matches!(b, Err(PeerError::ContactRefused { .. })));
+        // The candidates' box needs the identity keys as well as the pairing.
+        let opens = |sealer: &Secret| {
+            let sealed = sealer
+                .seal_candidates(
+                    Role::Follower,
+                    &[5; 16],
+                    &SealedCandidates { candidates: vec![] },
+                )
+                .expect("sealed");
+            ka.open_candidates(Role::Follower, &[5; 16], &sealed)
+                .is_some()
+        };
+        assert!(opens(&kb));
+        assert!(!opens(&kc), "carol's box opened");
+    }
+
+    #[test]
+    fn contact_rooms_hide_the_pairing_and_change_every_epoch() {
+        let (a, b) = (contact_room(&[7; 32], 100), contact_room(&[7; 32], 101));
+        assert_ne!(a, b);
+        assert_eq!(a, contact_room(&[7; 32], 100));
+        assert_ne!(a, contact_room(&[8; 32], 100));
+        assert_ne!(&a[..], &[7u8; 32][..RESUME_ROOM_LEN]);
     }
 
     #[tokio::test]
@@ -1356,7 +1604,7 @@ mod tests {
         let (x, y) = (start(&code), start(&code));
         let (mx, my) = (x.message.clone(), y.message.clone());
         let (mut kx, ky) = (x.finish(&my).expect("x"), y.finish(&mx).expect("y"));
-        if let Some(pledge) = kx.pledge.as_mut() {
+        if let Kind::Code(pledge) = &mut kx.kind {
             pledge.ours = [9; 32];
         }
         let (_, b) = linked((&kx, &ky), (Role::Leader, Role::Follower)).await;
@@ -1410,6 +1658,7 @@ mod tests {
                 chat_role,
                 words_nonce: [0; 32],
                 first_lines: Vec::new(),
+                identity: [0; 32],
             },
             words: None,
             first_lines,

@@ -50,6 +50,8 @@ commands:
   /verify      show the words to compare with the other side: if they differ,
                someone is intercepting the chat
   /nick NAME   go by another name (the other side is told)
+  /save NAME   keep the other side as a contact: later, `peer @NAME` meets
+               them with no code (once they have saved you too)
   /quit        say goodbye and leave (also Ctrl-D or Ctrl-C)
   //text       send a line that starts with '/'
 anything else is sent to the other side as one line; up and down recall
@@ -70,6 +72,8 @@ pub enum Typed {
     Info,
     /// Change our name.
     Nick(String),
+    /// Keep the other side as a contact.
+    Save(String),
     /// A known command used wrongly: how to use it.
     Usage(&'static str),
     /// An unknown `/command`.
@@ -101,6 +105,10 @@ pub fn parse_typed(line: &str) -> Typed {
         ("/info", true) => Typed::Info,
         ("/nick", false) => Typed::Nick(rest.to_owned()),
         ("/nick", true) => Typed::Usage("/nick NAME: go by NAME from now on"),
+        ("/save", false) => Typed::Save(rest.to_owned()),
+        ("/save", true) => Typed::Usage(
+            "/save NAME: keep the other side as a contact, met later with `peer @NAME`",
+        ),
         ("/quit" | "/exit" | "/help" | "/?" | "/verify" | "/info", false) => {
             Typed::Usage("that command takes no argument; /help lists the commands")
         }
@@ -501,6 +509,7 @@ fn edit_loop(mut editor: DefaultEditor, tx: mpsc::Sender<Input>, history: Option
                     Typed::Quit => Input::Quit,
                     Typed::Info => Input::Info,
                     Typed::Nick(name) => Input::Nick(name),
+                    Typed::Save(name) => Input::Save(name),
                     Typed::Send(text) => Input::Line(text),
                 }
             }
@@ -656,6 +665,8 @@ mod tests {
         assert_eq!(parse_typed("/info"), Typed::Info);
         assert_eq!(parse_typed("/nick  Ada L "), Typed::Nick("Ada L".into()));
         assert!(matches!(parse_typed("/nick"), Typed::Usage(_)));
+        assert_eq!(parse_typed("/save  alice "), Typed::Save("alice".into()));
+        assert!(matches!(parse_typed("/save"), Typed::Usage(_)));
         assert!(matches!(parse_typed("/quit now"), Typed::Usage(_)));
         assert_eq!(parse_typed("//etc/hosts"), Typed::Send("/etc/hosts".into()));
         assert_eq!(

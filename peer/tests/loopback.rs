@@ -399,14 +399,6 @@ fn a_wrong_code_fails_on_both_sides_and_nothing_is_shown() {
 
 #[test]
 fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
-    if !running_as_root() {
-        assert!(
-            std::env::var_os("PUNCHLINE_REQUIRE_LAB").is_none(),
-            "capturing needs root"
-        );
-        eprintln!("SKIPPED: capture test needs root for tcpdump");
-        return;
-    }
     let rv = TestRendezvous::start();
     let (pa, pb) = (free_port(), free_port());
     let filter = format!(
@@ -414,21 +406,9 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
         rv.addr().port(),
         rv.addr().port() + 1
     );
-    let pcap = std::env::temp_dir().join(format!("punchline-capture-{}.pcap", std::process::id()));
-    let mut dump = std::process::Command::new("tcpdump")
-        // Immediate mode: without it packets wait in the kernel ring buffer and a
-        // short capture can end with none written.
-        .args(["-i", "lo", "-U", "--immediate-mode", "-n", "-w"])
-        .arg(&pcap)
-        .arg(&filter)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run tcpdump (apt-get install tcpdump)");
-    // tcpdump says "listening on" once it captures.
-    let mut err = std::io::BufReader::new(dump.stderr.take().expect("stderr"));
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut err, &mut first).expect("tcpdump starts");
-    assert!(first.contains("listening"), "{first}");
+    let Some(capture) = Capture::start(&filter) else {
+        return;
+    };
 
     let code = "12-walnut-zebra";
     let mut a = Peer::spawn(rv.addr(), "alice", code, &["--port", &pa.to_string()]);
@@ -448,21 +428,12 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
     a.close_stdin();
     assert!(a.wait().success());
     assert!(b.wait().success());
-    thread::sleep(Duration::from_millis(300));
-    // SIGINT: tcpdump flushes and exits.
-    interrupt(dump.id());
-    let _ = dump.wait();
-    let captured = std::fs::read(&pcap).expect("read capture");
-    let _ = std::fs::remove_file(&pcap);
-    let contains = |needle: &str| {
-        captured
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
-    };
+    let captured = capture.finish();
+    let contains = |needle: &str| holds(&captured, needle.as_bytes());
     // The capture saw the session: the rendezvous traffic, both punched
     // links' handshakes and the lines (a few KiB of packets with headers).
     let port_bytes = |p: u16| p.to_be_bytes();
-    let has = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
+    let has = |needle: &[u8]| holds(&captured, needle);
     assert!(
         captured.len() > 4096 && has(&port_bytes(pa)) && has(&port_bytes(pb)),
         "capture is empty ({} bytes)",
@@ -474,20 +445,6 @@ fn neither_lines_nor_code_words_cross_the_wire_in_clear() {
     ] {
         assert!(!contains(secret), "{secret:?} crossed the wire in clear");
     }
-}
-
-fn running_as_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// Sends SIGINT with the `kill` command.
-fn interrupt(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status();
 }
 
 /// `peer doctor` against a rendezvous on IPv6 loopback: it reaches it over IPv6,

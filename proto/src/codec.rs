@@ -330,12 +330,16 @@ mod tests {
             role(),
             any::<[u8; 32]>(),
             prop::collection::vec(".{0,40}", 0..4),
+            any::<[u8; 32]>(),
         )
-            .prop_map(|(name, chat_role, words_nonce, first_lines)| Introduction {
-                name,
-                chat_role,
-                words_nonce,
-                first_lines,
+            .prop_map(|(name, chat_role, words_nonce, first_lines, identity)| {
+                Introduction {
+                    name,
+                    chat_role,
+                    words_nonce,
+                    first_lines,
+                    identity,
+                }
             })
     }
 

@@ -416,6 +416,11 @@ pub struct Introduction {
     /// one round trip later (see [`validate_first_lines`]). They are sealed
     /// under the pre-shared key like the rest of the payload. Empty otherwise.
     pub first_lines: Vec<String>,
+    /// The sender's long-term identity key (X25519 public key): what the
+    /// other side keeps if it saves the sender as a contact, and checks
+    /// (Noise `KKpsk0`) when the two meet as contacts. Sealed like the rest,
+    /// so the rendezvous never sees it.
+    pub identity: [u8; 32],
 }
 
 /// What travels sealed over the link once the Noise handshake is done.

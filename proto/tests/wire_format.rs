@@ -213,7 +213,7 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 41 | 00 = Hello | 09 = version 9 | nameplate "17": length 2,
+        // length 41 | 00 = Hello | 0a = version 10 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
         // resume: 01 = some, then the 16 bytes of the room (no length) |
         // probe_token: 01 = some, then its 16 bytes
@@ -226,7 +226,7 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 resume: Some(room()),
                 probe_token: Some(token()),
             }),
-            "00000029 | 00 | 09 | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            "00000029 | 00 | 0a | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -389,7 +389,7 @@ fn peer_to_peer_index(msg: &PeerToPeer) -> u32 {
 
 fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
     vec![
-        // length 19 | 00 = LinkHello | 09 = version 9 | session: the 16 bytes (no
+        // length 19 | 00 = LinkHello | 0a = version 10 | session: the 16 bytes (no
         // length) | role: 00 = Leader
         golden(
             PeerToPeer::LinkHello {
@@ -397,7 +397,7 @@ fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
                 session: session(),
                 role: Role::Leader,
             },
-            "00000013 | 00 | 09 | 101112131415161718191a1b1c1d1e1f | 00",
+            "00000013 | 00 | 0a | 101112131415161718191a1b1c1d1e1f | 00",
         ),
         // length 4 | 01 = Handshake | length 2, the bytes
         golden(PeerToPeer::Handshake(vec![1, 2]), "00000004 | 01 | 02 0102"),
@@ -484,14 +484,17 @@ fn sealed_candidates_payload_is_pinned() {
 fn introduction_payload_is_pinned() {
     // name: length 5, "alice" | chat_role: 00 = Leader | words_nonce: the 32
     // bytes (no length) | first_lines: 2 lines, "hi" (length 2) and "" (length 0)
+    // | identity: the 32 bytes (no length)
     check_payload(&golden(
         Introduction {
             name: "alice".into(),
             chat_role: Role::Leader,
             words_nonce: nonce(),
             first_lines: vec!["hi".into(), String::new()],
+            identity: [0xee; 32],
         },
-        "05 616c696365 | 00 | 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f | 02 02 6869 00",
+        "05 616c696365 | 00 | 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f | 02 02 6869 00 \
+         | eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
     ));
 }
 
@@ -597,7 +600,7 @@ fn dial_back_result_encodings_are_pinned() {
 /// deliberate act: the golden hellos above change with it.
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 9);
+    assert_eq!(PROTOCOL_VERSION, 10);
 }
 
 /// [`ServerToPeer::Error`] carries its code as a number

@@ -24,6 +24,11 @@ use punchline_proto::pacing::RetryPolicy;
 /// direct link forms, the rendezvous relays the encrypted chat instead; if the link
 /// drops, both sides reconnect and resume without losing a line.
 ///
+/// After a chat, either side can keep the other as a contact (`/save NAME`, or
+/// `--save NAME`); from then on `peer @NAME` on both hosts meets with no code,
+/// authenticated by both sides' identity keys. `peer contacts` lists, renames
+/// and forgets them.
+///
 /// Lines typed are sent; lines received are shown as `NAME: TEXT`. When stdin is
 /// not a terminal, each input line is one message and the peer exits once all of
 /// them are delivered. `peer doctor` checks whether direct chats will work from
@@ -90,13 +95,20 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = punchline_peer::UPGRADE_INTERVAL.as_secs(), hide = true)]
     upgrade_interval: u64,
 
+    /// Once the chat is up, keep the other side as a contact under NAME (as
+    /// `/save NAME` does): later, `peer @NAME` meets them with no code
+    #[arg(long, value_name = "NAME")]
+    save: Option<String>,
+
     /// Do not keep typed lines in the history file (by default they are kept in
     /// $XDG_DATA_HOME/punchline/history, readable by you only)
     #[arg(long)]
     no_history: bool,
 
-    /// The code the other side gave you, e.g. 7-guitar-orbit; without it, a new
-    /// code is made and printed for you to pass on
+    /// The code the other side gave you, e.g. 7-guitar-orbit, or @NAME to meet
+    /// a saved contact; without it, a new code is made and printed for you to
+    /// pass on
+    #[arg(value_name = "CODE | @NAME")]
     code: Option<String>,
 }
 
@@ -118,6 +130,31 @@ enum Command {
         #[arg(long, value_name = "N")]
         probe_port: Option<u16>,
     },
+    /// List your contacts (the other sides saved with `/save` or `--save`),
+    /// rename or forget one. They live in $XDG_CONFIG_HOME/punchline
+    /// (default ~/.config/punchline), readable by you only
+    Contacts {
+        #[command(subcommand)]
+        action: Option<ContactsAction>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ContactsAction {
+    /// List the contacts and your own key (the default)
+    List,
+    /// Give a contact another name
+    Rename {
+        /// Its name now
+        old: String,
+        /// Its new name
+        new: String,
+    },
+    /// Forget a contact: `peer @NAME` no longer meets it
+    Forget {
+        /// Its name
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,16 +167,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Some(Command::Doctor {
-        server,
-        port,
-        probe_port,
-    }) = args.command
-    {
-        let Some(server) = server else {
-            return no_server();
-        };
-        return doctor(&server, port.unwrap_or(0), probe_port);
+    match args.command {
+        Some(Command::Doctor {
+            server,
+            port,
+            probe_port,
+        }) => {
+            let Some(server) = server else {
+                return no_server();
+            };
+            return doctor(&server, port.unwrap_or(0), probe_port);
+        }
+        Some(Command::Contacts { action }) => {
+            return contacts(action.unwrap_or(ContactsAction::List))
+        }
+        None => {}
     }
     let Some(server) = args.server else {
         return no_server();
@@ -149,6 +191,7 @@ fn main() -> ExitCode {
         port: args.port.unwrap_or(0),
         name: args.name.unwrap_or_else(default_name),
         code: args.code,
+        save: args.save,
         words: args.words,
         punch_timeout: Duration::from_secs(args.punch_timeout),
         lan_candidates: !args.no_lan,
@@ -202,6 +245,73 @@ fn shown(e: &dyn std::fmt::Display) -> String {
 fn no_server() -> ExitCode {
     eprintln!("peer: no rendezvous server given: use --server HOST:PORT or set PUNCHLINE_SERVER");
     ExitCode::from(2)
+}
+
+/// `peer contacts`: lists, renames or forgets.
+fn contacts(action: ContactsAction) -> ExitCode {
+    use punchline_peer::contacts::{config_dir, fingerprint, Book, Identity, IDENTITY_FILE};
+    let done = config_dir().and_then(|dir| match action {
+        ContactsAction::List => {
+            let book = Book::load(&dir)?;
+            let identity = if dir.join(IDENTITY_FILE).exists() {
+                Some(Identity::load_or_create(&dir)?.0)
+            } else {
+                None
+            };
+            match identity {
+                Some(identity) => println!("your key: {}", fingerprint(&identity.public())),
+                None => println!("your key: none yet (made at your first chat)"),
+            }
+            if book.contacts.is_empty() {
+                println!(
+                    "no contacts yet: during a chat with a code, /save NAME keeps the other side"
+                );
+            }
+            for c in &book.contacts {
+                println!(
+                    "@{:<20} key {}  saved {}",
+                    c.name,
+                    fingerprint(&c.key),
+                    saved_date(c.saved)
+                );
+            }
+            Ok(())
+        }
+        ContactsAction::Rename { old, new } => {
+            Book::update(&dir, |book| {
+                book.rename(old.trim_start_matches('@'), new.trim_start_matches('@'))
+            })?;
+            println!("renamed {old} to {new}");
+            Ok(())
+        }
+        ContactsAction::Forget { name } => {
+            let gone = Book::update(&dir, |book| book.forget(name.trim_start_matches('@')))?;
+            println!("forgot {} (key {})", gone.name, fingerprint(&gone.key));
+            Ok(())
+        }
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peer: {}", shown(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A day, `YYYY-MM-DD` (UTC), from seconds since 1970.
+fn saved_date(secs: u64) -> String {
+    // Days since 1970 to a civil date (the proleptic Gregorian calendar).
+    let days = (secs / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let doe = days.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 /// `peer doctor`: prints the findings and the verdict; exit status 0 when direct

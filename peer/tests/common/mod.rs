@@ -40,8 +40,25 @@ pub fn peer_command(server: SocketAddr, name: &str, code: &str, extra: &[&str]) 
         .arg("--no-lan")
         .args(extra)
         .args((!code.is_empty()).then_some(code))
-        .env_remove("PUNCHLINE_SERVER");
+        .env_remove("PUNCHLINE_SERVER")
+        // The identity every chat introduces is made on first use: in the
+        // tests' own directory, not the user's (a test may give another).
+        .env(
+            "XDG_CONFIG_HOME",
+            std::env::temp_dir().join("punchline-test-config"),
+        );
     cmd
+}
+
+/// A fresh, empty config directory (`XDG_CONFIG_HOME`) for one side of a
+/// test, under the system's temporary directory.
+pub fn fresh_config(tag: &str) -> std::path::PathBuf {
+    let mut r = [0u8; 6];
+    getrandom::fill(&mut r).expect("randomness");
+    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("punchline-test-{tag}-{hex}"));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    dir
 }
 
 impl Peer {
@@ -148,4 +165,76 @@ fn parse_v4(s: &str) -> Option<SocketAddr> {
     // The kernel prints the network-order address bytes read as a native u32.
     let ip = Ipv4Addr::from(ip.to_ne_bytes());
     Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+}
+
+/// Whether the tests run as root (a capture needs it).
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Sends SIGINT with the `kill` command.
+pub fn interrupt(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status();
+}
+
+/// A packet capture on loopback (`tcpdump`, as root).
+pub struct Capture {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing what `filter` matches on `lo`; `None` (after saying
+    /// so) when not root, which CI (`PUNCHLINE_REQUIRE_LAB`) does not allow.
+    pub fn start(filter: &str) -> Option<Capture> {
+        if !running_as_root() {
+            assert!(
+                std::env::var_os("PUNCHLINE_REQUIRE_LAB").is_none(),
+                "capturing needs root"
+            );
+            eprintln!("SKIPPED: capture test needs root for tcpdump");
+            return None;
+        }
+        let path = std::env::temp_dir().join(format!(
+            "punchline-capture-{}-{}.pcap",
+            std::process::id(),
+            free_port()
+        ));
+        let mut child = std::process::Command::new("tcpdump")
+            // Immediate mode: without it packets wait in the kernel ring
+            // buffer and a short capture can end with none written.
+            .args(["-i", "lo", "-U", "--immediate-mode", "-n", "-w"])
+            .arg(&path)
+            .arg(filter)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run tcpdump (apt-get install tcpdump)");
+        // tcpdump says "listening on" once it captures.
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut err, &mut first).expect("tcpdump starts");
+        assert!(first.contains("listening"), "{first}");
+        Some(Capture { child, path })
+    }
+
+    /// Stops the capture; what it wrote.
+    pub fn finish(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SIGINT: tcpdump flushes and exits.
+        interrupt(self.child.id());
+        let _ = self.child.wait();
+        let captured = std::fs::read(&self.path).expect("read capture");
+        let _ = std::fs::remove_file(&self.path);
+        captured
+    }
+}
+
+/// Whether `haystack` holds `needle`.
+pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
