@@ -24,9 +24,11 @@
 
 pub mod chat;
 pub mod client;
+pub mod config;
 pub mod contacts;
 pub mod doctor;
 pub mod error;
+pub mod hosted;
 pub mod meet;
 pub mod net;
 pub mod punch;
@@ -61,8 +63,11 @@ pub enum Mode {
 /// Everything the user chose.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Rendezvous `HOST[:PORT]`.
+    /// Rendezvous `HOST[:PORT]` (ignored with `host_port`).
     pub server: String,
+    /// No rendezvous was given: run one inside this peer on this port
+    /// ([`hosted`]) and meet there.
+    pub host_port: Option<u16>,
     /// Fixed local port (0: the OS picks one, kept for the meeting and the
     /// punch; a new link after a drop then gets a fresh one).
     pub port: u16,
@@ -194,6 +199,23 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     use chat::Output as _;
     let identity = our_identity(contact.is_some(), &mut status)?;
 
+    // 0. No rendezvous given: one runs in this process, for the whole chat.
+    let mut opts = opts;
+    let hosted = match opts.host_port {
+        Some(port) => {
+            let hosted = hosted::start(port).await?;
+            opts.server = hosted.addr.to_string();
+            status.status(&render::hosting(&hosted));
+            Some(hosted)
+        }
+        None => None,
+    };
+    // What the other host passes with --server.
+    let their_server = match &hosted {
+        Some(h) => render::hosted_server_arg(h),
+        None => opts.server.trim().to_owned(),
+    };
+
     // 1. Rendezvous, from the fixed port.
     let server = with_default_port(&opts.server);
     let mut rendezvous =
@@ -212,12 +234,25 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             let code = Code::generate(&nameplate, &random, opts.words);
             status.status(&format!("your code: {code}"));
             status.status(&format!(
-                "on the other host, run:  peer --server {} {code}",
-                opts.server.trim()
+                "on the other host, run:  peer --server {their_server} {code}"
             ));
             Some(code)
         }
     };
+    if let Some(h) = &hosted {
+        match (&code, &contact) {
+            (Some(_), None) if typed_code_given(&opts) => status.status(&format!(
+                "on the other host, give the same code with --server {their_server}"
+            )),
+            (None, Some(_)) => status.status(&format!(
+                "on the other host, run:  peer --server {their_server} @NAME (the name it saved you as)"
+            )),
+            _ => {}
+        }
+        if let Some(hint) = render::hosted_hint(h) {
+            status.status(&hint);
+        }
+    }
 
     // Lines given on stdin are read from now on: those that come before the
     // link is up go with the first link's handshake (a terminal's line editor
@@ -410,6 +445,13 @@ pub(crate) fn save_contact(name: &str, offer: &contacts::Offer) -> String {
         Ok(contacts::Saved::Renewed) => format!("contact {name} renewed with this chat's pairing"),
         Err(e) => format!("not saved: {e}"),
     }
+}
+
+/// Whether the user typed a code (rather than having one made).
+fn typed_code_given(opts: &Options) -> bool {
+    opts.code
+        .as_deref()
+        .is_some_and(|c| !c.trim_start().starts_with('@'))
 }
 
 /// Boxes of the other side's first lines waiting to be shown (each holds all

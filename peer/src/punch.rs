@@ -131,10 +131,11 @@ pub struct PunchParams {
 /// - link-local addresses (169.254.0.0/16, fe80::/10): an IPv6 one needs a scope
 ///   the other host cannot know, and an IPv4 one is where cloud hosts keep
 ///   their metadata service;
-/// - loopback and this host's own addresses, unless this host reaches the
-///   rendezvous over loopback (both peers on one machine, as when trying it
-///   out). The address of the rendezvous connection decides, not what the
-///   rendezvous says: it could claim anything;
+/// - loopback and this host's own addresses, unless the rendezvous runs on
+///   this host (reached over loopback or at one of this host's addresses: a
+///   try on one machine, or a rendezvous run inside the peer, where the other
+///   peer may be on this host too). The address of the rendezvous connection
+///   decides, not what the rendezvous says: it could claim anything;
 /// - a family this host has no address of.
 pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
     let ip = addr.ip().to_canonical();
@@ -165,16 +166,19 @@ pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
 pub struct Here {
     /// This host's own interface addresses (loopback excluded).
     pub own: Vec<IpAddr>,
-    /// The rendezvous is reached over loopback: both peers are on this host.
+    /// The rendezvous runs on this host (reached over loopback or at one of
+    /// this host's addresses): the other peer may be on this host too.
     pub local_trial: bool,
 }
 
 impl Here {
     /// This host, meeting through the rendezvous at `server`.
     pub fn new(server: SocketAddr) -> Here {
+        let own = crate::net::own_addresses();
+        let server = server.ip().to_canonical();
         Here {
-            own: crate::net::own_addresses(),
-            local_trial: server.ip().to_canonical().is_loopback(),
+            local_trial: server.is_loopback() || own.contains(&server),
+            own,
         }
     }
 }

@@ -171,6 +171,70 @@ pub fn bad_code(why: KeyRefusal) -> &'static str {
     }
 }
 
+/// What the user is told when no rendezvous was given and this peer runs
+/// one ([`crate::hosted`]).
+pub fn hosting(h: &crate::hosted::Hosted) -> String {
+    if !h.ours {
+        return format!(
+            "no rendezvous given, and port {} is taken on this host: meeting at the rendezvous \
+             already there ({})",
+            h.port, h.addr
+        );
+    }
+    let at = if h.advertised.is_empty() {
+        "loopback only: this host has no other address".to_owned()
+    } else {
+        h.advertised
+            .iter()
+            .map(std::net::IpAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "no rendezvous given: this peer runs one itself for this chat, on port {} ({at})",
+        h.port
+    )
+}
+
+/// What the other host gives with `--server` to reach a rendezvous this peer
+/// runs: this host's likeliest address.
+pub fn hosted_server_arg(h: &crate::hosted::Hosted) -> String {
+    let ip = h
+        .advertised
+        .first()
+        .copied()
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    crate::hosted::server_arg(ip, h.port)
+}
+
+/// What to do if the other host cannot reach the rendezvous this peer runs.
+pub fn hosted_hint(h: &crate::hosted::Hosted) -> Option<String> {
+    if !h.ours {
+        return None;
+    }
+    let others: Vec<String> = h
+        .advertised
+        .iter()
+        .skip(1)
+        .map(|ip| crate::hosted::server_arg(*ip, h.port))
+        .collect();
+    let alternatives = if others.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (or --server {}, whichever it reaches)",
+            others.join(" or ")
+        )
+    };
+    Some(format!(
+        "it works when the other host can reach this one{alternatives}: on the same LAN, or \
+         this host has a public address. If it cannot (it says it cannot reach the \
+         rendezvous: a NAT or firewall lies between), run `rendezvous` on a host both can \
+         reach, such as a small VPS, and give its address with --server on both sides, or \
+         set `server` in ~/.config/punchline/config.toml."
+    ))
+}
+
 /// What the user is told when the other side of a meeting with the contact
 /// `name` does not prove it holds that contact's identity key and the
 /// pairing secret: loudly, with what to do.

@@ -481,3 +481,112 @@ fn the_doctor_checks_a_rendezvous_over_ipv6() {
         assert!(report.contains(needle), "no {needle:?} in:\n{report}");
     }
 }
+
+/// A `peer` command with no server at all (not even from the environment or
+/// a settings file): it runs a rendezvous itself, on `serve_port`.
+fn serverless(name: &str, config: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_peer"));
+    cmd.args(["--name", name, "--no-lan"])
+        .args(args)
+        .env_remove("PUNCHLINE_SERVER")
+        .env("XDG_CONFIG_HOME", config);
+    cmd
+}
+
+/// With no server given, the first peer runs a rendezvous itself and prints
+/// the exact command for the other host; the other host runs it and they
+/// chat. A second peer on the same host with no server either finds the port
+/// taken and meets at the one already there; a third takes its server and
+/// name from the settings file.
+#[test]
+fn with_no_server_the_peer_runs_one_and_prints_the_command() {
+    let serve_port = free_port().to_string();
+    let (ca, cb, cc) = (
+        fresh_config("host"),
+        fresh_config("joiner"),
+        fresh_config("settings"),
+    );
+    let mut a = Peer::spawn_command(
+        serverless("alice", &ca, &["--serve-port", &serve_port]),
+        "alice",
+    );
+    let hosting = a.wait_stderr("no rendezvous given");
+    assert!(
+        hosting.contains(&format!(
+            "this peer runs one itself for this chat, on port {serve_port}"
+        )),
+        "{hosting}"
+    );
+    let command = a.wait_stderr("on the other host, run:");
+    let args: Vec<&str> = command.split_whitespace().collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--server")
+        .expect("--server");
+    let (server, code) = (args[at + 1].to_owned(), args[at + 2].to_owned());
+    assert!(server.ends_with(&format!(":{serve_port}")), "{command}");
+    a.wait_stderr("it works when the other host can reach this one");
+    a.wait_stderr("waiting for the other side");
+    // The other host, as told.
+    let mut b = Peer::spawn_command(serverless("bob", &cb, &["--server", &server, &code]), "bob");
+    a.wait_stderr("connected to bob");
+    b.wait_stderr("connected to alice");
+    a.send("over the built-in rendezvous\n");
+    assert_eq!(b.recv(), "alice: over the built-in rendezvous");
+    b.close_stdin();
+    assert!(b.wait().success());
+    assert!(a.wait().success());
+
+    // The port taken: a peer with no server meets at the rendezvous there.
+    let mut a = Peer::spawn_command(
+        serverless("alice", &ca, &["--serve-port", &serve_port]),
+        "alice",
+    );
+    let command = a.wait_stderr("on the other host, run:");
+    let code = command.rsplit(' ').next().expect("code").to_owned();
+    a.wait_stderr("waiting for the other side");
+    // The settings file names the server (this host's, as printed) and the
+    // name; the flag for the port is all the other needs.
+    std::fs::create_dir_all(cc.join("punchline")).expect("dir");
+    std::fs::write(
+        cc.join("punchline").join("config.toml"),
+        format!("server = \"{server}\"\nname = \"carol\"\n"),
+    )
+    .expect("settings");
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peer"));
+    c.args(["--no-lan", &code])
+        .env_remove("PUNCHLINE_SERVER")
+        .env("XDG_CONFIG_HOME", &cc);
+    let mut c = Peer::spawn_command(c, "carol");
+    a.wait_stderr("connected to carol");
+    c.wait_stderr("connected to alice");
+    // And a second serverless peer here finds the port taken.
+    let mut d = Peer::spawn_command(
+        serverless("dave", &cb, &["--serve-port", &serve_port]),
+        "dave",
+    );
+    let taken = d.wait_stderr("no rendezvous given");
+    assert!(
+        taken.contains(&format!("port {serve_port} is taken")),
+        "{taken}"
+    );
+    d.wait_stderr("your code: ");
+    drop(d);
+    a.close_stdin();
+    assert!(a.wait().success());
+    assert!(c.wait().success());
+
+    // A broken settings file is an error naming it.
+    std::fs::write(cc.join("punchline").join("config.toml"), "sever = \"x\"\n").expect("write");
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peer"));
+    c.arg(&code)
+        .env_remove("PUNCHLINE_SERVER")
+        .env("XDG_CONFIG_HOME", &cc);
+    let out = c.output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.toml") && err.contains("not understood"),
+        "{err}"
+    );
+}

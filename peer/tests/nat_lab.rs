@@ -191,3 +191,57 @@ fn rst_rst_with_a_far_rendezvous() {
     let lab = Lab::build(&config).unwrap_or_else(|e| panic!("building {config:?}: {e}"));
     connect_and_chat(name, &lab);
 }
+
+/// A peer on a host with a public address, given no rendezvous, runs one
+/// itself on the default port and prints the command for the other host; a
+/// peer behind a home NAT runs that command, and the two chat over a direct
+/// link (the rendezvous inside the first peer saw the second's NAT mapping).
+#[test]
+fn a_public_host_runs_the_rendezvous_itself() {
+    let name = "hosted-public-home";
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(LabConfig::new(NatKind::Public, NatKind::Home));
+    let bin = Path::new(env!("CARGO_BIN_EXE_peer"));
+    let config = |side: &str| {
+        let dir =
+            std::env::temp_dir().join(format!("punchline-{name}-{side}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        dir
+    };
+    let mut a = lab.command(punchline_lab::Host::A, bin);
+    a.args(["--name", "alice"])
+        .env_remove("PUNCHLINE_SERVER")
+        .env("XDG_CONFIG_HOME", config("a"));
+    let mut a = punchline_lab::scenario::PeerProcess::spawn(a, "alice").expect("alice");
+    let command = a
+        .wait_stderr("on the other host, run:")
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+    let public = lab.public_addr(punchline_lab::Host::A).to_string();
+    let args: Vec<&str> = command.split_whitespace().collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--server")
+        .expect("--server");
+    // The host's public address, on the default port (so none is written).
+    assert_eq!(args[at + 1], public, "{command}");
+    let code = args[at + 2].to_owned();
+    a.wait_stderr("waiting for the other side").expect("waits");
+    let mut b = lab.command(punchline_lab::Host::B, bin);
+    b.args(["--name", "bob", "--server", &public, &code])
+        .env_remove("PUNCHLINE_SERVER")
+        .env("XDG_CONFIG_HOME", config("b"));
+    let mut b = punchline_lab::scenario::PeerProcess::spawn(b, "bob").expect("bob");
+    for p in [&mut a, &mut b] {
+        let up = p
+            .wait_stderr_starting(&["connected to ", "peer: "])
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+        assert!(up.contains("direct link"), "{}: {up}", p.name);
+    }
+    a.send("from the host that serves\n").expect("send");
+    assert_eq!(b.recv().expect("line"), "alice: from the host that serves");
+    b.send("from behind the NAT\n").expect("send");
+    assert_eq!(a.recv().expect("line"), "bob: from behind the NAT");
+    punchline_lab::scenario::leave(&mut a, &mut b).expect("both leave cleanly");
+}

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use punchline_peer::config::FileConfig;
 use punchline_peer::ui::sanitize_lines;
 use punchline_peer::{default_name, run, ChatEnd, Mode, Options};
 use punchline_proto::pacing::RetryPolicy;
@@ -39,16 +40,24 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Rendezvous server, HOST[:PORT] (default port 7425)
+    /// Rendezvous server, HOST[:PORT] (default port 7425) [default: `server` in
+    /// ~/.config/punchline/config.toml; with none, this peer runs a rendezvous
+    /// itself and prints the command for the other host]
     #[arg(long, env = "PUNCHLINE_SERVER", value_name = "HOST:PORT")]
     server: Option<String>,
+
+    /// With no server given: the port of the rendezvous this peer runs itself
+    /// (and its probe port, one above)
+    #[arg(long, value_name = "N", default_value_t = punchline_peer::hosted::HOSTED_PORT)]
+    serve_port: u16,
 
     /// Fixed local port for the rendezvous connection and every punch attempt
     /// [default: one the OS picks, then kept for everything]
     #[arg(long, value_name = "N")]
     port: Option<u16>,
 
-    /// Name shown to the other side [default: your login name]
+    /// Name shown to the other side [default: `name` in
+    /// ~/.config/punchline/config.toml, else your login name]
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
@@ -173,8 +182,16 @@ fn main() -> ExitCode {
             port,
             probe_port,
         }) => {
-            let Some(server) = server else {
-                return no_server();
+            let server = match server {
+                Some(server) => server,
+                None => match settings() {
+                    Ok(FileConfig {
+                        server: Some(server),
+                        ..
+                    }) => server,
+                    Ok(_) => return no_server(),
+                    Err(code) => return code,
+                },
             };
             return doctor(&server, port.unwrap_or(0), probe_port);
         }
@@ -183,13 +200,21 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    let Some(server) = args.server else {
-        return no_server();
+    let file = match settings() {
+        Ok(file) => file,
+        Err(code) => return code,
+    };
+    // The server: the flag (or PUNCHLINE_SERVER), else the settings file,
+    // else one run by this peer.
+    let (server, host_port) = match args.server.or(file.server) {
+        Some(server) => (server, None),
+        None => (String::new(), Some(args.serve_port)),
     };
     let opts = Options {
         server,
+        host_port,
         port: args.port.unwrap_or(0),
-        name: args.name.unwrap_or_else(default_name),
+        name: args.name.or(file.name).unwrap_or_else(default_name),
         code: args.code,
         save: args.save,
         words: args.words,
@@ -243,8 +268,19 @@ fn shown(e: &dyn std::fmt::Display) -> String {
 }
 
 fn no_server() -> ExitCode {
-    eprintln!("peer: no rendezvous server given: use --server HOST:PORT or set PUNCHLINE_SERVER");
+    eprintln!(
+        "peer: no rendezvous server given: use --server HOST:PORT, set PUNCHLINE_SERVER, or set \
+         `server` in ~/.config/punchline/config.toml"
+    );
     ExitCode::from(2)
+}
+
+/// The settings file, or the exit code of a clear error about it.
+fn settings() -> Result<FileConfig, ExitCode> {
+    FileConfig::load().map_err(|e| {
+        eprintln!("peer: {}", shown(&e));
+        ExitCode::from(2)
+    })
 }
 
 /// `peer contacts`: lists, renames or forgets.
