@@ -244,4 +244,7 @@ fn a_public_host_runs_the_rendezvous_itself() {
     b.send("from behind the NAT\n").expect("send");
     assert_eq!(a.recv().expect("line"), "bob: from behind the NAT");
     punchline_lab::scenario::leave(&mut a, &mut b).expect("both leave cleanly");
+    for side in ["a", "b"] {
+        let _ = std::fs::remove_dir_all(config(side));
+    }
 }

@@ -244,3 +244,99 @@ fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
     }
     leave(&mut alice, &mut bob).expect("both leave cleanly");
 }
+
+/// A chat between saved contacts (met with `@NAME`, no code) is a chat like
+/// any other once its first link is up: relayed while the direct path is
+/// cut, it switches to a direct link once the path is back, and every line
+/// arrives exactly once.
+#[test]
+fn a_contacts_chat_is_relayed_and_switches_to_direct_like_any_other() {
+    let name = "contacts-relay-upgrade";
+    if !available_or_skip(name) {
+        return;
+    }
+    let lab = lab(NatKind::Home, NatKind::Home);
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous");
+    let config = |side: &str| {
+        let dir =
+            std::env::temp_dir().join(format!("punchline-{name}-{side}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("config dir");
+        dir
+    };
+    let (ca, cb) = (config("a"), config("b"));
+    let peer = |host: Host, who: &str, config: &Path, args: &[&str]| {
+        let mut cmd = lab.command(host, bin());
+        cmd.args(["--server", &rv.addr.to_string(), "--name", who])
+            .args(args)
+            .env("RUST_LOG", "punchline_peer=info")
+            .env("XDG_CONFIG_HOME", config)
+            .env_remove("PUNCHLINE_SERVER");
+        PeerProcess::spawn(cmd, who).expect("spawn")
+    };
+    // First, a chat with a code, each saving the other.
+    let mut alice = peer(Host::A, "alice", &ca, &["--save", "bob", "6-contact-chat"]);
+    alice
+        .wait_stderr("waiting for the other side")
+        .expect("waits");
+    let mut bob = peer(Host::B, "bob", &cb, &["--save", "alice", "6-contact-chat"]);
+    alice
+        .wait_stderr("saved as contact bob")
+        .expect("alice saves");
+    bob.wait_stderr("saved as contact alice")
+        .expect("bob saves");
+    leave(&mut alice, &mut bob).expect("both leave cleanly");
+
+    // Then as contacts, the direct path cut.
+    let b_public = lab.public_addr(Host::B);
+    lab.cut_path(punchline_lab::Side::A, b_public)
+        .expect("cut the direct path");
+    let quick = ["--punch-timeout", "2", "--upgrade-interval", "3"];
+    let mut alice = peer(Host::A, "alice", &ca, &[&quick[..], &["@bob"]].concat());
+    alice.wait_stderr("waiting for bob").expect("waits");
+    let mut bob = peer(Host::B, "bob", &cb, &[&quick[..], &["@alice"]].concat());
+    for (p, other) in [(&mut alice, "bob"), (&mut bob, "alice")] {
+        let line = p
+            .wait_stderr_starting(&["connected to ", "peer: "])
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+        assert!(
+            line.contains("relayed via the rendezvous"),
+            "{}: {line}",
+            p.name
+        );
+        p.wait_stderr(&format!("this is {other}: the key you saved"))
+            .expect("authenticated as the contact");
+    }
+    const LINES: u32 = 30;
+    for i in 1..=LINES {
+        alice.send(&format!("a{i}\n")).expect("send");
+        bob.send(&format!("b{i}\n")).expect("send");
+        if i == 5 {
+            lab.restore_path(punchline_lab::Side::A)
+                .expect("restore the path");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for p in [&mut alice, &mut bob] {
+        p.wait_stderr("switched to a direct link")
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+    }
+    for (p, from, prefix) in [(&mut bob, "alice", 'a'), (&mut alice, "bob", 'b')] {
+        let got: Vec<String> = (0..LINES)
+            .map_while(|_| p.try_recv(Duration::from_secs(30)))
+            .collect();
+        let want: Vec<String> = (1..=LINES)
+            .map(|i| format!("{from}: {prefix}{i}"))
+            .collect();
+        assert_eq!(got, want, "{} received", p.name);
+        assert!(
+            p.try_recv(Duration::from_secs(1)).is_none(),
+            "{}: a line came twice",
+            p.name
+        );
+    }
+    leave(&mut alice, &mut bob).expect("both leave cleanly");
+    for dir in [ca, cb] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
