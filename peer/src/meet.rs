@@ -69,6 +69,8 @@ pub(crate) struct ChatKeys {
     pub(crate) words: Option<String>,
     /// Our identity's public key, which every link's introduction names.
     pub(crate) identity: [u8; 32],
+    /// The first link met a saved contact (else it was keyed by a code).
+    pub(crate) by_contact: bool,
 }
 
 /// A met peer: the go and our view of the meeting, and the secured link.
@@ -255,6 +257,7 @@ pub(crate) async fn meet(
                 role: chat_role,
                 words: link.verification().map(str::to_owned),
                 identity,
+                by_contact: matches!(keying, Keying::Contact(..)),
             },
             Keying::Chat(keys) => keys.clone(),
         };

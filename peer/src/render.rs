@@ -75,10 +75,19 @@ pub(crate) fn link_facts(met: &Met) -> Vec<(String, String)> {
         ),
         (
             "encryption".to_owned(),
-            format!(
-                "{} (key from the code by SPAKE2 on the first link, from the chat's secret on later ones)",
-                secure::NOISE_PARAMS,
-            ),
+            if met.chat.by_contact {
+                format!(
+                    "{} on the first link (both saved identity keys and your pairing), {} \
+                     keyed by the chat's secret on later ones",
+                    secure::CONTACT_NOISE_PARAMS,
+                    secure::NOISE_PARAMS,
+                )
+            } else {
+                format!(
+                    "{} (key from the code by SPAKE2 on the first link, from the chat's secret on later ones)",
+                    secure::NOISE_PARAMS,
+                )
+            },
         ),
     ]
 }

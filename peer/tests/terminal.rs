@@ -129,7 +129,8 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     let data = std::env::temp_dir().join(format!("punchline-tty-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let term = Tmux::start(&format!(
-        "env -u NO_COLOR XDG_DATA_HOME={} {peer} --server {} --name alice --no-lan 8-tty-check; echo EXIT=$?; sleep 30",
+        "env -u NO_COLOR XDG_DATA_HOME={} XDG_CONFIG_HOME={}/config {peer} --server {} --name alice --no-lan 8-tty-check; echo EXIT=$?; sleep 30",
+        data.display(),
         data.display(),
         rv.addr()
     ));
@@ -196,6 +197,15 @@ fn terminal_chat_keeps_the_typed_line_intact_and_has_history_and_commands() {
     term.wait_text("empty line: nothing sent");
     term.keys(&["/nick", "Enter"]);
     term.wait_text("usage: /nick NAME");
+
+    // /save: bob becomes a contact, kept in alice's config directory.
+    term.keys(&["/save", "Enter"]);
+    term.wait_text("usage: /save NAME");
+    term.keys(&["/save bob", "Enter"]);
+    term.wait_text("saved as contact bob (key ");
+    let contacts = std::fs::read_to_string(data.join("config/punchline/contacts.toml"))
+        .expect("contacts file");
+    assert!(contacts.contains("name = \"bob\""), "{contacts}");
 
     // /nick: the other side is told, and later lines carry the new name.
     term.keys(&["/nick Ada", "Enter"]);
