@@ -97,6 +97,27 @@ pub struct ChatContext {
     pub words: Option<String>,
     /// What `/save` keeps of the other side.
     pub offer: Option<crate::contacts::Offer>,
+    /// Whether the other side's identity key may be saved.
+    pub identity: IdentityCheck,
+    /// The other side is a saved contact: it is shown under the name it was
+    /// saved as, whatever it calls itself.
+    pub pinned_name: bool,
+}
+
+/// Whether the other side holds the identity key it introduced, so that it
+/// may be saved as a contact.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityCheck {
+    /// Our proof, told on every link ([`Session::prove`]).
+    pub ours: Option<[u8; 32]>,
+    /// The proof the other side must tell.
+    pub expected: Option<[u8; 32]>,
+    /// Proven: by its proof, or (a contact's chat) by the handshake.
+    pub proven: bool,
+    /// Why its key cannot be a contact's, if so.
+    pub bad: Option<String>,
+    /// A save waiting for the proof (`/save` or `--save` before it came).
+    pub pending_save: Option<String>,
 }
 
 /// A session with the user's settings.
@@ -157,6 +178,7 @@ pub(crate) async fn converse(
                 output.status(&format!("switched to a {}", render::describe_link(&met)));
                 ctx.facts = render::link_facts(&met);
                 session.link_up(now(), met.kind());
+                prove(session, ctx);
             }
             Step::Replaced(Err(e)) => {
                 attempt = None;
@@ -193,6 +215,7 @@ pub(crate) async fn converse(
                 ));
                 ctx.facts = render::link_facts(&met);
                 session.link_up(now(), met.kind());
+                prove(session, ctx);
             }
         }
     }
@@ -227,6 +250,10 @@ fn first_link_up(
     }
     session.link_up_carrying(now(), met.kind(), met.link.carried());
     session.received_early(now(), early.shown);
+    prove(session, ctx);
+    if let Some(name) = ctx.identity.pending_save.take() {
+        save(name, session, ctx, output);
+    }
     for (seq, text) in (1..).zip(&met.link.their_introduction().first_lines) {
         session.handle(
             now(),
@@ -277,6 +304,10 @@ async fn carry<T>(
         while let Some(event) = session.poll_event() {
             match event {
                 Event::Line(text) => output.incoming(&ctx.their_name, &text),
+                Event::Renamed(name) if ctx.pinned_name => {
+                    let name = sanitize_for_terminal(&name);
+                    output.status(&format!("{} now calls itself {name}", ctx.their_name));
+                }
                 Event::Renamed(name) => {
                     let name = sanitize_for_terminal(&name);
                     output.status(&format!("{} is now known as {name}", ctx.their_name));
@@ -285,6 +316,13 @@ async fn carry<T>(
                 Event::UnusableName(e) => {
                     output.status(&format!("{} sent an unusable name ({e})", ctx.their_name))
                 }
+                Event::Proof(mac) => proof_came(&mac, session, ctx, output),
+                Event::TheySaved => output.status(&format!(
+                    "{0} saved you as a contact: to keep {0} too, /save NAME now, in this chat \
+                     (or start a chat with --save NAME); then `peer @NAME` on both sides meets \
+                     with no code",
+                    ctx.their_name
+                )),
                 Event::LinkDown(why) => return Step::Down(why),
                 Event::TryDirect => return Step::TryDirect,
                 Event::Ended(result) => {
@@ -402,12 +440,68 @@ fn typed_any(
         },
         Some(Input::Info) => output.status("no link right now: reconnecting"),
         Some(Input::Verify) => output.status(&render::words(ctx.words.as_deref())),
-        Some(Input::Save(name)) => match &ctx.offer {
-            Some(offer) => output.status(&crate::save_contact(&name, offer)),
-            None => output.status("not saved: nothing to save yet"),
-        },
+        Some(Input::Save(name)) => save(name, session, ctx, output),
         Some(Input::Quit) | None => session.quit(now(), false),
         Some(Input::Interrupted) => session.quit(now(), true),
+    }
+}
+
+/// Tells our identity proof on a new link (the word is not acknowledged: a
+/// link lost with it unread must not leave the other side without it).
+fn prove(session: &mut Session, ctx: &ChatContext) {
+    if let Some(mac) = ctx.identity.ours {
+        session.prove(now(), mac);
+    }
+}
+
+/// `/save NAME` (or `--save NAME`): keeps the other side as a contact once
+/// it has proven its identity key, and tells it.
+fn save(name: String, session: &mut Session, ctx: &mut ChatContext, output: &mut dyn Output) {
+    let Some(offer) = &ctx.offer else {
+        return output.status("not saved: nothing to save yet");
+    };
+    if let Some(bad) = &ctx.identity.bad {
+        return output.status(&format!("not saved: {bad}"));
+    }
+    if !ctx.identity.proven {
+        output.status(&format!(
+            "{} has not yet proven it holds the identity key it introduced: saving as {name} \
+             once it has",
+            ctx.their_name
+        ));
+        ctx.identity.pending_save = Some(name);
+        return;
+    }
+    let (told, saved) = crate::save_contact(&name, offer);
+    output.status(&told);
+    if saved {
+        session.saved(now());
+    }
+}
+
+/// The other side's identity proof came: checked once; a save waiting for it
+/// goes ahead, or is refused.
+fn proof_came(
+    mac: &[u8; 32],
+    session: &mut Session,
+    ctx: &mut ChatContext,
+    output: &mut dyn Output,
+) {
+    if ctx.identity.proven || ctx.identity.bad.is_some() {
+        return;
+    }
+    match &ctx.identity.expected {
+        Some(expected) if crate::secure::same_mac(expected, mac) => ctx.identity.proven = true,
+        _ => {
+            ctx.identity.bad = Some(format!(
+                "{} could not prove it holds the identity key it introduced (it may have \
+                 introduced someone else's): it cannot be saved as a contact",
+                ctx.their_name
+            ));
+        }
+    }
+    if let Some(name) = ctx.identity.pending_save.take() {
+        save(name, session, ctx, output);
     }
 }
 

@@ -357,10 +357,11 @@ impl Book {
         write_replacing(dir, &dir.join(CONTACTS_FILE), &text)
     }
 
-    /// Keeps `offer` as `name`. Saving the same key again under its name
-    /// renews the pairing; a name already used for another key is refused
-    /// (that key may have changed: the user must say so), and so is a key
-    /// already saved under another name.
+    /// Keeps `offer` as `name`. A name already used is refused: for another
+    /// key (that key may have changed: the user must say so), and for the
+    /// same key too (the contact holds an earlier chat's pairing, which the
+    /// other side holds as well; replacing it on one side only would part
+    /// the two). So is a key already saved under another name.
     pub fn save(&mut self, name: &str, offer: &Offer, now: SystemTime) -> Result<Saved, PeerError> {
         validate_contact_name(name)?;
         if let Some(other) = self
@@ -382,11 +383,11 @@ impl Book {
                 fingerprint(&existing.key),
                 fingerprint(&offer.key)
             ))),
-            Some(existing) => {
-                existing.pairing = offer.pairing;
-                existing.saved = saved;
-                Ok(Saved::Renewed)
-            }
+            Some(_) => Err(PeerError::Contacts(format!(
+                "{name} is already your contact (`peer @{name}` meets them). To pair afresh from \
+                 this chat, both of you forget the old contact (`peer contacts forget NAME`) and \
+                 save again."
+            ))),
             None => {
                 self.contacts.push(Contact {
                     name: name.to_owned(),
@@ -432,8 +433,6 @@ impl Book {
 pub enum Saved {
     /// A new contact.
     New,
-    /// The same key was saved under that name already: its pairing is renewed.
-    Renewed,
 }
 
 /// The error for a contact that is not in the book.
@@ -648,16 +647,19 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        // The same key again renews the pairing.
-        let renewed = Book::update(&dir, |b| b.save("alice", &offer(1, 3), now)).expect("renewed");
-        assert_eq!(renewed, Saved::Renewed);
+        // The same key again (another chat's pairing): refused, the old
+        // pairing kept (the other side holds it too).
+        let e = Book::update(&dir, |b| b.save("alice", &offer(1, 3), now))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("already your contact"), "{e}");
         assert_eq!(
             Book::load(&dir)
                 .expect("loads")
                 .get("alice")
                 .expect("there")
                 .pairing,
-            [3; 32]
+            [2; 32]
         );
         // Another key under the name: refused, loudly, with what to do.
         let e = Book::update(&dir, |b| b.save("alice", &offer(9, 9), now))
@@ -668,7 +670,7 @@ mod tests {
             "{e}"
         );
         // The same key under another name: refused.
-        let e = Book::update(&dir, |b| b.save("al", &offer(1, 3), now))
+        let e = Book::update(&dir, |b| b.save("al", &offer(1, 2), now))
             .expect_err("refused")
             .to_string();
         assert!(e.contains("already saved as \"alice\""), "{e}");

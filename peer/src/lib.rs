@@ -198,6 +198,10 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
     let mut status = ui::StderrStatus;
     use chat::Output as _;
     let identity = our_identity(contact.is_some(), &mut status)?;
+    if let Some(contact) = &contact {
+        // A saved key that proves nothing is refused before meeting.
+        secure::Secret::contact(contact, &identity)?;
+    }
 
     // 0. No rendezvous given: one runs in this process, for the whole chat.
     let mut opts = opts;
@@ -296,7 +300,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
                     typed_early.push(typed);
                 }
                 Some(theirs) = shows_rx.recv() => {
-                    show_first_lines(&theirs, &mut shown_early, &mut lines_out);
+                    show_first_lines(&theirs, contact.as_ref(), &mut shown_early, &mut lines_out);
                 }
             }
         };
@@ -311,13 +315,22 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         }
     };
     while let Ok(theirs) = shows_rx.try_recv() {
-        show_first_lines(&theirs, &mut shown_early, &mut lines_out);
+        show_first_lines(&theirs, contact.as_ref(), &mut shown_early, &mut lines_out);
     }
-    let their_name = sanitize_for_terminal(&met.link.their_introduction().name);
+    // A contact is shown under the name it was saved as, whatever it calls
+    // itself (said once if that differs).
+    let their_name = match &contact {
+        Some(contact) => sanitize_for_terminal(&contact.name),
+        None => sanitize_for_terminal(&met.link.their_introduction().name),
+    };
     status.status(&format!(
         "connected to {their_name}: {}",
         render::describe_link(&met)
     ));
+    let calls_itself = sanitize_for_terminal(&met.link.their_introduction().name);
+    if contact.is_some() && calls_itself != their_name {
+        status.status(&format!("({their_name} calls itself {calls_itself})"));
+    }
     let words = met.link.verification().map(str::to_owned);
     match (&contact, &words) {
         (Some(contact), _) => status.status(&format!(
@@ -336,9 +349,37 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         },
         pairing: met.chat.secret.pairing(),
     };
-    if let Some(name) = &opts.save {
-        status.status(&save_contact(name, &offer));
-    }
+    // Whether that key may be saved: a contact's was proven by the
+    // handshake; in a chat with a code, each side proves it holds the key it
+    // introduced with a word on the link (`Chat::Proof`).
+    let identity_check = match &contact {
+        Some(_) => chat::IdentityCheck {
+            proven: true,
+            pending_save: opts.save.clone(),
+            ..Default::default()
+        },
+        None => {
+            let hash = met.link.handshake_hash();
+            let ours = secure::identity_proof(&first.identity, &offer.key, hash, met.chat.role);
+            let expected =
+                secure::identity_proof(&first.identity, &offer.key, hash, met.chat.role.other());
+            chat::IdentityCheck {
+                ours: ours.ok(),
+                expected: expected.ok(),
+                proven: false,
+                bad: match ours {
+                    Ok(_) => None,
+                    Err(secure::BadIdentity::Ours) => Some(format!(
+                        "{their_name} introduced your own identity key: it cannot be saved as a contact"
+                    )),
+                    Err(secure::BadIdentity::Invalid) => Some(format!(
+                        "{their_name} introduced an identity key that proves nothing: it cannot be saved as a contact"
+                    )),
+                },
+                pending_save: opts.save.clone(),
+            }
+        }
+    };
 
     // 5. Chat, over new links as needed.
     let mut ctx = chat::ChatContext {
@@ -347,6 +388,8 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         facts: render::link_facts(&met),
         words,
         offer: Some(offer),
+        identity: identity_check,
+        pinned_name: contact.is_some(),
     };
     let mut session = chat::new_session(&opts);
     let mut terminal = None;
@@ -429,22 +472,23 @@ fn our_identity(
     }
 }
 
-/// Saves the other side as the contact `name`; what to tell the user.
-pub(crate) fn save_contact(name: &str, offer: &contacts::Offer) -> String {
+/// Saves the other side as the contact `name`; what to tell the user, and
+/// whether it was saved.
+pub(crate) fn save_contact(name: &str, offer: &contacts::Offer) -> (String, bool) {
     let saved = contacts::config_dir().and_then(|dir| {
         contacts::Book::update(&dir, |book| {
             book.save(name, offer, std::time::SystemTime::now())
         })
     });
-    match saved {
+    let told = match &saved {
         Ok(contacts::Saved::New) => format!(
             "saved as contact {name} (key {}): next time, `peer @{name}` meets them with no code, \
-             once they have saved you too",
+             once they have saved you too, in this chat (the pairing is this chat's)",
             contacts::fingerprint(&offer.key)
         ),
-        Ok(contacts::Saved::Renewed) => format!("contact {name} renewed with this chat's pairing"),
         Err(e) => format!("not saved: {e}"),
-    }
+    };
+    (told, saved.is_ok())
 }
 
 /// Whether the user typed a code (rather than having one made).
@@ -460,15 +504,17 @@ const SHOWN_EARLY_QUEUE: usize = 8;
 
 /// Shows the other side's first lines that came in a box on the way to the
 /// first link (each box holds all its first lines so far), past the `shown`
-/// ones.
+/// ones; a contact's under the name it was saved as.
 fn show_first_lines(
     theirs: &punchline_proto::Introduction,
+    contact: Option<&contacts::Contact>,
     shown: &mut u64,
     output: &mut dyn chat::Output,
 ) {
     let already = usize::try_from(*shown).unwrap_or(usize::MAX);
+    let name = contact.map_or(theirs.name.as_str(), |c| c.name.as_str());
     for text in theirs.first_lines.iter().skip(already) {
-        output.incoming(&theirs.name, text);
+        output.incoming(name, text);
         *shown += 1;
     }
 }

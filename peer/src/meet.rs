@@ -194,7 +194,7 @@ pub(crate) async fn meet(
         let (secret, chat_role) = match (exchange, keying) {
             (Some(exchange), _) => (exchange.finish(&go.peer.pake)?, go.role),
             (None, Keying::Contact(contact, first)) => {
-                (secure::Secret::contact(contact, &first.identity), go.role)
+                (secure::Secret::contact(contact, &first.identity)?, go.role)
             }
             (None, Keying::Chat(keys)) => (keys.secret.clone(), keys.role),
             (None, Keying::Code(..)) => unreachable!("a first meeting always starts the exchange"),

@@ -98,6 +98,11 @@ const PAIRING_LABEL: &[u8] = b"punchline/10 contact pairing";
 /// HKDF purpose label of a contact's first-link key (from the pairing secret).
 const CONTACT_KEY_LABEL: &[u8] = b"punchline/10 contact key";
 
+/// HKDF purpose label of the proof that a side holds the identity key it
+/// introduced (from the identities' Diffie-Hellman result, salted with the
+/// chat's first handshake hash, with the sender's chat role).
+const PROOF_LABEL: &[u8] = b"punchline/10 identity proof";
+
 /// HKDF purpose label of a contact's room (from the pairing secret, with the
 /// room epoch).
 const CONTACT_ROOM_LABEL: &[u8] = b"punchline/10 contact room";
@@ -256,6 +261,62 @@ struct Statics {
     name: String,
 }
 
+/// Why an identity key someone introduced cannot be a contact's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadIdentity {
+    /// A point whose Diffie-Hellman result with ours is zero (of low order):
+    /// it would prove nothing.
+    Invalid,
+    /// Our own key.
+    Ours,
+}
+
+/// The two identities' Diffie-Hellman result, unless it proves nothing.
+fn identity_dh(
+    ours: &crate::contacts::Identity,
+    theirs: &[u8; 32],
+) -> Result<[u8; 32], BadIdentity> {
+    if *theirs == ours.public() {
+        return Err(BadIdentity::Ours);
+    }
+    let shared = curve25519_dalek::MontgomeryPoint(*theirs)
+        .mul_clamped(*ours.secret())
+        .to_bytes();
+    if shared == [0; 32] {
+        return Err(BadIdentity::Invalid);
+    }
+    Ok(shared)
+}
+
+/// The proof ([`punchline_proto::Chat::Proof`]) that the side with chat role
+/// `sender` holds its identity key, in the chat whose first handshake hash
+/// is `first_hash`, between identity `ours` and the other's key `theirs`:
+/// both sides compute the same value (the Diffie-Hellman result is
+/// symmetric), and only holders of one of the two secret keys can.
+pub fn identity_proof(
+    ours: &crate::contacts::Identity,
+    theirs: &[u8; 32],
+    first_hash: &[u8],
+    sender: Role,
+) -> Result<[u8; 32], BadIdentity> {
+    let shared = identity_dh(ours, theirs)?;
+    let mut label = PROOF_LABEL.to_vec();
+    label.push(match sender {
+        Role::Leader => 0,
+        Role::Follower => 1,
+    });
+    let mut mac = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(Some(first_hash), &shared)
+        .expand(&label, &mut mac)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    Ok(mac)
+}
+
+/// Whether two MACs are equal, in time independent of where they differ.
+pub fn same_mac(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The room at the rendezvous where two contacts with `pairing` meet during
 /// the room epoch `epoch` ([`crate::contacts::room_epoch`]): the rendezvous
 /// cannot tie it to the pairing or the names, and it changes every epoch.
@@ -305,22 +366,28 @@ impl Secret {
     /// handshake is to complete. Whoever holds a copy of the pairing without
     /// one of the two identity keys (a contacts file stolen alone) can seal
     /// nothing either side would open.
+    ///
+    /// A saved key that proves nothing (see [`BadIdentity`]) is refused.
     pub fn contact(
         contact: &crate::contacts::Contact,
         identity: &crate::contacts::Identity,
-    ) -> Secret {
-        let shared = curve25519_dalek::MontgomeryPoint(contact.key)
-            .mul_clamped(*identity.secret())
-            .to_bytes();
+    ) -> Result<Secret, PeerError> {
+        let shared = identity_dh(identity, &contact.key).map_err(|_| {
+            PeerError::Contacts(format!(
+                "the key saved for contact {0:?} is not one a contact can have (it would prove \
+                 nothing): forget it (`peer contacts forget {0}`) and pair again with a code",
+                contact.name
+            ))
+        })?;
         let pairing = Secret::from_key(contact.pairing);
-        Secret {
+        Ok(Secret {
             key: pairing.derive(Some(&shared), CONTACT_KEY_LABEL),
             kind: Kind::Contact(Arc::new(Statics {
                 ours: *identity.secret(),
                 theirs: contact.key,
                 name: contact.name.clone(),
             })),
-        }
+        })
     }
 
     /// True for the key of the code, false for a contact's or a chat's secret.
@@ -1430,7 +1497,7 @@ mod tests {
             pairing: [pairing; 32],
             saved: 0,
         };
-        Secret::contact(&contact, owner)
+        Secret::contact(&contact, owner).expect("a valid key")
     }
 
     #[tokio::test]

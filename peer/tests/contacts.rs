@@ -266,7 +266,8 @@ fn the_rendezvous_sees_neither_names_nor_keys_of_contacts() {
     let mut b = spawn(&rv, "gazumpb", "@alice", &cb, &[]);
     b.wait_stderr("this is alice");
     a.send("xyzzy line\n");
-    assert_eq!(b.recv(), "frobnitza: xyzzy line");
+    // Shown under the name Bob saved her as.
+    assert_eq!(b.recv(), "alice: xyzzy line");
     a.close_stdin();
     assert!(a.wait().success());
     assert!(b.wait().success());
@@ -300,4 +301,40 @@ fn the_rendezvous_sees_neither_names_nor_keys_of_contacts() {
             "part of {what} reached the rendezvous"
         );
     }
+}
+
+/// Saving a contact again, in a contact's chat, is refused (its pairing
+/// stays the one both sides hold), and the two still meet afterwards; the
+/// contact shows under the name it was saved as, whatever it calls itself.
+#[test]
+fn a_contact_saved_again_keeps_its_pairing_and_its_saved_name() {
+    let rv = TestRendezvous::start();
+    let (ca, cb) = pair_and_save(&rv, "27-apple-river");
+    let before = Book::load(&ca.join("punchline")).expect("book");
+    let mut a = spawn(&rv, "alice", "@bob", &ca, &["--save", "bob"]);
+    a.wait_stderr("waiting for bob");
+    let mut b = spawn(&rv, "carol", "@alice", &cb, &[]);
+    a.wait_stderr("connected to bob:");
+    a.wait_stderr("(bob calls itself carol)");
+    let refused = a.wait_stderr("not saved: ");
+    assert!(refused.contains("bob is already your contact"), "{refused}");
+    b.send("hi\n");
+    assert_eq!(a.recv(), "bob: hi");
+    a.close_stdin();
+    assert!(a.wait().success());
+    assert!(b.wait().success());
+    let after = Book::load(&ca.join("punchline")).expect("book");
+    assert_eq!(
+        after.get("bob").expect("bob").pairing,
+        before.get("bob").expect("bob").pairing
+    );
+    // They still meet.
+    let mut a = spawn(&rv, "alice", "@bob", &ca, &[]);
+    a.wait_stderr("waiting for bob");
+    let mut b = spawn(&rv, "bob", "@alice", &cb, &[]);
+    a.wait_stderr("this is bob");
+    b.wait_stderr("this is alice");
+    a.close_stdin();
+    assert!(a.wait().success());
+    assert!(b.wait().success());
 }

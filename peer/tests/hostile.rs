@@ -728,3 +728,133 @@ fn hostile_key_exchange_messages_in_the_go_end_cleanly() {
         );
     }
 }
+
+/// A hostile peer in a chat with a code introduces an identity key that is
+/// not its own (someone else's, which it learned by chatting with them) or
+/// one that proves nothing (zero, a point of low order), and sends a proof
+/// it cannot make. The victim started with `--save mallory`: nothing is
+/// saved, she is told why, and the chat itself goes on.
+mod claimed_identity {
+    use super::*;
+    use punchline_peer::contacts::{Book, Identity};
+    use punchline_peer::secure::{FirstLines, LinkKeys};
+    use punchline_proto::{Chat, Go, Introduction, Mapping, PeerInfo, PeerToPeer, Role};
+    use tokio_util::codec::FramedParts;
+
+    const SESSION: [u8; 16] = [0x51; 16];
+
+    /// Meets Alice with `code` as the follower, introducing `claimed`, and
+    /// says: a proof it made up, a line, goodbye.
+    async fn mallory(listener: TcpListener, m1: u16, code: Code, claimed: [u8; 32]) {
+        let mut a = arrive(&listener, |_| Mapping::Independent).await;
+        let kx = KeyExchange::start(&code).expect("randomness");
+        let ours = kx.message.clone();
+        let secret = kx.finish(&a.hello.pake).expect("her SPAKE2 message");
+        a.conn
+            .send(punchline_proto::ServerToPeer::Go(Go {
+                peer: PeerInfo {
+                    observed: SocketAddr::from(([127, 0, 0, 1], m1)),
+                    mapping: Mapping::Independent,
+                    pake: ours,
+                },
+                role: Role::Leader,
+                session: SESSION,
+                others_go_after_us: 0,
+            }))
+            .await
+            .expect("go");
+        let keys = LinkKeys {
+            secret,
+            ours: Introduction {
+                name: "mallory".into(),
+                chat_role: Role::Follower,
+                words_nonce: [0; 32],
+                first_lines: Vec::new(),
+                identity: claimed,
+            },
+            words: None,
+            first_lines: FirstLines::default(),
+            shows_first_lines: None,
+        };
+        let hs = keys
+            .handshake(Role::Follower, &link_token(&SESSION))
+            .expect("handshake");
+        let link = common::fake::pose(
+            common::fake::punch(m1, a.observed).await,
+            SESSION,
+            Role::Follower,
+        )
+        .await;
+        // The same frames, over the stream type the library's link takes
+        // (keeping whatever was read ahead).
+        let parts = link.into_parts();
+        let mut moved = FramedParts::new::<PeerToPeer>(LinkStream::Tcp(parts.io), parts.codec);
+        moved.read_buf = parts.read_buf;
+        moved.write_buf = parts.write_buf;
+        let mut link = SecureLink::over(Framed::from_parts(moved), hs)
+            .await
+            .expect("the handshake passes: the code is right");
+        for msg in [
+            Chat::Proof { mac: [0x77; 32] },
+            Chat::Line {
+                seq: 1,
+                text: "trust me".into(),
+            },
+            Chat::Bye,
+        ] {
+            link.send(&msg).await.expect("send");
+        }
+        // Until Alice answers the goodbye and closes.
+        while link.recv().await.is_some() {}
+        while let Some(Ok(_)) = a.conn.next().await {}
+    }
+
+    fn claims(claimed: [u8; 32], told: &str) {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (listener, server) = listen(&rt);
+        let m1 = free_port();
+        let code = "8-claimed-key";
+        let run = rt.spawn(mallory(
+            listener,
+            m1,
+            Code::parse(code).expect("code"),
+            claimed,
+        ));
+        let config = fresh_config("claimed");
+        let mut cmd = peer_command(server, "alice", code, &["--save", "mallory"]);
+        cmd.env("XDG_CONFIG_HOME", &config);
+        let mut alice = Peer::spawn_command(cmd, "alice");
+        assert_eq!(alice.recv(), "mallory: trust me", "the chat goes on");
+        let said = alice.wait_stderr("not saved: ");
+        assert!(said.contains(told), "{said}");
+        assert!(alice.wait().success());
+        rt.block_on(async { timeout(LIMIT, run).await })
+            .expect("in time")
+            .expect("mallory");
+        assert!(
+            Book::load(&config.join("punchline"))
+                .expect("contacts")
+                .contacts
+                .is_empty(),
+            "mallory was saved"
+        );
+        assert!(!alice
+            .stderr_seen
+            .iter()
+            .any(|l| l.contains("saved as contact")));
+    }
+
+    #[test]
+    fn someone_elses_key_is_not_saved() {
+        let bob = Identity::generate().expect("bob").public();
+        claims(
+            bob,
+            "could not prove it holds the identity key it introduced",
+        );
+    }
+
+    #[test]
+    fn a_key_that_proves_nothing_is_not_saved() {
+        claims([0; 32], "introduced an identity key that proves nothing");
+    }
+}

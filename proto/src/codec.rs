@@ -316,6 +316,8 @@ mod tests {
             Just(Chat::Ping),
             any::<u64>().prop_map(|next| Chat::Resume { next }),
             Just(Chat::TryDirect),
+            Just(Chat::Saved),
+            any::<[u8; 32]>().prop_map(|mac| Chat::Proof { mac }),
         ]
     }
 

@@ -465,6 +465,19 @@ pub enum Chat {
     /// try for a direct link now (through the rendezvous again, by session); the
     /// relay carries on until one is up.
     TryDirect,
+    /// The sender has just saved the other side as a contact (`/save`): the
+    /// other may save it too, in this chat, whose pairing the contact holds.
+    Saved,
+    /// The sender proves it holds the identity key its introduction named
+    /// ([`Introduction::identity`]): a MAC of the chat's first handshake hash
+    /// under the two identities' Diffie-Hellman result, which only the
+    /// holders of the two secret keys can compute. A chat with a code proves
+    /// no static key by itself; without this, a peer could introduce someone
+    /// else's key, or one that proves nothing, and be saved as that contact.
+    Proof {
+        /// The MAC.
+        mac: [u8; 32],
+    },
 }
 
 /// Why a field of a message is not acceptable.

@@ -205,6 +205,11 @@ pub enum Event {
     Renamed(String),
     /// The other side sent a name that is not valid; it keeps its old one.
     UnusableName(InvalidField),
+    /// The other side saved us as a contact.
+    TheySaved,
+    /// The other side's proof that it holds the identity key it introduced
+    /// (the driver checks it).
+    Proof([u8; 32]),
     /// The link no longer carries the chat: get a new one and call
     /// [`Session::link_up`]. Lines typed meanwhile are kept.
     LinkDown(DownReason),
@@ -459,6 +464,8 @@ impl Session {
                 Ok(()) => self.events.push_back(Event::Renamed(name)),
                 Err(e) => self.events.push_back(Event::UnusableName(e)),
             },
+            Chat::Saved => self.events.push_back(Event::TheySaved),
+            Chat::Proof { mac } => self.events.push_back(Event::Proof(mac)),
             Chat::Bye => {
                 if self.leaving.is_some() {
                     self.their_bye = true;
@@ -516,6 +523,29 @@ impl Session {
             self.queue(now, msg);
         }
         Ok(())
+    }
+
+    /// We saved the other side as a contact: tell it, on this link or, with
+    /// none right now, on the next one once it has resumed. (A word is not
+    /// acknowledged: one put on a link that is already failing unseen is
+    /// lost, like a `/nick`.)
+    pub fn saved(&mut self, now: Instant) {
+        self.tell(now, Chat::Saved);
+    }
+
+    /// Our proof that we hold the identity key we introduced: on this link,
+    /// or on the next once it has resumed.
+    pub fn prove(&mut self, now: Instant, mac: [u8; 32]) {
+        self.tell(now, Chat::Proof { mac });
+    }
+
+    /// A word for the other side (not a line: not numbered, not
+    /// acknowledged), on this link or after the next one's resume.
+    fn tell(&mut self, now: Instant, msg: Chat) {
+        match &self.link {
+            Some(link) if link.resume_due.is_none() => self.queue(now, msg),
+            _ => self.after_resume.push(msg),
+        }
     }
 
     /// The user leaves (end of input, `/quit`; Ctrl-C with `interrupted`): the

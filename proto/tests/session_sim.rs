@@ -534,6 +534,22 @@ fn a_rename_during_a_failed_resume_goes_out_on_the_next_link() {
     assert_eq!(sim.sides[B].renamed, vec!["Ada".to_owned()]);
 }
 
+/// Saving the other side as a contact tells it, once, also when the link
+/// was lost just before and the word goes out on the next one.
+#[test]
+fn a_save_is_told_to_the_other_side_once() {
+    let mut sim = Sim::new(Config::default(), false);
+    sim.latency = ms(50);
+    sim.at(ms(100), Action::Save(A));
+    sim.at(ms(1000), Action::Cut);
+    // B has seen the link close (after its latency): no link until the next.
+    sim.at(ms(1100), Action::Save(B));
+    sim.at(secs(20), Action::Quit(A));
+    sim.run(secs(60));
+    assert_eq!(sim.sides[A].ended, Some(Ok(ChatEnd::WeLeft)));
+    assert_eq!((sim.sides[B].they_saved, sim.sides[A].they_saved), (1, 1));
+}
+
 /// Quitting while the new link's resume is awaited, and the resume never
 /// comes: the chat ends as lost while leaving, with the line not confirmed.
 #[test]
@@ -632,6 +648,8 @@ fn hostile_message() -> impl Strategy<Value = Chat> {
         Just(Chat::Bye),
         Just(Chat::Ping),
         Just(Chat::TryDirect),
+        Just(Chat::Saved),
+        Just(Chat::Proof { mac: [1; 32] }),
         n.clone().prop_map(|upto| Chat::Ack { upto }),
         n.prop_map(|next| Chat::Resume { next }),
         Just(Chat::Nick {

@@ -427,6 +427,8 @@ fn chat_index(msg: &Chat) -> u32 {
         Chat::Ping => 4,
         Chat::Resume { .. } => 5,
         Chat::TryDirect => 6,
+        Chat::Saved => 7,
+        Chat::Proof { .. } => 8,
     }
 }
 
@@ -456,6 +458,13 @@ fn chat_cases() -> Vec<Golden<Chat>> {
         golden(Chat::Resume { next: 251 }, "05 | fb fb00"),
         // 06 = TryDirect
         golden(Chat::TryDirect, "06"),
+        // 07 = Saved
+        golden(Chat::Saved, "07"),
+        // 08 = Proof | mac: the 32 bytes (no length)
+        golden(
+            Chat::Proof { mac: [0xab; 32] },
+            "08 | abababababababababababababababababababababababababababababababab",
+        ),
     ]
 }
 

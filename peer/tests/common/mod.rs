@@ -234,6 +234,15 @@ impl Capture {
     }
 }
 
+impl Drop for Capture {
+    /// A test that fails mid-capture must not leave tcpdump running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Whether `haystack` holds `needle`.
 pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)

@@ -40,6 +40,8 @@ pub struct Side {
     pub ended_at: Option<Instant>,
     pub downs: Vec<(Instant, DownReason)>,
     pub renamed: Vec<String>,
+    /// How many times the other side said it saved this one.
+    pub they_saved: usize,
     /// Every message handed to a link, with when.
     pub sent: Vec<(Instant, Chat)>,
     /// Every [`Event::TryDirect`], with when.
@@ -76,6 +78,8 @@ pub enum Action {
     Quit(usize),
     Interrupt(usize),
     Rename(usize, String),
+    /// The side saved the other as a contact.
+    Save(usize),
     /// Both sides see the link close (a reset), after its latency.
     Cut,
     /// The link stops carrying toward this side, silently.
@@ -129,6 +133,7 @@ impl Side {
             ended_at: None,
             downs: Vec::new(),
             renamed: Vec::new(),
+            they_saved: 0,
             sent: Vec::new(),
             try_direct: Vec::new(),
             trying_since: None,
@@ -354,6 +359,10 @@ impl Sim {
                 let _ = self.sides[i].session.rename(now, &name);
                 self.pump(i);
             }
+            Action::Save(i) => {
+                self.sides[i].session.saved(now);
+                self.pump(i);
+            }
             Action::Cut => {
                 for i in [A, B] {
                     if let Some(id) = self.sides[i].link {
@@ -455,6 +464,8 @@ impl Sim {
                 Event::Line(text) => side.shown.push(text),
                 Event::Renamed(name) => side.renamed.push(name),
                 Event::UnusableName(_) => {}
+                Event::TheySaved => side.they_saved += 1,
+                Event::Proof(_) => {}
                 Event::LinkDown(why) => {
                     side.downs.push((now, why));
                     side.trying_since = None;
