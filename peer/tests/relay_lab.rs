@@ -212,36 +212,7 @@ fn a_relayed_chat_switches_to_a_direct_link_once_one_is_possible() {
             p.name
         );
     }
-    const LINES: u32 = 40;
-    for i in 1..=LINES {
-        alice.send(&format!("a{i}\n")).expect("send");
-        bob.send(&format!("b{i}\n")).expect("send");
-        if i == 5 {
-            lab.restore_path(punchline_lab::Side::A)
-                .expect("restore the path");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    for p in [&mut alice, &mut bob] {
-        let line = p
-            .wait_stderr("switched to a direct link")
-            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
-        eprintln!("{}: {line}", p.name);
-    }
-    for (p, from, prefix) in [(&mut bob, "alice", 'a'), (&mut alice, "bob", 'b')] {
-        let got: Vec<String> = (0..LINES)
-            .map_while(|_| p.try_recv(Duration::from_secs(30)))
-            .collect();
-        let want: Vec<String> = (1..=LINES)
-            .map(|i| format!("{from}: {prefix}{i}"))
-            .collect();
-        assert_eq!(got, want, "{} received", p.name);
-        assert!(
-            p.try_recv(Duration::from_secs(1)).is_none(),
-            "{}: a line came twice",
-            p.name
-        );
-    }
+    lines_until_direct(&lab, &mut alice, &mut bob, 40);
     leave(&mut alice, &mut bob).expect("both leave cleanly");
 }
 
@@ -307,8 +278,18 @@ fn a_contacts_chat_is_relayed_and_switches_to_direct_like_any_other() {
         p.wait_stderr(&format!("this is {other}: the key you saved"))
             .expect("authenticated as the contact");
     }
-    const LINES: u32 = 30;
-    for i in 1..=LINES {
+    lines_until_direct(&lab, &mut alice, &mut bob, 30);
+    leave(&mut alice, &mut bob).expect("both leave cleanly");
+    for dir in [ca, cb] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Both relayed peers type `lines` lines, 200 ms apart; the direct path comes
+/// back after the fifth. Both switch to a direct link, and every line arrives
+/// exactly once, in order.
+fn lines_until_direct(lab: &Lab, alice: &mut PeerProcess, bob: &mut PeerProcess, lines: u32) {
+    for i in 1..=lines {
         alice.send(&format!("a{i}\n")).expect("send");
         bob.send(&format!("b{i}\n")).expect("send");
         if i == 5 {
@@ -317,15 +298,17 @@ fn a_contacts_chat_is_relayed_and_switches_to_direct_like_any_other() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    for p in [&mut alice, &mut bob] {
-        p.wait_stderr("switched to a direct link")
+    for p in [&mut *alice, &mut *bob] {
+        let line = p
+            .wait_stderr("switched to a direct link")
             .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+        eprintln!("{}: {line}", p.name);
     }
-    for (p, from, prefix) in [(&mut bob, "alice", 'a'), (&mut alice, "bob", 'b')] {
-        let got: Vec<String> = (0..LINES)
+    for (p, from, prefix) in [(&mut *bob, "alice", 'a'), (&mut *alice, "bob", 'b')] {
+        let got: Vec<String> = (0..lines)
             .map_while(|_| p.try_recv(Duration::from_secs(30)))
             .collect();
-        let want: Vec<String> = (1..=LINES)
+        let want: Vec<String> = (1..=lines)
             .map(|i| format!("{from}: {prefix}{i}"))
             .collect();
         assert_eq!(got, want, "{} received", p.name);
@@ -334,9 +317,5 @@ fn a_contacts_chat_is_relayed_and_switches_to_direct_like_any_other() {
             "{}: a line came twice",
             p.name
         );
-    }
-    leave(&mut alice, &mut bob).expect("both leave cleanly");
-    for dir in [ca, cb] {
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
