@@ -118,6 +118,8 @@ pub struct IdentityCheck {
     pub bad: Option<String>,
     /// A save waiting for the proof (`/save` or `--save` before it came).
     pub pending_save: Option<String>,
+    /// The other side said it saved us (shown once).
+    pub they_saved: bool,
 }
 
 /// A session with the user's settings.
@@ -317,12 +319,18 @@ async fn carry<T>(
                     output.status(&format!("{} sent an unusable name ({e})", ctx.their_name))
                 }
                 Event::Proof(mac) => proof_came(&mac, session, ctx, output),
-                Event::TheySaved => output.status(&format!(
+                // Told once: the word may come again on a later link, or
+                // from a peer repeating it to fill the screen.
+                Event::TheySaved if ctx.identity.they_saved => {}
+                Event::TheySaved => {
+                    ctx.identity.they_saved = true;
+                    output.status(&format!(
                     "{0} saved you as a contact: to keep {0} too, /save NAME now, in this chat \
                      (or start a chat with --save NAME); then `peer @NAME` on both sides meets \
                      with no code",
                     ctx.their_name
-                )),
+                ));
+                }
                 Event::LinkDown(why) => return Step::Down(why),
                 Event::TryDirect => return Step::TryDirect,
                 Event::Ended(result) => {

@@ -377,6 +377,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
                     )),
                 },
                 pending_save: opts.save.clone(),
+                they_saved: false,
             }
         }
     };
