@@ -1,7 +1,7 @@
 # The punchline rendezvous server in a small image.
 #
 #   docker build -t punchline-rendezvous .
-#   docker run -d --name rendezvous -p 7425:7425 -p 7426:7426 punchline-rendezvous
+#   docker run -d --name rendezvous -p 7425-7427:7425-7427 punchline-rendezvous
 #
 # Options as environment variables (docker run -e PUNCHLINE_WAIT_TTL=900 …) or as
 # arguments after the image name; `docker run --rm punchline-rendezvous --help`.
@@ -18,7 +18,7 @@ RUN cargo build --release --locked -p punchline-rendezvous \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /rendezvous /usr/local/bin/rendezvous
 ENV RUST_LOG=info
-EXPOSE 7425/tcp 7426/tcp
+EXPOSE 7425/tcp 7426/tcp 7427/tcp
 # The exec form makes the server PID 1, so `docker stop` (SIGTERM) reaches it and
 # it tells waiting peers it is going away before it exits.
 ENTRYPOINT ["/usr/local/bin/rendezvous"]

@@ -86,7 +86,7 @@ impl LabRendezvous {
     }
 
     /// Starts serving on `port` at the lab's rendezvous address, with its probe
-    /// port on `port + 1`.
+    /// port on `port + 1` and its alternate port on `port + 2`.
     pub fn start_on(lab: &Lab, port: u16, config: Config) -> Result<LabRendezvous> {
         let addr = SocketAddr::new(IpAddr::V4(lab.addr(Host::Rv)), port);
         let probe_addr = SocketAddr::new(addr.ip(), port + punchline_rendezvous::PROBE_PORT_OFFSET);
@@ -103,12 +103,17 @@ impl LabRendezvous {
             })?;
             Ok(l)
         };
-        let (listener, probe) = (bind(addr)?, bind(probe_addr)?);
+        let alternate_addr = SocketAddr::new(
+            addr.ip(),
+            port + punchline_rendezvous::ALTERNATE_PORT_OFFSET,
+        );
+        let listeners = vec![bind(addr)?, bind(alternate_addr)?];
+        let probe = bind(probe_addr)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // The server's runtime lives in the rendezvous namespace too, so the
         // connections it opens itself (dial-backs) start there, like its listeners.
         let thread = crate::netns::spawn_in(lab.netns(Host::Rv), "rendezvous", move || {
-            serve_rendezvous(listener, probe, config, stopped)
+            serve_rendezvous(listeners, probe, config, stopped)
         })?;
         Ok(LabRendezvous {
             addr,
@@ -118,9 +123,10 @@ impl LabRendezvous {
     }
 }
 
-/// Runs the rendezvous (main and probe port) on its own runtime until `stopped`.
+/// Runs the rendezvous (main and alternate ports, and the probe port) on its
+/// own runtime until `stopped`.
 pub fn serve_rendezvous(
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     probe: std::net::TcpListener,
     config: Config,
     stopped: tokio::sync::oneshot::Receiver<()>,
@@ -137,10 +143,11 @@ pub fn serve_rendezvous(
         }
     };
     runtime.block_on(async move {
-        let (listener, probe) = match (
-            tokio::net::TcpListener::from_std(listener),
-            tokio::net::TcpListener::from_std(probe),
-        ) {
+        let listeners = listeners
+            .into_iter()
+            .map(tokio::net::TcpListener::from_std)
+            .collect::<std::io::Result<Vec<_>>>();
+        let (listeners, probe) = match (listeners, tokio::net::TcpListener::from_std(probe)) {
             (Ok(l), Ok(p)) => (l, p),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "rendezvous listeners");
@@ -156,7 +163,7 @@ pub fn serve_rendezvous(
         let shutdown = async {
             let _ = stopped.await;
         };
-        if let Err(e) = punchline_rendezvous::run(listener, config, shutdown).await {
+        if let Err(e) = punchline_rendezvous::run_on(listeners, config, shutdown).await {
             tracing::error!(error = %e, "rendezvous stopped");
         }
         probe.abort();

@@ -203,7 +203,12 @@ impl Server {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let child = Command::new(bin)
-            .args(["--listen", &addr.to_string(), "--no-probe"])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--no-probe",
+                "--no-alternate",
+            ])
             .args(["--metrics", &metrics.to_string()])
             .args(["--max-connections", "19900", "--max-rooms", "100000"])
             .args(["--connections-per-address", "100000"])

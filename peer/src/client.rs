@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::defaults::PROBE_PORT_OFFSET;
-use punchline_proto::pacing::{rendezvous_silence, RENDEZVOUS_FRESH_CONNECTS};
+use punchline_proto::defaults::{ALTERNATE_PORT_OFFSET, PROBE_PORT_OFFSET};
+use punchline_proto::pacing::rendezvous_silence;
 use punchline_proto::{
     sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
     PeerToServer, PunchOutcome, ServerToPeer, MAX_RELAY_CHUNK,
@@ -110,9 +110,9 @@ pub struct RendezvousConn {
     /// Whether the server has answered once with a message of the protocol
     /// (until then, it may be some other program).
     answered: bool,
-    /// How many fresh connections replaced a silent one before this one
-    /// connected ([`rendezvous_silence`]).
-    fresh_connects: u32,
+    /// Whether this connection is the one to the server's alternate port that
+    /// raced a silent first one ([`rendezvous_silence`]).
+    via_alternate: bool,
 }
 
 /// The addresses of `server` (`HOST:PORT`), within [`RESOLVE_TIMEOUT`].
@@ -177,51 +177,59 @@ async fn probe(
 
 /// Connects `socket` to `addr`. With `probe_rtt`, the time the probe's own
 /// connection to the same server took (when it comes), a connection that has
-/// heard nothing [`rendezvous_silence`] after its SYN is replaced by a fresh
-/// one from the same local port, at most [`RENDEZVOUS_FRESH_CONNECTS`] times,
-/// instead of waiting a second for the kernel to send the SYN again: a lost
-/// SYN or SYN-ACK on the way to the rendezvous delays both peers' meeting.
-async fn connect_replacing_silence(
+/// heard nothing [`rendezvous_silence`] after its SYN is raced by a second one
+/// from the same local port to the server's alternate port
+/// ([`ALTERNATE_PORT_OFFSET`]), instead of waiting a second for the kernel to
+/// send the SYN again: a lost SYN or SYN-ACK on the way to the rendezvous
+/// delays both peers' meeting. The first to connect is returned, with whether
+/// it is the second one; the other is closed. A server without the alternate
+/// port refuses the second connection, and the first goes on alone.
+async fn connect_racing_silence(
     socket: TcpSocket,
     addr: SocketAddr,
     probe_rtt: Option<oneshot::Receiver<Duration>>,
-) -> std::io::Result<(TcpStream, u32)> {
+) -> std::io::Result<(TcpStream, bool)> {
     let port = socket.local_addr()?.port();
-    let mut started = Instant::now();
-    let mut attempt = Box::pin(socket.connect(addr));
+    let started = Instant::now();
+    let mut first = Box::pin(socket.connect(addr));
     let Some(mut probe_rtt) = probe_rtt else {
-        return Ok((attempt.await?, 0));
+        return Ok((first.await?, false));
     };
     let silence = tokio::select! {
-        done = &mut attempt => return Ok((done?, 0)),
+        done = &mut first => return Ok((done?, false)),
         rtt = &mut probe_rtt => match rtt {
             Ok(rtt) => rendezvous_silence(rtt),
             // The probe did not connect: no estimate, the kernel's timing.
-            Err(_) => return Ok((attempt.await?, 0)),
+            Err(_) => return Ok((first.await?, false)),
         },
     };
-    let mut fresh_connects = 0;
-    while fresh_connects < RENDEZVOUS_FRESH_CONNECTS {
-        tokio::select! {
-            done = &mut attempt => return Ok((done?, fresh_connects)),
-            _ = tokio::time::sleep_until(started + silence) => {}
-        }
-        let fresh = match fixed_port_socket(addr, port) {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "no fresh socket for the rendezvous");
-                break;
-            }
-        };
-        tracing::debug!(%addr, ?silence, "no answer from the rendezvous yet: connecting afresh");
-        // The silent attempt's socket closes here (nothing is sent from
-        // SYN_SENT), before the fresh one's connect() runs at its first poll:
-        // the two share the address pair.
-        attempt = Box::pin(fresh.connect(addr));
-        started = Instant::now();
-        fresh_connects += 1;
+    tokio::select! {
+        done = &mut first => return Ok((done?, false)),
+        _ = tokio::time::sleep_until(started + silence) => {}
     }
-    Ok((attempt.await?, fresh_connects))
+    let alternate = SocketAddr::new(addr.ip(), addr.port().wrapping_add(ALTERNATE_PORT_OFFSET));
+    let second = match fixed_port_socket(alternate, port) {
+        Ok(second) => second,
+        Err(e) => {
+            tracing::debug!(%alternate, error = %e, "no socket for the alternate port");
+            return Ok((first.await?, false));
+        }
+    };
+    tracing::debug!(%alternate, ?silence, "no answer from the rendezvous yet: trying its alternate port too");
+    let mut second = Box::pin(second.connect(alternate));
+    tokio::select! {
+        done = &mut first => match done {
+            Ok(stream) => Ok((stream, false)),
+            Err(e) => second.await.map(|stream| (stream, true)).map_err(|_| e),
+        },
+        done = &mut second => match done {
+            Ok(stream) => Ok((stream, true)),
+            Err(e) => {
+                tracing::debug!(%alternate, error = %e, "the alternate port did not connect");
+                Ok((first.await?, false))
+            }
+        },
+    }
 }
 
 impl RendezvousConn {
@@ -296,11 +304,11 @@ impl RendezvousConn {
             let (probe, probe_rtt) = probe.unzip();
             match timeout(
                 CONNECT_TIMEOUT,
-                connect_replacing_silence(socket, addr, probe_rtt),
+                connect_racing_silence(socket, addr, probe_rtt),
             )
             .await
             {
-                Ok(Ok((stream, fresh_connects))) => {
+                Ok(Ok((stream, via_alternate))) => {
                     let local_port = stream
                         .local_addr()
                         .map_err(|e| PeerError::io("reading the local port", e))?
@@ -311,7 +319,7 @@ impl RendezvousConn {
                         local_port,
                         answered: false,
                         probe,
-                        fresh_connects,
+                        via_alternate,
                     });
                 }
                 Ok(Err(e)) => tried.push((addr, e)),
@@ -339,10 +347,10 @@ impl RendezvousConn {
         })
     }
 
-    /// How many fresh connections replaced a silent one (a lost SYN or
-    /// SYN-ACK) before this connection to the rendezvous was made.
-    pub fn fresh_connects(&self) -> u32 {
-        self.fresh_connects
+    /// Whether this connection went to the server's alternate port because
+    /// the first one stayed silent (a lost SYN or SYN-ACK).
+    pub fn via_alternate(&self) -> bool {
+        self.via_alternate
     }
 
     /// The kernel's estimate of our round trip to the rendezvous.

@@ -14,7 +14,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use punchline_rendezvous::{bind_default, Config, DEFAULT_PORT, PROBE_PORT_OFFSET};
+use punchline_rendezvous::{
+    bind_default, Config, ALTERNATE_PORT_OFFSET, DEFAULT_PORT, PROBE_PORT_OFFSET,
+};
 use tokio::sync::oneshot;
 
 use crate::error::PeerError;
@@ -87,7 +89,17 @@ pub async fn start(port: u16) -> Result<Hosted, PeerError> {
             .and_then(|()| tokio::net::TcpListener::from_std(l))
             .map_err(|e| PeerError::io("cannot run a rendezvous", e))
     };
+    // The alternate port only saves time under loss: without it, peers wait
+    // for their kernel's retransmission.
+    let alternate_port = port.wrapping_add(ALTERNATE_PORT_OFFSET);
+    let alternate = bind_default(alternate_port)
+        .inspect_err(|e| tracing::debug!(port = alternate_port, error = %e, "no alternate port"))
+        .ok();
     let (main, probe) = (listener(main)?, listener(probe)?);
+    let mut listeners = vec![main];
+    if let Some(alternate) = alternate {
+        listeners.push(listener(alternate)?);
+    }
     let config = Config::default();
     let (stop, stopped) = oneshot::channel::<()>();
     let (stop_probe, probe_stopped) = oneshot::channel::<()>();
@@ -100,7 +112,7 @@ pub async fn start(port: u16) -> Result<Hosted, PeerError> {
         },
     ));
     tokio::spawn(async move {
-        let served = punchline_rendezvous::run(main, config, async {
+        let served = punchline_rendezvous::run_on(listeners, config, async {
             let _ = stopped.await;
         })
         .await;

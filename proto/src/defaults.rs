@@ -2,8 +2,8 @@
 //! place, with the relations between them checked when the crate compiles.
 //!
 //! Each program keeps the settings only it uses; what is here spans both: the
-//! port a peer assumes when the user names none, where the probe port is, how
-//! often a waiting peer hears from the server and how long its silence may last,
+//! port a peer assumes when the user names none, where the probe and alternate
+//! ports are, how often a waiting peer hears from the server and how long its silence may last,
 //! how long the server waits for a punch report, and how quiet a relayed chat
 //! may be before the server drops it.
 
@@ -17,6 +17,21 @@ pub const DEFAULT_PORT: u16 = 7425;
 /// The rendezvous' probe port is its main port plus this, unless configured
 /// otherwise; peers assume the same.
 pub const PROBE_PORT_OFFSET: u16 = 1;
+
+/// The rendezvous also serves its main protocol on its main port plus this:
+/// the *alternate port*, unless configured otherwise; peers assume the same.
+///
+/// A peer whose connection to the main port stays silent (a SYN or SYN-ACK
+/// lost) opens a second one, from the same local port, to the alternate port,
+/// and keeps whichever answers first (see
+/// [`crate::pacing::rendezvous_silence`]). A second connection to the *same*
+/// server port would reuse the silent one's address pair, and the resets that
+/// stale segments of the first attempt then draw from our kernel leave a Linux
+/// NAT's connection tracking in the CLOSE state with the old sequence
+/// numbers: the new connection's first segments are taken as invalid and leave
+/// untranslated (dropped) for the 10 s that state lasts. Seen in the NAT lab
+/// under loss; a different server port has its own tracking entry.
+pub const ALTERNATE_PORT_OFFSET: u16 = 2;
 
 /// Spacing of the rendezvous' pings to a waiting peer (after a few quick early
 /// ones): RTT refresh, and traffic that keeps the peer's NAT mapping — the one
@@ -76,4 +91,5 @@ const _: () = {
     // A link is declared dead only after a keepalive could have been answered.
     assert!(ACK_TIMEOUT.as_millis() < HEARTBEAT_INTERVAL.as_millis());
     assert!(PROBE_PORT_OFFSET != 0);
+    assert!(ALTERNATE_PORT_OFFSET != 0 && ALTERNATE_PORT_OFFSET != PROBE_PORT_OFFSET);
 };

@@ -63,24 +63,21 @@ pub fn fresh_attempt_after(server_rtt: Option<Duration>) -> Duration {
     }
 }
 
-/// Most fresh connections that replace a silent one to the rendezvous (see
-/// [`rendezvous_silence`]); after them the kernel's own SYN retransmissions
-/// (1 s, 2 s, ...) take over.
-pub const RENDEZVOUS_FRESH_CONNECTS: u32 = 3;
-
 /// How long a connection to the rendezvous may stay silent (no SYN-ACK) before
-/// a fresh one from the same port replaces it, given `probe_rtt`, the time the
-/// probe connection to the same server, opened at about the same moment, took
-/// to connect. Its SYN-ACK came back: ours is late by that much only when one
-/// of the two segments was lost, and the kernel would send the SYN again only
-/// after 1 s. Twice that round trip plus 20 ms leaves room for jitter; never
-/// less than 30 ms and never more than 1 s (the kernel's own retransmission).
+/// a second one, from the same port to the server's alternate port
+/// ([`crate::defaults::ALTERNATE_PORT_OFFSET`]), races it, given `probe_rtt`,
+/// the time the probe connection to the same server, opened at about the same
+/// moment, took to connect. Its SYN-ACK came back: ours is late by that much
+/// only when one of the two segments was lost, and the kernel would send the
+/// SYN again only after 1 s. Twice that round trip plus 20 ms leaves room for
+/// jitter; never less than 30 ms and never more than 1 s (the kernel's own
+/// retransmission).
 ///
-/// When our SYN was lost, the fresh one is simply the first to arrive. When
-/// the server's SYN-ACK was lost, the server still holds the first attempt:
-/// it answers the fresh SYN (another initial sequence number) with an ACK,
-/// our kernel resets, and the next fresh connection gets through. Either way
-/// well within the second the kernel would wait.
+/// The silent connection is kept, not replaced: when the server's SYN-ACK was
+/// lost, the server still holds that attempt and sends its SYN-ACK again after
+/// 1 s. Both keep the kernel's retransmissions; whichever connects first
+/// carries the hello. One second connection only: both lost is rare (0.4% of
+/// starts at 3% loss each way), and then the kernel's retransmissions follow.
 pub fn rendezvous_silence(probe_rtt: Duration) -> Duration {
     (probe_rtt * 2 + Duration::from_millis(20))
         .clamp(Duration::from_millis(30), Duration::from_secs(1))
@@ -435,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_connection_to_the_rendezvous_is_replaced_after_twice_the_probes_round_trip() {
+    fn a_silent_connection_to_the_rendezvous_is_raced_after_twice_the_probes_round_trip() {
         let ms = Duration::from_millis;
         assert_eq!(rendezvous_silence(ms(120)), ms(260));
         assert_eq!(rendezvous_silence(ms(1)), ms(30));

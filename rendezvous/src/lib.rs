@@ -31,4 +31,7 @@ mod reject;
 pub mod server;
 
 pub use metrics::{serve_metrics, Metrics};
-pub use server::{bind_default, run, run_probe, Config, DEFAULT_PORT, PROBE_PORT_OFFSET};
+pub use server::{
+    bind_default, run, run_on, run_probe, Config, ALTERNATE_PORT_OFFSET, DEFAULT_PORT,
+    PROBE_PORT_OFFSET,
+};

@@ -73,6 +73,25 @@ async fn pairs_two_peers_with_each_others_details_and_opposite_roles() {
     );
 }
 
+/// The alternate port serves the same rooms as the main one: a peer that
+/// came in there meets one waiting on the main port.
+#[tokio::test]
+async fn the_alternate_port_serves_the_same_rooms() {
+    let rv = TestRendezvous::start();
+    assert_eq!(
+        rv.alternate_addr().port(),
+        rv.addr().port() + punchline_rendezvous::ALTERNATE_PORT_OFFSET
+    );
+    let (mut a, addr_a) = join(rv.addr(), "8", "alice").await;
+    let waiting = tokio::spawn(async move { a.go().await });
+    let (mut b, addr_b) = join(rv.alternate_addr(), "8", "bob").await;
+    let (go_b, _) = b.go().await;
+    let (go_a, _) = waiting.await.expect("alice task");
+    assert_eq!(go_a.peer.observed, addr_b);
+    assert_eq!(go_b.peer.observed, addr_a);
+    assert_eq!(go_a.session, go_b.session);
+}
+
 #[tokio::test]
 async fn sessions_differ_between_pairs() {
     let rv = TestRendezvous::start();

@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::thread;
 
-use punchline_rendezvous::{run, run_probe, Config, PROBE_PORT_OFFSET};
+use punchline_rendezvous::{run_on, run_probe, Config, ALTERNATE_PORT_OFFSET, PROBE_PORT_OFFSET};
 use tokio::sync::oneshot;
 
 /// Worker threads of the server's runtime: two, so a test flooding it with
@@ -33,6 +33,7 @@ const BIND_TRIES: usize = 100;
 pub struct TestRendezvous {
     addr: SocketAddr,
     probe_addr: SocketAddr,
+    alternate_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<io::Result<()>>>,
 }
@@ -49,19 +50,24 @@ impl TestRendezvous {
     }
 
     /// Serves with `config` on a free port of `ip`, with the probe port
-    /// [`PROBE_PORT_OFFSET`] above it, where a `peer` looks for it.
+    /// [`PROBE_PORT_OFFSET`] and the alternate port [`ALTERNATE_PORT_OFFSET`]
+    /// above it, where a `peer` looks for them.
     pub fn on(ip: IpAddr, config: Config) -> TestRendezvous {
-        let (main, probe) = bind_ports(ip);
+        let (main, probe, alternate) = bind_ports(ip);
         let addr = main.local_addr().expect("address of the main port");
         let probe_addr = probe.local_addr().expect("address of the probe port");
+        let alternate_addr = alternate
+            .local_addr()
+            .expect("address of the alternate port");
         let (stop, stopped) = oneshot::channel();
         let thread = thread::Builder::new()
             .name(format!("rendezvous {addr}"))
-            .spawn(move || serve(main, probe, config, stopped))
+            .spawn(move || serve([main, alternate], probe, config, stopped))
             .expect("start the rendezvous thread");
         TestRendezvous {
             addr,
             probe_addr,
+            alternate_addr,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -75,6 +81,11 @@ impl TestRendezvous {
     /// Its probe port, which tells each connection the address it came from.
     pub fn probe_addr(&self) -> SocketAddr {
         self.probe_addr
+    }
+
+    /// Its alternate port, served like the main one.
+    pub fn alternate_addr(&self) -> SocketAddr {
+        self.alternate_addr
     }
 
     /// Shuts the server down (waiting peers are told) and waits for it to
@@ -107,29 +118,35 @@ impl Drop for TestRendezvous {
     }
 }
 
-/// A free port of `ip` and the probe port above it.
-fn bind_ports(ip: IpAddr) -> (TcpListener, TcpListener) {
+/// A free port of `ip` with its probe and alternate ports free above it.
+fn bind_ports(ip: IpAddr) -> (TcpListener, TcpListener, TcpListener) {
     for _ in 0..BIND_TRIES {
         let main = TcpListener::bind((ip, 0)).expect("bind the rendezvous");
         let port = main.local_addr().expect("address").port();
-        let Some(probe_port) = port.checked_add(PROBE_PORT_OFFSET) else {
-            continue;
+        let beside = |offset| {
+            port.checked_add(offset)
+                .and_then(|p| TcpListener::bind((ip, p)).ok())
         };
-        if let Ok(probe) = TcpListener::bind((ip, probe_port)) {
-            return (main, probe);
+        if let (Some(probe), Some(alternate)) =
+            (beside(PROBE_PORT_OFFSET), beside(ALTERNATE_PORT_OFFSET))
+        {
+            return (main, probe, alternate);
         }
     }
-    panic!("no free port on {ip} with a free probe port next to it in {BIND_TRIES} tries");
+    panic!(
+        "no free port on {ip} with free probe and alternate ports next to it in {BIND_TRIES} tries"
+    );
 }
 
-/// Runs the server on both ports until `stopped`; the server's own result.
+/// Runs the server on its ports (main and alternate, and the probe) until
+/// `stopped`; the server's own result.
 fn serve(
-    main: TcpListener,
+    main: [TcpListener; 2],
     probe: TcpListener,
     config: Config,
     stopped: oneshot::Receiver<()>,
 ) -> io::Result<()> {
-    for listener in [&main, &probe] {
+    for listener in main.iter().chain([&probe]) {
         listener.set_nonblocking(true)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -137,7 +154,10 @@ fn serve(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let main = tokio::net::TcpListener::from_std(main)?;
+        let main = main
+            .into_iter()
+            .map(tokio::net::TcpListener::from_std)
+            .collect::<io::Result<Vec<_>>>()?;
         let probe = tokio::net::TcpListener::from_std(probe)?;
         let probe = tokio::spawn(run_probe(
             probe,
@@ -145,7 +165,7 @@ fn serve(
             config.probes.clone(),
             std::future::pending(),
         ));
-        let served = run(main, config, async {
+        let served = run_on(main, config, async {
             let _ = stopped.await;
         })
         .await;

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use punchline_rendezvous::metrics::{log_stats, DEFAULT_STATS_INTERVAL};
 use punchline_rendezvous::{
-    bind_default, run, run_probe, serve_metrics, server, Config, Metrics, DEFAULT_PORT,
-    PROBE_PORT_OFFSET,
+    bind_default, run_on, run_probe, serve_metrics, server, Config, Metrics, ALTERNATE_PORT_OFFSET,
+    DEFAULT_PORT, PROBE_PORT_OFFSET,
 };
 use tokio::net::TcpListener;
 
@@ -32,6 +32,18 @@ struct Args {
     /// Do not open the probe port
     #[arg(long, env = "PUNCHLINE_NO_PROBE")]
     no_probe: bool,
+
+    /// Address and port of the alternate port, which serves peers like the main
+    /// one: a peer whose first connection gets no answer (a lost SYN or SYN-ACK)
+    /// tries it too rather than wait a second for its kernel to retry
+    /// [default: the listen address, port + 2]
+    #[arg(long, env = "PUNCHLINE_ALTERNATE_LISTEN", value_name = "ADDR:PORT")]
+    alternate_listen: Option<SocketAddr>,
+
+    /// Do not open the alternate port (peers then wait for their kernel's
+    /// retransmission when a connection's first segments are lost)
+    #[arg(long, env = "PUNCHLINE_NO_ALTERNATE")]
+    no_alternate: bool,
 
     /// Seconds a first peer waits for the second before it is told the code expired
     #[arg(
@@ -218,20 +230,35 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         None => default_listener(DEFAULT_PORT)?,
     };
     let main_addr = listener.local_addr()?;
+    // A port next to the main one: at `--listen`'s address, or like the default
+    // listener.
+    let beside = |given: Option<SocketAddr>, offset: u16| {
+        let port = main_addr.port().wrapping_add(offset);
+        async move {
+            match (given, args.listen) {
+                (Some(addr), _) => TcpListener::bind(addr).await.map_err(anyhow::Error::from),
+                (None, Some(main)) => TcpListener::bind(SocketAddr::new(main.ip(), port))
+                    .await
+                    .map_err(anyhow::Error::from),
+                (None, None) => default_listener(port),
+            }
+        }
+    };
     let probe = if args.no_probe {
         None
     } else {
-        let probe_port = main_addr.port().wrapping_add(PROBE_PORT_OFFSET);
-        let listener = match (args.probe_listen, args.listen) {
-            (Some(addr), _) => TcpListener::bind(addr).await.map_err(anyhow::Error::from),
-            (None, Some(main)) => TcpListener::bind(SocketAddr::new(main.ip(), probe_port))
-                .await
-                .map_err(anyhow::Error::from),
-            (None, None) => default_listener(probe_port),
-        };
-        Some(listener.context(
+        Some(beside(args.probe_listen, PROBE_PORT_OFFSET).await.context(
             "cannot open the probe port (choose one with --probe-listen, or --no-probe)",
         )?)
+    };
+    let alternate = if args.no_alternate {
+        None
+    } else {
+        Some(
+            beside(args.alternate_listen, ALTERNATE_PORT_OFFSET)
+                .await
+                .context("cannot open the alternate port (choose one with --alternate-listen, or --no-alternate)")?,
+        )
     };
     let metrics_listener = match args.metrics {
         Some(addr) => Some(
@@ -264,7 +291,8 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
     };
     check_file_limit(args.max_connections);
     let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
-    tracing::info!(addr = %main_addr, probe = ?probe_addr, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
+    let alternate_addr = alternate.as_ref().and_then(|p| p.local_addr().ok());
+    tracing::info!(addr = %main_addr, probe = ?probe_addr, alternate = ?alternate_addr, version = env!("CARGO_PKG_VERSION"), "rendezvous listening");
     let mut background = Vec::new();
     if let Some(p) = probe {
         background.push(tokio::spawn(run_probe(
@@ -289,7 +317,8 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
             Ok(())
         }));
     }
-    let result = run(listener, config, shutdown_signal()).await;
+    let listeners = std::iter::once(listener).chain(alternate).collect();
+    let result = run_on(listeners, config, shutdown_signal()).await;
     for task in background {
         task.abort();
     }

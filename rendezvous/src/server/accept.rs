@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -44,11 +45,12 @@ pub fn bind_default(port: u16) -> io::Result<std::net::TcpListener> {
 /// accepting again: the condition is usually passing, and spinning would not help.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Accepts connections on `listener` until `shutdown` completes. `handle` gets
-/// each connection and the number already being served, and returns the task
-/// that serves it (or `None` to drop it); finished tasks are reaped as it goes.
+/// Accepts connections on `listeners` (all serving the same thing) until
+/// `shutdown` completes. `handle` gets each connection and the number already
+/// being served, and returns the task that serves it (or `None` to drop it);
+/// finished tasks are reaped as it goes.
 pub(super) async fn accept_until<F, Fut>(
-    listener: &TcpListener,
+    listeners: &[TcpListener],
     shutdown: impl Future<Output = ()>,
     tasks: &mut JoinSet<()>,
     name: &'static str,
@@ -58,11 +60,23 @@ pub(super) async fn accept_until<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     tokio::pin!(shutdown);
+    // Listeners are polled from a rotating start, so that a busy one never
+    // starves the others.
+    let mut start = 0;
     loop {
+        start = (start + 1) % listeners.len().max(1);
+        let accepted = std::future::poll_fn(|cx| {
+            for i in 0..listeners.len() {
+                if let Poll::Ready(r) = listeners[(start + i) % listeners.len()].poll_accept(cx) {
+                    return Poll::Ready(r);
+                }
+            }
+            Poll::Pending
+        });
         tokio::select! {
             _ = &mut shutdown => return,
             Some(_) = tasks.join_next() => {}
-            accepted = listener.accept() => match accepted {
+            accepted = accepted => match accepted {
                 Ok((stream, addr)) => {
                     if let Some(task) = handle(stream, addr, tasks.len()) {
                         tasks.spawn(task);

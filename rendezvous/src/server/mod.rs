@@ -53,7 +53,7 @@ pub use probe::{run_probe, ProbeSightings, PROBE_WAIT};
 pub use punchline_proto::defaults::DEFAULT_PORT;
 
 /// The probe port is the main port plus this, unless configured otherwise.
-pub use punchline_proto::defaults::PROBE_PORT_OFFSET;
+pub use punchline_proto::defaults::{ALTERNATE_PORT_OFFSET, PROBE_PORT_OFFSET};
 
 /// Default time a first peer waits for the second one. Long enough for a user to
 /// read a code to a friend over the phone, who then installs and starts the tool.
@@ -271,6 +271,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    run_on(vec![listener], config, shutdown).await
+}
+
+/// [`run`] on several listeners at once, all serving the same peers and
+/// rooms: the main port and the alternate port
+/// ([`ALTERNATE_PORT_OFFSET`]), where a peer whose first connection stayed
+/// silent connects again.
+pub async fn run_on(
+    listeners: Vec<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let limits = Limits::new(&config);
     let shared = Arc::new(Shared {
         rooms: Mutex::new(Rooms::new(config.max_rooms, config.wait_ttl, PAIRED_HOLD)),
@@ -283,7 +295,7 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep(shared.clone()));
     let mut next_id: ConnId = 0;
     accept_until(
-        &listener,
+        &listeners,
         shutdown,
         &mut tasks,
         "main",

@@ -192,7 +192,7 @@ pub async fn run_probe(
     sightings.0.serving.store(true, Ordering::Relaxed);
     let mut tasks = JoinSet::new();
     accept_until(
-        &listener,
+        std::slice::from_ref(&listener),
         shutdown,
         &mut tasks,
         "probe",
