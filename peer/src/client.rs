@@ -110,6 +110,9 @@ pub struct RendezvousConn {
     /// Whether the server has answered once with a message of the protocol
     /// (until then, it may be some other program).
     answered: bool,
+    /// The probe over the other address family, started with the connection
+    /// when the server has an address of that family.
+    other_family: Option<Probe>,
     /// Whether this connection is the one to the server's alternate port that
     /// raced a silent first one ([`rendezvous_silence`]).
     via_alternate: bool,
@@ -142,6 +145,17 @@ impl Drop for Probe {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Starts a probe from local `port` to the probe port at `addr`, of the other
+/// address family than the connection to the rendezvous, named by a token of
+/// its own for the hello.
+fn other_family_probe(addr: SocketAddr, port: u16) -> Result<Probe, PeerError> {
+    let mut token = [0u8; PROBE_TOKEN_LEN];
+    getrandom::fill(&mut token)
+        .map_err(|e| PeerError::io("no randomness for the probe", std::io::Error::other(e)))?;
+    let task = tokio::spawn(probe(addr, port, Some(token), None));
+    Ok(Probe { token, task })
 }
 
 /// Connects from local `port` to the probe port at `addr`, which answers with
@@ -265,11 +279,16 @@ impl RendezvousConn {
         port: u16,
         probe_port: Option<Option<u16>>,
     ) -> Result<Self, PeerError> {
-        let addrs = resolve(server).await?;
+        let mut addrs = resolve(server).await?;
+        // IPv4 first: where a NAT is, it is on IPv4, and the probe beside the
+        // connection classifies the NAT of the connection's family. IPv6, when
+        // the server has it too, is seen by a probe of its own
+        // ([`RendezvousConn::other_family_token`]).
+        addrs.sort_by_key(|a| a.is_ipv6());
         let mut tried = Vec::new();
         // Addresses for which binding the port failed because it is taken.
         let mut taken = 0;
-        for addr in addrs {
+        for &addr in &addrs {
             let socket = match fixed_port_socket(addr, port) {
                 Ok(s) => s,
                 Err(e) => {
@@ -302,6 +321,22 @@ impl RendezvousConn {
                 _ => None,
             };
             let (probe, probe_rtt) = probe.unzip();
+            // The server's address in the other family, if it has one: a
+            // probe there, from the same port, shows our address in that
+            // family (for IPv6, usually our own global address) to the
+            // server, which hands it to the other peer with ours.
+            let other_family = match (probe_port, socket.local_addr()) {
+                (Some(probe_port), Ok(local)) => addrs
+                    .iter()
+                    .find(|a| a.is_ipv4() != addr.is_ipv4())
+                    .map(|other| {
+                        let probe_port = probe_port
+                            .unwrap_or_else(|| other.port().wrapping_add(PROBE_PORT_OFFSET));
+                        other_family_probe(SocketAddr::new(other.ip(), probe_port), local.port())
+                    })
+                    .transpose()?,
+                _ => None,
+            };
             match timeout(
                 CONNECT_TIMEOUT,
                 connect_racing_silence(socket, addr, probe_rtt),
@@ -319,6 +354,7 @@ impl RendezvousConn {
                         local_port,
                         answered: false,
                         probe,
+                        other_family,
                         via_alternate,
                     });
                 }
@@ -384,6 +420,23 @@ impl RendezvousConn {
     /// for the probe's answer.
     pub fn probe_token(&self) -> Option<ProbeToken> {
         self.probe.as_ref().map(|p| p.token)
+    }
+
+    /// The token of the probe over the other address family, for the hello
+    /// ([`punchline_proto::Hello::other_family_token`]).
+    pub fn other_family_token(&self) -> Option<ProbeToken> {
+        self.other_family.as_ref().map(|p| p.token)
+    }
+
+    /// Our address in the other address family, as the server's probe port
+    /// saw it, if that probe has answered by now (`None` if it has not, or
+    /// none was started): never waits, the punch must not.
+    pub async fn other_family_seen(&mut self) -> Option<SocketAddr> {
+        let probe = self.other_family.as_mut()?;
+        if !probe.task.is_finished() {
+            return None;
+        }
+        (&mut probe.task).await.ok().flatten()
     }
 
     /// Asks for a free nameplate for a new code.

@@ -77,6 +77,8 @@ pub(crate) struct ChatKeys {
 pub(crate) struct Met {
     pub(crate) go: punchline_proto::Go,
     pub(crate) observed: SocketAddr,
+    /// Our address in the other address family, as the rendezvous saw it.
+    pub(crate) other_family: Option<SocketAddr>,
     pub(crate) mapping: Mapping,
     pub(crate) local_port: u16,
     pub(crate) path: Path,
@@ -114,6 +116,7 @@ pub(crate) async fn meet(
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
     // The probe started with the connection is found by the server through
     // its token; without one (none was started), probe now and report it.
+    let other_family_token = rendezvous.other_family_token();
     let (probe_observed, probe_token) = match rendezvous.probe_token() {
         Some(token) => (None, Some(token)),
         None => (rendezvous.probe(probe_port).await, None),
@@ -128,6 +131,7 @@ pub(crate) async fn meet(
                 pake: exchange.message.clone(),
                 resume: None,
                 probe_token,
+                other_family_token,
             };
             (Some(exchange), hello)
         }
@@ -142,6 +146,7 @@ pub(crate) async fn meet(
                     contacts::room_epoch(SystemTime::now()),
                 )),
                 probe_token,
+                other_family_token,
             };
             (None, hello)
         }
@@ -153,6 +158,7 @@ pub(crate) async fn meet(
                 pake: Vec::new(),
                 resume: Some(keys.secret.resume_room()),
                 probe_token,
+                other_family_token,
             };
             (None, hello)
         }
@@ -174,7 +180,8 @@ pub(crate) async fn meet(
     if let Mapping::DependsOnDestination { first, second } = mapping {
         status.status(&format!(
             "warning: your NAT gives each destination its own public port (the rendezvous saw {first} and {second}): \
-             a direct connection can only work if the other side is on your LAN"
+             a direct connection can only work {}if the other side is on your LAN",
+            if other_family_token.is_some() && rendezvous.server.is_ipv4() { "over IPv6 or " } else { "" }
         ));
     }
     let go = match keying {
@@ -201,6 +208,7 @@ pub(crate) async fn meet(
         };
         tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
 
+        let our_other_family = rendezvous.other_family_seen().await;
         // Our candidates travel sealed: only the other peer can open them.
         let candidates = SealedCandidates {
             candidates: our_candidates(opts, port),
@@ -218,6 +226,7 @@ pub(crate) async fn meet(
             our_mapping: mapping,
             policy: opts.retry,
             server_rtt: rendezvous.rtt(),
+            our_other_family,
         };
         let identity = match keying {
             Keying::Code(_, first) | Keying::Contact(_, first) => first.identity.public(),
@@ -282,6 +291,7 @@ pub(crate) async fn meet(
                 tracing::info!(carried = link.carried(), "relayed and encrypted");
                 return Ok(Met {
                     observed,
+                    other_family: our_other_family,
                     mapping,
                     local_port: port,
                     path: Path::Relayed { why },
@@ -313,6 +323,7 @@ pub(crate) async fn meet(
         let link = punched.link;
         Ok(Met {
             observed,
+            other_family: our_other_family,
             mapping,
             local_port: port,
             path: Path::Direct {

@@ -15,6 +15,16 @@ use tokio::net::TcpSocket;
 /// A non-blocking TCP socket for connecting to `dest`, bound to `port` on every
 /// local address of `dest`'s family (`port` 0: the OS picks one).
 pub fn fixed_port_socket(dest: SocketAddr, port: u16) -> io::Result<TcpSocket> {
+    fixed_port_socket_from(dest, None, port)
+}
+
+/// [`fixed_port_socket`], bound to the local address `source` if given (of
+/// `dest`'s family), rather than to all of them.
+pub fn fixed_port_socket_from(
+    dest: SocketAddr,
+    source: Option<IpAddr>,
+    port: u16,
+) -> io::Result<TcpSocket> {
     let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -29,7 +39,10 @@ pub fn fixed_port_socket(dest: SocketAddr, port: u16) -> io::Result<TcpSocket> {
     };
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::new(unspecified, port).into())?;
+    let local = source
+        .filter(|ip| ip.is_ipv4() == dest.is_ipv4())
+        .unwrap_or(unspecified);
+    socket.bind(&SocketAddr::new(local, port).into())?;
     Ok(TcpSocket::from_std_stream(socket.into()))
 }
 

@@ -39,7 +39,7 @@ use tokio_util::codec::Framed;
 use tracing::debug;
 
 use crate::error::{KeyRefusal, PeerError};
-use crate::net::{fixed_port_socket, LinkStream};
+use crate::net::{fixed_port_socket_from, LinkStream};
 use crate::secure::{handshake_frame, Handshake, LinkKeys, SecureLink};
 
 /// The framed link between the two peers.
@@ -118,6 +118,12 @@ pub struct PunchParams {
     /// how soon a silent attempt is replaced
     /// ([`punchline_proto::pacing::fresh_attempt_after`]).
     pub server_rtt: Option<Duration>,
+    /// Our address in the other address family (IPv6 beside IPv4, or the
+    /// reverse), as the rendezvous' probe port saw it: the address the other
+    /// side was told. Attempts of that family leave from it when it is one
+    /// of this host's own (not translated), so that they cross the other's
+    /// SYNs even on a host with several IPv6 addresses.
+    pub our_other_family: Option<SocketAddr>,
 }
 
 /// Whether `addr`, offered by the other side (or by the rendezvous), is worth a
@@ -303,13 +309,10 @@ pub async fn punch(
     let here = Here::new(params.server);
     let mut first = Vec::new();
     let mut deadline = start + params.deadline;
+    // The mappings are those of the family of our connections to the
+    // rendezvous (IPv4 where there is a NAT at all).
     let lan_only = params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric();
-    if lan_only {
-        // Our SYNs would leave from a port the other side was not told about, or
-        // go to a port its NAT never opened for us: fail fast, unless the other
-        // side is on one of our LANs.
-        deadline = start + params.deadline.min(LAN_ONLY_DEADLINE);
-    } else {
+    if !lan_only {
         add_candidates(
             &mut first,
             &[go.peer.observed],
@@ -317,6 +320,26 @@ pub async fn punch(
             &here,
         );
     }
+    // The other's address in the other family: IPv6 is rarely translated,
+    // and a stateful firewall lets a simultaneous open through like a NAT
+    // that keeps its mapping, whatever the IPv4 NAT does.
+    if let Some(other) = go.peer.other_family {
+        if other.is_ipv4() != go.peer.observed.is_ipv4() {
+            add_candidates(&mut first, &[other], CandidateKind::Public, &here);
+        }
+    }
+    if lan_only && first.is_empty() {
+        // Our SYNs would leave from a port the other side was not told about, or
+        // go to a port its NAT never opened for us: fail fast, unless the other
+        // side is on one of our LANs.
+        deadline = start + params.deadline.min(LAN_ONLY_DEADLINE);
+    }
+    // Where attempts of the other family leave from: our address there, if
+    // the rendezvous saw it untranslated.
+    let other_source = params
+        .our_other_family
+        .map(|a| a.ip().to_canonical())
+        .filter(|ip| here.own.contains(ip));
     let tallies: Tallies = Arc::new(Mutex::new(Vec::new()));
     // Room for every candidate's one verified link, so no task ever waits.
     let (tx, mut rx) = mpsc::channel(MAX_CANDIDATES + 1);
@@ -325,6 +348,8 @@ pub async fn punch(
         addr: go.peer.observed,
         kind: CandidateKind::Public,
         port: params.local_port,
+        source: None,
+        other_source,
         session: link_token(&go.session),
         role: go.role,
         start,
@@ -542,6 +567,12 @@ struct Candidate {
     addr: SocketAddr,
     kind: CandidateKind,
     port: u16,
+    /// The local address attempts leave from (`None`: any, the kernel's
+    /// choice).
+    source: Option<IpAddr>,
+    /// Our own address in the family other than the rendezvous connection's,
+    /// for the candidates of that family (see [`PunchParams::our_other_family`]).
+    other_source: Option<IpAddr>,
     session: SessionToken,
     role: Role,
     start: Instant,
@@ -565,10 +596,14 @@ impl Candidate {
             t.push((addr, kind, Tally::default()));
             t.len() - 1
         };
+        let source = self
+            .other_source
+            .filter(|ip| ip.is_ipv4() == addr.ip().to_canonical().is_ipv4());
         Candidate {
             index,
             addr,
             kind,
+            source,
             tallies: self.tallies.clone(),
             keys: self.keys.clone(),
             found: self.found.clone(),
@@ -673,7 +708,7 @@ async fn connect_once(
     left: Duration,
     hold: Option<Duration>,
 ) -> Result<TcpStream, AttemptFailure> {
-    let socket = fixed_port_socket(c.addr, c.port).map_err(|e| classify(c, &e))?;
+    let socket = fixed_port_socket_from(c.addr, c.source, c.port).map_err(|e| classify(c, &e))?;
     if hold.is_some() {
         SockRef::from(&socket)
             .attach_filter(&DROP_RESETS)
@@ -910,6 +945,7 @@ mod tests {
                 observed: observed.parse().expect("addr"),
                 mapping: Mapping::Unknown,
                 pake: Vec::new(),
+                other_family: None,
             },
             role: Role::Leader,
             session: [1; 16],
@@ -1007,6 +1043,7 @@ mod tests {
             our_mapping: Mapping::Unknown,
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
+            our_other_family: None,
         };
         let t = tried(
             &[
@@ -1040,6 +1077,7 @@ mod tests {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
+            our_other_family: None,
         };
         let d = crate::render::punch_diagnosis(&failure(&g, &params, Duration::ZERO, Vec::new()));
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
@@ -1064,6 +1102,7 @@ mod tests {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
+            our_other_family: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1121,6 +1160,7 @@ mod tests {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
+            our_other_family: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1174,6 +1214,7 @@ mod tests {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
+            our_other_family: None,
         };
         let mut late: Vec<SocketAddr> = listeners
             .iter()

@@ -24,7 +24,7 @@ pub(crate) fn describe_link(met: &Met) -> String {
             elapsed_ms,
         } => format!(
             "direct link to {remote} ({}), {elapsed_ms} ms after go, {attempts} attempt{}",
-            kind.describe(),
+            describe_candidate(*kind, *remote),
             if *attempts == 1 { "" } else { "s" },
         ),
         Path::Relayed { why } => format!(
@@ -44,7 +44,7 @@ pub(crate) fn link_facts(met: &Met) -> Vec<(String, String)> {
         ) => (
             format!(
                 "direct TCP link ({}), {elapsed_ms} ms to punch",
-                kind.describe()
+                describe_candidate(*kind, remote)
             ),
             format!("{local} (here) <-> {remote} (there)"),
         ),
@@ -60,16 +60,18 @@ pub(crate) fn link_facts(met: &Met) -> Vec<(String, String)> {
         (
             "you".to_owned(),
             format!(
-                "public address {}; {}",
+                "public address {}{}; {}",
                 met.observed,
+                also_at(met.other_family),
                 describe_mapping(met.mapping, Some(met.local_port), met.observed)
             ),
         ),
         (
             "other side".to_owned(),
             format!(
-                "public address {}; {}",
+                "public address {}{}; {}",
                 met.go.peer.observed,
+                also_at(met.go.peer.other_family),
                 describe_mapping(met.go.peer.mapping, None, met.go.peer.observed)
             ),
         ),
@@ -90,6 +92,30 @@ pub(crate) fn link_facts(met: &Met) -> Vec<(String, String)> {
             },
         ),
     ]
+}
+
+/// The kind of candidate a direct link went to, with its address family:
+/// "IPv6, public address". A global IPv6 address the other side announced
+/// itself (the rendezvous did not see it) is its own address, not a LAN's.
+pub(crate) fn describe_candidate(kind: CandidateKind, remote: SocketAddr) -> String {
+    let ip = remote.ip().to_canonical();
+    let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let what = match (kind, ip) {
+        (CandidateKind::Lan, std::net::IpAddr::V6(v6)) if (v6.segments()[0] & 0xe000) == 0x2000 => {
+            "its own global address"
+        }
+        _ => kind.describe(),
+    };
+    format!("{family}, {what}")
+}
+
+/// ", and [ADDR] over IPv6" for an address in the other family, if any.
+fn also_at(other: Option<SocketAddr>) -> String {
+    match other {
+        Some(a) if a.is_ipv6() => format!(", and {a} over IPv6"),
+        Some(a) => format!(", and {a} over IPv4"),
+        None => String::new(),
+    }
 }
 
 /// A NAT's mapping in words, for `/info`: `local_port` is the port the host used

@@ -329,6 +329,7 @@ mod on_path {
                     observed: here(at),
                     mapping: Mapping::Independent,
                     pake,
+                    other_family: None,
                 },
                 role,
                 session: SESSION,
@@ -416,6 +417,7 @@ mod code_holder {
                     observed: SocketAddr::from(([127, 0, 0, 1], m1)),
                     mapping: Mapping::Independent,
                     pake: ours.clone(),
+                    other_family: None,
                 },
                 role: Role::Leader,
                 session: SESSION,
@@ -514,6 +516,7 @@ mod go_timing {
                 observed: SocketAddr::from(([127, 0, 0, 1], closed)),
                 mapping: Mapping::Independent,
                 pake: Vec::new(),
+                other_family: None,
             },
             role: Role::Leader,
             session: [3; 16],
@@ -527,6 +530,7 @@ mod go_timing {
             our_mapping: Mapping::Independent,
             policy: RetryPolicy::Adaptive,
             server_rtt: Some(Duration::from_millis(1)),
+            our_other_family: None,
         };
         let (tx, none) = oneshot::channel();
         drop(tx);

@@ -756,6 +756,7 @@ mod claimed_identity {
                     observed: SocketAddr::from(([127, 0, 0, 1], m1)),
                     mapping: Mapping::Independent,
                     pake: ours,
+                    other_family: None,
                 },
                 role: Role::Leader,
                 session: SESSION,

@@ -60,6 +60,7 @@ async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
                 observed: here(at),
                 mapping: Mapping::Independent,
                 pake: KeyExchange::start(&guess).expect("randomness").message,
+                other_family: None,
             },
             role,
             session,

@@ -64,6 +64,7 @@ fn params(port: u16) -> PunchParams {
         our_mapping: Mapping::Independent,
         policy: RetryPolicy::Adaptive,
         server_rtt: None,
+        our_other_family: None,
     }
 }
 
@@ -73,6 +74,7 @@ fn go(role: Role, observed: SocketAddr, session: SessionToken) -> Go {
             observed,
             mapping: Mapping::Independent,
             pake: Vec::new(),
+            other_family: None,
         },
         role,
         session,

@@ -231,6 +231,7 @@ mod tests {
                             pake,
                             resume,
                             probe_token,
+                            other_family_token: None,
                         })
                     },
                 ),
@@ -272,6 +273,7 @@ mod tests {
                                 observed,
                                 mapping,
                                 pake,
+                                other_family: None,
                             },
                             role,
                             session,

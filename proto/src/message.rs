@@ -119,6 +119,11 @@ pub struct Hello {
     /// token it sends on its probe connection ([`PeerToServer::Probe`]), by which
     /// the server finds what its probe port saw of this peer.
     pub probe_token: Option<ProbeToken>,
+    /// Set when the peer also reaches the rendezvous over the other address
+    /// family (IPv6 beside an IPv4 hello, or the reverse): the token it sends
+    /// on a probe connection of that family, by which the server finds its
+    /// address there ([`PeerInfo::other_family`]).
+    pub other_family_token: Option<ProbeToken>,
 }
 
 /// Length of a [`ProbeToken`].
@@ -140,6 +145,13 @@ pub struct PeerInfo {
     /// The other's key-exchange message, as it sent it in [`Hello::pake`]
     /// (empty when resuming a chat).
     pub pake: Vec<u8>,
+    /// The other's address in the other address family, as the rendezvous'
+    /// probe port saw it ([`Hello::other_family_token`]): an IPv6 address
+    /// beside an IPv4 `observed`, or the reverse. Always of the other family
+    /// than `observed`. IPv6 is rarely translated: this is usually the other
+    /// host's own global address, behind a stateful firewall that a
+    /// simultaneous open passes like a NAT.
+    pub other_family: Option<SocketAddr>,
 }
 
 /// The synchronised "go": punch now.

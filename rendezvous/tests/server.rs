@@ -250,6 +250,65 @@ async fn the_probe_port_reflects_the_address_and_the_mapping_is_classified() {
     assert_eq!(go_other.peer.mapping, expected);
 }
 
+/// A peer that also reaches the rendezvous over the other address family
+/// names that probe by a token of its own: the other peer's go carries the
+/// address the probe port saw there. A token whose probe came over the same
+/// family as the hello gives nothing.
+#[tokio::test]
+async fn the_other_familys_address_goes_with_the_go() {
+    let main = TcpListener::bind("127.0.0.1:0").await.expect("bind main");
+    let server = main.local_addr().expect("addr");
+    // The probe port on both families (IPv6 loopback must exist here).
+    let probe = punchline_rendezvous::bind_default(0).expect("bind the probe port");
+    probe.set_nonblocking(true).expect("non-blocking");
+    let probe = TcpListener::from_std(probe).expect("probe listener");
+    let probe_port = probe.local_addr().expect("addr").port();
+    let config = Config::default();
+    tokio::spawn(punchline_rendezvous::run_probe(
+        probe,
+        config.metrics.clone(),
+        config.probes.clone(),
+        std::future::pending(),
+    ));
+    tokio::spawn(punchline_rendezvous::run(
+        main,
+        config,
+        std::future::pending(),
+    ));
+
+    // Probes over IPv6 and over IPv4, each under its token.
+    let sighting = |to: SocketAddr, token| async move {
+        let mut probe = Client::connect(to).await;
+        let from = probe.local_addr();
+        probe.send(PeerToServer::Probe { token }).await;
+        assert!(matches!(probe.recv().await, ServerToPeer::Observed { .. }));
+        from
+    };
+    let v6 = sighting(
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, probe_port)),
+        [6; 16],
+    )
+    .await;
+    let v4 = sighting(SocketAddr::from(([127, 0, 0, 1], probe_port)), [4; 16]).await;
+    assert!(v4.is_ipv4() && v6.is_ipv6());
+
+    for (nameplate, token, expected) in [("61", [6; 16], Some(v6)), ("62", [4; 16], None)] {
+        let mut a = Client::connect(server).await;
+        a.send(PeerToServer::Hello(Hello {
+            other_family_token: Some(token),
+            ..hello(nameplate, b"a")
+        }))
+        .await;
+        a.welcome().await;
+        let waiting = tokio::spawn(async move { a.go().await });
+        let (mut b, _) = join(server, nameplate, "b").await;
+        let (go_b, _) = b.go().await;
+        let (go_a, _) = waiting.await.expect("a's task");
+        assert_eq!(go_b.peer.other_family, expected, "nameplate {nameplate}");
+        assert_eq!(go_a.peer.other_family, None, "b has no other family");
+    }
+}
+
 /// A peer that probes beside its hello names the probe by a token: the
 /// server finds what its probe port saw by itself, whichever connection comes
 /// first, and classifies the mapping as when the peer reported it.

@@ -83,6 +83,7 @@ pub fn hello(nameplate: &str, pake: &[u8]) -> Hello {
         probe_token: None,
         pake: pake.to_vec(),
         resume: None,
+        other_family_token: None,
     }
 }
 

@@ -98,6 +98,7 @@ pub fn go(
             observed: other_observed,
             mapping: SYMMETRIC,
             pake: other_pake,
+            other_family: None,
         },
         role,
         session,

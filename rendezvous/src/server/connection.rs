@@ -232,18 +232,35 @@ async fn serve(
         pake,
         resume,
         probe_token,
+        other_family_token,
         ..
     } = hello;
     // What the probe port saw: reported by the peer, or (when it probes beside
-    // its hello) found by its token.
-    let probe_observed = match (probe_observed, probe_token) {
-        (Some(seen), _) => Some(seen),
-        (None, Some(token)) => {
-            let wait = probe_wait(estimator.estimate());
-            shared.config.probes.wait_for(&token, wait).await
+    // its hello) found by its token; and what it saw of the peer over the other
+    // address family, found the same way. Both come within about the same
+    // time, and are waited for together.
+    let wait = probe_wait(estimator.estimate());
+    let probes = &shared.config.probes;
+    let (probe_observed, other_family) = tokio::join!(
+        async {
+            match (probe_observed, probe_token) {
+                (Some(seen), _) => Some(seen),
+                (None, Some(token)) => probes.wait_for(&token, wait).await,
+                (None, None) => None,
+            }
+        },
+        async {
+            match other_family_token {
+                Some(token) => probes.wait_for(&token, wait).await,
+                None => None,
+            }
         }
-        (None, None) => None,
-    };
+    );
+    // Only an address of the other family: a second sighting of the same
+    // family says nothing the main connection did not.
+    let other_family = other_family
+        .map(canonical)
+        .filter(|seen| seen.is_ipv4() != observed.is_ipv4());
     // Peers resuming a chat meet in the room they derived from its secret,
     // apart from the nameplates (which may have been given to someone else
     // since).
@@ -263,6 +280,7 @@ async fn serve(
         observed,
         mapping,
         pake,
+        other_family,
     };
 
     // 2. Pairing.
@@ -317,6 +335,7 @@ async fn serve(
                 metrics.pairs.inc();
                 info!(nameplate = %room, a = %value.info.observed, b = %observed,
                       mapping_a = ?value.info.mapping, mapping_b = ?mapping,
+                      other_family_a = ?value.info.other_family, other_family_b = ?other_family,
                       rtt_a_ms = ms(their_rtt), rtt_b_ms = ms(my_rtt),
                       delay_a_ms = ms(their_delay), delay_b_ms = ms(my_delay), "pair made");
                 let mine = Go {
