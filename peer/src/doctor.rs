@@ -13,7 +13,10 @@
 //! 4. **Simultaneous open in this kernel**: a socket connects to its own address
 //!    and port, sends a line and reads it back (the SYN meets its own SYN_SENT
 //!    socket, as two crossing SYNs do).
-//! 5. **IPv6**: whether the rendezvous has an IPv6 address and answers on it.
+//! 5. **IPv6**: whether the rendezvous has an IPv6 address and answers on it,
+//!    the address it sees there, and what an unsolicited SYN to that address
+//!    meets (a stateful firewall drops it: a simultaneous open still passes,
+//!    so chats with peers that have IPv6 can be direct whatever the IPv4 NAT).
 //!
 //! Then a verdict in plain words, with what to do about it.
 //!
@@ -73,6 +76,8 @@ pub enum Ipv6Finding {
         server: SocketAddr,
         /// Our address as it saw it.
         public: Option<SocketAddr>,
+        /// What its SYN to that address met, if it could say.
+        inbound: Option<DialBackResult>,
     },
     /// It has one, but it did not answer.
     Unreachable {
@@ -178,10 +183,15 @@ async fn ipv6_check(server: SocketAddr) -> Ipv6Finding {
     )
     .await
     {
-        Ok(Ok(mut r)) => Ipv6Finding::Reachable {
-            server,
-            public: r.reflect().await.ok(),
-        },
+        Ok(Ok(mut r)) => {
+            let public = r.reflect().await.ok();
+            let inbound = r.dial_back().await.ok().map(|(_, result, _)| result);
+            Ipv6Finding::Reachable {
+                server,
+                public,
+                inbound,
+            }
+        }
         Ok(Err(e)) => Ipv6Finding::Unreachable {
             server,
             error: e.to_string(),
@@ -272,10 +282,29 @@ impl Findings {
         line(&mut r, "simultaneous open", &so);
         let v6 = match &self.ipv6 {
             Ipv6Finding::NoAddress => "the rendezvous has no IPv6 address".to_owned(),
-            Ipv6Finding::Reachable { server, public } => match public {
-                Some(p) => format!("reachable at {server}; it sees this host as {p}"),
-                None => format!("reachable at {server}"),
-            },
+            Ipv6Finding::Reachable {
+                server,
+                public,
+                inbound,
+            } => {
+                let seen = match public {
+                    Some(p) => format!("reachable at {server}; it sees this host as {p}"),
+                    None => format!("reachable at {server}"),
+                };
+                let inbound = match inbound {
+                    Some(DialBackResult::NoAnswer) => {
+                        "; an unsolicited SYN there is dropped (a stateful firewall: punching works)"
+                    }
+                    Some(DialBackResult::Refused) => {
+                        "; an unsolicited SYN there is reset (punching works if both sides connect at nearly the same moment)"
+                    }
+                    Some(DialBackResult::Connected) => {
+                        "; an unsolicited SYN there is accepted (something listens)"
+                    }
+                    Some(DialBackResult::Unknown) | None => "",
+                };
+                format!("{seen}{inbound}")
+            }
             Ipv6Finding::Unreachable { server, error } => {
                 format!("the rendezvous has {server} but it is unreachable ({error})")
             }
@@ -289,10 +318,17 @@ impl Findings {
         r
     }
 
+    /// Whether this host reaches the rendezvous over IPv6 (then the punch
+    /// goes over IPv6 too with a peer that has it).
+    pub fn ipv6_works(&self) -> bool {
+        matches!(self.ipv6, Ipv6Finding::Reachable { .. })
+    }
+
     /// The verdict in one sentence.
     pub fn verdict(&self) -> String {
         match self.outlook() {
             Outlook::Impossible => "direct chats cannot work from this host: its kernel did not complete a TCP simultaneous open".to_owned(),
+            Outlook::LanOnly if self.ipv6_works() => "over IPv4, direct chats will only work with a peer on your own LAN (your NAT gives every destination its own public port), but this host has IPv6: chats with peers that have IPv6 can be direct over it".to_owned(),
             Outlook::LanOnly => "direct chats will only work with a peer on your own LAN: your NAT gives every destination its own public port, so the other side cannot know which port to reach".to_owned(),
             Outlook::Likely if self.mapping == Mapping::Unknown => "direct chats will probably work, but the NAT's mapping could not be measured".to_owned(),
             Outlook::Likely => "direct chats should work: your NAT keeps one public port for every destination; it answers unsolicited SYNs with a reset, so both sides must connect at nearly the same moment (punchline times this), and very distant peers may need a second try".to_owned(),
@@ -393,5 +429,18 @@ mod tests {
         let report = findings(sym, true, NoAnswer).report();
         assert!(report.contains("step +4"), "{report}");
         assert!(report.contains("--candidate 198.51.100.7:PORT"), "{report}");
+        assert!(!report.contains("IPv6 can be direct"), "{report}");
+        let mut with_v6 = findings(sym, true, NoAnswer);
+        with_v6.ipv6 = Ipv6Finding::Reachable {
+            server: "[2001:db8::10]:7425".parse().expect("addr"),
+            public: Some("[2001:db8:a:1::10]:40000".parse().expect("addr")),
+            inbound: Some(NoAnswer),
+        };
+        let report = with_v6.report();
+        assert!(
+            report.contains("peers that have IPv6 can be direct"),
+            "{report}"
+        );
+        assert!(report.contains("dropped (a stateful firewall"), "{report}");
     }
 }
