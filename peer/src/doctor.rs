@@ -93,7 +93,8 @@ pub enum Ipv6Finding {
 pub enum Outlook {
     /// Direct chats should work with peers behind most NATs.
     Good,
-    /// Direct chats should work, with a caveat (resets, or an unmeasured mapping).
+    /// Direct chats should work, with a caveat (resets, an unmeasured mapping,
+    /// or a symmetric NAT on IPv4 beside working IPv6).
     Likely,
     /// Direct chats will only work with a peer on the same LAN.
     LanOnly,
@@ -208,9 +209,10 @@ impl Findings {
     pub fn outlook(&self) -> Outlook {
         if self.simultaneous_open.is_err() {
             Outlook::Impossible
-        } else if self.mapping.is_symmetric() {
+        } else if self.mapping.is_symmetric() && !self.ipv6_works() {
             Outlook::LanOnly
-        } else if self.mapping == Mapping::Unknown
+        } else if self.mapping.is_symmetric()
+            || self.mapping == Mapping::Unknown
             || (self.behind_nat && self.inbound == Some(DialBackResult::Refused))
         {
             Outlook::Likely
@@ -328,7 +330,7 @@ impl Findings {
     pub fn verdict(&self) -> String {
         match self.outlook() {
             Outlook::Impossible => "direct chats cannot work from this host: its kernel did not complete a TCP simultaneous open".to_owned(),
-            Outlook::LanOnly if self.ipv6_works() => "over IPv4, direct chats will only work with a peer on your own LAN (your NAT gives every destination its own public port), but this host has IPv6: chats with peers that have IPv6 can be direct over it".to_owned(),
+            Outlook::Likely if self.mapping.is_symmetric() => "over IPv4, direct chats will only work with a peer on your own LAN (your NAT gives every destination its own public port), but this host has IPv6: chats with peers that have IPv6 can be direct over it".to_owned(),
             Outlook::LanOnly => "direct chats will only work with a peer on your own LAN: your NAT gives every destination its own public port, so the other side cannot know which port to reach".to_owned(),
             Outlook::Likely if self.mapping == Mapping::Unknown => "direct chats will probably work, but the NAT's mapping could not be measured".to_owned(),
             Outlook::Likely => "direct chats should work: your NAT keeps one public port for every destination; it answers unsolicited SYNs with a reset, so both sides must connect at nearly the same moment (punchline times this), and very distant peers may need a second try".to_owned(),
