@@ -309,10 +309,16 @@ pub async fn punch(
     let here = Here::new(params.server);
     let mut first = Vec::new();
     let mut deadline = start + params.deadline;
-    // The mappings are those of the family of our connections to the
-    // rendezvous (IPv4 where there is a NAT at all).
+    // A mapping is measured in the family of a peer's connection to the
+    // rendezvous (IPv4 where there is a NAT at all). Through a NAT that gives
+    // each destination its own port, our SYNs of that family leave from a
+    // port the other side was not told about; the other's NAT of that kind
+    // never opened its told port to us.
+    let ours_symmetric = |addr: &SocketAddr| {
+        params.our_mapping.is_symmetric() && addr.is_ipv4() == params.our_observed.is_ipv4()
+    };
     let lan_only = params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric();
-    if !lan_only {
+    if !go.peer.mapping.is_symmetric() && !ours_symmetric(&go.peer.observed) {
         add_candidates(
             &mut first,
             &[go.peer.observed],
@@ -324,7 +330,7 @@ pub async fn punch(
     // and a stateful firewall lets a simultaneous open through like a NAT
     // that keeps its mapping, whatever the IPv4 NAT does.
     if let Some(other) = go.peer.other_family {
-        if other.is_ipv4() != go.peer.observed.is_ipv4() {
+        if other.is_ipv4() != go.peer.observed.is_ipv4() && !ours_symmetric(&other) {
             add_candidates(&mut first, &[other], CandidateKind::Public, &here);
         }
     }
@@ -1083,6 +1089,49 @@ mod tests {
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
         assert!(d.contains("offered no LAN address"), "{d}");
         assert!(!d.contains("This side"), "{d}");
+    }
+
+    /// Behind a symmetric IPv4 NAT, the other's IPv6 address (from the go) is
+    /// still tried, at once and until the deadline, while its IPv4 address is
+    /// not; and the deadline is not cut short as for a LAN-only punch.
+    #[tokio::test]
+    async fn a_symmetric_ipv4_nat_leaves_the_ipv6_candidate() {
+        // Nothing listens there: every attempt is refused.
+        let closed = std::net::TcpListener::bind("[::1]:0").expect("bind ::1");
+        let v6 = closed.local_addr().expect("addr");
+        drop(closed);
+        let mut g = go("198.51.100.7:61234");
+        g.peer.other_family = Some(v6);
+        let params = PunchParams {
+            local_port: 0,
+            deadline: LAN_ONLY_DEADLINE + Duration::from_millis(500),
+            our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            // On this host: its loopback addresses are fair candidates.
+            server: "[::1]:7425".parse().expect("addr"),
+            our_mapping: Mapping::DependsOnDestination {
+                first: 5000,
+                second: 5006,
+            },
+            policy: RetryPolicy::Adaptive,
+            server_rtt: None,
+            our_other_family: None,
+        };
+        let (tx, rx) = oneshot::channel();
+        tx.send(Vec::new()).expect("send");
+        let started = Instant::now();
+        let Err(PeerError::PunchFailed { failure, .. }) =
+            punch(&g, &params, keys(), started, rx).await
+        else {
+            panic!("a punch at a closed port succeeded");
+        };
+        assert!(
+            started.elapsed() >= LAN_ONLY_DEADLINE,
+            "cut short like a LAN-only punch: {:?}",
+            started.elapsed()
+        );
+        let tried: Vec<_> = failure.tried.iter().map(|t| (t.addr, t.kind)).collect();
+        assert_eq!(tried, vec![(v6, CandidateKind::Public)]);
+        assert!(failure.tried[0].tally.attempts > 1, "{:?}", failure.tried);
     }
 
     /// The crash of a punch with no candidate at all (a symmetric NAT on one

@@ -47,7 +47,9 @@ fn two_peers_punch_a_direct_link_and_chat_both_ways() {
     // The status line names the other, the address, the candidate, time, attempts.
     let status = a.wait_stderr("connected to bob");
     assert!(
-        status.contains(&format!("direct link to 127.0.0.1:{pb} (public address)")),
+        status.contains(&format!(
+            "direct link to 127.0.0.1:{pb} (IPv4, public address)"
+        )),
         "{status}"
     );
     assert!(
@@ -252,7 +254,9 @@ fn wrong_candidates_are_recognised_and_dropped() {
     );
     let status = b.wait_stderr("connected to alice");
     assert!(
-        status.contains(&format!("direct link to 127.0.0.1:{pa} (public address)")),
+        status.contains(&format!(
+            "direct link to 127.0.0.1:{pa} (IPv4, public address)"
+        )),
         "{status}"
     );
     a.send("through the right door\n");
