@@ -33,6 +33,7 @@ mod error;
 pub mod names;
 pub mod nat;
 pub mod netns;
+pub mod portmap;
 pub mod prereq;
 pub mod rawpunch;
 pub mod resilience;

@@ -199,8 +199,15 @@ impl RouterRules {
         }
         if self.drop_unsolicited {
             for (chain, hook) in [("forward_filter", "forward"), ("input_filter", "input")] {
+                // A connection the router forwards in on purpose (a port
+                // mapping it granted, see `crate::portmap`) is solicited.
+                let mapped = if hook == "forward" {
+                    format!("        iifname \"{WAN_IF}\" ct status dnat accept\n")
+                } else {
+                    String::new()
+                };
                 text.push_str(&format!(
-                    "    chain {chain} {{\n        type filter hook {hook} priority filter; policy accept;\n        iifname \"{WAN_IF}\" ct state new drop\n    }}\n"
+                    "    chain {chain} {{\n        type filter hook {hook} priority filter; policy accept;\n{mapped}        iifname \"{WAN_IF}\" ct state new drop\n    }}\n"
                 ));
             }
         }

@@ -1,0 +1,448 @@
+//! A router that grants port mappings: a small NAT-PMP (RFC 6886) and PCP
+//! (RFC 6887) responder for the lab, run as a thread in a router's namespace.
+//!
+//! Why not miniupnpd: Debian's `miniupnpd-nftables` refuses to map when the
+//! router's external address is in a documentation or other reserved range,
+//! and every "public" address of the lab is in one (and must stay so: the lab
+//! never touches real internet addresses). This responder keeps every address
+//! inside the lab's ranges.
+//!
+//! # What it does
+//!
+//! It listens on UDP port [`PORT`] of the router's LAN address and answers:
+//!
+//! - NAT-PMP "external address" (opcode 0) with the router's WAN address;
+//! - NAT-PMP TCP mappings (opcode 2) and PCP MAP requests for TCP: it grants
+//!   the suggested external port when free (else the internal port, else the
+//!   next free one), for the lifetime asked (at most [`MAX_LIFETIME`]), and
+//!   deletes a mapping asked with lifetime 0;
+//! - anything else with the protocol's error code (unsupported version or
+//!   opcode, malformed request, address mismatch).
+//!
+//! A mapping is two nftables rules in the router's table [`TABLE`]: inbound TCP
+//! to the WAN address and external port is forwarded to the host's internal
+//! address and port (`dnat`), and the host's outbound TCP from that internal
+//! port leaves from the external port (`snat`), before the router's own
+//! masquerade. So a mapping is *endpoint independent both ways*, as RFC 6886
+//! (section 3.3) and RFC 6887 (section 11.1) ask: even behind a symmetric NAT,
+//! the host's SYNs from its mapped port leave from the mapped address, and a
+//! simultaneous open with a peer told that address works. The router's filter
+//! must let forwarded connections it translated in (`ct status dnat`).
+//!
+//! Mappings expire at the end of their lifetime (checked twice a second); the
+//! state of every mapping is readable for tests ([`Responder::mappings`]).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::cmd::{self, NFT};
+use crate::error::{LabError, Result};
+use crate::netns;
+
+/// The UDP port of NAT-PMP and PCP servers.
+pub const PORT: u16 = 5351;
+
+/// The nftables table the responder's rules live in (`ip` family).
+pub const TABLE: &str = "portmap";
+
+/// Longest lifetime granted, in seconds.
+pub const MAX_LIFETIME: u32 = 3600;
+
+/// How often expired mappings are removed.
+const EXPIRY_CHECK: Duration = Duration::from_millis(500);
+
+/// Which protocols the responder speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocols {
+    /// NAT-PMP (version 0).
+    pub nat_pmp: bool,
+    /// PCP (version 2).
+    pub pcp: bool,
+}
+
+impl Protocols {
+    /// Both protocols.
+    pub const BOTH: Protocols = Protocols {
+        nat_pmp: true,
+        pcp: true,
+    };
+}
+
+/// One granted mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// The host's address and port.
+    pub internal: SocketAddr,
+    /// The router's WAN address and the external port.
+    pub external: SocketAddr,
+    /// Which protocol asked for it.
+    pub by_pcp: bool,
+    /// When it expires.
+    pub expires: Instant,
+}
+
+/// Shared state of a running responder.
+#[derive(Debug)]
+struct State {
+    netns: String,
+    wan: Ipv4Addr,
+    wan_if: String,
+    protocols: Protocols,
+    started: Instant,
+    /// By external port.
+    mappings: Mutex<HashMap<u16, Granted>>,
+    stop: AtomicBool,
+}
+
+/// A running responder; stopping it (or dropping it) ends its thread and
+/// removes its rules.
+pub struct Responder {
+    state: Arc<State>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Responder {
+    /// Starts answering on `lan:PORT` inside the router namespace `netns`,
+    /// mapping onto its WAN address `wan` (interface `wan_if`).
+    pub fn start(
+        netns: &str,
+        lan: Ipv4Addr,
+        wan: Ipv4Addr,
+        wan_if: &str,
+        protocols: Protocols,
+    ) -> Result<Responder> {
+        let ruleset = format!(
+            "table ip {TABLE} {{\n  chain pre {{\n    type nat hook prerouting priority dstnat - 1; policy accept;\n  }}\n  \
+             chain post {{\n    type nat hook postrouting priority srcnat - 1; policy accept;\n  }}\n}}\n"
+        );
+        cmd::ip_netns_exec_with_stdin(netns, NFT, &["-f", "-"], Some(&ruleset))?;
+        let socket = netns::run_in(netns, || UdpSocket::bind((lan, PORT)))?.map_err(|source| {
+            LabError::Io {
+                what: format!("binding the port-mapping responder to {lan}:{PORT}"),
+                source,
+            }
+        })?;
+        socket
+            .set_read_timeout(Some(EXPIRY_CHECK))
+            .map_err(|source| LabError::Io {
+                what: "setting the responder's read timeout".into(),
+                source,
+            })?;
+        let state = Arc::new(State {
+            netns: netns.to_owned(),
+            wan,
+            wan_if: wan_if.to_owned(),
+            protocols,
+            started: Instant::now(),
+            mappings: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        });
+        let serving = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("portmap".into())
+            .spawn(move || serve(&serving, &socket))
+            .map_err(|source| LabError::Io {
+                what: "starting the port-mapping responder".into(),
+                source,
+            })?;
+        Ok(Responder {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// The mappings in force.
+    pub fn mappings(&self) -> Vec<Granted> {
+        let now = Instant::now();
+        lock(&self.state.mappings)
+            .values()
+            .filter(|g| g.expires > now)
+            .copied()
+            .collect()
+    }
+
+    /// Stops the thread and removes the rules.
+    pub fn stop(mut self) -> Result<()> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> Result<()> {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let served = match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(LabError::Thread("the responder panicked".into()))),
+            None => Ok(()),
+        };
+        let removed =
+            cmd::ip_netns_exec(&self.state.netns, NFT, &["delete", "table", "ip", TABLE]).map(drop);
+        served.and(removed)
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            if let Err(e) = self.halt() {
+                tracing::warn!(error = %e, "lab: port-mapping responder");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn serve(state: &State, socket: &UdpSocket) -> Result<()> {
+    let mut buf = [0u8; 1100];
+    while !state.stop.load(Ordering::Relaxed) {
+        expire(state);
+        let (len, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(source) => {
+                return Err(LabError::Io {
+                    what: "the port-mapping responder's socket".into(),
+                    source,
+                })
+            }
+        };
+        let SocketAddr::V4(from) = from else { continue };
+        if let Some(answer) = answer(state, &buf[..len], *from.ip()) {
+            let _ = socket.send_to(&answer, from);
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the responder started (both protocols' epoch).
+fn epoch(state: &State) -> u32 {
+    u32::try_from(state.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+}
+
+/// The answer to one request from `client`, or `None` to stay silent (a
+/// datagram too short to answer, or a response).
+fn answer(state: &State, req: &[u8], client: Ipv4Addr) -> Option<Vec<u8>> {
+    match *req.first()? {
+        0 if state.protocols.nat_pmp => Some(nat_pmp(state, req, client)),
+        2 if state.protocols.pcp => Some(pcp(state, req, client)),
+        // A version we do not speak: NAT-PMP's "unsupported version" (RFC
+        // 6887 section 9 has a PCP client fall back on it), in the form of
+        // the highest version we do speak.
+        _ if req.len() >= 2 && req[1] & 0x80 == 0 => {
+            if state.protocols.pcp {
+                let mut r = pcp_header(state, req[1] & 0x7f, PCP_UNSUPP_VERSION, 0);
+                r[0] = 2;
+                Some(r)
+            } else {
+                Some(nat_pmp_header(state, req[1], NAT_PMP_UNSUPPORTED_VERSION))
+            }
+        }
+        _ => None,
+    }
+}
+
+const NAT_PMP_UNSUPPORTED_VERSION: u16 = 1;
+const NAT_PMP_OUT_OF_RESOURCES: u16 = 4;
+const NAT_PMP_UNSUPPORTED_OPCODE: u16 = 5;
+
+fn nat_pmp_header(state: &State, op: u8, result: u16) -> Vec<u8> {
+    let mut r = vec![0, op | 0x80];
+    r.extend_from_slice(&result.to_be_bytes());
+    r.extend_from_slice(&epoch(state).to_be_bytes());
+    r
+}
+
+fn nat_pmp(state: &State, req: &[u8], client: Ipv4Addr) -> Vec<u8> {
+    let op = req.get(1).copied().unwrap_or(0);
+    match (op, req.len()) {
+        (0, 2..) => {
+            let mut r = nat_pmp_header(state, 0, 0);
+            r.extend_from_slice(&state.wan.octets());
+            r
+        }
+        (2, 12..) => {
+            let internal = u16::from_be_bytes([req[4], req[5]]);
+            let suggested = u16::from_be_bytes([req[6], req[7]]);
+            let lifetime = u32::from_be_bytes([req[8], req[9], req[10], req[11]]);
+            let granted = map(state, client, internal, suggested, lifetime, false);
+            match granted {
+                Some((port, lifetime)) => {
+                    // A deletion is answered with external port 0 (RFC 6886
+                    // section 3.4).
+                    let port = if lifetime == 0 { 0 } else { port };
+                    let mut r = nat_pmp_header(state, op, 0);
+                    r.extend_from_slice(&internal.to_be_bytes());
+                    r.extend_from_slice(&port.to_be_bytes());
+                    r.extend_from_slice(&lifetime.to_be_bytes());
+                    r
+                }
+                None => nat_pmp_header(state, op, NAT_PMP_OUT_OF_RESOURCES),
+            }
+        }
+        _ => nat_pmp_header(state, op, NAT_PMP_UNSUPPORTED_OPCODE),
+    }
+}
+
+const PCP_UNSUPP_VERSION: u8 = 1;
+const PCP_MALFORMED_REQUEST: u8 = 3;
+const PCP_UNSUPP_OPCODE: u8 = 4;
+const PCP_NO_RESOURCES: u8 = 8;
+const PCP_UNSUPP_PROTOCOL: u8 = 9;
+const PCP_ADDRESS_MISMATCH: u8 = 12;
+const PCP_MAP: u8 = 1;
+const TCP: u8 = 6;
+
+/// The 24-byte PCP response header.
+fn pcp_header(state: &State, opcode: u8, result: u8, lifetime: u32) -> Vec<u8> {
+    let mut r = vec![2, opcode | 0x80, 0, result];
+    r.extend_from_slice(&lifetime.to_be_bytes());
+    r.extend_from_slice(&epoch(state).to_be_bytes());
+    r.extend_from_slice(&[0; 12]);
+    r
+}
+
+/// An IPv4 address as PCP writes it (IPv4-mapped IPv6).
+fn mapped(ip: Ipv4Addr) -> [u8; 16] {
+    ip.to_ipv6_mapped().octets()
+}
+
+fn pcp(state: &State, req: &[u8], client: Ipv4Addr) -> Vec<u8> {
+    let opcode = req.get(1).copied().unwrap_or(0) & 0x7f;
+    if req.len() < 24 || req.len() % 4 != 0 {
+        return pcp_header(state, opcode, PCP_MALFORMED_REQUEST, 0);
+    }
+    if opcode != PCP_MAP {
+        return pcp_header(state, opcode, PCP_UNSUPP_OPCODE, 0);
+    }
+    if req.len() < 60 {
+        return pcp_header(state, opcode, PCP_MALFORMED_REQUEST, 0);
+    }
+    let lifetime = u32::from_be_bytes([req[4], req[5], req[6], req[7]]);
+    let claimed: [u8; 16] = req[8..24].try_into().unwrap_or([0; 16]);
+    let body = &req[24..60];
+    let mut answer_body = body.to_vec();
+    if claimed != mapped(client) {
+        let mut r = pcp_header(state, opcode, PCP_ADDRESS_MISMATCH, 0);
+        r.extend_from_slice(&answer_body);
+        return r;
+    }
+    if body[12] != TCP {
+        let mut r = pcp_header(state, opcode, PCP_UNSUPP_PROTOCOL, 0);
+        r.extend_from_slice(&answer_body);
+        return r;
+    }
+    let internal = u16::from_be_bytes([body[16], body[17]]);
+    let suggested = u16::from_be_bytes([body[18], body[19]]);
+    match map(state, client, internal, suggested, lifetime, true) {
+        Some((port, lifetime)) => {
+            answer_body[18..20].copy_from_slice(&port.to_be_bytes());
+            answer_body[20..36].copy_from_slice(&mapped(state.wan));
+            let mut r = pcp_header(state, opcode, 0, lifetime);
+            r.extend_from_slice(&answer_body);
+            r
+        }
+        None => {
+            let mut r = pcp_header(state, opcode, PCP_NO_RESOURCES, 0);
+            r.extend_from_slice(&answer_body);
+            r
+        }
+    }
+}
+
+/// Grants (or with `lifetime` 0, deletes) the mapping of `client:internal`;
+/// the external port and lifetime granted, or `None` if it could not be.
+fn map(
+    state: &State,
+    client: Ipv4Addr,
+    internal: u16,
+    suggested: u16,
+    lifetime: u32,
+    by_pcp: bool,
+) -> Option<(u16, u32)> {
+    if internal == 0 {
+        return None;
+    }
+    let host = SocketAddr::new(IpAddr::V4(client), internal);
+    let mut mappings = lock(&state.mappings);
+    let existing = mappings
+        .iter()
+        .find(|(_, g)| g.internal == host)
+        .map(|(port, _)| *port);
+    if lifetime == 0 {
+        if let Some(port) = existing {
+            mappings.remove(&port);
+            drop(mappings);
+            apply(state);
+        }
+        return Some((internal, 0));
+    }
+    let lifetime = lifetime.min(MAX_LIFETIME);
+    let free = |p: u16| p != 0 && p != PORT && !mappings.contains_key(&p);
+    let port = existing
+        .or_else(|| [suggested, internal].into_iter().find(|&p| free(p)))
+        .or_else(|| (1024..=u16::MAX).find(|&p| free(p)))?;
+    mappings.insert(
+        port,
+        Granted {
+            internal: host,
+            external: SocketAddr::new(IpAddr::V4(state.wan), port),
+            by_pcp,
+            expires: Instant::now() + Duration::from_secs(lifetime.into()),
+        },
+    );
+    drop(mappings);
+    apply(state);
+    Some((port, lifetime))
+}
+
+/// Removes the mappings whose lifetime ended.
+fn expire(state: &State) {
+    let now = Instant::now();
+    let mut mappings = lock(&state.mappings);
+    let before = mappings.len();
+    mappings.retain(|_, g| g.expires > now);
+    let changed = mappings.len() != before;
+    drop(mappings);
+    if changed {
+        apply(state);
+    }
+}
+
+/// Rewrites the table's two chains from the mappings in force.
+fn apply(state: &State) {
+    let mut text = format!("flush chain ip {TABLE} pre\nflush chain ip {TABLE} post\n");
+    for g in lock(&state.mappings).values() {
+        let (IpAddr::V4(host), port) = (g.internal.ip(), g.internal.port()) else {
+            continue;
+        };
+        let external = g.external.port();
+        let _ = writeln!(
+            text,
+            "add rule ip {TABLE} pre iifname \"{}\" ip daddr {} tcp dport {external} dnat to {host}:{port}",
+            state.wan_if, state.wan
+        );
+        let _ = writeln!(
+            text,
+            "add rule ip {TABLE} post oifname \"{}\" ip saddr {host} tcp sport {port} snat to {}:{external}",
+            state.wan_if, state.wan
+        );
+    }
+    if let Err(e) = cmd::ip_netns_exec_with_stdin(&state.netns, NFT, &["-f", "-"], Some(&text)) {
+        tracing::warn!(error = %e, "lab: port-mapping rules not applied");
+    }
+}
