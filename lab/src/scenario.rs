@@ -280,6 +280,17 @@ impl PeerProcess {
         }
     }
 
+    /// Sends the process SIGINT (what Ctrl-C in its terminal would).
+    pub fn interrupt(&mut self) -> Result<()> {
+        let pid = i32::try_from(self.child.id())
+            .map_err(|_| LabError::Scenario(format!("{}: pid out of range", self.name)))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .map_err(|e| LabError::Scenario(format!("{}: SIGINT: {e}", self.name)))
+    }
+
     /// Kills the process, waits for it and collects its last stderr lines.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         let _ = self.child.kill();
@@ -715,8 +726,8 @@ pub fn after_go(status: &str) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-/// Parses a status line "connected to NAME: direct link to ADDR (KIND), N ms
-/// after go, M attempts" and finds the link-up instant in the peer's log.
+/// Parses a status line "connected to NAME: direct link to ADDR (FAMILY,
+/// KIND), N ms after go, M attempts" and finds the link-up instant in the peer's log.
 fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
     let bad = |what: &str| LabError::Scenario(format!("{what} in status line {status:?}"));
     let rest = status
@@ -730,6 +741,10 @@ fn link_up(p: &mut PeerProcess, status: &str) -> Result<LinkUp> {
     let (candidate, rest) = rest
         .split_once(')')
         .ok_or_else(|| bad("no candidate kind"))?;
+    // "IPv4, public address": the family is in the address already.
+    let candidate = candidate
+        .split_once(", ")
+        .map_or(candidate, |(_, kind)| kind);
     let attempts = rest
         .rsplit_once(", ")
         .and_then(|(_, a)| a.split_whitespace().next())

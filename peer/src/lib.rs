@@ -31,6 +31,7 @@ pub mod error;
 pub mod hosted;
 pub mod meet;
 pub mod net;
+pub mod portmap;
 pub mod punch;
 pub mod render;
 pub mod secure;
@@ -97,6 +98,9 @@ pub struct Options {
     /// When no direct link forms, chat through the rendezvous (still end-to-end
     /// encrypted) if it relays.
     pub relay: bool,
+    /// Ask the router to forward the fixed port of each meeting
+    /// ([`portmap`]).
+    pub port_mapping: bool,
     /// While relayed, how often to try for a direct link again.
     pub upgrade_interval: Duration,
 }
@@ -163,6 +167,14 @@ pub fn with_default_port(server: &str) -> String {
 pub use chat::{MAX_AUTH_FAILURES, RESUME_DEADLINE};
 pub use punchline_proto::session::UPGRADE_INTERVAL;
 pub use render::describe_mapping;
+
+/// Whether a chat is under way in this process (the link was up once):
+/// Ctrl-C is then the chat's to handle.
+pub fn chatting() -> bool {
+    CHATTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static CHATTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Runs a whole session: meet, punch, chat; meet and punch again whenever the
 /// link drops. Returns how the chat ended.
@@ -393,6 +405,7 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
         pinned_name: contact.is_some(),
     };
     let mut session = chat::new_session(&opts);
+    CHATTING.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut terminal = None;
     match mode {
         Mode::Terminal => {

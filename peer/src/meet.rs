@@ -20,7 +20,7 @@ use crate::chat::Output;
 use crate::contacts::{self, Contact, Identity};
 use crate::error::{KeyRefusal, PeerError};
 use crate::secure::LinkKeys;
-use crate::{client, net, punch, secure, Options, PROBE_PORT_OFFSET};
+use crate::{client, net, portmap, punch, secure, Options, PROBE_PORT_OFFSET};
 
 /// How the link of a met peer runs.
 pub(crate) enum Path {
@@ -111,6 +111,9 @@ pub(crate) async fn meet(
     status: &mut (dyn Output + Send),
 ) -> Result<Met, PeerError> {
     let port = rendezvous.local_port;
+    // The router's forward of our port, asked for beside the meeting; used
+    // at the go if it has come, deleted when the meeting ends.
+    let mapper = opts.port_mapping.then(|| portmap::Mapper::start(port));
     let probe_port = opts
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
@@ -209,10 +212,16 @@ pub(crate) async fn meet(
         tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
 
         let our_other_family = rendezvous.other_family_seen().await;
+        let mapped = mapper.as_ref().and_then(portmap::Mapper::lease);
         // Our candidates travel sealed: only the other peer can open them.
-        let candidates = SealedCandidates {
-            candidates: our_candidates(opts, port),
-        };
+        // The router's forward first: it works from anywhere.
+        let mut candidates = our_candidates(opts, port);
+        if let Some(lease) = &mapped {
+            candidates.retain(|c| *c != lease.external);
+            candidates.insert(0, lease.external);
+            candidates.truncate(MAX_CANDIDATES);
+        }
+        let candidates = SealedCandidates { candidates };
         let sealed = secret.seal_candidates(go.role, &go.session, &candidates)?;
         if let Err(e) = rendezvous.send_sealed(sealed).await {
             tracing::debug!(error = %e, "could not send our candidates");
@@ -227,6 +236,7 @@ pub(crate) async fn meet(
             policy: opts.retry,
             server_rtt: rendezvous.rtt(),
             our_other_family,
+            mapped: mapped.as_ref().map(|lease| lease.external),
         };
         let identity = match keying {
             Keying::Code(_, first) | Keying::Contact(_, first) => first.identity.public(),

@@ -124,6 +124,10 @@ pub struct PunchParams {
     /// of this host's own (not translated), so that they cross the other's
     /// SYNs even on a host with several IPv6 addresses.
     pub our_other_family: Option<SocketAddr>,
+    /// Our port as the router forwards it ([`crate::portmap`]), if it does:
+    /// our SYNs of that family then leave from that address, whatever the
+    /// NAT does with other connections, so a symmetric NAT rules nothing out.
+    pub mapped: Option<SocketAddr>,
 }
 
 /// Whether `addr`, offered by the other side (or by the rendezvous), is worth a
@@ -314,10 +318,13 @@ pub async fn punch(
     // each destination its own port, our SYNs of that family leave from a
     // port the other side was not told about; the other's NAT of that kind
     // never opened its told port to us.
-    let ours_symmetric = |addr: &SocketAddr| {
-        params.our_mapping.is_symmetric() && addr.is_ipv4() == params.our_observed.is_ipv4()
-    };
-    let lan_only = params.our_mapping.is_symmetric() || go.peer.mapping.is_symmetric();
+    let our_symmetric = params.our_mapping.is_symmetric()
+        && params
+            .mapped
+            .is_none_or(|m| m.is_ipv4() != params.our_observed.is_ipv4());
+    let ours_symmetric =
+        |addr: &SocketAddr| our_symmetric && addr.is_ipv4() == params.our_observed.is_ipv4();
+    let lan_only = our_symmetric || go.peer.mapping.is_symmetric();
     if !go.peer.mapping.is_symmetric() && !ours_symmetric(&go.peer.observed) {
         add_candidates(
             &mut first,
@@ -1050,6 +1057,7 @@ mod tests {
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
             our_other_family: None,
+            mapped: None,
         };
         let t = tried(
             &[
@@ -1084,6 +1092,7 @@ mod tests {
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
             our_other_family: None,
+            mapped: None,
         };
         let d = crate::render::punch_diagnosis(&failure(&g, &params, Duration::ZERO, Vec::new()));
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
@@ -1115,6 +1124,7 @@ mod tests {
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
             our_other_family: None,
+            mapped: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1152,6 +1162,7 @@ mod tests {
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
             our_other_family: None,
+            mapped: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1210,6 +1221,7 @@ mod tests {
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
             our_other_family: None,
+            mapped: None,
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1264,6 +1276,7 @@ mod tests {
             policy: RetryPolicy::Adaptive,
             server_rtt: None,
             our_other_family: None,
+            mapped: None,
         };
         let mut late: Vec<SocketAddr> = listeners
             .iter()

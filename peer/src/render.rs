@@ -104,6 +104,13 @@ pub(crate) fn describe_candidate(kind: CandidateKind, remote: SocketAddr) -> Str
         (CandidateKind::Lan, std::net::IpAddr::V6(v6)) if (v6.segments()[0] & 0xe000) == 0x2000 => {
             "its own global address"
         }
+        // A public address the other side announced itself: a port its
+        // router forwards (a mapping it asked for, or one set by hand).
+        (CandidateKind::Lan, std::net::IpAddr::V4(v4))
+            if !(v4.is_private() || v4.is_loopback() || v4.is_link_local()) =>
+        {
+            "a forwarded port it announced"
+        }
         _ => kind.describe(),
     };
     format!("{family}, {what}")

@@ -531,6 +531,7 @@ mod go_timing {
             policy: RetryPolicy::Adaptive,
             server_rtt: Some(Duration::from_millis(1)),
             our_other_family: None,
+            mapped: None,
         };
         let (tx, none) = oneshot::channel();
         drop(tx);

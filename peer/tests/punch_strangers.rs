@@ -65,6 +65,7 @@ fn params(port: u16) -> PunchParams {
         policy: RetryPolicy::Adaptive,
         server_rtt: None,
         our_other_family: None,
+        mapped: None,
     }
 }
 

@@ -100,6 +100,12 @@ struct Args {
     #[arg(long)]
     no_relay: bool,
 
+    /// Do not ask the router to forward the local port (PCP or NAT-PMP). By
+    /// default the peer asks, beside the meeting and without waiting for it,
+    /// for a short lease that it deletes once the link is up (or on exit)
+    #[arg(long)]
+    no_port_mapping: bool,
+
     /// While relayed, seconds between tries for a direct link
     #[arg(long, value_name = "SECS", default_value_t = punchline_peer::UPGRADE_INTERVAL.as_secs(), hide = true)]
     upgrade_interval: u64,
@@ -228,6 +234,7 @@ fn main() -> ExitCode {
         },
         timestamps: args.timestamps,
         relay: !args.no_relay,
+        port_mapping: !args.no_port_mapping,
         upgrade_interval: Duration::from_secs(args.upgrade_interval.max(1)),
         history: if args.no_history {
             None
@@ -247,7 +254,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(opts, mode));
+    let mapping = opts.port_mapping;
+    let result = runtime.block_on(async move {
+        if !mapping {
+            return run(opts, mode).await;
+        }
+        // Ctrl-C before the chat (while waiting, meeting, punching) ends the
+        // program here, after deleting the port mapping it holds; in the chat
+        // the chat handles it.
+        let before_chat = async {
+            loop {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if !punchline_peer::chatting() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            result = run(opts, mode) => result,
+            () = before_chat => {
+                punchline_peer::portmap::release_all().await;
+                Ok(ChatEnd::Interrupted)
+            }
+        }
+    });
     // The input thread may still be blocked reading stdin: do not wait for it.
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {

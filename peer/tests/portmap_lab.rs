@@ -1,0 +1,163 @@
+//! Port mapping through the NAT lab: side A sits behind a symmetric NAT whose
+//! router grants mappings (the lab's PCP and NAT-PMP responder), side B behind
+//! a home NAT. Without the mapping no direct link can form (`nat_lab.rs`,
+//! `symmetric_home_fails…`); with it the chat is direct, B's side names the
+//! forwarded port it reached, and the router holds no mapping once the link is
+//! up, nor after Ctrl-C on a waiting peer.
+//!
+//! Needs root and the lab's tools; skips loudly otherwise (fails instead when
+//! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use punchline_lab::portmap::{Protocols, Responder};
+use punchline_lab::prereq::available_or_skip;
+use punchline_lab::scenario::{leave, LabRendezvous, PeerProcess};
+use punchline_lab::{Host, Lab, LabConfig, NatKind, Side, WanConfig};
+use punchline_rendezvous::Config;
+
+/// The lab, and the responder on A's router.
+fn lab(protocols: Protocols) -> (Lab, Responder) {
+    let config =
+        LabConfig::new(NatKind::Symmetric, NatKind::Home).with_wan(WanConfig::delays_ms(5, 40, 20));
+    let lab = Lab::build(&config).unwrap_or_else(|e| panic!("building the lab: {e}"));
+    let router = lab.routers(Side::A)[0].clone();
+    let [a, b, c, _] = lab.addr(Host::A).octets();
+    let responder = Responder::start(
+        &router,
+        Ipv4Addr::new(a, b, c, 1),
+        lab.public_addr(Host::A),
+        "wan",
+        protocols,
+    )
+    .unwrap_or_else(|e| panic!("starting the responder: {e}"));
+    (lab, responder)
+}
+
+fn config_dir(test: &str, side: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("punchline-{test}-{side}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    dir
+}
+
+fn peer(lab: &Lab, rv: &LabRendezvous, test: &str, host: Host, name: &str) -> PeerProcess {
+    let port = if host == Host::A { "40000" } else { "40001" };
+    let mut cmd = lab.command(host, Path::new(env!("CARGO_BIN_EXE_peer")));
+    cmd.args([
+        "--server",
+        &rv.addr.to_string(),
+        "--port",
+        port,
+        "--name",
+        name,
+    ])
+    .args(["--punch-timeout", "10", "--no-relay", &format!("6-{test}")])
+    .env("RUST_LOG", "punchline_peer=info")
+    .env("XDG_CONFIG_HOME", config_dir(test, name))
+    .env_remove("PUNCHLINE_SERVER");
+    PeerProcess::spawn(cmd, name).unwrap_or_else(|e| panic!("{test}: {name}: {e}"))
+}
+
+/// Waits until `responder` holds `count` mappings (within 5 s).
+fn wait_for_mappings(responder: &Responder, count: usize) -> bool {
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if responder.mappings().len() == count {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn direct_through_the_mapping(test: &str, protocols: Protocols) {
+    if !available_or_skip(test) {
+        return;
+    }
+    let (lab, responder) = lab(protocols);
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let mut a = peer(&lab, &rv, test, Host::A, "alice");
+    a.wait_stderr("waiting for the other side")
+        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    assert!(
+        wait_for_mappings(&responder, 1),
+        "{test}: alice's router holds no mapping while she waits"
+    );
+    let mapped = responder.mappings()[0].external;
+    assert_eq!(
+        mapped.port(),
+        40000,
+        "{test}: the same external port, as asked"
+    );
+    let mut b = peer(&lab, &rv, test, Host::B, "bob");
+    let a_up = a
+        .wait_stderr_starting(&["connected to ", "peer: "])
+        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    let b_up = b
+        .wait_stderr_starting(&["connected to ", "peer: "])
+        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    assert!(a_up.contains("direct link"), "{test}: alice: {a_up}");
+    assert!(
+        b_up.contains(&format!(
+            "direct link to {mapped} (IPv4, a forwarded port it announced)"
+        )),
+        "{test}: bob: {b_up}"
+    );
+    // The link keeps its translation; the mapping itself goes.
+    assert!(
+        wait_for_mappings(&responder, 0),
+        "{test}: the mapping outlived the meeting: {:?}",
+        responder.mappings()
+    );
+    a.send("through the mapping\n").expect("send");
+    assert_eq!(b.recv().expect("line"), "alice: through the mapping");
+    b.send("and back\n").expect("send");
+    assert_eq!(a.recv().expect("line"), "bob: and back");
+    leave(&mut a, &mut b).unwrap_or_else(|e| panic!("{test}: {e}"));
+    for side in ["alice", "bob"] {
+        let _ = std::fs::remove_dir_all(config_dir(test, side));
+    }
+}
+
+#[test]
+fn a_symmetric_nat_with_pcp_goes_direct() {
+    direct_through_the_mapping("portmap-pcp-direct", Protocols::BOTH);
+}
+
+#[test]
+fn a_symmetric_nat_with_nat_pmp_goes_direct() {
+    direct_through_the_mapping(
+        "portmap-natpmp-direct",
+        Protocols {
+            nat_pmp: true,
+            pcp: false,
+        },
+    );
+}
+
+/// Ctrl-C on a peer waiting for the other: it leaves with status 130 and its
+/// router holds no mapping after.
+#[test]
+fn ctrl_c_while_waiting_deletes_the_mapping() {
+    let test = "portmap-ctrl-c";
+    if !available_or_skip(test) {
+        return;
+    }
+    let (lab, responder) = lab(Protocols::BOTH);
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let mut a = peer(&lab, &rv, test, Host::A, "alice");
+    a.wait_stderr("waiting for the other side")
+        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    assert!(wait_for_mappings(&responder, 1), "{test}: no mapping");
+    a.interrupt().expect("SIGINT");
+    let status = a.wait().expect("alice exits");
+    assert_eq!(status.code(), Some(130), "{test}: {status:?}");
+    assert!(
+        responder.mappings().is_empty(),
+        "{test}: the mapping outlived Ctrl-C: {:?}",
+        responder.mappings()
+    );
+    let _ = std::fs::remove_dir_all(config_dir(test, "alice"));
+}
