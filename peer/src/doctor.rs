@@ -18,6 +18,10 @@
 //!    meets (a stateful firewall drops it: a simultaneous open still passes,
 //!    so chats with peers that have IPv6 can be direct whatever the IPv4 NAT).
 //!
+//! 6. **Port mapping**: whether the router grants a forward of the port (PCP or
+//!    NAT-PMP, [`crate::portmap`]): a short mapping is asked for and deleted
+//!    at once. Not asked when the rendezvous runs on this host.
+//!
 //! Then a verdict in plain words, with what to do about it.
 //!
 //! Every step has a deadline (the rendezvous' requests through
@@ -63,6 +67,29 @@ pub struct Findings {
     pub simultaneous_open: Result<Duration, String>,
     /// IPv6 towards the rendezvous.
     pub ipv6: Ipv6Finding,
+    /// What the router said to a request for a port mapping.
+    pub port_mapping: PortMappingFinding,
+}
+
+/// Whether the router forwards a port on request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortMappingFinding {
+    /// Not asked (the rendezvous runs on this host).
+    NotAsked,
+    /// No default gateway (IPv4) to ask.
+    NoGateway,
+    /// The gateway did not grant one (no answer, or a refusal).
+    NotOffered {
+        /// The gateway asked.
+        gateway: std::net::Ipv4Addr,
+    },
+    /// Granted (and deleted again).
+    Offered {
+        /// The protocol that granted it.
+        protocol: crate::portmap::Protocol,
+        /// The address it forwarded.
+        external: SocketAddr,
+    },
 }
 
 /// IPv6 towards the rendezvous.
@@ -140,6 +167,24 @@ pub async fn examine(
         None => Ipv6Finding::NoAddress,
         Some(&v6) => ipv6_check(v6).await,
     };
+    let port_mapping = if crate::punch::Here::new(server).local_trial {
+        PortMappingFinding::NotAsked
+    } else {
+        match crate::portmap::default_gateway() {
+            None => PortMappingFinding::NoGateway,
+            Some(gateway) => match crate::portmap::request(local.port()).await {
+                Some(lease) => {
+                    let found = PortMappingFinding::Offered {
+                        protocol: lease.protocol,
+                        external: lease.external,
+                    };
+                    lease.release().await;
+                    found
+                }
+                None => PortMappingFinding::NotOffered { gateway },
+            },
+        }
+    };
     Ok(Findings {
         server,
         local,
@@ -150,6 +195,7 @@ pub async fn examine(
         inbound,
         simultaneous_open,
         ipv6,
+        port_mapping,
     })
 }
 
@@ -209,7 +255,7 @@ impl Findings {
     pub fn outlook(&self) -> Outlook {
         if self.simultaneous_open.is_err() {
             Outlook::Impossible
-        } else if self.mapping.is_symmetric() && !self.ipv6_works() {
+        } else if self.mapping.is_symmetric() && !self.ipv6_works() && !self.mapping_offered() {
             Outlook::LanOnly
         } else if self.mapping.is_symmetric()
             || self.mapping == Mapping::Unknown
@@ -312,12 +358,29 @@ impl Findings {
             }
         };
         line(&mut r, "IPv6", &v6);
+        let mapping = match &self.port_mapping {
+            PortMappingFinding::NotAsked => "not asked (the rendezvous runs on this host)".to_owned(),
+            PortMappingFinding::NoGateway => "not asked: no IPv4 default gateway".to_owned(),
+            PortMappingFinding::NotOffered { gateway } => {
+                format!("not offered: the gateway {gateway} granted no mapping (PCP, NAT-PMP)")
+            }
+            PortMappingFinding::Offered { protocol, external } => format!(
+                "offered by the router ({protocol}): it forwarded {external} to this host's port {} (deleted again); peers reach this host there",
+                self.local.port()
+            ),
+        };
+        line(&mut r, "port mapping", &mapping);
         r.push('\n');
         let _ = writeln!(r, "verdict: {}", self.verdict());
         for s in self.suggestions() {
             let _ = writeln!(r, "  - {s}");
         }
         r
+    }
+
+    /// Whether the router forwards a port on request.
+    pub fn mapping_offered(&self) -> bool {
+        matches!(self.port_mapping, PortMappingFinding::Offered { .. })
     }
 
     /// Whether this host reaches the rendezvous over IPv6 (then the punch
@@ -330,6 +393,7 @@ impl Findings {
     pub fn verdict(&self) -> String {
         match self.outlook() {
             Outlook::Impossible => "direct chats cannot work from this host: its kernel did not complete a TCP simultaneous open".to_owned(),
+            Outlook::Likely if self.mapping.is_symmetric() && self.mapping_offered() => "direct chats should work: your NAT gives every destination its own public port, but the router forwards the port on request (a port mapping), and the peer asks for one at each meeting".to_owned(),
             Outlook::Likely if self.mapping.is_symmetric() => "over IPv4, direct chats will only work with a peer on your own LAN (your NAT gives every destination its own public port), but this host has IPv6: chats with peers that have IPv6 can be direct over it".to_owned(),
             Outlook::LanOnly => "direct chats will only work with a peer on your own LAN: your NAT gives every destination its own public port, so the other side cannot know which port to reach".to_owned(),
             Outlook::Likely if self.mapping == Mapping::Unknown => "direct chats will probably work, but the NAT's mapping could not be measured".to_owned(),
@@ -398,6 +462,9 @@ mod tests {
             inbound: Some(inbound),
             simultaneous_open: Ok(Duration::from_micros(80)),
             ipv6: Ipv6Finding::NoAddress,
+            port_mapping: PortMappingFinding::NotOffered {
+                gateway: std::net::Ipv4Addr::new(192, 168, 1, 1),
+            },
         }
     }
 
@@ -444,5 +511,14 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("dropped (a stateful firewall"), "{report}");
+        let mut mapped = findings(sym, true, NoAnswer);
+        mapped.port_mapping = PortMappingFinding::Offered {
+            protocol: crate::portmap::Protocol::Pcp,
+            external: "198.51.100.7:40000".parse().expect("addr"),
+        };
+        assert_eq!(mapped.outlook(), Outlook::Likely);
+        let report = mapped.report();
+        assert!(report.contains("offered by the router (PCP)"), "{report}");
+        assert!(report.contains("forwards the port on request"), "{report}");
     }
 }

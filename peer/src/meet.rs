@@ -112,8 +112,10 @@ pub(crate) async fn meet(
 ) -> Result<Met, PeerError> {
     let port = rendezvous.local_port;
     // The router's forward of our port, asked for beside the meeting; used
-    // at the go if it has come, deleted when the meeting ends.
-    let mapper = opts.port_mapping.then(|| portmap::Mapper::start(port));
+    // at the go if it has come, deleted when the meeting ends. Not with a
+    // rendezvous on this host: whoever meets there reaches this host already.
+    let here = punch::Here::new(rendezvous.server);
+    let mapper = (opts.port_mapping && !here.local_trial).then(|| portmap::Mapper::start(port));
     let probe_port = opts
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));

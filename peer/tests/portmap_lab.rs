@@ -161,3 +161,33 @@ fn ctrl_c_while_waiting_deletes_the_mapping() {
     );
     let _ = std::fs::remove_dir_all(config_dir(test, "alice"));
 }
+
+/// The doctor behind the symmetric NAT whose router maps: it names the
+/// protocol and the forwarded address, calls direct chats workable (exit
+/// status 0), and leaves no mapping behind.
+#[test]
+fn the_doctor_finds_the_routers_port_mapping() {
+    let test = "portmap-doctor";
+    if !available_or_skip(test) {
+        return;
+    }
+    let (lab, responder) = lab(Protocols::BOTH);
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let out = lab
+        .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
+        .args(["doctor", "--server", &rv.addr.to_string(), "--port", "40000"])
+        .output()
+        .expect("run peer doctor");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!("{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    let wan = lab.public_addr(Host::A);
+    assert!(
+        report.contains(&format!(
+            "offered by the router (PCP): it forwarded {wan}:40000 to this host's port 40000"
+        )),
+        "{context}"
+    );
+    assert!(report.contains("forwards the port on request"), "{context}");
+    assert!(out.status.success(), "{context}");
+    assert!(responder.mappings().is_empty(), "{context}");
+}
