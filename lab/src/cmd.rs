@@ -1,6 +1,6 @@
-//! Running the external tools the lab is built with (`ip`, `nft`, `iptables`),
-//! checking their exit status and turning a failure into a [`LabError`] that
-//! carries the full command line and the tool's stderr.
+//! Running the external tools the lab is built with (`ip`, `nft`, `iptables`,
+//! `ip6tables`), checking their exit status and turning a failure into a
+//! [`LabError`] that carries the full command line and the tool's stderr.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -18,6 +18,9 @@ pub const NFT: &str = "nft";
 /// (through the xtables compatibility target) and the legacy backend. The default
 /// `iptables` is the nf_tables one on Debian; verified by the ping-RTT test.
 pub const IPTABLES: &str = "iptables";
+/// The ip6tables binary, for the NFQUEUE rule of IPv6 in a lab built with IPv6
+/// (the same reasons as [`IPTABLES`]; it comes in the same package).
+pub const IP6TABLES: &str = "ip6tables";
 
 /// Renders a command line for error messages and logs.
 pub fn describe(program: &str, args: &[&str]) -> String {

@@ -21,6 +21,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A lab can carry IPv6 next to IPv4 ([`LabConfig::with_ipv6`]) or give the
+//! peers IPv6 only ([`LabConfig::with_ipv6_only`]); IPv6 is routed, never
+//! translated, behind each side's stateful firewall.
+//!
 //! Modules: [`topology`] builds and tears down a lab, [`nat`] owns the NAT
 //! kinds and their rulesets, [`wan`] the delay emulator, [`netns`] namespace
 //! plumbing, [`cmd`] running the tools, [`names`] unique naming, [`prereq`] the
@@ -43,5 +47,8 @@ pub mod wan;
 
 pub use error::{LabError, Result};
 pub use nat::NatKind;
-pub use topology::{Host, Lab, LabConfig, Layout, Side, PROBE_ADDR, RV_ADDR};
+pub use topology::{
+    Host, Ipv6Mode, Lab, LabConfig, Layout, Side, PROBE_ADDR, PROBE_ADDR6, RV_ADDR, RV_ADDR6,
+    RV_NAME,
+};
 pub use wan::{DelayerStats, Detour, Link, LinkShape, WanConfig};

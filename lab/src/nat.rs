@@ -16,6 +16,15 @@
 //!   direction of the entry the router's own outgoing SYN created;
 //! - without that rule, a stray SYN to the router's public address reaches the
 //!   router's own TCP stack, which answers RST.
+//!
+//! IPv6 (in a lab built with it, see [`crate::topology::Ipv6Mode`]) is never
+//! translated: every host has its own global address. What a router does with
+//! it is an [`Ipv6Filter`], kept in a table of its own (family `ip6`) so the
+//! IPv4 rules above stay exactly as they are: a side's router either forwards
+//! everything ([`Ipv6Filter::Open`]) or is a stateful firewall dropping
+//! unsolicited inbound ([`Ipv6Filter::Stateful`]), like the IPv6 firewall of a
+//! home router. Neighbour discovery is not affected: conntrack leaves those
+//! ICMPv6 messages untracked, so they are never `ct state new`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -216,6 +225,68 @@ impl RouterRules {
     }
 }
 
+/// What a router does with IPv6 traffic, which the lab never translates (no
+/// NAT66): the router of a side either forwards it untouched or filters it like
+/// the IPv6 firewall of a home router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Filter {
+    /// Forward everything, no filter: a carrier's router, or no router at all.
+    Open,
+    /// Stateful firewall: unsolicited inbound (`ct state new` arriving on the
+    /// WAN interface) is dropped silently, both forwarded to the LAN and to the
+    /// router itself; replies, and the crossing SYN of a simultaneous open (the
+    /// reply direction of the entry the host's own SYN created), pass.
+    Stateful,
+}
+
+impl Ipv6Filter {
+    /// The IPv6 policy of the router nearest the host of a side of `kind`:
+    /// [`Ipv6Filter::Open`] for [`NatKind::Public`] (which has no router; its
+    /// host is reachable as over IPv4), [`Ipv6Filter::Stateful`] for every other
+    /// kind. For [`NatKind::Cgnat`] this is the home router's policy; the
+    /// carrier router only forwards ([`Ipv6Filter::carrier`]).
+    ///
+    /// [`NatKind::Rst`] drops as well: its reset is the IPv4 NAT's own stack
+    /// answering a SYN for the public address it shares with the hosts behind
+    /// it. Over IPv6 the SYN is addressed to the host itself, and a home
+    /// router's IPv6 firewall drops it.
+    pub fn for_kind(kind: NatKind) -> Ipv6Filter {
+        match kind {
+            NatKind::Public => Ipv6Filter::Open,
+            NatKind::Home
+            | NatKind::Rst
+            | NatKind::Range
+            | NatKind::Symmetric
+            | NatKind::Firewall
+            | NatKind::Cgnat => Ipv6Filter::Stateful,
+        }
+    }
+
+    /// The IPv6 policy of a [`NatKind::Cgnat`] side's carrier router: it only
+    /// forwards; the home router behind it filters.
+    pub fn carrier() -> Ipv6Filter {
+        Ipv6Filter::Open
+    }
+
+    /// The nftables ruleset text (for `nft -f -`): a table [`TABLE`] of family
+    /// `ip6`, or `None` when nothing needs to be installed.
+    pub fn ruleset(self) -> Option<String> {
+        match self {
+            Ipv6Filter::Open => None,
+            Ipv6Filter::Stateful => {
+                let mut text = format!("table ip6 {TABLE} {{\n");
+                for (chain, hook) in [("forward_filter", "forward"), ("input_filter", "input")] {
+                    text.push_str(&format!(
+                        "    chain {chain} {{\n        type filter hook {hook} priority filter; policy accept;\n        iifname \"{WAN_IF}\" ct state new drop\n    }}\n"
+                    ));
+                }
+                text.push_str("}\n");
+                Some(text)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +333,56 @@ mod tests {
             .expect("router")
             .ruleset();
         assert!(sym.contains("masquerade random"), "{sym}");
+    }
+
+    #[test]
+    fn ipv6_is_filtered_by_every_router_kind_but_never_translated() {
+        for kind in NatKind::ALL {
+            let filter = Ipv6Filter::for_kind(kind);
+            let expected = if kind == NatKind::Public {
+                Ipv6Filter::Open
+            } else {
+                Ipv6Filter::Stateful
+            };
+            assert_eq!(filter, expected, "{kind}");
+            if let Some(text) = filter.ruleset() {
+                assert!(text.starts_with("table ip6 punchline {\n"), "{text}");
+                assert!(!text.contains("masquerade"), "{kind}: {text}");
+                assert!(!text.contains("type nat"), "{kind}: {text}");
+                assert!(!text.contains("chain fwd"), "{text}");
+            }
+        }
+        assert_eq!(Ipv6Filter::carrier(), Ipv6Filter::Open);
+        assert_eq!(Ipv6Filter::Open.ruleset(), None);
+    }
+
+    #[test]
+    fn ipv6_firewall_drops_new_inbound_on_the_wan_only() {
+        let text = Ipv6Filter::Stateful
+            .ruleset()
+            .expect("a stateful filter has rules");
+        let expected = "table ip6 punchline {
+    chain forward_filter {
+        type filter hook forward priority filter; policy accept;
+        iifname \"wan\" ct state new drop
+    }
+    chain input_filter {
+        type filter hook input priority filter; policy accept;
+        iifname \"wan\" ct state new drop
+    }
+}
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn ipv4_rulesets_stay_in_the_ip_family() {
+        for kind in NatKind::ALL {
+            if let Some(rules) = RouterRules::for_kind(kind) {
+                let text = rules.ruleset();
+                assert!(text.starts_with("table ip punchline {\n"), "{kind}: {text}");
+                assert!(!text.contains("ip6"), "{kind}: {text}");
+            }
+        }
     }
 }

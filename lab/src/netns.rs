@@ -1,6 +1,7 @@
 //! Network namespaces: creating and deleting them, running Rust code inside one
 //! (a thread that `setns`es into it), finding and ending the processes left in
-//! one, and removing the namespaces that a dead lab run left behind.
+//! one, giving the programs run in one their own `/etc/hosts`, and removing the
+//! namespaces that a dead lab run left behind.
 //!
 //! Why a thread and not the whole process: the network namespace is a
 //! per-thread attribute, and a socket stays in the namespace it was created in
@@ -23,6 +24,11 @@ use crate::names;
 /// Where iproute2 keeps the bind mounts of named namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
 
+/// Where `ip netns exec NAME` looks for files to bind-mount over `/etc` for the
+/// program it starts: each file in `/etc/netns/NAME/` hides its namesake in
+/// `/etc` (in a mount namespace of that program's own, so nothing else sees it).
+pub const ETC_NETNS_DIR: &str = "/etc/netns";
+
 /// How long teardown waits for killed processes to disappear before deleting
 /// their namespace anyway (the namespace then lingers until they exit).
 pub const KILL_WAIT: Duration = Duration::from_secs(2);
@@ -42,9 +48,45 @@ pub fn create(netns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Deletes namespace `netns` (its interfaces, veth peers and rules go with it).
+/// Deletes namespace `netns` (its interfaces, veth peers and rules go with it),
+/// then its files for `ip netns exec` (see [`write_etc`]) if it has any.
 pub fn delete(netns: &str) -> Result<()> {
-    cmd::run(IP, &["netns", "del", netns]).map(drop)
+    cmd::run(IP, &["netns", "del", netns])?;
+    remove_etc(netns)
+}
+
+/// Directory of the files `ip netns exec` mounts over `/etc` for programs in
+/// `netns`.
+pub fn etc_dir(netns: &str) -> PathBuf {
+    PathBuf::from(ETC_NETNS_DIR).join(netns)
+}
+
+/// Writes `/etc/netns/NETNS/FILE` (e.g. `hosts`), which `ip netns exec` mounts
+/// over `/etc/FILE` for the programs it starts in `netns`. Threads entering the
+/// namespace with [`run_in`] do not see it: they share this process's mounts.
+pub fn write_etc(netns: &str, file: &str, text: &str) -> Result<()> {
+    let dir = etc_dir(netns);
+    let path = dir.join(file);
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, text))
+        .map_err(|source| LabError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })
+}
+
+/// Removes `/etc/netns/NETNS` and the files in it; nothing to do if it does
+/// not exist.
+pub fn remove_etc(netns: &str) -> Result<()> {
+    let dir = etc_dir(netns);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LabError::Io {
+            what: format!("removing {}", dir.display()),
+            source,
+        }),
+    }
 }
 
 /// Lists all named network namespaces on the machine.
@@ -136,17 +178,25 @@ where
         })
 }
 
+/// Whether the process that created lab namespace `netns` is gone (`None` for
+/// a name that is not one of the lab's).
+fn owner_dead(netns: &str) -> Option<bool> {
+    let pid = names::owner_pid(netns)?;
+    Some(!PathBuf::from(format!("/proc/{pid}")).exists())
+}
+
 /// Removes lab namespaces (names starting with [`names::PREFIX`]) whose creating
 /// process is no longer alive, or all of them when `all` is set; kills the
-/// processes still inside first. Returns the names removed.
+/// processes still inside first. Also removes the `/etc/netns` directories of
+/// such namespaces that are already gone (a run killed during teardown).
+/// Returns the names removed.
 pub fn cleanup_stale(all: bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for netns in list()? {
-        let Some(pid) = names::owner_pid(&netns) else {
+        let Some(dead) = owner_dead(&netns) else {
             continue;
         };
-        let owner_alive = PathBuf::from(format!("/proc/{pid}")).exists();
-        if owner_alive && !all {
+        if !dead && !all {
             continue;
         }
         match kill_all(&netns).and_then(|()| delete(&netns)) {
@@ -154,6 +204,27 @@ pub fn cleanup_stale(all: bool) -> Result<Vec<String>> {
             // Another cleanup (a concurrent lab build) was quicker: fine.
             Err(_) if !path(&netns).exists() => {}
             Err(err) => return Err(err),
+        }
+    }
+    // No /etc/netns yet is the usual case, not an error.
+    let Ok(entries) = std::fs::read_dir(ETC_NETNS_DIR) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let Ok(netns) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Some(dead) = owner_dead(&netns) else {
+            continue;
+        };
+        // A live namespace's files stay (they belong to a running lab, or to
+        // one being built right now).
+        if (!dead && !all) || path(&netns).exists() {
+            continue;
+        }
+        remove_etc(&netns)?;
+        if !removed.contains(&netns) {
+            removed.push(netns);
         }
     }
     Ok(removed)
@@ -166,5 +237,20 @@ mod tests {
     #[test]
     fn path_is_under_run_netns() {
         assert_eq!(path("pl-1-0-rv"), PathBuf::from("/run/netns/pl-1-0-rv"));
+    }
+
+    #[test]
+    fn etc_dir_is_where_ip_netns_exec_looks() {
+        assert_eq!(etc_dir("pl-1-0-a"), PathBuf::from("/etc/netns/pl-1-0-a"));
+    }
+
+    #[test]
+    fn owner_of_foreign_names_is_unknown() {
+        assert_eq!(owner_dead("not-ours"), None);
+        assert_eq!(owner_dead("pl-4000000000-0-a"), Some(true));
+        assert_eq!(
+            owner_dead(&format!("pl-{}-0-a", std::process::id())),
+            Some(false)
+        );
     }
 }

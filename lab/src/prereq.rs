@@ -16,6 +16,10 @@ pub const REQUIRE_ENV: &str = "PUNCHLINE_REQUIRE_LAB";
 /// and `conntrack` are used by tests and diagnostics.
 pub const TOOLS: [&str; 5] = [cmd::IP, cmd::NFT, cmd::IPTABLES, "ping", "conntrack"];
 
+/// Programs a lab with IPv6 needs besides [`TOOLS`]: ip6tables (for NFQUEUE;
+/// Debian package iptables).
+pub const TOOLS_IPV6: [&str; 1] = [cmd::IP6TABLES];
+
 /// Directories searched for [`TOOLS`] besides `$PATH` (root's tools live in
 /// sbin, which a non-login `$PATH` may lack).
 const SBIN_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
@@ -37,7 +41,19 @@ pub fn have_tool(program: &str) -> bool {
 /// and returns false when a prerequisite is missing, unless [`required`], in
 /// which case it panics (the test fails).
 pub fn available_or_skip(test: &str) -> bool {
-    match check() {
+    skip_unless(test, check())
+}
+
+/// Like [`available_or_skip`], for a test of a lab with IPv6: also needs
+/// [`TOOLS_IPV6`] and a kernel with IPv6 (see [`check_ipv6`]).
+pub fn available_ipv6_or_skip(test: &str) -> bool {
+    skip_unless(test, check_ipv6())
+}
+
+/// Whether `checked` passed; prints `SKIPPED: ...` for `test` when it did not,
+/// or panics if [`required`].
+fn skip_unless(test: &str, checked: Result<()>) -> bool {
+    match checked {
         Ok(()) => true,
         Err(err) if required() => panic!("{REQUIRE_ENV}=1 but the NAT lab cannot run: {err}"),
         Err(err) => {
@@ -71,6 +87,25 @@ pub fn check() -> Result<()> {
     if !Path::new("/proc/self/ns/net").exists() {
         return Err(LabError::Prerequisite(
             "kernel without network namespaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every prerequisite of a lab with IPv6: those of [`check`], the
+/// [`TOOLS_IPV6`], and IPv6 in the kernel.
+pub fn check_ipv6() -> Result<()> {
+    check()?;
+    let missing: Vec<&str> = TOOLS_IPV6.into_iter().filter(|t| !have_tool(t)).collect();
+    if !missing.is_empty() {
+        return Err(LabError::Prerequisite(format!(
+            "missing tools: {} (Debian package iptables)",
+            missing.join(", ")
+        )));
+    }
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        return Err(LabError::Prerequisite(
+            "kernel without IPv6 (or booted with ipv6.disable=1)".into(),
         ));
     }
     Ok(())

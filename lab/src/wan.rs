@@ -24,7 +24,13 @@
 //!
 //! 1. One iptables rule in the internet namespace's FORWARD chain sends every
 //!    forwarded IPv4 packet to NFQUEUE queue [`QUEUE_NUM`] (queue numbers are per
-//!    network namespace, so concurrent labs do not collide).
+//!    network namespace, so concurrent labs do not collide). In a lab with IPv6
+//!    ([`Delayer::start_dual_stack`]) an ip6tables rule sends every forwarded
+//!    IPv6 packet to the same queue: a queue is bound by number alone (the
+//!    per-family bind commands are ignored since Linux 3.8), so one binding
+//!    receives both families, and IPv6 packets are delayed, dropped and counted
+//!    exactly like IPv4 ones. Neighbour discovery is never forwarded, so it is
+//!    never held.
 //! 2. A thread of this process enters the internet namespace, binds the queue
 //!    (metadata only, no payload copy) and receives packets.
 //! 3. For each packet it looks up the input and output interface indexes,
@@ -51,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use nfq::{Message, Queue, Verdict};
 
-use crate::cmd::{self, IPTABLES};
+use crate::cmd::{self, IP6TABLES, IPTABLES};
 use crate::error::{LabError, Result};
 use crate::netns;
 
@@ -274,8 +280,28 @@ pub struct Delayer {
 impl Delayer {
     /// Starts the emulator in namespace `netns` for the given interfaces of that
     /// namespace (name and the link it belongs to), then installs the iptables
-    /// rule sending forwarded packets to it. Returns once both are in place.
+    /// rule sending forwarded IPv4 packets to it. Returns once both are in place.
     pub fn start(netns: &str, interfaces: &[(&str, Link)], config: WanConfig) -> Result<Delayer> {
+        Delayer::start_families(netns, interfaces, config, false)
+    }
+
+    /// Like [`Delayer::start`], and also installs the ip6tables rule sending
+    /// forwarded IPv6 packets to the same queue, so both families cross the
+    /// emulated WAN alike.
+    pub fn start_dual_stack(
+        netns: &str,
+        interfaces: &[(&str, Link)],
+        config: WanConfig,
+    ) -> Result<Delayer> {
+        Delayer::start_families(netns, interfaces, config, true)
+    }
+
+    fn start_families(
+        netns: &str,
+        interfaces: &[(&str, Link)],
+        config: WanConfig,
+        ipv6: bool,
+    ) -> Result<Delayer> {
         config.validate()?;
         let stop = Arc::new(AtomicBool::new(false));
         let config = Arc::new(Mutex::new(config));
@@ -308,19 +334,26 @@ impl Delayer {
                     .unwrap_or_else(|| LabError::Thread("delayer ended before binding".into())));
             }
         }
-        cmd::ip_netns_exec(
-            netns,
-            IPTABLES,
-            &[
-                "-w",
-                "-A",
-                "FORWARD",
-                "-j",
-                "NFQUEUE",
-                "--queue-num",
-                &QUEUE_NUM.to_string(),
-            ],
-        )?;
+        let programs: &[&str] = if ipv6 {
+            &[IPTABLES, IP6TABLES]
+        } else {
+            &[IPTABLES]
+        };
+        for program in programs {
+            cmd::ip_netns_exec(
+                netns,
+                program,
+                &[
+                    "-w",
+                    "-A",
+                    "FORWARD",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    &QUEUE_NUM.to_string(),
+                ],
+            )?;
+        }
         Ok(delayer)
     }
 

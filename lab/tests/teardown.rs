@@ -95,6 +95,44 @@ fn lab_cleanup_removes_namespaces_of_dead_runs() {
 }
 
 #[test]
+fn lab_cleanup_removes_hosts_files_of_dead_runs() {
+    if !common::lab_available("lab_cleanup_removes_hosts_files_of_dead_runs") {
+        return;
+    }
+    // What a run killed between deleting a namespace and removing its hosts
+    // file leaves: the file without the namespace.
+    let stale = format!("pl-{DEAD_PID}-1-a");
+    netns::write_etc(&stale, "hosts", "127.0.0.1\tlocalhost\n").expect("write a stale file");
+    let output = Command::new(env!("CARGO_BIN_EXE_lab"))
+        .arg("cleanup")
+        .output()
+        .expect("run lab cleanup");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    // A lab built concurrently by another test may have removed it first.
+    assert!(
+        text.contains(&format!("removed {stale}")) || text.contains("no stale"),
+        "{text}"
+    );
+    assert!(!netns::etc_dir(&stale).exists(), "{text}");
+}
+
+#[test]
+fn hosts_files_go_with_the_lab() {
+    if !common::lab_available("hosts_files_go_with_the_lab") {
+        return;
+    }
+    let lab = common::build(&LabConfig::new(NatKind::Home, NatKind::Public));
+    let dirs: Vec<_> = [Host::A, Host::B, Host::Rv, Host::Probe]
+        .into_iter()
+        .map(|host| netns::etc_dir(lab.netns(host)))
+        .collect();
+    assert!(dirs.iter().all(|d| d.join("hosts").is_file()), "{dirs:?}");
+    drop(lab);
+    assert!(dirs.iter().all(|d| !d.exists()), "{dirs:?}");
+}
+
+#[test]
 fn lab_up_prints_and_tears_down_on_sigint() {
     if !common::lab_available("lab_up_prints_and_tears_down_on_sigint") {
         return;

@@ -74,6 +74,13 @@ struct UpArgs {
     /// Packet loss of the rendezvous host's link, in percent.
     #[arg(long, default_value_t = 0.0)]
     loss_rv: f64,
+    /// Dual stack: every host also gets a global IPv6 address (routed, not
+    /// translated; stateful firewall on every side but a public one).
+    #[arg(long, conflicts_with = "ipv6_only")]
+    ipv6: bool,
+    /// Like --ipv6, but hosts A and B get no IPv4 address or route at all.
+    #[arg(long)]
+    ipv6_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -347,8 +354,15 @@ impl UpArgs {
             LabConfig::new(self.a, self.b)
         };
         let base = base.with_wan(wan);
-        if self.overlapping_lans {
+        let base = if self.overlapping_lans {
             base.with_overlapping_lans()
+        } else {
+            base
+        };
+        if self.ipv6_only {
+            base.with_ipv6_only()
+        } else if self.ipv6 {
+            base.with_ipv6()
         } else {
             base
         }

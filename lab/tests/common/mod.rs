@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use punchline_lab::prereq;
@@ -28,6 +28,12 @@ pub fn lab_available(test: &str) -> bool {
     prereq::available_or_skip(test)
 }
 
+/// Whether a lab with IPv6 can run here (see
+/// [`prereq::available_ipv6_or_skip`]).
+pub fn lab6_available(test: &str) -> bool {
+    prereq::available_ipv6_or_skip(test)
+}
+
 /// Builds a lab or fails the test with the reason.
 pub fn build(config: &LabConfig) -> Lab {
     match Lab::build(config) {
@@ -43,6 +49,23 @@ pub fn listen(lab: &Lab, host: Host, port: u16) -> TcpListener {
     })
     .expect("enter namespace")
     .expect("bind listener")
+}
+
+/// A listener on `addr` (either family; an IPv6 one takes IPv6 only) inside
+/// `host`'s namespace.
+pub fn listen_at(lab: &Lab, host: Host, addr: SocketAddr) -> TcpListener {
+    lab.run_in(host, move || -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(16)?;
+        Ok(socket.into())
+    })
+    .expect("enter namespace")
+    .unwrap_or_else(|err| panic!("bind listener on {addr}: {err}"))
 }
 
 /// Accepts one connection within [`ACCEPT_TIMEOUT`] and returns it with the
@@ -70,10 +93,27 @@ pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
 /// A TCP socket bound to `local_port` with `SO_REUSEADDR` and `SO_REUSEPORT`,
 /// as the peer binds its fixed port.
 pub fn reusable_socket(local_port: u16) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    reusable_socket_for(Ipv4Addr::UNSPECIFIED.into(), local_port)
+}
+
+/// Like [`reusable_socket`], of the family of `ip` (an IPv6 socket takes IPv6
+/// only, so it never competes with an IPv4 one for the port).
+pub fn reusable_socket_for(ip: IpAddr, local_port: u16) -> io::Result<Socket> {
+    let local = match ip {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, local_port)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, local_port)),
+    };
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if local.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
-    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port).into())?;
+    socket.bind(&local.into())?;
     Ok(socket)
 }
 
@@ -86,8 +126,19 @@ pub fn connect_from(
     dest: SocketAddrV4,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    connect_to(lab, host, local_port, dest.into(), timeout)
+}
+
+/// Like [`connect_from`], to a destination of either family.
+pub fn connect_to(
+    lab: &Lab,
+    host: Host,
+    local_port: u16,
+    dest: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     lab.run_in(host, move || {
-        let socket = reusable_socket(local_port)?;
+        let socket = reusable_socket_for(dest.ip(), local_port)?;
         socket.connect_timeout(&dest.into(), timeout)?;
         Ok(socket.into())
     })
@@ -95,7 +146,8 @@ pub fn connect_from(
 }
 
 /// Median ping RTT from `host` to `dest` over `count` pings, in milliseconds.
-pub fn ping_median_ms(lab: &Lab, host: Host, dest: Ipv4Addr, count: u32) -> f64 {
+pub fn ping_median_ms(lab: &Lab, host: Host, dest: impl Into<IpAddr>, count: u32) -> f64 {
+    let dest = dest.into();
     let output = lab
         .command(host, "ping")
         .args(["-n", "-c"])
