@@ -86,13 +86,23 @@ impl LabRendezvous {
     }
 
     /// Starts serving on `port` at the lab's rendezvous address, with its probe
-    /// port on `port + 1` and its alternate port on `port + 2`.
+    /// port on `port + 1` and its alternate port on `port + 2`. In a lab with
+    /// IPv6, on both of the host's addresses (one dual-stack socket per port,
+    /// as the `rendezvous` binary listens by default).
     pub fn start_on(lab: &Lab, port: u16, config: Config) -> Result<LabRendezvous> {
         let addr = SocketAddr::new(IpAddr::V4(lab.addr(Host::Rv)), port);
-        let probe_addr = SocketAddr::new(addr.ip(), port + punchline_rendezvous::PROBE_PORT_OFFSET);
+        let dual = lab.addr6(Host::Rv).is_some();
+        let on = |port: u16| {
+            if dual {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+            } else {
+                SocketAddr::new(addr.ip(), port)
+            }
+        };
+        let probe_addr = on(port + punchline_rendezvous::PROBE_PORT_OFFSET);
         let bind = |a: SocketAddr| -> Result<std::net::TcpListener> {
             let l = lab
-                .run_in(Host::Rv, || std::net::TcpListener::bind(a))?
+                .run_in(Host::Rv, || listen(a))?
                 .map_err(|source| LabError::Io {
                     what: format!("binding the rendezvous to {a}"),
                     source,
@@ -103,11 +113,8 @@ impl LabRendezvous {
             })?;
             Ok(l)
         };
-        let alternate_addr = SocketAddr::new(
-            addr.ip(),
-            port + punchline_rendezvous::ALTERNATE_PORT_OFFSET,
-        );
-        let listeners = vec![bind(addr)?, bind(alternate_addr)?];
+        let alternate_addr = on(port + punchline_rendezvous::ALTERNATE_PORT_OFFSET);
+        let listeners = vec![bind(on(port))?, bind(alternate_addr)?];
         let probe = bind(probe_addr)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // The server's runtime lives in the rendezvous namespace too, so the
@@ -121,6 +128,27 @@ impl LabRendezvous {
             thread: Some(thread),
         })
     }
+
+    /// The rendezvous by its name in the lab's hosts files
+    /// ([`crate::topology::RV_NAME`], both of its addresses when the lab has
+    /// IPv6) and its port: what a peer is given to meet it as over DNS.
+    pub fn by_name(&self) -> String {
+        format!("{}:{}", crate::topology::RV_NAME, self.addr.port())
+    }
+}
+
+/// A listening socket on `addr`; on the IPv6 unspecified address, for IPv4
+/// too (not IPv6 only).
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Runs the rendezvous (main and alternate ports, and the probe port) on its
