@@ -96,12 +96,39 @@ pub fn default_pairs() -> Vec<LabConfig> {
     pairs
 }
 
+/// Pairs that IPv4 punching alone cannot connect, made direct by what the
+/// peer reaches for besides: IPv6 beside symmetric NATs on both sides, IPv6
+/// alone, and a symmetric NAT whose router grants port mappings. Only the
+/// first-line bench runs them (its table shows success and time to the first
+/// line; the raw baseline cannot work there).
+pub fn reach_pairs() -> Vec<LabConfig> {
+    use NatKind::*;
+    vec![
+        LabConfig::new(Symmetric, Symmetric)
+            .with_overlapping_lans()
+            .with_ipv6(),
+        LabConfig::new(Home, Firewall).with_ipv6_only(),
+        LabConfig::new(Symmetric, Home)
+            .with_overlapping_lans()
+            .with_port_mapping(),
+    ]
+}
+
 /// Name of a pair for the table.
 pub fn pair_name(config: &LabConfig) -> String {
-    match config.layout {
+    let mut name = match config.layout {
         crate::Layout::Separate { a, b } => format!("{}/{}", a.name(), b.name()),
         crate::Layout::SameLan(kind) => format!("same-lan ({})", kind.name()),
+    };
+    match config.ipv6 {
+        crate::Ipv6Mode::Off => {}
+        crate::Ipv6Mode::DualStack => name.push_str("+ipv6"),
+        crate::Ipv6Mode::Only => name.push_str("+ipv6-only"),
     }
+    if config.port_mapping {
+        name.push_str("+mapping");
+    }
+    name
 }
 
 /// Results of one strategy on one pair.

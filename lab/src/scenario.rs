@@ -630,9 +630,16 @@ pub fn peer_command(
     spec: &PunchSpec,
 ) -> Command {
     let mut cmd = lab.command(host, bin);
+    // With IPv6, by the name that resolves to both of the rendezvous'
+    // addresses, as a real deployment's would.
+    let server = if lab.ipv6().enabled() {
+        format!("{}:{}", crate::topology::RV_NAME, rv.port())
+    } else {
+        rv.to_string()
+    };
     let mut args: Vec<OsString> = vec![
         "--server".into(),
-        rv.to_string().into(),
+        server.into(),
         "--port".into(),
         port.to_string().into(),
         "--name".into(),

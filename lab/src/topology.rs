@@ -189,6 +189,9 @@ pub struct LabConfig {
     pub overlapping_lans: bool,
     /// Whether the lab carries IPv6.
     pub ipv6: Ipv6Mode,
+    /// Side A's router grants port mappings (the lab's NAT-PMP and PCP
+    /// responder, [`crate::portmap`]); A's edge must be a single NAT router.
+    pub port_mapping: bool,
 }
 
 impl LabConfig {
@@ -199,6 +202,7 @@ impl LabConfig {
             wan: WanConfig::default(),
             overlapping_lans: false,
             ipv6: Ipv6Mode::Off,
+            port_mapping: false,
         }
     }
 
@@ -209,6 +213,7 @@ impl LabConfig {
             wan: WanConfig::default(),
             overlapping_lans: false,
             ipv6: Ipv6Mode::Off,
+            port_mapping: false,
         }
     }
 
@@ -241,8 +246,26 @@ impl LabConfig {
         }
     }
 
+    /// This config with side A's router granting port mappings.
+    pub fn with_port_mapping(self) -> LabConfig {
+        LabConfig {
+            port_mapping: true,
+            ..self
+        }
+    }
+
     /// Checks that the config can be built.
     pub fn validate(&self) -> Result<()> {
+        if self.port_mapping {
+            let a = match self.layout {
+                Layout::Separate { a, .. } | Layout::SameLan(a) => a,
+            };
+            if !a.translates() || a == NatKind::Cgnat {
+                return Err(LabError::InvalidConfig(format!(
+                    "port mapping needs side A behind one NAT router, not {a}"
+                )));
+            }
+        }
         if let Layout::SameLan(kind) = self.layout {
             if !kind.has_lan() {
                 return Err(LabError::InvalidConfig(format!(
@@ -424,6 +447,9 @@ pub struct Lab {
     rv: HostInfo,
     probe: HostInfo,
     delayer: Option<Delayer>,
+    /// Side A's port-mapping responder, if asked for; stopped before the
+    /// namespaces go.
+    portmap: Option<crate::portmap::Responder>,
     namespaces: Namespaces,
 }
 
@@ -869,10 +895,25 @@ impl Lab {
             rv,
             probe,
             delayer: Some(delayer),
+            portmap: None,
             namespaces: Namespaces {
                 names: std::mem::take(&mut b.namespaces.names),
             },
         };
+        let mut lab = lab;
+        if config.port_mapping {
+            let router = lab.a.routers.first().cloned().ok_or_else(|| {
+                LabError::InvalidConfig("port mapping needs side A's router".into())
+            })?;
+            let [n0, n1, n2, _] = lab.a.host.addr.octets();
+            lab.portmap = Some(crate::portmap::Responder::start(
+                &router,
+                Ipv4Addr::new(n0, n1, n2, GATEWAY),
+                lab.a.public,
+                WAN_IF,
+                crate::portmap::Protocols::BOTH,
+            )?);
+        }
         tracing::info!(id = %lab.id, layout = ?config.layout, ipv6 = ?config.ipv6, "lab: built");
         Ok(lab)
     }
@@ -880,6 +921,12 @@ impl Lab {
     /// The lab's id (`pl-PID-N`), the prefix of all its namespace names.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Side A's port-mapping responder, when the lab has one
+    /// ([`LabConfig::with_port_mapping`]).
+    pub fn portmap(&self) -> Option<&crate::portmap::Responder> {
+        self.portmap.as_ref()
     }
 
     /// The configuration the lab was built from (with the WAN shapes as built;
@@ -1231,9 +1278,13 @@ impl Lab {
     /// Tears the lab down now, reporting the first error (dropping does the
     /// same but can only log errors).
     pub fn shutdown(mut self) -> Result<()> {
+        let portmap = self
+            .portmap
+            .take()
+            .map_or(Ok(()), crate::portmap::Responder::stop);
         let delayer = self.delayer.take().map_or(Ok(()), Delayer::stop);
         let namespaces = self.namespaces.remove_all();
-        delayer.and(namespaces)
+        portmap.and(delayer).and(namespaces)
     }
 }
 
@@ -1257,6 +1308,8 @@ impl Drop for Lab {
                 tracing::warn!(%err, "lab: WAN emulator ended with an error");
             }
         }
+        // The responder before its router's namespace goes.
+        drop(self.portmap.take());
         // Then `self.namespaces` drops and removes the namespaces.
         tracing::info!(id = %self.id, "lab: torn down");
     }

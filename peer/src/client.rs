@@ -113,6 +113,8 @@ pub struct RendezvousConn {
     /// The probe over the other address family, started with the connection
     /// when the server has an address of that family.
     other_family: Option<Probe>,
+    /// What that probe saw, once it has answered.
+    other_family_result: Option<SocketAddr>,
     /// Whether this connection is the one to the server's alternate port that
     /// raced a silent first one ([`rendezvous_silence`]).
     via_alternate: bool,
@@ -285,6 +287,14 @@ impl RendezvousConn {
         // the server has it too, is seen by a probe of its own
         // ([`RendezvousConn::other_family_token`]).
         addrs.sort_by_key(|a| a.is_ipv6());
+        // A family this host has no address of cannot carry the connection
+        // nor its probe (an IPv6-only host, say): not tried, unless that
+        // leaves nothing (a rendezvous on this host, over loopback).
+        let (v4, v6) = crate::net::families();
+        let usable = |a: &SocketAddr| if a.is_ipv4() { v4 } else { v6 };
+        if addrs.iter().any(usable) {
+            addrs.retain(usable);
+        }
         let mut tried = Vec::new();
         // Addresses for which binding the port failed because it is taken.
         let mut taken = 0;
@@ -355,6 +365,7 @@ impl RendezvousConn {
                         answered: false,
                         probe,
                         other_family,
+                        other_family_result: None,
                         via_alternate,
                     });
                 }
@@ -423,8 +434,19 @@ impl RendezvousConn {
     }
 
     /// The token of the probe over the other address family, for the hello
-    /// ([`punchline_proto::Hello::other_family_token`]).
-    pub fn other_family_token(&self) -> Option<ProbeToken> {
+    /// ([`punchline_proto::Hello::other_family_token`]); `None` if there is
+    /// none, or it has already failed (a host with no route of that family
+    /// fails at once: the server must not wait for its token).
+    pub async fn other_family_token(&mut self) -> Option<ProbeToken> {
+        let probe = self.other_family.as_mut()?;
+        if probe.task.is_finished() {
+            let seen = (&mut probe.task).await.ok().flatten();
+            if seen.is_none() {
+                self.other_family = None;
+                return None;
+            }
+            self.other_family_result = seen;
+        }
         self.other_family.as_ref().map(|p| p.token)
     }
 
@@ -432,11 +454,15 @@ impl RendezvousConn {
     /// saw it, if that probe has answered by now (`None` if it has not, or
     /// none was started): never waits, the punch must not.
     pub async fn other_family_seen(&mut self) -> Option<SocketAddr> {
+        if self.other_family_result.is_some() {
+            return self.other_family_result;
+        }
         let probe = self.other_family.as_mut()?;
         if !probe.task.is_finished() {
             return None;
         }
-        (&mut probe.task).await.ok().flatten()
+        self.other_family_result = (&mut probe.task).await.ok().flatten();
+        self.other_family_result
     }
 
     /// Asks for a free nameplate for a new code.

@@ -121,7 +121,7 @@ pub(crate) async fn meet(
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
     // The probe started with the connection is found by the server through
     // its token; without one (none was started), probe now and report it.
-    let other_family_token = rendezvous.other_family_token();
+    let other_family_token = rendezvous.other_family_token().await;
     let (probe_observed, probe_token) = match rendezvous.probe_token() {
         Some(token) => (None, Some(token)),
         None => (rendezvous.probe(probe_port).await, None),

@@ -63,6 +63,19 @@ pub fn lan_candidates(port: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Whether this host has an address of each family (IPv4, IPv6) that can
+/// reach beyond its links: not loopback, not link-local.
+pub fn families() -> (bool, bool) {
+    let own = own_addresses();
+    let has = |v4: bool| {
+        own.iter().any(|ip| match ip {
+            IpAddr::V4(a) => v4 && !a.is_link_local(),
+            IpAddr::V6(a) => !v4 && !a.is_unicast_link_local(),
+        })
+    };
+    (has(true), has(false))
+}
+
 /// This host's own interface addresses, loopback excluded.
 pub fn own_addresses() -> Vec<IpAddr> {
     let Ok(interfaces) = if_addrs::get_if_addrs() else {

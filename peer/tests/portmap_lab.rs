@@ -175,7 +175,13 @@ fn the_doctor_finds_the_routers_port_mapping() {
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let out = lab
         .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
-        .args(["doctor", "--server", &rv.addr.to_string(), "--port", "40000"])
+        .args([
+            "doctor",
+            "--server",
+            &rv.addr.to_string(),
+            "--port",
+            "40000",
+        ])
         .output()
         .expect("run peer doctor");
     let report = String::from_utf8_lossy(&out.stdout).into_owned();

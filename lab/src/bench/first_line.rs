@@ -138,9 +138,13 @@ pub fn run(
         };
         let lab = Lab::build(&pair.with_wan(*first_wan))?;
         let rv = LabRendezvous::start_on(&lab, RV_PORT, rendezvous_config())?;
+        // The raw tool punches IPv4 with no LAN candidates, no IPv6 and no
+        // port mapping: where only those can work, it is not run.
         let raw_rv = match lab.config().layout {
-            Layout::Separate { .. } => Some(RawRendezvous::start(&lab, raw_bin)?),
-            Layout::SameLan(_) => None,
+            Layout::Separate { .. } if !pair.ipv6.enabled() && !pair.port_mapping => {
+                Some(RawRendezvous::start(&lab, raw_bin)?)
+            }
+            _ => None,
         };
         let mut port = FIRST_PORT;
         for (profile, wan) in &spec.profiles {
@@ -468,7 +472,11 @@ pub fn table(spec: &FirstLineSpec, rows: &[Row]) -> String {
                 let v = sorted(&b.shown);
                 (percentile(&v, 50), percentile(&v, 90), shown(b))
             }
-            None => (None, None, "not run (no LAN candidates)".to_owned()),
+            None => (
+                None,
+                None,
+                "not run (it has no LAN candidates, IPv6 or port mapping)".to_owned(),
+            ),
         };
         let phase = |v: &[Duration]| {
             let v = sorted(v);

@@ -166,7 +166,10 @@ impl BenchArgs {
             }
             profiles.retain(|(name, _)| self.profiles.contains(name));
         }
-        let all = punchline_lab::bench::default_pairs();
+        let mut all = punchline_lab::bench::default_pairs();
+        if self.first_line {
+            all.extend(punchline_lab::bench::reach_pairs());
+        }
         let pairs = if self.pairs.is_empty() {
             all
         } else {
@@ -252,6 +255,8 @@ fn bench_first_line(args: &BenchArgs) -> anyhow::Result<()> {
             .iter()
             .filter(|p| {
                 explicit_pairs
+                    || p.ipv6.enabled()
+                    || p.port_mapping
                     || match p.layout {
                         punchline_lab::Layout::Separate { a, b } => a.punchable() && b.punchable(),
                         punchline_lab::Layout::SameLan(_) => true,
