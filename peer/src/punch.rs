@@ -1144,6 +1144,54 @@ mod tests {
         assert!(failure.tried[0].tally.attempts > 1, "{:?}", failure.tried);
     }
 
+    /// A go whose "other family" address is the IPv4 address of the
+    /// observed one in IPv4-mapped IPv6 form (`::ffff:a.b.c.d`, which only a
+    /// hostile rendezvous sends: the server canonicalises) passes the "other
+    /// family" test uncanonicalised, and is then tried as an IPv4 public
+    /// candidate although our IPv4 NAT is symmetric (ruled out for the
+    /// observed address itself), at the full deadline instead of the
+    /// LAN-only one.
+    #[tokio::test]
+    async fn an_ipv4_mapped_other_family_is_not_another_family() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let v4 = closed.local_addr().expect("addr");
+        drop(closed);
+        let mut g = go(&v4.to_string());
+        let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{}", v4.port() + 1)
+            .parse()
+            .expect("addr");
+        g.peer.other_family = Some(mapped);
+        let params = PunchParams {
+            local_port: 0,
+            deadline: LAN_ONLY_DEADLINE + Duration::from_millis(500),
+            our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            server: "127.0.0.1:7425".parse().expect("addr"),
+            our_mapping: Mapping::DependsOnDestination {
+                first: 5000,
+                second: 5006,
+            },
+            policy: RetryPolicy::Adaptive,
+            server_rtt: None,
+            our_other_family: None,
+            mapped: None,
+        };
+        let (tx, rx) = oneshot::channel();
+        tx.send(Vec::new()).expect("send");
+        let started = Instant::now();
+        let Err(PeerError::PunchFailed { failure, .. }) =
+            punch(&g, &params, keys(), started, rx).await
+        else {
+            panic!("a punch at a closed port succeeded");
+        };
+        let tried: Vec<_> = failure.tried.iter().map(|t| (t.addr, t.kind)).collect();
+        assert_eq!(
+            tried,
+            Vec::new(),
+            "an IPv4 candidate tried from behind our symmetric IPv4 NAT, after {:?}",
+            started.elapsed()
+        );
+    }
+
     /// The crash of a punch with no candidate at all (a symmetric NAT on one
     /// side, no LAN candidates on the other): it fails at once, with the cause.
     #[tokio::test]
