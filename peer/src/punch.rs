@@ -1192,6 +1192,50 @@ mod tests {
         );
     }
 
+    /// A port mapping whose external address is not the public address the
+    /// rendezvous saw (a home router behind a carrier's NAT grants one at its
+    /// own WAN address, 100.64.0.0/10 here; or a hostile host on the LAN
+    /// answers PCP/NAT-PMP with any address) does not get us past the NAT
+    /// the rendezvous measured as symmetric, yet it makes the punch try the
+    /// other's IPv4 public address until the full deadline rather than fail
+    /// fast as LAN-only.
+    #[tokio::test]
+    async fn a_mapping_at_another_address_than_the_observed_one_does_not_beat_a_symmetric_nat() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let v4 = closed.local_addr().expect("addr");
+        drop(closed);
+        let g = go(&v4.to_string());
+        let params = PunchParams {
+            local_port: 0,
+            deadline: LAN_ONLY_DEADLINE + Duration::from_millis(500),
+            our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            server: "127.0.0.1:7425".parse().expect("addr"),
+            our_mapping: Mapping::DependsOnDestination {
+                first: 5000,
+                second: 5006,
+            },
+            policy: RetryPolicy::Adaptive,
+            server_rtt: None,
+            our_other_family: None,
+            mapped: Some("100.64.0.7:5000".parse().expect("addr")),
+        };
+        let (tx, rx) = oneshot::channel();
+        tx.send(Vec::new()).expect("send");
+        let started = Instant::now();
+        let Err(PeerError::PunchFailed { failure, .. }) =
+            punch(&g, &params, keys(), started, rx).await
+        else {
+            panic!("a punch at a closed port succeeded");
+        };
+        let tried: Vec<_> = failure.tried.iter().map(|t| (t.addr, t.kind)).collect();
+        assert_eq!(
+            tried,
+            Vec::new(),
+            "the other's public address tried from behind our symmetric NAT, after {:?}",
+            started.elapsed()
+        );
+    }
+
     /// The crash of a punch with no candidate at all (a symmetric NAT on one
     /// side, no LAN candidates on the other): it fails at once, with the cause.
     #[tokio::test]
