@@ -101,12 +101,17 @@ fn scenario(ssh: bool) -> (String, bool, Vec<u8>) {
     });
 
     let started = Instant::now();
-    let out = peer_command(main_addr, "alice", "4242-guitar-orbit", &["--no-port-mapping"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn peer");
+    let out = peer_command(
+        main_addr,
+        "alice",
+        "4242-guitar-orbit",
+        &["--no-port-mapping"],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn peer");
     let pid = out.id();
     // The peer either waits in the room (the rendezvous answered: fine) or
     // fails; after 6 s, stop it.
