@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::defaults::{ALTERNATE_PORT_OFFSET, PROBE_PORT_OFFSET};
+use punchline_proto::defaults::PROBE_PORT_OFFSET;
 use punchline_proto::pacing::rendezvous_silence;
 use punchline_proto::{
     sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
@@ -156,7 +156,7 @@ fn other_family_probe(addr: SocketAddr, port: u16) -> Result<Probe, PeerError> {
     let mut token = [0u8; PROBE_TOKEN_LEN];
     getrandom::fill(&mut token)
         .map_err(|e| PeerError::io("no randomness for the probe", std::io::Error::other(e)))?;
-    let task = tokio::spawn(probe(addr, port, Some(token), None));
+    let task = tokio::spawn(probe(addr, port, Some(token), None, None));
     Ok(Probe { token, task })
 }
 
@@ -169,6 +169,7 @@ async fn probe(
     port: u16,
     token: Option<ProbeToken>,
     connected: Option<oneshot::Sender<Duration>>,
+    alternate: Option<oneshot::Sender<u16>>,
 ) -> Option<SocketAddr> {
     let ask = async {
         let socket = fixed_port_socket(addr, port).ok()?;
@@ -182,7 +183,15 @@ async fn probe(
             conn.send(PeerToServer::Probe { token }).await.ok()?;
         }
         match conn.next().await {
-            Some(Ok(ServerToPeer::Observed { observed })) => Some(observed),
+            Some(Ok(ServerToPeer::Observed {
+                observed,
+                alternate_port,
+            })) => {
+                if let (Some(tx), Some(port)) = (alternate, alternate_port) {
+                    let _ = tx.send(port);
+                }
+                Some(observed)
+            }
             _ => None,
         }
     };
@@ -191,24 +200,26 @@ async fn probe(
     seen
 }
 
-/// Connects `socket` to `addr`. With `probe_rtt`, the time the probe's own
+/// Connects `socket` to `addr`. With `probe`, the time the probe's own
 /// connection to the same server took (when it comes), a connection that has
 /// heard nothing [`rendezvous_silence`] after its SYN is raced by a second one
 /// from the same local port to the server's alternate port
-/// ([`ALTERNATE_PORT_OFFSET`]), instead of waiting a second for the kernel to
+/// (the port the server named in the probe's answer, usually main + 2:
+/// [`punchline_proto::defaults::ALTERNATE_PORT_OFFSET`]; none named, no
+/// race), instead of waiting a second for the kernel to
 /// send the SYN again: a lost SYN or SYN-ACK on the way to the rendezvous
 /// delays both peers' meeting. The first to connect is returned, with whether
-/// it is the second one; the other is closed. A server without the alternate
-/// port refuses the second connection, and the first goes on alone.
+/// it is the second one; the other is closed. A second connection refused
+/// leaves the first to go on alone.
 async fn connect_racing_silence(
     socket: TcpSocket,
     addr: SocketAddr,
-    probe_rtt: Option<oneshot::Receiver<Duration>>,
+    probe: Option<(oneshot::Receiver<Duration>, oneshot::Receiver<u16>)>,
 ) -> std::io::Result<(TcpStream, bool)> {
     let port = socket.local_addr()?.port();
     let started = Instant::now();
     let mut first = Box::pin(socket.connect(addr));
-    let Some(mut probe_rtt) = probe_rtt else {
+    let Some((mut probe_rtt, mut named)) = probe else {
         return Ok((first.await?, false));
     };
     let silence = tokio::select! {
@@ -223,7 +234,18 @@ async fn connect_racing_silence(
         done = &mut first => return Ok((done?, false)),
         _ = tokio::time::sleep_until(started + silence) => {}
     }
-    let alternate = SocketAddr::new(addr.ip(), addr.port().wrapping_add(ALTERNATE_PORT_OFFSET));
+    // Only to the alternate port the server named in the probe's answer
+    // (due about now: the probe went 2 ms after our SYN, and its answer
+    // follows its handshake): a port it did not name may be another
+    // program, which would get our hello.
+    let alternate = tokio::select! {
+        done = &mut first => return Ok((done?, false)),
+        named = &mut named => match named {
+            Ok(port) => SocketAddr::new(addr.ip(), port),
+            Err(_) => return Ok((first.await?, false)),
+        },
+        _ = tokio::time::sleep_until(started + silence * 2) => return Ok((first.await?, false)),
+    };
     let second = match fixed_port_socket(alternate, port) {
         Ok(second) => second,
         Err(e) => {
@@ -322,11 +344,12 @@ impl RendezvousConn {
                     })?;
                     let port = local.port();
                     let (connected, probe_rtt) = oneshot::channel();
+                    let (named, alternate) = oneshot::channel();
                     let task = tokio::spawn(async move {
                         tokio::time::sleep(PROBE_STAGGER).await;
-                        probe(target, port, Some(token), Some(connected)).await
+                        probe(target, port, Some(token), Some(connected), Some(named)).await
                     });
-                    Some((Probe { token, task }, probe_rtt))
+                    Some((Probe { token, task }, (probe_rtt, alternate)))
                 }
                 _ => None,
             };
@@ -421,6 +444,7 @@ impl RendezvousConn {
             self.local_port,
             None,
             None,
+            None,
         )
         .await
     }
@@ -497,7 +521,7 @@ impl RendezvousConn {
             .request(PeerToServer::Reflect, "the reflection", WELCOME_TIMEOUT)
             .await?
         {
-            ServerToPeer::Observed { observed } => Ok(observed),
+            ServerToPeer::Observed { observed, .. } => Ok(observed),
             other => Err(unexpected(Some(Ok(other)), "our observed address")),
         }
     }

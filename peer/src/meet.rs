@@ -214,7 +214,13 @@ pub(crate) async fn meet(
         tracing::info!(observed = %go.peer.observed, role = %go.role, "go");
 
         let our_other_family = rendezvous.other_family_seen().await;
-        let mapped = mapper.as_ref().and_then(portmap::Mapper::lease);
+        // Only a mapping at the address the rendezvous saw us at helps: one
+        // at another (a router behind a carrier's NAT, or a hostile answer on
+        // the LAN naming loopback or some third host) is not offered.
+        let mapped = mapper
+            .as_ref()
+            .and_then(portmap::Mapper::lease)
+            .filter(|lease| lease.external.ip().to_canonical() == observed.ip().to_canonical());
         // Our candidates travel sealed: only the other peer can open them.
         // The router's forward first: it works from anywhere.
         let mut candidates = our_candidates(opts, port);

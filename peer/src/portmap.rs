@@ -168,17 +168,20 @@ impl Lease {
     }
 }
 
-/// Mappings held now, for [`release_all`].
-static HELD: Mutex<Vec<PortMapping>> = Mutex::new(Vec::new());
+/// Mappings held now, by meeting, for [`release_all`].
+static HELD: Mutex<Vec<(u64, PortMapping)>> = Mutex::new(Vec::new());
 
-fn held() -> std::sync::MutexGuard<'static, Vec<PortMapping>> {
+/// The next meeting's key in [`HELD`].
+static NEXT_MEETING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn held() -> std::sync::MutexGuard<'static, Vec<(u64, PortMapping)>> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Deletes every mapping this process holds (on Ctrl-C, before exiting).
 pub async fn release_all() {
     let leases = std::mem::take(&mut *held());
-    for mapping in leases {
+    for (_, mapping) in leases {
         let _ = tokio::time::timeout(RELEASE_TIMEOUT, mapping.try_drop()).await;
     }
 }
@@ -195,24 +198,38 @@ impl Mapper {
     pub fn start(port: u16) -> Mapper {
         let (tx, external) = watch::channel(None);
         let (stop, stopped) = oneshot::channel::<()>();
+        let meeting = NEXT_MEETING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let Some(mut lease) = request(port).await else {
                 return;
             };
-            held().push(lease.mapping.clone());
+            held().push((meeting, lease.mapping.clone()));
             let _ = tx.send(Some(lease.clone()));
             tokio::pin!(stopped);
             loop {
+                // At half the lifetime the router granted (it may grant
+                // less than asked).
+                let renew = Duration::from_secs(u64::from(lease.mapping.lifetime().max(2)) / 2);
                 tokio::select! {
                     _ = &mut stopped => break,
-                    () = tokio::time::sleep(LEASE / 2) => {
+                    () = tokio::time::sleep(renew) => {
                         if let Err(e) = lease.mapping.renew().await {
                             tracing::debug!(error = ?e, "port mapping not renewed");
+                            continue;
                         }
+                        // The router may move the mapping: keep what is held
+                        // and told in step.
+                        lease.external.set_port(lease.mapping.external_port().get());
+                        for (m, held) in held().iter_mut() {
+                            if *m == meeting {
+                                *held = lease.mapping.clone();
+                            }
+                        }
+                        let _ = tx.send(Some(lease.clone()));
                     }
                 }
             }
-            held().retain(|m| m.external_port() != lease.mapping.external_port());
+            held().retain(|(m, _)| *m != meeting);
             lease.release().await;
         });
         Mapper {

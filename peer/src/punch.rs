@@ -318,12 +318,18 @@ pub async fn punch(
     // each destination its own port, our SYNs of that family leave from a
     // port the other side was not told about; the other's NAT of that kind
     // never opened its told port to us.
+    // A port mapping makes our SYNs leave from one address whatever the NAT
+    // does, but only one at the address the rendezvous saw is the outer NAT's
+    // (a home router behind a carrier's NAT maps at an inner address; a
+    // hostile answer on the LAN can name any).
+    let observed_ip = params.our_observed.ip().to_canonical();
     let our_symmetric = params.our_mapping.is_symmetric()
         && params
             .mapped
-            .is_none_or(|m| m.is_ipv4() != params.our_observed.is_ipv4());
-    let ours_symmetric =
-        |addr: &SocketAddr| our_symmetric && addr.is_ipv4() == params.our_observed.is_ipv4();
+            .is_none_or(|m| m.ip().to_canonical() != observed_ip);
+    let ours_symmetric = |addr: &SocketAddr| {
+        our_symmetric && addr.ip().to_canonical().is_ipv4() == observed_ip.is_ipv4()
+    };
     let lan_only = our_symmetric || go.peer.mapping.is_symmetric();
     if !go.peer.mapping.is_symmetric() && !ours_symmetric(&go.peer.observed) {
         add_candidates(
@@ -337,7 +343,12 @@ pub async fn punch(
     // and a stateful firewall lets a simultaneous open through like a NAT
     // that keeps its mapping, whatever the IPv4 NAT does.
     if let Some(other) = go.peer.other_family {
-        if other.is_ipv4() != go.peer.observed.is_ipv4() && !ours_symmetric(&other) {
+        // Compared canonical: `::ffff:a.b.c.d` is IPv4.
+        let (other_v4, observed_v4) = (
+            other.ip().to_canonical().is_ipv4(),
+            go.peer.observed.ip().to_canonical().is_ipv4(),
+        );
+        if other_v4 != observed_v4 && !ours_symmetric(&other) {
             add_candidates(&mut first, &[other], CandidateKind::Public, &here);
         }
     }

@@ -76,6 +76,7 @@ fn main() -> std::io::Result<()> {
         },
         ServerToPeer::Observed {
             observed: "198.51.100.7:40000".parse().expect("addr"),
+            alternate_port: Some(7427),
         },
         ServerToPeer::DialedBack {
             target: "198.51.100.7:40000".parse().expect("addr"),

@@ -253,7 +253,12 @@ mod tests {
                 .prop_map(|(code, message)| ServerToPeer::Error { code, message }),
             (addr(), mapping())
                 .prop_map(|(observed, mapping)| ServerToPeer::Welcome { observed, mapping }),
-            addr().prop_map(|observed| ServerToPeer::Observed { observed }),
+            (addr(), any::<Option<u16>>()).prop_map(|(observed, alternate_port)| {
+                ServerToPeer::Observed {
+                    observed,
+                    alternate_port,
+                }
+            }),
             "[0-9]{1,9}".prop_map(|nameplate| ServerToPeer::Allocated { nameplate }),
             any::<u32>().prop_map(|seq| ServerToPeer::Ping { seq }),
             (

@@ -341,6 +341,11 @@ pub enum ServerToPeer {
     Observed {
         /// The connection's source address as the server sees it.
         observed: SocketAddr,
+        /// The server's alternate port, if it has one (it serves the same
+        /// rooms there, see [`crate::defaults::ALTERNATE_PORT_OFFSET`]): a
+        /// peer races a second connection to the rendezvous only to a port
+        /// the server named, never to a port that may be another program.
+        alternate_port: Option<u16>,
     },
     /// The relay is on: [`PeerToServer::Relayed`] bytes now reach the other peer.
     Relaying,

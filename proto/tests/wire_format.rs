@@ -344,12 +344,14 @@ fn server_to_peer_cases() -> Vec<Golden<ServerToPeer>> {
             },
             "00000006 | 04 | 04 34383231",
         ),
-        // length 21 | 05 = Observed | 01 = V6, 2001:db8::1, port 443 = 0x01bb
+        // length 25 | 05 = Observed | 01 = V6, 2001:db8::1, port 443 = 0x01bb |
+        // alternate_port: 01 = some, 7427 = 0x1d03
         golden(
             ServerToPeer::Observed {
                 observed: addr("[2001:db8::1]:443"),
+                alternate_port: Some(7427),
             },
-            "00000015 | 05 | 01 20010db8000000000000000000000001 fbbb01",
+            "00000019 | 05 | 01 20010db8000000000000000000000001 fbbb01 | 01 fb031d",
         ),
         // length 1 | 06 = Relaying
         golden(ServerToPeer::Relaying, "00000001 | 06"),

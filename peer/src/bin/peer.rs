@@ -260,14 +260,18 @@ fn main() -> ExitCode {
             return run(opts, mode).await;
         }
         // Ctrl-C before the chat (while waiting, meeting, punching) ends the
-        // program here, after deleting the port mapping it holds; in the chat
-        // the chat handles it.
-        let before_chat = async {
+        // program here, after deleting the port mapping it holds. In a piped
+        // chat the chat handles it (a goodbye); in a terminal chat the line
+        // editor reads Ctrl-C as a key, so a signal comes only when it has
+        // stopped (the goodbye under way) or from `kill -INT`: it ends the
+        // program here too, as it would with no handler at all.
+        let piped = mode == Mode::Lines;
+        let before_chat = async move {
             loop {
                 if tokio::signal::ctrl_c().await.is_err() {
                     std::future::pending::<()>().await;
                 }
-                if !punchline_peer::chatting() {
+                if !(piped && punchline_peer::chatting()) {
                     break;
                 }
             }

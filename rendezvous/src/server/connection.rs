@@ -201,7 +201,17 @@ async fn serve(
                 };
                 send(&mut conn, ServerToPeer::Allocated { nameplate }).await?;
             }
-            PeerToServer::Reflect => send(&mut conn, ServerToPeer::Observed { observed }).await?,
+            PeerToServer::Reflect => {
+                let alternate_port = shared.config.probes.alternate_port();
+                send(
+                    &mut conn,
+                    ServerToPeer::Observed {
+                        observed,
+                        alternate_port,
+                    },
+                )
+                .await?
+            }
             PeerToServer::DialBack if !dialed => {
                 dialed = true;
                 let answer = dial_back(observed).await;

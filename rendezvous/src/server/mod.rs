@@ -284,6 +284,14 @@ pub async fn run_on(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let limits = Limits::new(&config);
+    // The second listener is the alternate port: told to peers with their
+    // observed address.
+    config.probes.set_alternate_port(
+        listeners
+            .get(1)
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port()),
+    );
     let shared = Arc::new(Shared {
         rooms: Mutex::new(Rooms::new(config.max_rooms, config.wait_ttl, PAIRED_HOLD)),
         relaying: Default::default(),

@@ -83,6 +83,8 @@ struct Sightings {
     /// A probe port records here ([`run_probe`] runs): without one
     /// (`--no-probe`), a hello's token never shows and is not waited for.
     serving: AtomicBool,
+    /// The server's alternate port (0: none), told to every probe.
+    alternate: std::sync::atomic::AtomicU32,
 }
 
 /// The tokens kept, and each source's, oldest first.
@@ -136,6 +138,21 @@ impl Table {
 }
 
 impl ProbeSightings {
+    /// Sets the alternate port told to peers ([`super::run_on`] does, when
+    /// it serves more than one listener).
+    pub fn set_alternate_port(&self, port: Option<u16>) {
+        self.0
+            .alternate
+            .store(port.map_or(0, u32::from), Ordering::Relaxed);
+    }
+
+    /// The alternate port told to peers, if any.
+    pub fn alternate_port(&self) -> Option<u16> {
+        u16::try_from(self.0.alternate.load(Ordering::Relaxed))
+            .ok()
+            .filter(|&p| p != 0)
+    }
+
     fn record(&self, token: ProbeToken, seen: SocketAddr) {
         {
             let mut table = self.0.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,7 +221,11 @@ pub async fn run_probe(
                 let mut conn = framed(stream);
                 let seen = canonical(addr);
                 let answer = async {
-                    conn.send(ServerToPeer::Observed { observed: seen }).await?;
+                    conn.send(ServerToPeer::Observed {
+                        observed: seen,
+                        alternate_port: sightings.alternate_port(),
+                    })
+                    .await?;
                     // A peer probing beside its hello names it; `peer doctor`
                     // just reads the answer and closes.
                     if let Some(Ok(PeerToServer::Probe { token })) = conn.next().await {
