@@ -197,3 +197,29 @@ fn the_doctor_finds_the_routers_port_mapping() {
     assert!(out.status.success(), "{context}");
     assert!(responder.mappings().is_empty(), "{context}");
 }
+
+/// A peer that ends on an error while it waits (the rendezvous goes away)
+/// deletes its mapping on the way out too, not only on Ctrl-C.
+#[test]
+fn an_error_exit_deletes_the_mapping() {
+    let test = "portmap-error-exit";
+    if !available_or_skip(test) {
+        return;
+    }
+    let (lab, responder) = lab(Protocols::BOTH);
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let mut a = peer(&lab, &rv, test, Host::A, "alice");
+    a.wait_stderr("waiting for the other side")
+        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    assert!(wait_for_mappings(&responder, 1), "{test}: no mapping");
+    // The rendezvous shuts down: it tells the waiting peer, which ends.
+    drop(rv);
+    let status = a.wait().expect("alice exits");
+    assert!(!status.success(), "{test}: {status:?}");
+    assert!(
+        responder.mappings().is_empty(),
+        "{test}: the mapping outlived the error exit: {:?}",
+        responder.mappings()
+    );
+    let _ = std::fs::remove_dir_all(config_dir(test, "alice"));
+}

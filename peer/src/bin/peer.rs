@@ -255,7 +255,7 @@ fn main() -> ExitCode {
         }
     };
     let mapping = opts.port_mapping;
-    let result = runtime.block_on(async move {
+    let result = runtime.block_on(async {
         if !mapping {
             return run(opts, mode).await;
         }
@@ -284,6 +284,12 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Whatever ended the program, the port mappings it still holds go now
+    // (a meeting's own deletion may still be under way: a second delete is
+    // harmless), rather than with their lease.
+    if mapping {
+        runtime.block_on(punchline_peer::portmap::release_all());
+    }
     // The input thread may still be blocked reading stdin: do not wait for it.
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
