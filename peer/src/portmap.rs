@@ -178,11 +178,29 @@ fn held() -> std::sync::MutexGuard<'static, Vec<(u64, PortMapping)>> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Deletes every mapping this process holds (on Ctrl-C, before exiting).
+/// Requests to the router not answered yet: a mapping may still come of
+/// them, which [`release_all`] must wait for.
+static ASKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Deletes every mapping this process holds (on Ctrl-C, and when the
+/// program ends), once the requests still out have been answered (at most
+/// [`ASK_TIMEOUT`]): one granted just as the program ends is deleted too.
 pub async fn release_all() {
+    let until = tokio::time::Instant::now() + ASK_TIMEOUT;
+    while ASKING.load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let leases = std::mem::take(&mut *held());
+    tracing::debug!(held = leases.len(), "deleting the port mappings held");
     for (_, mapping) in leases {
-        let _ = tokio::time::timeout(RELEASE_TIMEOUT, mapping.try_drop()).await;
+        let external = mapping.external_port();
+        match tokio::time::timeout(RELEASE_TIMEOUT, mapping.try_drop()).await {
+            Ok(Ok(())) => tracing::debug!(%external, "port mapping deleted"),
+            Ok(Err((e, _))) => tracing::debug!(%external, error = ?e, "port mapping not deleted"),
+            Err(_) => tracing::debug!(%external, "port mapping deletion unanswered"),
+        }
     }
 }
 
@@ -199,11 +217,17 @@ impl Mapper {
         let (tx, external) = watch::channel(None);
         let (stop, stopped) = oneshot::channel::<()>();
         let meeting = NEXT_MEETING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ASKING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
-            let Some(mut lease) = request(port).await else {
+            let asked = request(port).await;
+            // Held before the request counts as answered.
+            if let Some(lease) = &asked {
+                held().push((meeting, lease.mapping.clone()));
+            }
+            ASKING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            let Some(mut lease) = asked else {
                 return;
             };
-            held().push((meeting, lease.mapping.clone()));
             let _ = tx.send(Some(lease.clone()));
             tokio::pin!(stopped);
             loop {
@@ -229,8 +253,10 @@ impl Mapper {
                     }
                 }
             }
-            held().retain(|(m, _)| *m != meeting);
+            // Held until deleted: a program ending meanwhile (its runtime
+            // may stop this task) deletes it itself ([`release_all`]).
             lease.release().await;
+            held().retain(|(m, _)| *m != meeting);
         });
         Mapper {
             external,

@@ -54,7 +54,7 @@ fn peer(lab: &Lab, rv: &LabRendezvous, test: &str, host: Host, name: &str) -> Pe
         name,
     ])
     .args(["--punch-timeout", "10", "--no-relay", &format!("6-{test}")])
-    .env("RUST_LOG", "punchline_peer=info")
+    .env("RUST_LOG", "punchline_peer=debug")
     .env("XDG_CONFIG_HOME", config_dir(test, name))
     .env_remove("PUNCHLINE_SERVER");
     PeerProcess::spawn(cmd, name).unwrap_or_else(|e| panic!("{test}: {name}: {e}"))
@@ -153,10 +153,11 @@ fn ctrl_c_while_waiting_deletes_the_mapping() {
     assert!(wait_for_mappings(&responder, 1), "{test}: no mapping");
     a.interrupt().expect("SIGINT");
     let status = a.wait().expect("alice exits");
-    assert_eq!(status.code(), Some(130), "{test}: {status:?}");
+    let said = a.drain_stderr().join("\n");
+    assert_eq!(status.code(), Some(130), "{test}: {status:?}\n{said}");
     assert!(
         responder.mappings().is_empty(),
-        "{test}: the mapping outlived Ctrl-C: {:?}",
+        "{test}: the mapping outlived Ctrl-C: {:?}\n{said}",
         responder.mappings()
     );
     let _ = std::fs::remove_dir_all(config_dir(test, "alice"));
