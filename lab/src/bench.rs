@@ -110,7 +110,7 @@ pub fn reach_pairs() -> Vec<LabConfig> {
         LabConfig::new(Home, Firewall).with_ipv6_only(),
         LabConfig::new(Symmetric, Home)
             .with_overlapping_lans()
-            .with_port_mapping(),
+            .with_port_mapping(crate::portmap::Protocols::BOTH),
     ]
 }
 
@@ -125,7 +125,7 @@ pub fn pair_name(config: &LabConfig) -> String {
         crate::Ipv6Mode::DualStack => name.push_str("+ipv6"),
         crate::Ipv6Mode::Only => name.push_str("+ipv6-only"),
     }
-    if config.port_mapping {
+    if config.port_mapping.is_some() {
         name.push_str("+mapping");
     }
     name

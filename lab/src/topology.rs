@@ -189,9 +189,10 @@ pub struct LabConfig {
     pub overlapping_lans: bool,
     /// Whether the lab carries IPv6.
     pub ipv6: Ipv6Mode,
-    /// Side A's router grants port mappings (the lab's NAT-PMP and PCP
-    /// responder, [`crate::portmap`]); A's edge must be a single NAT router.
-    pub port_mapping: bool,
+    /// Side A's router grants port mappings in these protocols (the lab's
+    /// NAT-PMP and PCP responder, [`crate::portmap`]); A's edge must be a
+    /// single NAT router.
+    pub port_mapping: Option<crate::portmap::Protocols>,
 }
 
 impl LabConfig {
@@ -202,7 +203,7 @@ impl LabConfig {
             wan: WanConfig::default(),
             overlapping_lans: false,
             ipv6: Ipv6Mode::Off,
-            port_mapping: false,
+            port_mapping: None,
         }
     }
 
@@ -213,7 +214,7 @@ impl LabConfig {
             wan: WanConfig::default(),
             overlapping_lans: false,
             ipv6: Ipv6Mode::Off,
-            port_mapping: false,
+            port_mapping: None,
         }
     }
 
@@ -247,16 +248,16 @@ impl LabConfig {
     }
 
     /// This config with side A's router granting port mappings.
-    pub fn with_port_mapping(self) -> LabConfig {
+    pub fn with_port_mapping(self, protocols: crate::portmap::Protocols) -> LabConfig {
         LabConfig {
-            port_mapping: true,
+            port_mapping: Some(protocols),
             ..self
         }
     }
 
     /// Checks that the config can be built.
     pub fn validate(&self) -> Result<()> {
-        if self.port_mapping {
+        if self.port_mapping.is_some() {
             let a = match self.layout {
                 Layout::Separate { a, .. } | Layout::SameLan(a) => a,
             };
@@ -901,7 +902,7 @@ impl Lab {
             },
         };
         let mut lab = lab;
-        if config.port_mapping {
+        if let Some(protocols) = config.port_mapping {
             let router = lab.a.routers.first().cloned().ok_or_else(|| {
                 LabError::InvalidConfig("port mapping needs side A's router".into())
             })?;
@@ -911,7 +912,7 @@ impl Lab {
                 Ipv4Addr::new(n0, n1, n2, GATEWAY),
                 lab.a.public,
                 WAN_IF,
-                crate::portmap::Protocols::BOTH,
+                protocols,
             )?);
         }
         tracing::info!(id = %lab.id, layout = ?config.layout, ipv6 = ?config.ipv6, "lab: built");

@@ -9,36 +9,25 @@
 //! Needs root and the lab's tools; skips loudly otherwise (fails instead when
 //! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use punchline_lab::prereq::available_or_skip;
 use punchline_lab::scenario::{leave, LabRendezvous, PeerProcess};
 use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
+use common::lab_peer;
+
 fn lab(config: LabConfig) -> Lab {
     let config = config.with_wan(WanConfig::delays_ms(5, 40, 20));
     Lab::build(&config).unwrap_or_else(|e| panic!("building {config:?}: {e}"))
 }
 
-/// A settings directory of its own for one side of one test (contacts and
-/// identity files never touch the user's).
-fn config_dir(test: &str, side: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("punchline-{test}-{side}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("config dir");
-    dir
-}
-
-/// A peer on `host` meeting with `code` through the rendezvous' name.
+/// A peer on `host` meeting through the rendezvous' name.
 fn peer(lab: &Lab, rv: &LabRendezvous, test: &str, host: Host, name: &str) -> PeerProcess {
-    let port = if host == Host::A { "40000" } else { "40001" };
-    let mut cmd = lab.command(host, Path::new(env!("CARGO_BIN_EXE_peer")));
-    cmd.args(["--server", &rv.by_name(), "--port", port, "--name", name])
-        .args(["--punch-timeout", "10", &format!("5-{test}")])
-        .env("RUST_LOG", "punchline_peer=info")
-        .env("XDG_CONFIG_HOME", config_dir(test, name))
-        .env_remove("PUNCHLINE_SERVER");
-    PeerProcess::spawn(cmd, name).unwrap_or_else(|e| panic!("{test}: {name}: {e}"))
+    lab_peer(lab, rv, test, host, name, &[])
 }
 
 /// Both sides meet; each must report a direct link to the other's global
@@ -76,9 +65,6 @@ fn direct_over_ipv6(test: &str, config: LabConfig) {
     b.send("over IPv6 from bob\n").expect("send");
     assert_eq!(a.recv().expect("line"), "bob: over IPv6 from bob");
     leave(&mut a, &mut b).unwrap_or_else(|e| panic!("{test}: {e}"));
-    for side in ["alice", "bob"] {
-        let _ = std::fs::remove_dir_all(config_dir(test, side));
-    }
 }
 
 /// Symmetric NATs on both sides: no direct IPv4 link is possible (the lab's

@@ -8,56 +8,34 @@
 //! Needs root and the lab's tools; skips loudly otherwise (fails instead when
 //! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
 
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use punchline_lab::portmap::{Protocols, Responder};
 use punchline_lab::prereq::available_or_skip;
 use punchline_lab::scenario::{leave, LabRendezvous, PeerProcess};
-use punchline_lab::{Host, Lab, LabConfig, NatKind, Side, WanConfig};
+use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
-/// The lab, and the responder on A's router.
-fn lab(protocols: Protocols) -> (Lab, Responder) {
-    let config =
-        LabConfig::new(NatKind::Symmetric, NatKind::Home).with_wan(WanConfig::delays_ms(5, 40, 20));
-    let lab = Lab::build(&config).unwrap_or_else(|e| panic!("building the lab: {e}"));
-    let router = lab.routers(Side::A)[0].clone();
-    let [a, b, c, _] = lab.addr(Host::A).octets();
-    let responder = Responder::start(
-        &router,
-        Ipv4Addr::new(a, b, c, 1),
-        lab.public_addr(Host::A),
-        "wan",
-        protocols,
-    )
-    .unwrap_or_else(|e| panic!("starting the responder: {e}"));
-    (lab, responder)
+use common::lab_peer;
+
+/// The lab, its side A's router granting mappings in `protocols`.
+fn lab(protocols: Protocols) -> Lab {
+    let config = LabConfig::new(NatKind::Symmetric, NatKind::Home)
+        .with_wan(WanConfig::delays_ms(5, 40, 20))
+        .with_port_mapping(protocols);
+    Lab::build(&config).unwrap_or_else(|e| panic!("building the lab: {e}"))
 }
 
-fn config_dir(test: &str, side: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("punchline-{test}-{side}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("config dir");
-    dir
+/// Side A's router's responder.
+fn responder(lab: &Lab) -> &Responder {
+    lab.portmap().expect("the lab's router grants mappings")
 }
 
 fn peer(lab: &Lab, rv: &LabRendezvous, test: &str, host: Host, name: &str) -> PeerProcess {
-    let port = if host == Host::A { "40000" } else { "40001" };
-    let mut cmd = lab.command(host, Path::new(env!("CARGO_BIN_EXE_peer")));
-    cmd.args([
-        "--server",
-        &rv.addr.to_string(),
-        "--port",
-        port,
-        "--name",
-        name,
-    ])
-    .args(["--punch-timeout", "10", "--no-relay", &format!("6-{test}")])
-    .env("RUST_LOG", "punchline_peer=debug")
-    .env("XDG_CONFIG_HOME", config_dir(test, name))
-    .env_remove("PUNCHLINE_SERVER");
-    PeerProcess::spawn(cmd, name).unwrap_or_else(|e| panic!("{test}: {name}: {e}"))
+    lab_peer(lab, rv, test, host, name, &["--no-relay"])
 }
 
 /// Waits until `responder` holds `count` mappings (within 5 s).
@@ -76,13 +54,14 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols) {
     if !available_or_skip(test) {
         return;
     }
-    let (lab, responder) = lab(protocols);
+    let lab = lab(protocols);
+    let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let mut a = peer(&lab, &rv, test, Host::A, "alice");
     a.wait_stderr("waiting for the other side")
         .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
     assert!(
-        wait_for_mappings(&responder, 1),
+        wait_for_mappings(responder, 1),
         "{test}: alice's router holds no mapping while she waits"
     );
     let mapped = responder.mappings()[0].external;
@@ -107,7 +86,7 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols) {
     );
     // The link keeps its translation; the mapping itself goes.
     assert!(
-        wait_for_mappings(&responder, 0),
+        wait_for_mappings(responder, 0),
         "{test}: the mapping outlived the meeting: {:?}",
         responder.mappings()
     );
@@ -116,9 +95,6 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols) {
     b.send("and back\n").expect("send");
     assert_eq!(a.recv().expect("line"), "bob: and back");
     leave(&mut a, &mut b).unwrap_or_else(|e| panic!("{test}: {e}"));
-    for side in ["alice", "bob"] {
-        let _ = std::fs::remove_dir_all(config_dir(test, side));
-    }
 }
 
 #[test]
@@ -145,12 +121,13 @@ fn ctrl_c_while_waiting_deletes_the_mapping() {
     if !available_or_skip(test) {
         return;
     }
-    let (lab, responder) = lab(Protocols::BOTH);
+    let lab = lab(Protocols::BOTH);
+    let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let mut a = peer(&lab, &rv, test, Host::A, "alice");
     a.wait_stderr("waiting for the other side")
         .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
-    assert!(wait_for_mappings(&responder, 1), "{test}: no mapping");
+    assert!(wait_for_mappings(responder, 1), "{test}: no mapping");
     a.interrupt().expect("SIGINT");
     let status = a.wait().expect("alice exits");
     let said = a.drain_stderr().join("\n");
@@ -160,7 +137,6 @@ fn ctrl_c_while_waiting_deletes_the_mapping() {
         "{test}: the mapping outlived Ctrl-C: {:?}\n{said}",
         responder.mappings()
     );
-    let _ = std::fs::remove_dir_all(config_dir(test, "alice"));
 }
 
 /// The doctor behind the symmetric NAT whose router maps: it names the
@@ -172,7 +148,8 @@ fn the_doctor_finds_the_routers_port_mapping() {
     if !available_or_skip(test) {
         return;
     }
-    let (lab, responder) = lab(Protocols::BOTH);
+    let lab = lab(Protocols::BOTH);
+    let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let out = lab
         .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
@@ -207,12 +184,13 @@ fn an_error_exit_deletes_the_mapping() {
     if !available_or_skip(test) {
         return;
     }
-    let (lab, responder) = lab(Protocols::BOTH);
+    let lab = lab(Protocols::BOTH);
+    let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let mut a = peer(&lab, &rv, test, Host::A, "alice");
     a.wait_stderr("waiting for the other side")
         .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
-    assert!(wait_for_mappings(&responder, 1), "{test}: no mapping");
+    assert!(wait_for_mappings(responder, 1), "{test}: no mapping");
     // The rendezvous shuts down: it tells the waiting peer, which ends.
     drop(rv);
     let status = a.wait().expect("alice exits");
@@ -222,5 +200,4 @@ fn an_error_exit_deletes_the_mapping() {
         "{test}: the mapping outlived the error exit: {:?}",
         responder.mappings()
     );
-    let _ = std::fs::remove_dir_all(config_dir(test, "alice"));
 }

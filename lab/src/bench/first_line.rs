@@ -141,7 +141,7 @@ pub fn run(
         // The raw tool punches IPv4 with no LAN candidates, no IPv6 and no
         // port mapping: where only those can work, it is not run.
         let raw_rv = match lab.config().layout {
-            Layout::Separate { .. } if !pair.ipv6.enabled() && !pair.port_mapping => {
+            Layout::Separate { .. } if !pair.ipv6.enabled() && pair.port_mapping.is_none() => {
                 Some(RawRendezvous::start(&lab, raw_bin)?)
             }
             _ => None,

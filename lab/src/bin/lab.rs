@@ -256,7 +256,7 @@ fn bench_first_line(args: &BenchArgs) -> anyhow::Result<()> {
             .filter(|p| {
                 explicit_pairs
                     || p.ipv6.enabled()
-                    || p.port_mapping
+                    || p.port_mapping.is_some()
                     || match p.layout {
                         punchline_lab::Layout::Separate { a, b } => a.punchable() && b.punchable(),
                         punchline_lab::Layout::SameLan(_) => true,

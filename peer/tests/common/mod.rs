@@ -247,3 +247,35 @@ impl Drop for Capture {
 pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A `peer` in `host` of a NAT lab (A on port 40000, B on 40001) meeting with
+/// code `5-TEST` through `rv` (by name when the lab has IPv6), with `extra`
+/// arguments, a settings directory of its own, and its debug log on stderr.
+pub fn lab_peer(
+    lab: &punchline_lab::Lab,
+    rv: &punchline_lab::scenario::LabRendezvous,
+    test: &str,
+    host: punchline_lab::Host,
+    name: &str,
+    extra: &[&str],
+) -> PeerProcess {
+    use punchline_lab::scenario::{peer_command, PunchSpec, OURS};
+    let spec = PunchSpec {
+        code: format!("5-{test}"),
+        port_a: 40000,
+        port_b: 40001,
+        strategy: OURS,
+        punch_timeout: Duration::from_secs(10),
+        extra_args: extra.iter().map(|&a| a.to_owned()).collect(),
+    };
+    let port = if host == punchline_lab::Host::A {
+        spec.port_a
+    } else {
+        spec.port_b
+    };
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_peer"));
+    let mut cmd = peer_command(lab, host, bin, rv.addr, name, port, &spec);
+    cmd.env("RUST_LOG", "punchline_peer=debug")
+        .env("XDG_CONFIG_HOME", fresh_config(&format!("{test}-{name}")));
+    PeerProcess::spawn(cmd, name).unwrap_or_else(|e| panic!("{test}: {name}: {e}"))
+}
