@@ -209,7 +209,9 @@ fn serve(state: &State, socket: &UdpSocket) -> Result<()> {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
@@ -237,13 +239,17 @@ fn epoch(state: &State) -> u32 {
 /// The answer to one request from `client`, or `None` to stay silent (a
 /// datagram too short to answer, or a response).
 fn answer(state: &State, req: &[u8], client: Ipv4Addr) -> Option<Vec<u8>> {
+    // A response (opcode with its high bit set) is never answered.
+    if req.get(1).is_some_and(|op| op & 0x80 != 0) {
+        return None;
+    }
     match *req.first()? {
         0 if state.protocols.nat_pmp => Some(nat_pmp(state, req, client)),
         2 if state.protocols.pcp => Some(pcp(state, req, client)),
         // A version we do not speak: NAT-PMP's "unsupported version" (RFC
         // 6887 section 9 has a PCP client fall back on it), in the form of
         // the highest version we do speak.
-        _ if req.len() >= 2 && req[1] & 0x80 == 0 => {
+        _ if req.len() >= 2 => {
             if state.protocols.pcp {
                 let mut r = pcp_header(state, req[1] & 0x7f, PCP_UNSUPP_VERSION, 0);
                 r[0] = 2;
