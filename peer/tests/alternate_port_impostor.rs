@@ -47,11 +47,13 @@ fn three_ports() -> (TcpListener, TcpListener, TcpListener) {
     panic!("no three free ports in a row");
 }
 
-#[test]
-fn a_program_at_port_plus_one_cannot_steer_the_hello_to_a_port_of_its_choice() {
+/// Runs the scenario with port + 1 naming `named(main, trap)` as the
+/// alternate port: the peer's stderr, whether it was still waiting in its
+/// room after 6 s, and what the trap port received.
+fn scenario(named: fn(u16, u16) -> u16) -> (String, bool, Vec<u8>) {
     let (main_std, impostor_std, trap) = three_ports();
     let main_addr = main_std.local_addr().expect("addr");
-    let trap_port = trap.local_addr().expect("addr").port();
+    let trap_port = named(main_addr.port(), trap.local_addr().expect("addr").port());
     drop(main_std);
     let main = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     main.set_reuse_address(true).expect("reuse");
@@ -137,6 +139,12 @@ fn a_program_at_port_plus_one_cannot_steer_the_hello_to_a_port_of_its_choice() {
     eprintln!("the named port received {} bytes", got.len());
     use std::os::unix::process::ExitStatusExt;
     let still_waiting = output.status.signal() == Some(libc::SIGKILL);
+    (stderr, still_waiting, got)
+}
+
+#[test]
+fn a_program_at_port_plus_one_cannot_steer_the_hello_to_a_port_of_its_choice() {
+    let (stderr, still_waiting, got) = scenario(|_, trap| trap);
     assert!(
         !holds(&got, b"4242"),
         "the hello (nameplate 4242, SPAKE2 message, probe tokens) went in clear to the \
@@ -146,4 +154,18 @@ fn a_program_at_port_plus_one_cannot_steer_the_hello_to_a_port_of_its_choice() {
         still_waiting,
         "the peer did not reach its room on the real rendezvous: {stderr}"
     );
+}
+
+/// An alternate port of 0, the main port itself or port + 1: no panic, and
+/// the peer still reaches its room on the main port.
+#[test]
+fn a_nonsense_alternate_port_leaves_the_first_connection_to_go_on() {
+    for (what, named) in [
+        ("0", (|_, _| 0) as fn(u16, u16) -> u16),
+        ("the main port", |main, _| main),
+        ("port + 1", |main, _| main + 1),
+    ] {
+        let (stderr, still_waiting, _) = scenario(named);
+        assert!(still_waiting, "alternate port {what}: {stderr}");
+    }
 }
