@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use punchline_proto::defaults::PROBE_PORT_OFFSET;
+use punchline_proto::defaults::{ALTERNATE_PORT_OFFSET, PROBE_PORT_OFFSET};
 use punchline_proto::pacing::rendezvous_silence;
 use punchline_proto::{
     sanitize_for_terminal, CodecError, DialBackResult, ErrorCode, FrameCodec, Go, Hello, Mapping,
@@ -237,12 +237,15 @@ async fn connect_racing_silence(
     // Only to the alternate port the server named in the probe's answer
     // (due about now: the probe went 2 ms after our SYN, and its answer
     // follows its handshake): a port it did not name may be another
-    // program, which would get our hello.
+    // program, which would get our hello. And only to the usual one (main
+    // + 2): whatever answered at the probe port could be some other program
+    // too, naming a port of its choice.
+    let usual = addr.port().checked_add(ALTERNATE_PORT_OFFSET);
     let alternate = tokio::select! {
         done = &mut first => return Ok((done?, false)),
         named = &mut named => match named {
-            Ok(port) => SocketAddr::new(addr.ip(), port),
-            Err(_) => return Ok((first.await?, false)),
+            Ok(port) if Some(port) == usual => SocketAddr::new(addr.ip(), port),
+            _ => return Ok((first.await?, false)),
         },
         _ = tokio::time::sleep_until(started + silence * 2) => return Ok((first.await?, false)),
     };

@@ -140,7 +140,8 @@ pub struct PunchParams {
 ///   multicast and broadcast addresses: nothing answers there, or everybody does;
 /// - link-local addresses (169.254.0.0/16, fe80::/10): an IPv6 one needs a scope
 ///   the other host cannot know, and an IPv4 one is where cloud hosts keep
-///   their metadata service;
+///   their metadata service (over IPv6: fd00:ec2::254, fd20:ce::254, also
+///   dropped);
 /// - loopback and this host's own addresses, unless the rendezvous runs on
 ///   this host (reached over loopback or at one of this host's addresses: a
 ///   try on one machine, or a rendezvous run inside the peer, where the other
@@ -148,6 +149,12 @@ pub struct PunchParams {
 ///   decides, not what the rendezvous says: it could claim anything;
 /// - a family this host has no address of.
 pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
+    /// The IPv6 addresses of cloud hosts' metadata services (AWS, GCE), as
+    /// 169.254.169.254 is in IPv4.
+    const CLOUD_METADATA_V6: [std::net::Ipv6Addr; 2] = [
+        std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
+        std::net::Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254),
+    ];
     let ip = addr.ip().to_canonical();
     if addr.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
         return false;
@@ -160,7 +167,7 @@ pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
             }
         }
         IpAddr::V6(v6) => {
-            if v6.is_unicast_link_local() {
+            if v6.is_unicast_link_local() || CLOUD_METADATA_V6.contains(&v6) {
                 return false;
             }
         }

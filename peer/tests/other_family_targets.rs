@@ -23,8 +23,14 @@ fn cloud_metadata_endpoints_over_ipv6_are_not_candidates() {
         local_trial: false,
     };
     // Control: the IPv4 metadata address is dropped, an ordinary IPv6 peer kept.
-    assert!(!sane_candidate("169.254.169.254:80".parse().expect("addr"), &here));
-    assert!(sane_candidate("[2001:db8::7]:4000".parse().expect("addr"), &here));
+    assert!(!sane_candidate(
+        "169.254.169.254:80".parse().expect("addr"),
+        &here
+    ));
+    assert!(sane_candidate(
+        "[2001:db8::7]:4000".parse().expect("addr"),
+        &here
+    ));
     for bad in ["[fd00:ec2::254]:80", "[fd20:ce::254]:80"] {
         let addr: SocketAddr = bad.parse().expect("addr");
         assert!(
