@@ -18,9 +18,10 @@
 //!    meets (a stateful firewall drops it: a simultaneous open still passes,
 //!    so chats with peers that have IPv6 can be direct whatever the IPv4 NAT).
 //!
-//! 6. **Port mapping**: whether the router grants a forward of the port (PCP or
-//!    NAT-PMP, [`crate::portmap`]): a short mapping is asked for and deleted
-//!    at once. Not asked when the rendezvous runs on this host.
+//! 6. **Port mapping**: whether the router grants a forward of the port, and in
+//!    which protocols (PCP, NAT-PMP, UPnP-IGD, [`crate::portmap`]): a short
+//!    mapping is asked for in each at once and deleted again. Not asked when
+//!    the rendezvous runs on this host.
 //!
 //! Then a verdict in plain words, with what to do about it.
 //!
@@ -83,12 +84,10 @@ pub enum PortMappingFinding {
         /// The gateway asked.
         gateway: std::net::Ipv4Addr,
     },
-    /// Granted (and deleted again).
+    /// Granted (and deleted again), in one protocol or more.
     Offered {
-        /// The protocol that granted it.
-        protocol: crate::portmap::Protocol,
-        /// The address it forwarded.
-        external: SocketAddr,
+        /// Each protocol that granted one, and the address it forwarded.
+        grants: Vec<(crate::portmap::Protocol, SocketAddr)>,
     },
 }
 
@@ -172,17 +171,21 @@ pub async fn examine(
     } else {
         match crate::portmap::default_gateway() {
             None => PortMappingFinding::NoGateway,
-            Some(gateway) => match crate::portmap::request(local.port()).await {
-                Some(lease) => {
-                    let found = PortMappingFinding::Offered {
-                        protocol: lease.protocol,
-                        external: lease.external,
-                    };
+            Some(gateway) => {
+                let leases = crate::portmap::request_each(local.port())
+                    .await
+                    .unwrap_or_default();
+                let mut grants: Vec<_> = leases.iter().map(|l| (l.protocol, l.external)).collect();
+                grants.sort_by_key(|(p, _)| p.to_string());
+                for lease in leases {
                     lease.release().await;
-                    found
                 }
-                None => PortMappingFinding::NotOffered { gateway },
-            },
+                if grants.is_empty() {
+                    PortMappingFinding::NotOffered { gateway }
+                } else {
+                    PortMappingFinding::Offered { grants }
+                }
+            }
         }
     };
     Ok(Findings {
@@ -359,15 +362,28 @@ impl Findings {
         };
         line(&mut r, "IPv6", &v6);
         let mapping = match &self.port_mapping {
-            PortMappingFinding::NotAsked => "not asked (the rendezvous runs on this host)".to_owned(),
+            PortMappingFinding::NotAsked => {
+                "not asked (the rendezvous runs on this host)".to_owned()
+            }
             PortMappingFinding::NoGateway => "not asked: no IPv4 default gateway".to_owned(),
             PortMappingFinding::NotOffered { gateway } => {
-                format!("not offered: the gateway {gateway} granted no mapping (PCP, NAT-PMP)")
+                format!(
+                    "not offered: the gateway {gateway} granted no mapping (PCP, NAT-PMP, UPnP-IGD)"
+                )
             }
-            PortMappingFinding::Offered { protocol, external } => format!(
-                "offered by the router ({protocol}): it forwarded {external} to this host's port {} (deleted again); peers reach this host there",
-                self.local.port()
-            ),
+            PortMappingFinding::Offered { grants } => {
+                let protocols: Vec<String> = grants.iter().map(|(p, _)| p.to_string()).collect();
+                let mut externals: Vec<String> =
+                    grants.iter().map(|(_, e)| e.to_string()).collect();
+                externals.sort();
+                externals.dedup();
+                format!(
+                    "offered by the router ({}): it forwarded {} to this host's port {} (deleted again); peers reach this host there",
+                    protocols.join(", "),
+                    externals.join(" and "),
+                    self.local.port()
+                )
+            }
         };
         line(&mut r, "port mapping", &mapping);
         r.push('\n');
@@ -513,12 +529,25 @@ mod tests {
         assert!(report.contains("dropped (a stateful firewall"), "{report}");
         let mut mapped = findings(sym, true, NoAnswer);
         mapped.port_mapping = PortMappingFinding::Offered {
-            protocol: crate::portmap::Protocol::Pcp,
-            external: "198.51.100.7:40000".parse().expect("addr"),
+            grants: vec![
+                (
+                    crate::portmap::Protocol::Pcp,
+                    "198.51.100.7:40000".parse().expect("addr"),
+                ),
+                (
+                    crate::portmap::Protocol::Upnp,
+                    "198.51.100.7:40000".parse().expect("addr"),
+                ),
+            ],
         };
         assert_eq!(mapped.outlook(), Outlook::Likely);
         let report = mapped.report();
-        assert!(report.contains("offered by the router (PCP)"), "{report}");
+        assert!(
+            report.contains(
+                "offered by the router (PCP, UPnP-IGD): it forwarded 198.51.100.7:40000 to"
+            ),
+            "{report}"
+        );
         assert!(report.contains("forwards the port on request"), "{report}");
     }
 }

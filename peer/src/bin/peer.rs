@@ -100,7 +100,8 @@ struct Args {
     #[arg(long)]
     no_relay: bool,
 
-    /// Do not ask the router to forward the local port (PCP or NAT-PMP). By
+    /// Do not ask the router to forward the local port (PCP, NAT-PMP or
+    /// UPnP-IGD). By
     /// default the peer asks, beside the meeting and without waiting for it,
     /// for a short lease that it deletes once the link is up (or on exit)
     #[arg(long)]
