@@ -582,8 +582,13 @@ fn try_direct(opts: &Options, keys: &ChatKeys) -> Background {
     let task = tokio::spawn(async move {
         let tried = tokio::time::timeout(TRY_DIRECT_TIMEOUT, async {
             let server = with_default_port(&opts.server);
-            let rendezvous =
-                client::RendezvousConn::connect_probing(&server, 0, opts.probe_port).await?;
+            let rendezvous = client::RendezvousConn::connect_probing(
+                &server,
+                0,
+                opts.probe_port,
+                opts.port_mapping,
+            )
+            .await?;
             meet(&opts, rendezvous, Keying::Chat(&keys), &mut QuietStatus).await
         })
         .await
@@ -633,8 +638,13 @@ async fn relink(
     let (mut tries, mut last) = (0u32, None::<String>);
     loop {
         let tried = async {
-            let rendezvous =
-                client::RendezvousConn::connect_probing(&server, port, opts.probe_port).await?;
+            let rendezvous = client::RendezvousConn::connect_probing(
+                &server,
+                port,
+                opts.probe_port,
+                opts.port_mapping,
+            )
+            .await?;
             meet(opts, rendezvous, Keying::Chat(keys), &mut QuietStatus).await
         };
         let tried = tokio::time::timeout_at(deadline, tried);

@@ -118,6 +118,9 @@ pub struct RendezvousConn {
     /// Whether this connection is the one to the server's alternate port that
     /// raced a silent first one ([`rendezvous_silence`]).
     via_alternate: bool,
+    /// The router's forward of our port, asked for as soon as the port was
+    /// bound ([`RendezvousConn::connect_probing`]), for the meeting to keep.
+    mapper: Option<crate::portmap::Mapper>,
 }
 
 /// The addresses of `server` (`HOST:PORT`), within [`RESOLVE_TIMEOUT`].
@@ -280,7 +283,7 @@ impl RendezvousConn {
     /// A `port` that another program holds (without sharing it) is reported as
     /// [`PeerError::PortInUse`], not as an unreachable server.
     pub async fn connect(server: &str, port: u16) -> Result<Self, PeerError> {
-        Self::open(server, port, None).await
+        Self::open(server, port, None, false).await
     }
 
     /// [`RendezvousConn::connect`], with the probe of our NAT's mapping
@@ -291,12 +294,20 @@ impl RendezvousConn {
     /// ([`RendezvousConn::probe_token`]), by which the server pairs the two
     /// connections itself. Two round trips to the server are saved before the
     /// hello (the probe's connection and its answer).
+    ///
+    /// With `port_mapping`, the router is asked to forward the port as soon
+    /// as it is bound ([`crate::portmap::Mapper`]), beside the connection:
+    /// the router is nearer than the rendezvous, so the mapping is usually
+    /// granted by the time the hello goes, which then names it
+    /// ([`punchline_proto::Hello::mapped`]). Not asked of a rendezvous on
+    /// this host.
     pub async fn connect_probing(
         server: &str,
         port: u16,
         probe_port: Option<u16>,
+        port_mapping: bool,
     ) -> Result<Self, PeerError> {
-        Self::open(server, port, Some(probe_port)).await
+        Self::open(server, port, Some(probe_port), port_mapping).await
     }
 
     /// Connects, probing if `probe` says so (`Some(None)`: the default probe
@@ -305,6 +316,7 @@ impl RendezvousConn {
         server: &str,
         port: u16,
         probe_port: Option<Option<u16>>,
+        port_mapping: bool,
     ) -> Result<Self, PeerError> {
         let mut addrs = resolve(server).await?;
         // IPv4 first: where a NAT is, it is on IPv4, and the probe beside the
@@ -357,6 +369,12 @@ impl RendezvousConn {
                 _ => None,
             };
             let (probe, probe_rtt) = probe.unzip();
+            let mapper = match socket.local_addr() {
+                Ok(local) if port_mapping && !crate::punch::Here::new(addr).local_trial => {
+                    Some(crate::portmap::Mapper::start(local.port()))
+                }
+                _ => None,
+            };
             // The server's address in the other family, if it has one: a
             // probe there, from the same port, shows our address in that
             // family (for IPv6, usually our own global address) to the
@@ -393,6 +411,7 @@ impl RendezvousConn {
                         other_family,
                         other_family_result: None,
                         via_alternate,
+                        mapper,
                     });
                 }
                 Ok(Err(e)) => tried.push((addr, e)),
@@ -418,6 +437,12 @@ impl RendezvousConn {
             server: server.to_owned(),
             tried: describe_attempts(&tried),
         })
+    }
+
+    /// The mapping of our port asked for with the connection, for the
+    /// meeting to keep (dropping it deletes the mapping).
+    pub fn take_mapper(&mut self) -> Option<crate::portmap::Mapper> {
+        self.mapper.take()
     }
 
     /// Whether this connection went to the server's alternate port because

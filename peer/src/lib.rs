@@ -234,8 +234,13 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
 
     // 1. Rendezvous, from the fixed port.
     let server = with_default_port(&opts.server);
-    let mut rendezvous =
-        client::RendezvousConn::connect_probing(&server, opts.port, opts.probe_port).await?;
+    let mut rendezvous = client::RendezvousConn::connect_probing(
+        &server,
+        opts.port,
+        opts.probe_port,
+        opts.port_mapping,
+    )
+    .await?;
     let port = rendezvous.local_port;
     tracing::info!(server = %rendezvous.server, port, "connected to the rendezvous");
     let code = match typed_code {
@@ -320,8 +325,13 @@ pub async fn run(opts: Options, mode: Mode) -> Result<ChatEnd, PeerError> {
             // The contact's room changed with the hour while we waited:
             // wait in the new one.
             Err(PeerError::RoomChanged) => {
-                rendezvous =
-                    client::RendezvousConn::connect_probing(&server, port, opts.probe_port).await?;
+                rendezvous = client::RendezvousConn::connect_probing(
+                    &server,
+                    port,
+                    opts.probe_port,
+                    opts.port_mapping,
+                )
+                .await?;
             }
             met => break met?,
         }

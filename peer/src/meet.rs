@@ -111,11 +111,15 @@ pub(crate) async fn meet(
     status: &mut (dyn Output + Send),
 ) -> Result<Met, PeerError> {
     let port = rendezvous.local_port;
-    // The router's forward of our port, asked for beside the meeting; used
-    // at the go if it has come, deleted when the meeting ends. Not with a
-    // rendezvous on this host: whoever meets there reaches this host already.
+    // The router's forward of our port, asked for beside the meeting (as
+    // soon as the port was bound, when the connection asked for it); named
+    // in the hello if granted by then, used at the go if it has come,
+    // deleted when the meeting ends. Not with a rendezvous on this host:
+    // whoever meets there reaches this host already.
     let here = punch::Here::new(rendezvous.server);
-    let mapper = (opts.port_mapping && !here.local_trial).then(|| portmap::Mapper::start(port));
+    let mapper = rendezvous
+        .take_mapper()
+        .or_else(|| (opts.port_mapping && !here.local_trial).then(|| portmap::Mapper::start(port)));
     let probe_port = opts
         .probe_port
         .unwrap_or_else(|| rendezvous.server.port().wrapping_add(PROBE_PORT_OFFSET));
@@ -126,6 +130,10 @@ pub(crate) async fn meet(
         Some(token) => (None, Some(token)),
         None => (rendezvous.probe(probe_port).await, None),
     };
+    let mapped = mapper
+        .as_ref()
+        .and_then(portmap::Mapper::lease)
+        .map(|lease| lease.external);
     let (exchange, hello) = match keying {
         Keying::Code(code, _) => {
             let exchange = secure::KeyExchange::start(code)?;
@@ -137,6 +145,7 @@ pub(crate) async fn meet(
                 resume: None,
                 probe_token,
                 other_family_token,
+                mapped,
             };
             (Some(exchange), hello)
         }
@@ -152,6 +161,7 @@ pub(crate) async fn meet(
                 )),
                 probe_token,
                 other_family_token,
+                mapped,
             };
             (None, hello)
         }
@@ -164,6 +174,7 @@ pub(crate) async fn meet(
                 resume: Some(keys.secret.resume_room()),
                 probe_token,
                 other_family_token,
+                mapped,
             };
             (None, hello)
         }
@@ -334,7 +345,7 @@ pub(crate) async fn meet(
         // The report and the closing handshake with the rendezvous (a round
         // trip to it) go on beside the chat, not before it.
         tokio::spawn(rendezvous.finish(PunchOutcome::Direct {
-            public: punched.kind == punch::CandidateKind::Public,
+            public: punched.kind.is_public(),
             attempts: punched.attempts,
             elapsed_ms: elapsed_ms.try_into().unwrap_or(u32::MAX),
         }));

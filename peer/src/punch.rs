@@ -74,6 +74,9 @@ pub enum CandidateKind {
     Public,
     /// One of the other's own interface addresses (or one it announced by hand).
     Lan,
+    /// A port the other's router forwards at its public address, as the
+    /// rendezvous passed it on with the go ([`punchline_proto::PeerInfo::mapped`]).
+    Forwarded,
 }
 
 impl CandidateKind {
@@ -82,7 +85,14 @@ impl CandidateKind {
         match self {
             CandidateKind::Public => "public address",
             CandidateKind::Lan => "LAN address",
+            CandidateKind::Forwarded => "a port its router forwards",
         }
+    }
+
+    /// Whether the address is where the rendezvous saw the other peer (its
+    /// public address, or a port its router forwards there).
+    pub fn is_public(self) -> bool {
+        matches!(self, CandidateKind::Public | CandidateKind::Forwarded)
     }
 }
 
@@ -346,6 +356,19 @@ pub async fn punch(
             &here,
         );
     }
+    // A port the other's router forwards: SYNs to it reach the other host
+    // from anywhere, and its own SYNs from that port leave from it, whatever
+    // its NAT does otherwise (even a symmetric one). Only at the other's
+    // public address (the server passes no other; checked again against a
+    // hostile one). Our own symmetric NAT still rules it out: the other side
+    // would see our SYNs come from a port it was not told.
+    if let Some(mapped) = go.peer.mapped {
+        if mapped.ip().to_canonical() == go.peer.observed.ip().to_canonical()
+            && !ours_symmetric(&mapped)
+        {
+            add_candidates(&mut first, &[mapped], CandidateKind::Forwarded, &here);
+        }
+    }
     // The other's address in the other family: IPv6 is rarely translated,
     // and a stateful firewall lets a simultaneous open through like a NAT
     // that keeps its mapping, whatever the IPv4 NAT does.
@@ -480,7 +503,7 @@ impl Drop for AbortOnDrop {
 /// as failed authentications. A refusal there only drops that link; if no
 /// link forms, the punch fails plainly and the relay's handshake decides.
 fn refusal_counts(kind: CandidateKind) -> bool {
-    kind == CandidateKind::Public
+    kind.is_public()
 }
 
 /// The first refusal seen on some link, and when.
@@ -977,6 +1000,7 @@ mod tests {
                 mapping: Mapping::Unknown,
                 pake: Vec::new(),
                 other_family: None,
+                mapped: None,
             },
             role: Role::Leader,
             session: [1; 16],
@@ -1252,6 +1276,66 @@ mod tests {
             "the other's public address tried from behind our symmetric NAT, after {:?}",
             started.elapsed()
         );
+    }
+
+    /// The other's forwarded port from the go ([`PeerInfo::mapped`]) is
+    /// tried at once, even though the other's NAT is symmetric (which rules
+    /// out its observed address), but only at the address the rendezvous
+    /// saw it at (a hostile rendezvous naming a third host gets no SYN), and
+    /// not from behind our own symmetric NAT.
+    #[tokio::test]
+    async fn the_others_forwarded_port_is_tried_only_at_its_public_address() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let observed = closed.local_addr().expect("addr");
+        drop(closed);
+        let forwarded = SocketAddr::new(observed.ip(), observed.port().wrapping_add(1));
+        let elsewhere: SocketAddr = format!("127.0.0.2:{}", forwarded.port())
+            .parse()
+            .expect("addr");
+        let tried = |mapped: SocketAddr, ours: Mapping| {
+            let mut g = go(&observed.to_string());
+            g.peer.mapping = Mapping::DependsOnDestination {
+                first: observed.port(),
+                second: observed.port().wrapping_add(4),
+            };
+            g.peer.mapped = Some(mapped);
+            let params = PunchParams {
+                local_port: 0,
+                deadline: Duration::from_millis(300),
+                our_observed: "203.0.113.1:5000".parse().expect("addr"),
+                // On this host: its loopback addresses are fair candidates.
+                server: "127.0.0.1:7425".parse().expect("addr"),
+                our_mapping: ours,
+                policy: RetryPolicy::Adaptive,
+                server_rtt: None,
+                our_other_family: None,
+                mapped: None,
+            };
+            async move {
+                let (tx, rx) = oneshot::channel();
+                tx.send(Vec::new()).expect("send");
+                let Err(PeerError::PunchFailed { failure, .. }) =
+                    punch(&g, &params, keys(), Instant::now(), rx).await
+                else {
+                    panic!("a punch at a closed port succeeded");
+                };
+                failure
+                    .tried
+                    .iter()
+                    .map(|t| (t.addr, t.kind))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            tried(forwarded, Mapping::Independent).await,
+            vec![(forwarded, CandidateKind::Forwarded)]
+        );
+        assert_eq!(tried(elsewhere, Mapping::Independent).await, Vec::new());
+        let symmetric = Mapping::DependsOnDestination {
+            first: 5000,
+            second: 5006,
+        };
+        assert_eq!(tried(forwarded, symmetric).await, Vec::new());
     }
 
     /// The crash of a punch with no candidate at all (a symmetric NAT on one

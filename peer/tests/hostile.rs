@@ -757,6 +757,7 @@ mod claimed_identity {
                     mapping: Mapping::Independent,
                     pake: ours,
                     other_family: None,
+                    mapped: None,
                 },
                 role: Role::Leader,
                 session: SESSION,

@@ -61,6 +61,7 @@ async fn man_in_the_middle(listener: TcpListener, m1: u16, m2: u16) -> Vec<u8> {
                 mapping: Mapping::Independent,
                 pake: KeyExchange::start(&guess).expect("randomness").message,
                 other_family: None,
+                mapped: None,
             },
             role,
             session,

@@ -50,19 +50,35 @@ fn wait_for_mappings(responder: &Responder, count: usize) -> bool {
     false
 }
 
-fn direct_through_the_mapping(test: &str, protocols: Protocols) {
+/// Alice (behind the symmetric NAT, her router mapping) and Bob (home NAT)
+/// chat direct through the mapping; `alice_first`: she waits for him, else
+/// he for her. Either way her hello names the mapping (granted by the
+/// router before the rendezvous answers her connection), so it reaches Bob
+/// with the go, as a port her router forwards.
+fn direct_through_the_mapping(test: &str, protocols: Protocols, alice_first: bool) {
     if !available_or_skip(test) {
         return;
     }
     let lab = lab(protocols);
     let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let waiting = |p: &mut PeerProcess| {
+        p.wait_stderr("waiting for the other side")
+            .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    };
+    let mut b = None;
+    if !alice_first {
+        let mut bob = peer(&lab, &rv, test, Host::B, "bob");
+        waiting(&mut bob);
+        b = Some(bob);
+    }
     let mut a = peer(&lab, &rv, test, Host::A, "alice");
-    a.wait_stderr("waiting for the other side")
-        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    if alice_first {
+        waiting(&mut a);
+    }
     assert!(
         wait_for_mappings(responder, 1),
-        "{test}: alice's router holds no mapping while she waits"
+        "{test}: alice's router holds no mapping while she meets"
     );
     let mapped = responder.mappings()[0].external;
     assert_eq!(
@@ -70,7 +86,7 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols) {
         40000,
         "{test}: the same external port, as asked"
     );
-    let mut b = peer(&lab, &rv, test, Host::B, "bob");
+    let mut b = b.unwrap_or_else(|| peer(&lab, &rv, test, Host::B, "bob"));
     let a_up = a
         .wait_stderr_starting(&["connected to ", "peer: "])
         .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
@@ -80,7 +96,7 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols) {
     assert!(a_up.contains("direct link"), "{test}: alice: {a_up}");
     assert!(
         b_up.contains(&format!(
-            "direct link to {mapped} (IPv4, a forwarded port it announced)"
+            "direct link to {mapped} (IPv4, a port its router forwards)"
         )),
         "{test}: bob: {b_up}"
     );
@@ -99,7 +115,12 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols) {
 
 #[test]
 fn a_symmetric_nat_with_pcp_goes_direct() {
-    direct_through_the_mapping("portmap-pcp-direct", Protocols::BOTH);
+    direct_through_the_mapping("portmap-pcp-direct", Protocols::BOTH, true);
+}
+
+#[test]
+fn a_symmetric_nat_with_pcp_joining_second_goes_direct() {
+    direct_through_the_mapping("portmap-pcp-second", Protocols::BOTH, false);
 }
 
 #[test]
@@ -110,6 +131,7 @@ fn a_symmetric_nat_with_nat_pmp_goes_direct() {
             nat_pmp: true,
             pcp: false,
         },
+        true,
     );
 }
 

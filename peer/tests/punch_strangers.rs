@@ -76,6 +76,7 @@ fn go(role: Role, observed: SocketAddr, session: SessionToken) -> Go {
             mapping: Mapping::Independent,
             pake: Vec::new(),
             other_family: None,
+            mapped: None,
         },
         role,
         session,

@@ -96,7 +96,7 @@ fn lost_and_raced(name: &str, what: Drop) {
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
-                let mut conn = RendezvousConn::connect_probing(&server, 0, None)
+                let mut conn = RendezvousConn::connect_probing(&server, 0, None, false)
                     .await
                     .unwrap_or_else(|e| panic!("connecting: {e}"));
                 let fresh = conn.via_alternate();

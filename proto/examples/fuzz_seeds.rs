@@ -28,6 +28,7 @@ fn main() -> std::io::Result<()> {
         resume: Some([5; 16]),
         probe_token: Some([6; 16]),
         other_family_token: Some([7; 16]),
+        mapped: Some("198.51.100.7:51000".parse().expect("addr")),
     };
     let to_server = [
         PeerToServer::Hello(hello.clone()),
@@ -57,6 +58,7 @@ fn main() -> std::io::Result<()> {
         },
         pake: vec![0x17; 33],
         other_family: Some("[2001:db8:b:1::10]:51000".parse().expect("addr")),
+        mapped: Some("198.51.100.20:51000".parse().expect("addr")),
     };
     let to_peer = [
         ServerToPeer::error(ErrorCode::CodeInUse, "code 17-… is already in use"),

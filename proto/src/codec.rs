@@ -232,6 +232,7 @@ mod tests {
                             resume,
                             probe_token,
                             other_family_token: None,
+                            mapped: probe_observed,
                         })
                     },
                 ),
@@ -279,6 +280,7 @@ mod tests {
                                 mapping,
                                 pake,
                                 other_family: None,
+                                mapped: Some(observed),
                             },
                             role,
                             session,

@@ -27,7 +27,7 @@ pub use message::*;
 
 /// Version of the wire protocol. Both the rendezvous and the other peer must speak
 /// exactly this version; a mismatch is reported with a clear error, never guessed at.
-pub const PROTOCOL_VERSION: u16 = 11;
+pub const PROTOCOL_VERSION: u16 = 12;
 
 /// Largest frame (payload after the 4-byte length prefix) anyone accepts.
 ///

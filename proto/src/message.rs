@@ -124,6 +124,11 @@ pub struct Hello {
     /// on a probe connection of that family, by which the server finds its
     /// address there ([`PeerInfo::other_family`]).
     pub other_family_token: Option<ProbeToken>,
+    /// The peer's port as its router forwards it (a port mapping it asked
+    /// for with PCP, NAT-PMP or UPnP-IGD), if granted by the time of the
+    /// hello. The server passes it on as [`PeerInfo::mapped`] only when it is
+    /// at the address it saw this connection come from.
+    pub mapped: Option<SocketAddr>,
 }
 
 /// Length of a [`ProbeToken`].
@@ -152,6 +157,11 @@ pub struct PeerInfo {
     /// host's own global address, behind a stateful firewall that a
     /// simultaneous open passes like a NAT.
     pub other_family: Option<SocketAddr>,
+    /// The other's port as its router forwards it ([`Hello::mapped`]): always
+    /// at `observed`'s address, where the other's SYNs from its fixed port
+    /// leave from too, whatever its NAT does with other connections (even a
+    /// symmetric one). A public candidate from the go, as `observed`.
+    pub mapped: Option<SocketAddr>,
 }
 
 /// The synchronised "go": punch now.

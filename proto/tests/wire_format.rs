@@ -213,11 +213,12 @@ fn peer_to_server_index(msg: &PeerToServer) -> u32 {
 
 fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
     vec![
-        // length 58 | 00 = Hello | 0b = version 11 | nameplate "17": length 2,
+        // length 67 | 00 = Hello | 0c = version 12 | nameplate "17": length 2,
         // "1" "7" | probe_observed: 00 = none | pake: length 0 (resuming) |
         // resume: 01 = some, then the 16 bytes of the room (no length) |
         // probe_token: 01 = some, then its 16 bytes | other_family_token: 01 =
-        // some, then its 16 bytes
+        // some, then its 16 bytes | mapped: 01 = some, 00 = V4, 198.51.100.9,
+        // port 40000 = 0x9c40: fb + LE
         golden(
             PeerToServer::Hello(Hello {
                 version: PROTOCOL_VERSION,
@@ -227,8 +228,9 @@ fn peer_to_server_cases() -> Vec<Golden<PeerToServer>> {
                 resume: Some(room()),
                 probe_token: Some(token()),
                 other_family_token: Some([0xc0; 16]),
+                mapped: Some(addr("198.51.100.9:40000")),
             }),
-            "0000003a | 00 | 0b | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf | 01 c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0",
+            "00000043 | 00 | 0c | 02 3137 | 00 | 00 | 01 808182838485868788898a8b8c8d8e8f | 01 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf | 01 c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0 | 01 00 c6336409 fb409c",
         ),
         // length 4 | 01 = Pong | seq 300 = 0x012c > 250: fb = u16 follows, LE
         golden(PeerToServer::Pong { seq: 300 }, "00000004 | 01 | fb 2c01"),
@@ -316,10 +318,11 @@ fn server_to_peer_cases() -> Vec<Golden<ServerToPeer>> {
         ),
         // length 2 | 02 = Ping | seq 5
         golden(ServerToPeer::Ping { seq: 5 }, "00000002 | 02 | 05"),
-        // length 55 | 03 = Go | peer.observed: 00 = V4, 198.51.100.7, port 40000
+        // length 64 | 03 = Go | peer.observed: 00 = V4, 198.51.100.7, port 40000
         // = 0x9c40 | peer.mapping: 01 = Independent | peer.pake: length 3, the
         // bytes | peer.other_family: 01 = Some, 01 = V6, the 16 bytes, port
-        // 40001 | role: 01 = Follower | session: the 16 bytes (no length) |
+        // 40001 | peer.mapped: 01 = Some, 00 = V4, 198.51.100.7, port 40002 |
+        // role: 01 = Follower | session: the 16 bytes (no length) |
         // others_go_after_us: 35000 = 0x88b8, fb = u16 follows, LE
         golden(
             ServerToPeer::Go(Go {
@@ -328,13 +331,14 @@ fn server_to_peer_cases() -> Vec<Golden<ServerToPeer>> {
                     mapping: Mapping::Independent,
                     pake: vec![0xaa, 0xbb, 0xcc],
                     other_family: Some(addr("[2001:db8::7]:40001")),
+                    mapped: Some(addr("198.51.100.7:40002")),
                 },
                 role: Role::Follower,
                 session: session(),
                 others_go_after_us: 35_000,
             }),
-            "00000037 | 03 | 00 c6336407 fb409c | 01 | 03 aabbcc \
-             | 01 01 20010db8000000000000000000000007 fb419c | 01 \
+            "00000040 | 03 | 00 c6336407 fb409c | 01 | 03 aabbcc \
+             | 01 01 20010db8000000000000000000000007 fb419c | 01 00 c6336407 fb429c | 01 \
              | 101112131415161718191a1b1c1d1e1f | fb b888",
         ),
         // length 6 | 04 = Allocated | nameplate: length 4, "4821"
@@ -396,7 +400,7 @@ fn peer_to_peer_index(msg: &PeerToPeer) -> u32 {
 
 fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
     vec![
-        // length 19 | 00 = LinkHello | 0b = version 11 | session: the 16 bytes (no
+        // length 19 | 00 = LinkHello | 0c = version 12 | session: the 16 bytes (no
         // length) | role: 00 = Leader
         golden(
             PeerToPeer::LinkHello {
@@ -404,7 +408,7 @@ fn peer_to_peer_cases() -> Vec<Golden<PeerToPeer>> {
                 session: session(),
                 role: Role::Leader,
             },
-            "00000013 | 00 | 0b | 101112131415161718191a1b1c1d1e1f | 00",
+            "00000013 | 00 | 0c | 101112131415161718191a1b1c1d1e1f | 00",
         ),
         // length 4 | 01 = Handshake | length 2, the bytes
         golden(PeerToPeer::Handshake(vec![1, 2]), "00000004 | 01 | 02 0102"),
@@ -616,7 +620,7 @@ fn dial_back_result_encodings_are_pinned() {
 /// deliberate act: the golden hellos above change with it.
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 11);
+    assert_eq!(PROTOCOL_VERSION, 12);
 }
 
 /// [`ServerToPeer::Error`] carries its code as a number

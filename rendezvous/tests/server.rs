@@ -806,3 +806,53 @@ async fn a_relay_carries_both_directions_at_once_beyond_its_pace() {
     assert_eq!(got_a.expect("a"), PIECES * SIZE);
     assert_eq!(got_b.expect("b"), PIECES * SIZE);
 }
+
+/// A peer's forwarded port ([`Hello::mapped`]) reaches the other peer with
+/// the go, canonical, only at the address the server saw the peer come from:
+/// one elsewhere (a router behind a carrier's NAT, or a hostile peer naming
+/// a third host for the other's SYNs) is dropped, and so is port 0.
+#[tokio::test]
+async fn a_forwarded_port_is_passed_on_only_at_the_observed_address() {
+    let rv = TestRendezvous::start();
+    let server = rv.addr();
+    /// The address announced, from the one the server sees.
+    type Announce = fn(SocketAddr) -> SocketAddr;
+    let cases: [(&str, Announce, bool); 4] = [
+        ("71", |seen| SocketAddr::new(seen.ip(), 40000), true),
+        (
+            "72",
+            |_| SocketAddr::new(std::net::Ipv4Addr::new(127, 0, 0, 2).into(), 40000),
+            false,
+        ),
+        ("73", |seen| SocketAddr::new(seen.ip(), 0), false),
+        (
+            "74",
+            |seen| match seen.ip() {
+                std::net::IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), 40000),
+                std::net::IpAddr::V6(_) => seen,
+            },
+            true,
+        ),
+    ];
+    for (nameplate, mapped, passed) in cases {
+        let mut a = Client::connect(server).await;
+        let seen = a.local_addr();
+        let announced = mapped(seen);
+        a.send(PeerToServer::Hello(Hello {
+            mapped: Some(announced),
+            ..hello(nameplate, b"a")
+        }))
+        .await;
+        a.welcome().await;
+        let waiting = tokio::spawn(async move { a.go().await });
+        let (mut b, _) = join(server, nameplate, "b").await;
+        let (go_b, _) = b.go().await;
+        let (go_a, _) = waiting.await.expect("a's task");
+        let expected = passed.then(|| SocketAddr::new(seen.ip(), 40000));
+        assert_eq!(
+            go_b.peer.mapped, expected,
+            "{announced} (nameplate {nameplate})"
+        );
+        assert_eq!(go_a.peer.mapped, None, "b announced none");
+    }
+}

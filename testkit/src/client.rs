@@ -84,6 +84,7 @@ pub fn hello(nameplate: &str, pake: &[u8]) -> Hello {
         pake: pake.to_vec(),
         resume: None,
         other_family_token: None,
+        mapped: None,
     }
 }
 

@@ -99,6 +99,7 @@ pub fn go(
             mapping: SYMMETRIC,
             pake: other_pake,
             other_family: None,
+            mapped: None,
         },
         role,
         session,

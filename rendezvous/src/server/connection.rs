@@ -74,7 +74,7 @@ pub(super) enum ConnError {
 /// Where a peer stands once it joined its code.
 enum Joined {
     /// Second of the code: send this go after this delay.
-    Paired(Go, Duration, RelayEnd),
+    Paired(Box<Go>, Duration, RelayEnd),
     /// First: wait for the one event the pairing table will send.
     Waiting(oneshot::Receiver<Event>),
 }
@@ -243,8 +243,16 @@ async fn serve(
         resume,
         probe_token,
         other_family_token,
+        mapped,
         ..
     } = hello;
+    // A port the peer's router forwards: passed on only at the address this
+    // connection came from. Anywhere else it is nothing of this peer's (a
+    // mapping at a router behind a carrier's NAT, or a hostile peer naming a
+    // third host for the other peer's SYNs).
+    let mapped = mapped
+        .map(canonical)
+        .filter(|m| m.ip() == observed.ip() && m.port() != 0);
     // What the probe port saw: reported by the peer, or (when it probes beside
     // its hello) found by its token; and what it saw of the peer over the other
     // address family, found the same way. Both come within about the same
@@ -291,6 +299,7 @@ async fn serve(
         mapping,
         pake,
         other_family,
+        mapped,
     };
 
     // 2. Pairing.
@@ -330,7 +339,7 @@ async fn serve(
                 let (relay_mine, relay_theirs) =
                     relay_ends(shared.config.relay_bytes, shared.config.relay_rate);
                 let event = Event::Go {
-                    go: theirs,
+                    go: Box::new(theirs),
                     delay: their_delay,
                     relay: relay_theirs,
                 };
@@ -354,7 +363,7 @@ async fn serve(
                     session,
                     others_go_after_us: 0,
                 };
-                joined = Some(Joined::Paired(mine, my_delay, relay_mine));
+                joined = Some(Joined::Paired(Box::new(mine), my_delay, relay_mine));
             }
             Join::Waiting => {
                 // A new room: counts against the source's rate of new codes.
@@ -409,7 +418,7 @@ async fn serve(
     send(&mut conn, ServerToPeer::Welcome { observed, mapping }).await?;
 
     let (go, delay, relay) = match joined {
-        Joined::Paired(go, delay, relay) => (go, delay, relay),
+        Joined::Paired(go, delay, relay) => (*go, delay, relay),
         Joined::Waiting(mut events) => {
             info!(id, nameplate = %room, %observed, ?mapping, "peer waiting");
             match wait_for_pair(
@@ -527,7 +536,7 @@ async fn wait_for_pair(
     loop {
         tokio::select! {
             event = &mut *events => match event {
-                Ok(Event::Go { go, delay, relay }) => return Ok(Some((go, delay, relay))),
+                Ok(Event::Go { go, delay, relay }) => return Ok(Some((*go, delay, relay))),
                 Ok(Event::Expired) | Err(_) => {
                     let msg = "nobody joined with this code in time; start again and share the code";
                     send(conn, ServerToPeer::error(ErrorCode::Expired, msg)).await?;

@@ -234,7 +234,7 @@ struct Waiting {
 enum Event {
     /// Paired: send this go after this delay.
     Go {
-        go: Go,
+        go: Box<Go>,
         delay: Duration,
         relay: RelayEnd,
     },
