@@ -333,6 +333,8 @@ impl RendezvousConn {
             addrs.retain(usable);
         }
         let mut tried = Vec::new();
+        // The router's forward of the port bound, and that port.
+        let mut mapper: Option<(u16, crate::portmap::Mapper)> = None;
         // Addresses for which binding the port failed because it is taken.
         let mut taken = 0;
         for &addr in &addrs {
@@ -369,12 +371,17 @@ impl RendezvousConn {
                 _ => None,
             };
             let (probe, probe_rtt) = probe.unzip();
-            let mapper = match socket.local_addr() {
+            // One mapping per port: a second address tried from the same
+            // port keeps the first's (a fresh request would be the same
+            // entry in the router, which the first's deletion would take).
+            match socket.local_addr() {
                 Ok(local) if port_mapping && !crate::punch::Here::new(addr).local_trial => {
-                    Some(crate::portmap::Mapper::start(local.port()))
+                    if mapper.as_ref().map(|(port, _)| *port) != Some(local.port()) {
+                        mapper = Some((local.port(), crate::portmap::Mapper::start(local.port())));
+                    }
                 }
-                _ => None,
-            };
+                _ => mapper = None,
+            }
             // The server's address in the other family, if it has one: a
             // probe there, from the same port, shows our address in that
             // family (for IPv6, usually our own global address) to the
@@ -411,7 +418,7 @@ impl RendezvousConn {
                         other_family,
                         other_family_result: None,
                         via_alternate,
-                        mapper,
+                        mapper: mapper.map(|(_, m)| m),
                     });
                 }
                 Ok(Err(e)) => tried.push((addr, e)),
