@@ -196,6 +196,9 @@ pub struct Here {
     /// The rendezvous runs on this host (reached over loopback or at one of
     /// this host's addresses): the other peer may be on this host too.
     pub local_trial: bool,
+    /// The rendezvous is at a private address ([`in_private_range`]): it
+    /// may see peers at private addresses too.
+    pub private_rendezvous: bool,
 }
 
 impl Here {
@@ -205,9 +208,32 @@ impl Here {
         let server = server.ip().to_canonical();
         Here {
             local_trial: server.is_loopback() || own.contains(&server),
+            private_rendezvous: in_private_range(server),
             own,
         }
     }
+}
+
+/// Whether `ip` is in a private range: RFC 1918, the carriers' shared range
+/// 100.64.0.0/10, IPv6 unique-local fc00::/7.
+pub fn in_private_range(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private() || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+/// Whether a rendezvous can have seen a peer at `addr`, a public candidate
+/// of the go. One at a public address sees peers at public addresses only
+/// (their NAT's): a private one named there would be a hostile rendezvous
+/// aiming our SYNs and link hello at a host of our own LAN (the router's
+/// admin page, say). The other side's private addresses come in its sealed
+/// box, which only it can make.
+fn seen_by_rendezvous(addr: SocketAddr, here: &Here) -> bool {
+    here.local_trial || here.private_rendezvous || !in_private_range(addr.ip())
 }
 
 /// Most candidates of one IP address: the public address and a port forwarded
@@ -233,6 +259,7 @@ pub fn add_candidates(
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let same_ip = list.iter().filter(|(a, _)| a.ip() == addr.ip()).count();
         if sane_candidate(addr, here)
+            && (kind == CandidateKind::Lan || seen_by_rendezvous(addr, here))
             && !list.iter().any(|(a, _)| *a == addr)
             && same_ip < MAX_CANDIDATES_PER_IP
         {
@@ -1016,6 +1043,7 @@ mod tests {
         Here {
             own: vec!["192.168.1.2".parse().expect("ip")],
             local_trial: false,
+            private_rendezvous: false,
         }
     }
 
@@ -1058,9 +1086,66 @@ mod tests {
         let local = Here {
             own: h.own.clone(),
             local_trial: true,
+            private_rendezvous: false,
         };
         assert!(sane_candidate(addr("127.0.0.1:4000"), &local));
         assert!(sane_candidate(addr("192.168.1.2:4001"), &local));
+    }
+
+    /// A rendezvous at a public address names only public addresses as the
+    /// other's (its own view of the other peer); private ones it names are
+    /// not dialled: 192.168.1.1:80 would be our router's admin page. In the
+    /// sealed box (the other peer's own word) they are LAN candidates. A
+    /// rendezvous at a private address, or on this host, may name them.
+    #[test]
+    fn a_public_rendezvous_cannot_name_private_addresses() {
+        let h = here();
+        let private = [
+            "192.168.1.1:80",
+            "10.0.0.1:4000",
+            "172.16.5.5:4000",
+            "100.64.0.1:4000",
+            "[::ffff:10.0.0.1]:4000",
+        ];
+        for kind in [CandidateKind::Public, CandidateKind::Forwarded] {
+            let mut list = Vec::new();
+            add_candidates(&mut list, &private.map(addr), kind, &h);
+            assert_eq!(list, Vec::new(), "{kind:?}");
+        }
+        let mut list = Vec::new();
+        add_candidates(
+            &mut list,
+            &[addr("198.51.100.7:4000")],
+            CandidateKind::Public,
+            &h,
+        );
+        assert_eq!(list.len(), 1, "a public address is named");
+        let mut list = Vec::new();
+        add_candidates(&mut list, &private.map(addr), CandidateKind::Lan, &h);
+        // The IPv4-mapped form is the same address as 10.0.0.1.
+        assert_eq!(list.len(), 4, "sealed LAN candidates: {list:?}");
+        for trusted in [
+            Here {
+                private_rendezvous: true,
+                ..h.clone()
+            },
+            Here {
+                local_trial: true,
+                ..h.clone()
+            },
+        ] {
+            let mut list = Vec::new();
+            add_candidates(
+                &mut list,
+                &private.map(addr),
+                CandidateKind::Public,
+                &trusted,
+            );
+            assert_eq!(list.len(), 4, "{trusted:?}: {list:?}");
+        }
+        assert!(in_private_range("fd12::1".parse().expect("ip")));
+        assert!(!in_private_range("2001:db8::1".parse().expect("ip")));
+        assert!(!in_private_range("100.128.0.1".parse().expect("ip")));
     }
 
     #[test]

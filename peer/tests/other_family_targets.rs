@@ -21,6 +21,7 @@ fn cloud_metadata_endpoints_over_ipv6_are_not_candidates() {
             "2600:1f18::5".parse::<IpAddr>().expect("ip"),
         ],
         local_trial: false,
+        private_rendezvous: false,
     };
     // Control: the IPv4 metadata address is dropped, an ordinary IPv6 peer kept.
     assert!(!sane_candidate(
