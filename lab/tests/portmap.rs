@@ -109,6 +109,12 @@ fn mapped_both_ways(name: &str, protocols: Protocols) {
     let mut got = [0u8; 3];
     accepted.read_exact(&mut got).expect("read");
     assert_eq!(&got, b"in\n");
+    // A's side ends with a reset, not a FIN: when it closed first (a busy
+    // machine), it stayed in TIME-WAIT on port PORT, and the bind below
+    // failed with "address in use" despite SO_REUSEADDR.
+    socket2::SockRef::from(&accepted)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
     drop((inbound, accepted, listener));
 
     // Outbound from the mapped port leaves from the mapped address, though
