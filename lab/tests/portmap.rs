@@ -163,6 +163,7 @@ fn a_nat_pmp_router_is_used_when_pcp_is_not_spoken() {
         Protocols {
             nat_pmp: true,
             pcp: false,
+            upnp: false,
         },
     );
 }
