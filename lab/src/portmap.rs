@@ -1,15 +1,17 @@
-//! A router that grants port mappings: a small NAT-PMP (RFC 6886) and PCP
-//! (RFC 6887) responder for the lab, run as a thread in a router's namespace.
+//! A router that grants port mappings: a small NAT-PMP (RFC 6886), PCP
+//! (RFC 6887) and UPnP-IGD (v1) responder for the lab, run as threads in a
+//! router's namespace.
 //!
-//! Why not miniupnpd: Debian's `miniupnpd-nftables` refuses to map when the
-//! router's external address is in a documentation or other reserved range,
-//! and every "public" address of the lab is in one (and must stay so: the lab
-//! never touches real internet addresses). This responder keeps every address
-//! inside the lab's ranges.
+//! Why our own: Debian's `miniupnpd-nftables` (which speaks all three) refuses
+//! to map when the router's external address is in a documentation or other
+//! reserved range, and every "public" address of the lab is in one (and must
+//! stay so: the lab never touches real internet addresses). This responder
+//! keeps every address inside the lab's ranges.
 //!
 //! # What it does
 //!
-//! It listens on UDP port [`PORT`] of the router's LAN address and answers:
+//! With NAT-PMP or PCP on, it listens on UDP port [`PORT`] of the router's LAN
+//! address and answers:
 //!
 //! - NAT-PMP "external address" (opcode 0) with the router's WAN address;
 //! - NAT-PMP TCP mappings (opcode 2) and PCP MAP requests for TCP: it grants
@@ -19,15 +21,25 @@
 //! - anything else with the protocol's error code (unsupported version or
 //!   opcode, malformed request, address mismatch).
 //!
+//! With UPnP on, it is an Internet Gateway Device (see the `upnp` submodule
+//! for the flow): it answers SSDP searches on UDP port [`SSDP_PORT`], serves
+//! its device and service descriptions over HTTP on port [`UPNP_HTTP_PORT`] of
+//! the LAN address, and takes the SOAP actions `AddPortMapping` (TCP, the
+//! external port asked or an error; lease 0 is permanent),
+//! `DeletePortMapping` and `GetExternalIPAddress`. Like many home routers it
+//! can be told to grant permanent leases only
+//! ([`Responder::only_permanent_leases`]).
+//!
 //! A mapping is two nftables rules in the router's table [`TABLE`]: inbound TCP
 //! to the WAN address and external port is forwarded to the host's internal
 //! address and port (`dnat`), and the host's outbound TCP from that internal
 //! port leaves from the external port (`snat`), before the router's own
 //! masquerade. So a mapping is *endpoint independent both ways*, as RFC 6886
-//! (section 3.3) and RFC 6887 (section 11.1) ask: even behind a symmetric NAT,
-//! the host's SYNs from its mapped port leave from the mapped address, and a
-//! simultaneous open with a peer told that address works. The router's filter
-//! must let forwarded connections it translated in (`ct status dnat`).
+//! (section 3.3) and RFC 6887 (section 11.1) ask, whichever protocol granted
+//! it: even behind a symmetric NAT, the host's SYNs from its mapped port leave
+//! from the mapped address, and a simultaneous open with a peer told that
+//! address works. The router's filter must let forwarded connections it
+//! translated in (`ct status dnat`).
 //!
 //! Mappings expire at the end of their lifetime (checked twice a second); the
 //! state of every mapping is readable for tests ([`Responder::mappings`]).
@@ -45,6 +57,8 @@ use crate::cmd::{self, NFT};
 use crate::error::{LabError, Result};
 use crate::netns;
 
+mod upnp;
+
 /// The UDP port of NAT-PMP and PCP servers.
 pub const PORT: u16 = 5351;
 
@@ -54,8 +68,25 @@ pub const TABLE: &str = "portmap";
 /// Longest lifetime granted, in seconds.
 pub const MAX_LIFETIME: u32 = 3600;
 
-/// How often expired mappings are removed.
+/// The UDP port SSDP (UPnP discovery) listens on, for multicast searches to
+/// [`SSDP_GROUP`] and unicast ones to the LAN address.
+pub const SSDP_PORT: u16 = 1900;
+
+/// The multicast group of SSDP searches.
+pub const SSDP_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 255, 250);
+
+/// The TCP port of the UPnP-IGD HTTP server (device description, service
+/// description, SOAP control) on the router's LAN address. Routers pick their
+/// own (miniupnpd a random one); a fixed one keeps the lab's logs readable.
+pub const UPNP_HTTP_PORT: u16 = 5000;
+
+/// How often expired mappings are removed, and how long a blocked socket
+/// read lasts before the responder's threads look at the stop flag again.
 const EXPIRY_CHECK: Duration = Duration::from_millis(500);
+
+/// How long a permanent (UPnP lease 0) mapping lasts: longer than any lab
+/// runs; it ends when the responder stops.
+const PERMANENT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Which protocols the responder speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +95,44 @@ pub struct Protocols {
     pub nat_pmp: bool,
     /// PCP (version 2).
     pub pcp: bool,
+    /// UPnP-IGD v1 (SSDP discovery, HTTP descriptions, SOAP control of a
+    /// `WANIPConnection:1` service).
+    pub upnp: bool,
 }
 
 impl Protocols {
-    /// Both protocols.
+    /// NAT-PMP and PCP (no UPnP): the two protocols of UDP port [`PORT`].
     pub const BOTH: Protocols = Protocols {
         nat_pmp: true,
         pcp: true,
+        upnp: false,
     };
+
+    /// NAT-PMP, PCP and UPnP-IGD, as a miniupnpd router offers them.
+    pub const ALL: Protocols = Protocols {
+        nat_pmp: true,
+        pcp: true,
+        upnp: true,
+    };
+
+    /// UPnP-IGD only (nothing listens on UDP port [`PORT`]), as on many
+    /// consumer routers.
+    pub const UPNP: Protocols = Protocols {
+        nat_pmp: false,
+        pcp: false,
+        upnp: true,
+    };
+}
+
+/// The protocol a mapping was asked with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// NAT-PMP (RFC 6886).
+    NatPmp,
+    /// PCP (RFC 6887).
+    Pcp,
+    /// UPnP-IGD's `AddPortMapping`.
+    Upnp,
 }
 
 /// One granted mapping.
@@ -82,8 +143,8 @@ pub struct Granted {
     /// The router's WAN address and the external port.
     pub external: SocketAddr,
     /// Which protocol asked for it.
-    pub by_pcp: bool,
-    /// When it expires.
+    pub via: Via,
+    /// When it expires (far in the future for a permanent UPnP lease).
     pub expires: Instant,
 }
 
@@ -93,23 +154,30 @@ struct State {
     netns: String,
     wan: Ipv4Addr,
     wan_if: String,
+    /// The router's LAN address, where the responder answers.
+    lan: Ipv4Addr,
     protocols: Protocols,
     started: Instant,
     /// By external port.
     mappings: Mutex<HashMap<u16, Granted>>,
+    /// UPnP: refuse leases other than 0 (permanent).
+    only_permanent: AtomicBool,
     stop: AtomicBool,
 }
 
-/// A running responder; stopping it (or dropping it) ends its thread and
+/// A running responder; stopping it (or dropping it) ends its threads and
 /// removes its rules.
 pub struct Responder {
     state: Arc<State>,
-    thread: Option<JoinHandle<Result<()>>>,
+    threads: Vec<JoinHandle<Result<()>>>,
+    halted: bool,
 }
 
 impl Responder {
-    /// Starts answering on `lan:PORT` inside the router namespace `netns`,
-    /// mapping onto its WAN address `wan` (interface `wan_if`).
+    /// Starts answering inside the router namespace `netns` on its LAN
+    /// address `lan` (UDP [`PORT`] for NAT-PMP and PCP; UDP [`SSDP_PORT`] and
+    /// TCP [`UPNP_HTTP_PORT`] for UPnP), mapping onto its WAN address `wan`
+    /// (interface `wan_if`).
     pub fn start(
         netns: &str,
         lan: Ipv4Addr,
@@ -122,39 +190,68 @@ impl Responder {
              chain post {{\n    type nat hook postrouting priority srcnat - 1; policy accept;\n  }}\n}}\n"
         );
         cmd::ip_netns_exec_with_stdin(netns, NFT, &["-f", "-"], Some(&ruleset))?;
-        let socket = netns::run_in(netns, || UdpSocket::bind((lan, PORT)))?.map_err(|source| {
-            LabError::Io {
-                what: format!("binding the port-mapping responder to {lan}:{PORT}"),
-                source,
-            }
-        })?;
-        socket
-            .set_read_timeout(Some(EXPIRY_CHECK))
-            .map_err(|source| LabError::Io {
-                what: "setting the responder's read timeout".into(),
-                source,
-            })?;
-        let state = Arc::new(State {
-            netns: netns.to_owned(),
-            wan,
-            wan_if: wan_if.to_owned(),
-            protocols,
-            started: Instant::now(),
-            mappings: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
-        });
-        let serving = state.clone();
+        // From here on, dropping the responder (also on an error below) ends
+        // the threads started so far and removes the table.
+        let mut responder = Responder {
+            state: Arc::new(State {
+                netns: netns.to_owned(),
+                wan,
+                wan_if: wan_if.to_owned(),
+                lan,
+                protocols,
+                started: Instant::now(),
+                mappings: Mutex::new(HashMap::new()),
+                only_permanent: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+            }),
+            threads: Vec::new(),
+            halted: false,
+        };
+        // NAT-PMP and PCP share the port; a router speaking neither leaves it
+        // closed, so a client's request meets a port unreachable.
+        let socket = if protocols.nat_pmp || protocols.pcp {
+            let socket =
+                netns::run_in(netns, || UdpSocket::bind((lan, PORT)))?.map_err(|source| {
+                    LabError::Io {
+                        what: format!("binding the port-mapping responder to {lan}:{PORT}"),
+                        source,
+                    }
+                })?;
+            socket
+                .set_read_timeout(Some(EXPIRY_CHECK))
+                .map_err(|source| LabError::Io {
+                    what: "setting the responder's read timeout".into(),
+                    source,
+                })?;
+            Some(socket)
+        } else {
+            None
+        };
+        responder.spawn("portmap", move |state| serve(state, socket.as_ref()))?;
+        if protocols.upnp {
+            let (ssdp, http) = upnp::bind(netns, lan)?;
+            responder.spawn("portmap-ssdp", move |state| upnp::serve_ssdp(state, &ssdp))?;
+            responder.spawn("portmap-http", move |state| upnp::serve_http(state, &http))?;
+        }
+        Ok(responder)
+    }
+
+    /// Runs `f` on a thread of the responder, which [`Responder::stop`] joins.
+    fn spawn(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&State) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        let state = self.state.clone();
         let thread = std::thread::Builder::new()
-            .name("portmap".into())
-            .spawn(move || serve(&serving, &socket))
+            .name(name.into())
+            .spawn(move || f(&state))
             .map_err(|source| LabError::Io {
-                what: "starting the port-mapping responder".into(),
+                what: format!("starting the port-mapping responder's thread {name}"),
                 source,
             })?;
-        Ok(Responder {
-            state,
-            thread: Some(thread),
-        })
+        self.threads.push(thread);
+        Ok(())
     }
 
     /// The mappings in force.
@@ -167,19 +264,29 @@ impl Responder {
             .collect()
     }
 
-    /// Stops the thread and removes the rules.
+    /// UPnP: whether to grant permanent leases only, as many home routers
+    /// do: `AddPortMapping` with a lease duration other than 0 is then refused
+    /// with error 725 (OnlyPermanentLeasesSupported), and the client is
+    /// expected to ask again with 0. NAT-PMP and PCP are not affected.
+    pub fn only_permanent_leases(&self, only: bool) {
+        self.state.only_permanent.store(only, Ordering::Relaxed);
+    }
+
+    /// Stops the threads and removes the rules.
     pub fn stop(mut self) -> Result<()> {
         self.halt()
     }
 
     fn halt(&mut self) -> Result<()> {
+        self.halted = true;
         self.state.stop.store(true, Ordering::Relaxed);
-        let served = match self.thread.take() {
-            Some(t) => t
+        let mut served = Ok(());
+        for thread in self.threads.drain(..) {
+            let result = thread
                 .join()
-                .unwrap_or_else(|_| Err(LabError::Thread("the responder panicked".into()))),
-            None => Ok(()),
-        };
+                .unwrap_or_else(|_| Err(LabError::Thread("the responder panicked".into())));
+            served = served.and(result);
+        }
         let removed =
             cmd::ip_netns_exec(&self.state.netns, NFT, &["delete", "table", "ip", TABLE]).map(drop);
         served.and(removed)
@@ -188,7 +295,7 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if !self.halted {
             if let Err(e) = self.halt() {
                 tracing::warn!(error = %e, "lab: port-mapping responder");
             }
@@ -200,22 +307,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn serve(state: &State, socket: &UdpSocket) -> Result<()> {
+/// Whether a socket error only means "nothing arrived in time".
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Expires mappings, and answers NAT-PMP and PCP on `socket` when the router
+/// speaks either.
+fn serve(state: &State, socket: Option<&UdpSocket>) -> Result<()> {
     let mut buf = [0u8; 1100];
     while !state.stop.load(Ordering::Relaxed) {
         expire(state);
+        let Some(socket) = socket else {
+            std::thread::sleep(EXPIRY_CHECK);
+            continue;
+        };
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if timed_out(&e) => continue,
             Err(source) => {
                 return Err(LabError::Io {
                     what: "the port-mapping responder's socket".into(),
@@ -285,7 +397,7 @@ fn nat_pmp(state: &State, req: &[u8], client: Ipv4Addr) -> Vec<u8> {
             let internal = u16::from_be_bytes([req[4], req[5]]);
             let suggested = u16::from_be_bytes([req[6], req[7]]);
             let lifetime = u32::from_be_bytes([req[8], req[9], req[10], req[11]]);
-            let granted = map(state, client, internal, suggested, lifetime, false);
+            let granted = map(state, client, internal, suggested, lifetime, Via::NatPmp);
             match granted {
                 Some((port, lifetime)) => {
                     // A deletion is answered with external port 0 (RFC 6886
@@ -354,7 +466,7 @@ fn pcp(state: &State, req: &[u8], client: Ipv4Addr) -> Vec<u8> {
     }
     let internal = u16::from_be_bytes([body[16], body[17]]);
     let suggested = u16::from_be_bytes([body[18], body[19]]);
-    match map(state, client, internal, suggested, lifetime, true) {
+    match map(state, client, internal, suggested, lifetime, Via::Pcp) {
         Some((port, lifetime)) => {
             answer_body[18..20].copy_from_slice(&port.to_be_bytes());
             answer_body[20..36].copy_from_slice(&mapped(state.wan));
@@ -378,7 +490,7 @@ fn map(
     internal: u16,
     suggested: u16,
     lifetime: u32,
-    by_pcp: bool,
+    via: Via,
 ) -> Option<(u16, u32)> {
     if internal == 0 {
         return None;
@@ -407,7 +519,7 @@ fn map(
         Granted {
             internal: host,
             external: SocketAddr::new(IpAddr::V4(state.wan), port),
-            by_pcp,
+            via,
             expires: Instant::now() + Duration::from_secs(lifetime.into()),
         },
     );

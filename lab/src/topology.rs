@@ -190,8 +190,9 @@ pub struct LabConfig {
     /// Whether the lab carries IPv6.
     pub ipv6: Ipv6Mode,
     /// Side A's router grants port mappings in these protocols (the lab's
-    /// NAT-PMP and PCP responder, [`crate::portmap`]); A's edge must be a
-    /// single NAT router.
+    /// own NAT-PMP, PCP and UPnP-IGD responder, [`crate::portmap`]: stock
+    /// routers refuse the lab's reserved "public" addresses); A's edge must
+    /// be a single NAT router.
     pub port_mapping: Option<crate::portmap::Protocols>,
 }
 
@@ -247,7 +248,9 @@ impl LabConfig {
         }
     }
 
-    /// This config with side A's router granting port mappings.
+    /// This config with side A's router granting port mappings in
+    /// `protocols` (e.g. [`crate::portmap::Protocols::BOTH`] for NAT-PMP and
+    /// PCP, [`crate::portmap::Protocols::UPNP`] for UPnP-IGD alone).
     pub fn with_port_mapping(self, protocols: crate::portmap::Protocols) -> LabConfig {
         LabConfig {
             port_mapping: Some(protocols),
@@ -1266,6 +1269,26 @@ impl Lab {
             if !routers.is_empty() {
                 let _ = writeln!(text, "routers of {side:?}: {}", routers.join(", "));
             }
+        }
+        if let Some(p) = self.config.port_mapping {
+            let [n0, n1, n2, _] = self.a.host.addr.octets();
+            let lan = Ipv4Addr::new(n0, n1, n2, GATEWAY);
+            let mut speaks = Vec::new();
+            if p.nat_pmp || p.pcp {
+                let which = match (p.nat_pmp, p.pcp) {
+                    (true, true) => "NAT-PMP and PCP",
+                    (true, false) => "NAT-PMP",
+                    _ => "PCP",
+                };
+                speaks.push(format!("{which} on {lan}:{}", crate::portmap::PORT));
+            }
+            if p.upnp {
+                speaks.push(format!(
+                    "UPnP-IGD at http://{lan}:{}/rootDesc.xml",
+                    crate::portmap::UPNP_HTTP_PORT
+                ));
+            }
+            let _ = writeln!(text, "port mapping by A's router: {}", speaks.join(", "));
         }
         let wan = self.wan();
         let _ = writeln!(

@@ -81,6 +81,24 @@ struct UpArgs {
     /// Like --ipv6, but hosts A and B get no IPv4 address or route at all.
     #[arg(long)]
     ipv6_only: bool,
+    /// Side A's router grants port mappings in these protocols
+    /// (comma-separated: nat-pmp, pcp, upnp, all). Needs A behind one NAT
+    /// router.
+    #[arg(long, value_delimiter = ',')]
+    port_mapping: Vec<MappingProtocol>,
+}
+
+/// A port-mapping protocol of `lab up --port-mapping`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MappingProtocol {
+    /// NAT-PMP (RFC 6886).
+    NatPmp,
+    /// PCP (RFC 6887).
+    Pcp,
+    /// UPnP-IGD v1 (SSDP, HTTP, SOAP).
+    Upnp,
+    /// All three.
+    All,
 }
 
 #[derive(clap::Args)]
@@ -363,6 +381,18 @@ impl UpArgs {
             base.with_overlapping_lans()
         } else {
             base
+        };
+        let base = if self.port_mapping.is_empty() {
+            base
+        } else {
+            let has = |p| {
+                self.port_mapping.contains(&p) || self.port_mapping.contains(&MappingProtocol::All)
+            };
+            base.with_port_mapping(punchline_lab::portmap::Protocols {
+                nat_pmp: has(MappingProtocol::NatPmp),
+                pcp: has(MappingProtocol::Pcp),
+                upnp: has(MappingProtocol::Upnp),
+            })
         };
         if self.ipv6_only {
             base.with_ipv6_only()
