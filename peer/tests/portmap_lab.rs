@@ -1,5 +1,5 @@
 //! Port mapping through the NAT lab: side A sits behind a symmetric NAT whose
-//! router grants mappings (the lab's PCP and NAT-PMP responder), side B behind
+//! router grants mappings (the lab's PCP, NAT-PMP and UPnP-IGD responder), side B behind
 //! a home NAT. Without the mapping no direct link can form (`nat_lab.rs`,
 //! `symmetric_home_fails…`); with it the chat is direct, B's side names the
 //! forwarded port it reached, and the router holds no mapping once the link is
@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use punchline_lab::portmap::{Protocols, Responder};
+use punchline_lab::portmap::{Protocols, Responder, Via};
 use punchline_lab::prereq::available_or_skip;
 use punchline_lab::scenario::{leave, LabRendezvous, PeerProcess};
 use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
@@ -80,12 +80,21 @@ fn direct_through_the_mapping(test: &str, protocols: Protocols, alice_first: boo
         wait_for_mappings(responder, 1),
         "{test}: alice's router holds no mapping while she meets"
     );
-    let mapped = responder.mappings()[0].external;
+    let granted = responder.mappings()[0];
+    let mapped = granted.external;
     assert_eq!(
         mapped.port(),
         40000,
         "{test}: the same external port, as asked"
     );
+    let via = if protocols.pcp {
+        Via::Pcp
+    } else if protocols.nat_pmp {
+        Via::NatPmp
+    } else {
+        Via::Upnp
+    };
+    assert_eq!(granted.via, via, "{test}");
     let mut b = b.unwrap_or_else(|| peer(&lab, &rv, test, Host::B, "bob"));
     let a_up = a
         .wait_stderr_starting(&["connected to ", "peer: "])
@@ -130,26 +139,50 @@ fn a_symmetric_nat_with_nat_pmp_goes_direct() {
         Protocols {
             nat_pmp: true,
             pcp: false,
+            upnp: false,
         },
         true,
     );
+}
+
+#[test]
+fn a_symmetric_nat_with_upnp_goes_direct() {
+    direct_through_the_mapping("portmap-upnp-direct", Protocols::UPNP, true);
 }
 
 /// Ctrl-C on a peer waiting for the other: it leaves with status 130 and its
 /// router holds no mapping after.
 #[test]
 fn ctrl_c_while_waiting_deletes_the_mapping() {
-    let test = "portmap-ctrl-c";
+    ctrl_c_deletes("portmap-ctrl-c", Protocols::BOTH, false);
+}
+
+/// The same with a UPnP-IGD router that grants only permanent leases (as
+/// many do): the peer takes one, and deletes it all the same.
+#[test]
+fn ctrl_c_deletes_a_permanent_upnp_mapping() {
+    ctrl_c_deletes("portmap-ctrl-c-upnp", Protocols::UPNP, true);
+}
+
+fn ctrl_c_deletes(test: &str, protocols: Protocols, only_permanent: bool) {
     if !available_or_skip(test) {
         return;
     }
-    let lab = lab(Protocols::BOTH);
+    let lab = lab(protocols);
     let responder = responder(&lab);
+    responder.only_permanent_leases(only_permanent);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let mut a = peer(&lab, &rv, test, Host::A, "alice");
     a.wait_stderr("waiting for the other side")
         .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
     assert!(wait_for_mappings(responder, 1), "{test}: no mapping");
+    if only_permanent {
+        let lease = responder.mappings()[0].expires - Instant::now();
+        assert!(
+            lease > Duration::from_secs(86_400),
+            "{test}: not a permanent lease: {lease:?}"
+        );
+    }
     a.interrupt().expect("SIGINT");
     let status = a.wait().expect("alice exits");
     let said = a.drain_stderr().join("\n");
@@ -161,16 +194,17 @@ fn ctrl_c_while_waiting_deletes_the_mapping() {
     );
 }
 
-/// The doctor behind the symmetric NAT whose router maps: it names the
-/// protocol and the forwarded address, calls direct chats workable (exit
-/// status 0), and leaves no mapping behind.
+/// The doctor behind the symmetric NAT whose router maps (in PCP and
+/// UPnP-IGD: NAT-PMP is not asked once PCP answers): it names the protocols
+/// and the forwarded address, calls direct chats workable (exit status 0),
+/// and leaves no mapping behind.
 #[test]
 fn the_doctor_finds_the_routers_port_mapping() {
     let test = "portmap-doctor";
     if !available_or_skip(test) {
         return;
     }
-    let lab = lab(Protocols::BOTH);
+    let lab = lab(Protocols::ALL);
     let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
     let out = lab
@@ -189,7 +223,7 @@ fn the_doctor_finds_the_routers_port_mapping() {
     let wan = lab.public_addr(Host::A);
     assert!(
         report.contains(&format!(
-            "offered by the router (PCP): it forwarded {wan}:40000 to this host's port 40000"
+            "offered by the router (PCP, UPnP-IGD): it forwarded {wan}:40000 to this host's port 40000"
         )),
         "{context}"
     );

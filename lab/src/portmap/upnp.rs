@@ -74,9 +74,11 @@ const READ_POLL: Duration = Duration::from_millis(200);
 /// How long an answer may take to write before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the accept loop sleeps when no connection is waiting (the
-/// listener is non-blocking so that the loop sees the stop flag).
-const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// How long the accept loop waits for a connection before it looks at the
+/// stop flag again (in milliseconds). A connection wakes it at once: a router
+/// answers without delay, and the peer's mapping should be granted before
+/// its hello goes, as with a real one.
+const ACCEPT_POLL_MS: u16 = 200;
 
 /// The SSDP socket (`0.0.0.0:SSDP_PORT`, in the SSDP group on the LAN
 /// address) and the HTTP listener (`lan:UPNP_HTTP_PORT`), inside `netns`.
@@ -208,14 +210,14 @@ pub(super) fn serve_http(state: &State, listener: &TcpListener) -> Result<()> {
             let (stream, from) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if timed_out(&e) => {
-                    std::thread::sleep(ACCEPT_POLL);
+                    wait_readable(listener);
                     continue;
                 }
                 // An aborted connection or a lack of descriptors ends one
                 // connection, never the server.
                 Err(e) => {
                     tracing::debug!(error = %e, "lab: UPnP HTTP accept");
-                    std::thread::sleep(ACCEPT_POLL);
+                    std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS.into()));
                     continue;
                 }
             };
@@ -234,6 +236,14 @@ pub(super) fn serve_http(state: &State, listener: &TcpListener) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Waits until `listener` has a connection to accept, or [`ACCEPT_POLL_MS`].
+fn wait_readable(listener: &TcpListener) {
+    use nix::poll::{poll, PollFd, PollFlags};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let _ = poll(&mut fds, ACCEPT_POLL_MS);
 }
 
 /// Reads one request from `client` and answers it, within the limits.
