@@ -98,7 +98,8 @@ pub fn default_pairs() -> Vec<LabConfig> {
 
 /// Pairs that IPv4 punching alone cannot connect, made direct by what the
 /// peer reaches for besides: IPv6 beside symmetric NATs on both sides, IPv6
-/// alone, and a symmetric NAT whose router grants port mappings. Only the
+/// alone, and a symmetric NAT whose router grants port mappings (PCP and
+/// NAT-PMP, or UPnP-IGD alone). Only the
 /// first-line bench runs them (its table shows success and time to the first
 /// line; the raw baseline cannot work there).
 pub fn reach_pairs() -> Vec<LabConfig> {
@@ -111,6 +112,9 @@ pub fn reach_pairs() -> Vec<LabConfig> {
         LabConfig::new(Symmetric, Home)
             .with_overlapping_lans()
             .with_port_mapping(crate::portmap::Protocols::BOTH),
+        LabConfig::new(Symmetric, Home)
+            .with_overlapping_lans()
+            .with_port_mapping(crate::portmap::Protocols::UPNP),
     ]
 }
 
@@ -125,8 +129,10 @@ pub fn pair_name(config: &LabConfig) -> String {
         crate::Ipv6Mode::DualStack => name.push_str("+ipv6"),
         crate::Ipv6Mode::Only => name.push_str("+ipv6-only"),
     }
-    if config.port_mapping.is_some() {
-        name.push_str("+mapping");
+    match config.port_mapping {
+        None => {}
+        Some(p) if p == crate::portmap::Protocols::UPNP => name.push_str("+upnp"),
+        Some(_) => name.push_str("+mapping"),
     }
     name
 }
