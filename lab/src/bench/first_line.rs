@@ -326,10 +326,31 @@ fn punchline_run(
     Ok(())
 }
 
+/// With `LAB_BENCH_LOGS=DIR`, appends a side's log of one run to
+/// `DIR/NAME.log` (runs apart by a line of dashes), to look into a slow run
+/// (the peer's log level: `PUNCHLINE_PEER_LOG`).
+fn keep_log(name: &str, lines: &[String]) {
+    let Some(dir) = std::env::var_os("LAB_BENCH_LOGS") else {
+        return;
+    };
+    let path = std::path::Path::new(&dir).join(format!("{name}.log"));
+    let text = format!("---- run\n{}\n", lines.join("\n"));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "lab bench: log not kept");
+    }
+}
+
 /// Reads a side's phases from its log.
 fn phases(p: &mut PeerProcess, phases: &mut Phases) {
     let started = p.started_wall;
+    let name = p.name.clone();
     let lines = p.drain_stderr();
+    keep_log(&name, &lines);
     let since = |t: SystemTime| t.duration_since(started).ok();
     if lines.iter().any(|l| l.starts_with("relayed via")) {
         phases.relayed += 1;
