@@ -1148,6 +1148,44 @@ mod tests {
         assert!(!in_private_range("100.128.0.1".parse().expect("ip")));
     }
 
+    /// The same through NAT64: on an IPv6-only host whose network
+    /// translates 64:ff9b::/96 (or the local-use 64:ff9b:1::/48) to IPv4, as
+    /// home routers with DNS64 and cloud networks do, `[64:ff9b::c0a8:101]`
+    /// is 192.168.1.1, reached through the translator. A rendezvous at a
+    /// public address naming it as the other's address in the other family
+    /// aims our SYNs and link hello at a host of our own network all the
+    /// same; and `[64:ff9b::a9fe:a9fe]` is 169.254.169.254. A public IPv4
+    /// address behind the prefix stays a fair candidate.
+    #[test]
+    fn a_public_rendezvous_cannot_name_private_addresses_through_nat64() {
+        let h = Here {
+            own: vec!["2001:db8::2".parse().expect("ip")],
+            local_trial: false,
+            private_rendezvous: false,
+        };
+        let private = [
+            "[64:ff9b::c0a8:101]:80",
+            "[64:ff9b::a00:5]:4000",
+            "[64:ff9b::6440:1]:4000",
+            "[64:ff9b:1::a00:5]:4000",
+        ];
+        let mut list = Vec::new();
+        add_candidates(&mut list, &private.map(addr), CandidateKind::Public, &h);
+        assert_eq!(list, Vec::new(), "private IPv4 through NAT64");
+        assert!(
+            !sane_candidate(addr("[64:ff9b::a9fe:a9fe]:80"), &h),
+            "169.254.169.254 through NAT64"
+        );
+        let mut list = Vec::new();
+        add_candidates(
+            &mut list,
+            &[addr("[64:ff9b::c633:6407]:4000")],
+            CandidateKind::Public,
+            &h,
+        );
+        assert_eq!(list.len(), 1, "198.51.100.7 through NAT64 is public");
+    }
+
     #[test]
     fn candidates_are_capped_in_number_and_per_address() {
         let h = here();
