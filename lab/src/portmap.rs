@@ -48,7 +48,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -162,6 +162,12 @@ struct State {
     mappings: Mutex<HashMap<u16, Granted>>,
     /// UPnP: refuse leases other than 0 (permanent).
     only_permanent: AtomicBool,
+    /// UPnP: how long an answer to a multicast SSDP search waits
+    /// (milliseconds), as a device honouring the search's MX does.
+    search_delay_ms: AtomicU64,
+    /// UPnP: how long each SOAP action takes before it is done and answered
+    /// (milliseconds; a slow router).
+    action_delay_ms: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -202,6 +208,8 @@ impl Responder {
                 started: Instant::now(),
                 mappings: Mutex::new(HashMap::new()),
                 only_permanent: AtomicBool::new(false),
+                search_delay_ms: AtomicU64::new(0),
+                action_delay_ms: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
             }),
             threads: Vec::new(),
@@ -270,6 +278,22 @@ impl Responder {
     /// expected to ask again with 0. NAT-PMP and PCP are not affected.
     pub fn only_permanent_leases(&self, only: bool) {
         self.state.only_permanent.store(only, Ordering::Relaxed);
+    }
+
+    /// UPnP: makes every SOAP action (`AddPortMapping`, ...) take `delay`
+    /// before it is done and answered, as on a slow router.
+    pub fn delay_actions(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.state.action_delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// UPnP: makes the answers to multicast SSDP searches wait `delay`, as
+    /// a device does that spreads its answers over the search's MX seconds
+    /// (UPnP Device Architecture; miniupnpd does). A search sent to the
+    /// router's own address (unicast) is answered at once.
+    pub fn delay_multicast_search_answers(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.state.search_delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Stops the threads and removes the rules.

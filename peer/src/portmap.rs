@@ -262,31 +262,81 @@ async fn ask_pmp(gateway: Ipv4Addr, client: Ipv4Addr, port: u16) -> Option<Lease
     tokio::time::timeout(ASK_TIMEOUT, ask).await.ok().flatten()
 }
 
-/// Asks the UPnP-IGD device at `gateway` to map TCP `client:port` (the same
-/// external port, else any).
-async fn ask_upnp(gateway: Ipv4Addr, client: Ipv4Addr, port: u16) -> Option<Lease> {
-    let mut options = igd_next::SearchOptions::default();
-    options.bind_addr = SocketAddr::new(IpAddr::V4(client), 0);
-    options.timeout = Some(ASK_TIMEOUT);
-    options.single_search_timeout = Some(ASK_TIMEOUT);
-    options.gateway_ip_version = igd_next::GatewayIpVersion::V4;
+/// The UDP port of SSDP (UPnP discovery).
+const SSDP_PORT: u16 = 1900;
+
+/// Finds the UPnP-IGD device at `gateway` (within [`ASK_TIMEOUT`]), with two
+/// searches at once: one multicast to the whole LAN, as every device
+/// answers, and one sent to the gateway alone (UPnP 1.1's unicast search).
+/// A device elsewhere is never the one: any host on the LAN may answer the
+/// multicast search, and first (a second router in access-point mode, a
+/// host sharing its connection, a hostile one); the unicast search still
+/// finds the router then. It also answers at once, where a multicast one
+/// may wait up to the search's MX seconds (3 in igd-next's) to spread the
+/// answers of many devices.
+async fn find_upnp(gateway: Ipv4Addr, client: Ipv4Addr) -> Option<igd_next::aio::Gateway<Tokio>> {
+    let search = |to: Option<SocketAddr>| {
+        let mut options = igd_next::SearchOptions::default();
+        options.bind_addr = SocketAddr::new(IpAddr::V4(client), 0);
+        options.timeout = Some(ASK_TIMEOUT);
+        options.single_search_timeout = Some(ASK_TIMEOUT);
+        options.gateway_ip_version = igd_next::GatewayIpVersion::V4;
+        if let Some(to) = to {
+            options.broadcast_address = to;
+        }
+        async move {
+            let device = igd_next::aio::tokio::search_gateway(options)
+                .await
+                .map_err(|e| tracing::debug!(error = %e, "no UPnP-IGD device"))
+                .ok()?;
+            if device.addr.ip() != IpAddr::V4(gateway) {
+                tracing::debug!(device = %device.addr, %gateway, "a UPnP-IGD device that is not the gateway: not asked");
+                return None;
+            }
+            Some(device)
+        }
+        .boxed()
+    };
+    let mut searches = FuturesUnordered::new();
+    searches.push(search(None));
+    searches.push(search(Some(SocketAddr::new(
+        IpAddr::V4(gateway),
+        SSDP_PORT,
+    ))));
+    let found = async {
+        while let Some(found) = searches.next().await {
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    };
     // Searching asks nothing of the router yet: a program ending meanwhile
     // stops it rather than wait for it ([`release_all`]).
-    let device = tokio::select! {
-        found = igd_next::aio::tokio::search_gateway(options) => found,
-        () = ENDING.cancelled() => return None,
+    tokio::select! {
+        found = found => found,
+        () = ENDING.cancelled() => None,
     }
-    .map_err(|e| tracing::debug!(error = %e, "no UPnP-IGD device"))
-    .ok()?;
-    if device.addr.ip() != IpAddr::V4(gateway) {
-        tracing::debug!(device = %device.addr, %gateway, "a UPnP-IGD device that is not the gateway: not asked");
-        return None;
-    }
+}
+
+/// Asks the UPnP-IGD device at `gateway` to map TCP `client:port` (the same
+/// external port, else any).
+///
+/// Once the program ends ([`ENDING`]) it asks nothing more: the request
+/// under way is the last, and what it made is deleted. So [`release_all`]
+/// waits for at most one request and one deletion
+/// (2 × [`RELEASE_TIMEOUT`]), not for the five requests a slow router may
+/// take to grant a permanent lease at another port.
+async fn ask_upnp(gateway: Ipv4Addr, client: Ipv4Addr, port: u16) -> Option<Lease> {
+    let device = find_upnp(gateway, client).await?;
     let internal = SocketAddr::new(IpAddr::V4(client), port);
     let lease = u32::try_from(LEASE.as_secs()).unwrap_or(u32::MAX);
     let add = |external: u16, lease: u32| {
         let device = device.clone();
         async move {
+            if ENDING.is_cancelled() {
+                return Err(None);
+            }
             let added = tokio::time::timeout(
                 RELEASE_TIMEOUT,
                 device.add_port(
@@ -334,6 +384,10 @@ async fn ask_upnp(gateway: Ipv4Addr, client: Ipv4Addr, port: u16) -> Option<Leas
     let mapping = asked
         .map_err(|e| tracing::debug!(error = ?e, "no UPnP-IGD mapping"))
         .ok()?;
+    if ENDING.is_cancelled() {
+        Mapping::Upnp(mapping).delete().await;
+        return None;
+    }
     let ip = tokio::time::timeout(RELEASE_TIMEOUT, mapping.gateway.get_external_ip()).await;
     let Ok(Ok(ip)) = ip else {
         tracing::debug!("no external address from the UPnP-IGD device");
@@ -421,7 +475,7 @@ fn held() -> std::sync::MutexGuard<'static, Vec<(u64, Mapping)>> {
 static ASKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Set when the program ends ([`release_all`]): asks that have not asked
-/// the router for anything yet give up.
+/// the router for anything yet give up, and UPnP-IGD asks ask nothing more.
 static ENDING: std::sync::LazyLock<tokio_util::sync::CancellationToken> =
     std::sync::LazyLock::new(tokio_util::sync::CancellationToken::new);
 
@@ -431,6 +485,11 @@ static ENDING: std::sync::LazyLock<tokio_util::sync::CancellationToken> =
 /// program ends is deleted too. A UPnP-IGD search still under way is
 /// stopped instead.
 pub async fn release_all() {
+    // Long enough for a UPnP-IGD request under way and the deletion of what
+    // it made ([`ask_upnp`]).
+    const _: () = assert!(
+        ASK_TIMEOUT.as_millis() + RELEASE_TIMEOUT.as_millis() >= 2 * RELEASE_TIMEOUT.as_millis()
+    );
     ENDING.cancel();
     let until = tokio::time::Instant::now() + ASK_TIMEOUT + RELEASE_TIMEOUT;
     while ASKING.load(std::sync::atomic::Ordering::Acquire) > 0
@@ -476,6 +535,11 @@ impl Mapper {
                 tokio::select! {
                     _ = &mut stopped => break,
                     () = sleep_or_forever(renew) => {
+                        // Not renewed once the program ends: `release_all`
+                        // may have deleted it already.
+                        if ENDING.is_cancelled() {
+                            break;
+                        }
                         if let Err(error) = lease.mapping.renew().await {
                             tracing::debug!(%error, "port mapping not renewed");
                             continue;

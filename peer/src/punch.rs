@@ -180,6 +180,18 @@ pub fn sane_candidate(addr: SocketAddr, here: &Here) -> bool {
             if v6.is_unicast_link_local() || CLOUD_METADATA_V6.contains(&v6) {
                 return false;
             }
+            // An IPv4 address through the network's NAT64 is that address.
+            if let Some(v4) = nat64_embedded(v6) {
+                let first = v4.octets()[0];
+                if first == 0
+                    || first >= 240
+                    || v4.is_link_local()
+                    || v4.is_loopback()
+                    || v4.is_multicast()
+                {
+                    return false;
+                }
+            }
         }
     }
     if ip.is_loopback() || here.own.contains(&ip) {
@@ -222,8 +234,24 @@ pub fn in_private_range(ip: IpAddr) -> bool {
             let [a, b, ..] = v4.octets();
             v4.is_private() || (a == 100 && (64..128).contains(&b))
         }
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+        IpAddr::V6(v6) => match nat64_embedded(v6) {
+            Some(v4) => in_private_range(IpAddr::V4(v4)),
+            None => (v6.segments()[0] & 0xfe00) == 0xfc00,
+        },
     }
+}
+
+/// The IPv4 address an IPv6 address of a NAT64 prefix stands for: the
+/// well-known 64:ff9b::/96 (RFC 6052) or the local-use 64:ff9b:1::/48
+/// (RFC 8215, taken with its IPv4 address in the last 32 bits, as a /96).
+/// On an IPv6-only network with NAT64 (home routers with DNS64, cloud
+/// networks), the translator dials it in IPv4, private ones included.
+fn nat64_embedded(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let well_known = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let local_use = s[..3] == [0x64, 0xff9b, 1];
+    let [.., a, b, c, d] = v6.octets();
+    (well_known || local_use).then(|| std::net::Ipv4Addr::new(a, b, c, d))
 }
 
 /// Whether a rendezvous can have seen a peer at `addr`, a public candidate
@@ -1146,6 +1174,44 @@ mod tests {
         assert!(in_private_range("fd12::1".parse().expect("ip")));
         assert!(!in_private_range("2001:db8::1".parse().expect("ip")));
         assert!(!in_private_range("100.128.0.1".parse().expect("ip")));
+    }
+
+    /// The same through NAT64: on an IPv6-only host whose network
+    /// translates 64:ff9b::/96 (or the local-use 64:ff9b:1::/48) to IPv4, as
+    /// home routers with DNS64 and cloud networks do, `[64:ff9b::c0a8:101]`
+    /// is 192.168.1.1, reached through the translator. A rendezvous at a
+    /// public address naming it as the other's address in the other family
+    /// aims our SYNs and link hello at a host of our own network all the
+    /// same; and `[64:ff9b::a9fe:a9fe]` is 169.254.169.254. A public IPv4
+    /// address behind the prefix stays a fair candidate.
+    #[test]
+    fn a_public_rendezvous_cannot_name_private_addresses_through_nat64() {
+        let h = Here {
+            own: vec!["2001:db8::2".parse().expect("ip")],
+            local_trial: false,
+            private_rendezvous: false,
+        };
+        let private = [
+            "[64:ff9b::c0a8:101]:80",
+            "[64:ff9b::a00:5]:4000",
+            "[64:ff9b::6440:1]:4000",
+            "[64:ff9b:1::a00:5]:4000",
+        ];
+        let mut list = Vec::new();
+        add_candidates(&mut list, &private.map(addr), CandidateKind::Public, &h);
+        assert_eq!(list, Vec::new(), "private IPv4 through NAT64");
+        assert!(
+            !sane_candidate(addr("[64:ff9b::a9fe:a9fe]:80"), &h),
+            "169.254.169.254 through NAT64"
+        );
+        let mut list = Vec::new();
+        add_candidates(
+            &mut list,
+            &[addr("[64:ff9b::c633:6407]:4000")],
+            CandidateKind::Public,
+            &h,
+        );
+        assert_eq!(list.len(), 1, "198.51.100.7 through NAT64 is public");
     }
 
     #[test]

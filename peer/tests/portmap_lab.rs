@@ -257,3 +257,81 @@ fn an_error_exit_deletes_the_mapping() {
         responder.mappings()
     );
 }
+
+/// A peer that ends soon after it starts (here: its rendezvous refuses the
+/// connection) while a slow UPnP-IGD router (each action takes 0.95 s,
+/// permanent leases only) is still being asked. The ask goes on past the
+/// end of the search: 725 at 0.95 s, the permanent mapping made at 1.9 s,
+/// its external address at 2.85 s, past the 2.5 s that `release_all` waits
+/// for asks under way. So the program ends with the permanent mapping in
+/// the router, where it stays for good. An ask must stop asking once the
+/// program ends, and delete what the request under way made.
+#[test]
+fn a_slow_upnp_router_keeps_no_mapping_of_a_peer_that_ended() {
+    let test = "portmap-slow-upnp-end";
+    if !available_or_skip(test) {
+        return;
+    }
+    let lab = lab(Protocols::UPNP);
+    let responder = responder(&lab);
+    responder.only_permanent_leases(true);
+    responder.delay_actions(Duration::from_millis(950));
+    let mut rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    // A port of the rendezvous host where nothing listens: refused at once.
+    rv.addr.set_port(rv.addr.port().wrapping_add(50));
+    let mut a = peer(&lab, &rv, test, Host::A, "alice");
+    let status = a.wait().expect("alice exits");
+    let said = a.drain_stderr().join("\n");
+    assert_ne!(status.code(), Some(0), "{test}: {status:?}\n{said}");
+    // What the router was asked before alice ended is done by now.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        responder.mappings().is_empty(),
+        "{test}: a mapping outlived the program: {:?}\n{said}",
+        responder.mappings()
+    );
+}
+
+/// Another UPnP-IGD device on the LAN (here on alice's own host: a second
+/// router in access-point mode, a host sharing its connection, or a hostile
+/// one) answers the SSDP search before the router. It is rightly not asked
+/// (it is not the gateway), but the router is not asked either: the search
+/// ends with the first device found, so alice gets no mapping, and behind
+/// her symmetric NAT no direct link. The gateway should still be asked
+/// (a search sent to it alone).
+#[test]
+fn another_upnp_device_on_the_lan_does_not_hide_the_router() {
+    let test = "portmap-upnp-decoy";
+    if !available_or_skip(test) {
+        return;
+    }
+    let lab = lab(Protocols::UPNP);
+    let responder = responder(&lab);
+    // The router spreads its answers to multicast searches over their MX
+    // seconds, as real ones do: here it answers after 300 ms.
+    responder.delay_multicast_search_answers(Duration::from_millis(300));
+    // A UPnP-IGD device on alice's host, answering searches from there (at
+    // once: it is nearer than the router).
+    let decoy = Responder::start(
+        lab.netns(Host::A),
+        lab.addr(Host::A),
+        lab.public_addr(Host::A),
+        "lo",
+        Protocols::UPNP,
+    )
+    .expect("the decoy starts");
+    let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
+    let mut a = peer(&lab, &rv, test, Host::A, "alice");
+    a.wait_stderr("waiting for the other side")
+        .unwrap_or_else(|e| panic!("{test}: {e}\n{}", lab.diagnostics()));
+    let mapped = wait_for_mappings(responder, 1);
+    let decoys = decoy.mappings();
+    a.interrupt().expect("SIGINT");
+    let _ = a.wait();
+    let said = a.drain_stderr().join("\n");
+    assert!(decoys.is_empty(), "{test}: the decoy was asked: {decoys:?}");
+    assert!(
+        mapped,
+        "{test}: the router was not asked for a mapping\n{said}"
+    );
+}

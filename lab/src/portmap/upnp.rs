@@ -146,6 +146,12 @@ pub(super) fn serve_ssdp(state: &State, socket: &UdpSocket) -> Result<()> {
         // is the LAN link, whose address is the kernel's source for it.
         // (Real devices wait up to MX seconds at random to spread the replies
         // of many devices; the lab has one.)
+        let multicast = std::str::from_utf8(&buf[..len])
+            .is_ok_and(|text| text.contains(&SSDP_GROUP.to_string()));
+        let delay = state.search_delay_ms.load(Ordering::Relaxed);
+        if multicast && delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         for target in targets {
             let _ = socket.send_to(search_answer(state, target).as_bytes(), from);
         }
@@ -586,6 +592,10 @@ fn control(
     action: &str,
     body: &str,
 ) -> std::result::Result<String, Fault> {
+    let delay = state.action_delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
     let out = match action {
         "AddPortMapping" => add_port_mapping(state, client, body)?,
         "DeletePortMapping" => delete_port_mapping(state, client, body)?,
