@@ -350,7 +350,7 @@ fn phases(p: &mut PeerProcess, phases: &mut Phases) {
     let started = p.started_wall;
     let name = p.name.clone();
     let lines = p.drain_stderr();
-    keep_log(&name, &lines);
+    keep_log(&name, lines);
     let since = |t: SystemTime| t.duration_since(started).ok();
     if lines.iter().any(|l| l.starts_with("relayed via")) {
         phases.relayed += 1;
