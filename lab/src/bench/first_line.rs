@@ -345,6 +345,14 @@ fn keep_log(name: &str, lines: &[String]) {
     }
 }
 
+/// Whether a side's log says its chat was relayed: its status line is
+/// "connected to NAME: relayed via the rendezvous …".
+fn relayed(lines: &[String]) -> bool {
+    lines
+        .iter()
+        .any(|l| l.starts_with("connected to ") && l.contains(": relayed via the rendezvous"))
+}
+
 /// Reads a side's phases from its log.
 fn phases(p: &mut PeerProcess, phases: &mut Phases) {
     let started = p.started_wall;
@@ -352,7 +360,7 @@ fn phases(p: &mut PeerProcess, phases: &mut Phases) {
     let lines = p.drain_stderr();
     keep_log(&name, lines);
     let since = |t: SystemTime| t.duration_since(started).ok();
-    if lines.iter().any(|l| l.starts_with("relayed via")) {
+    if relayed(lines) {
         phases.relayed += 1;
     }
     let go = lines
@@ -570,6 +578,19 @@ pub fn table(spec: &FirstLineSpec, rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relayed_chat_is_counted() {
+        let log = |s: &str| {
+            vec!["2026-12-03T15:37:37.519922Z  INFO punchline_peer::meet: relayed and encrypted carried=1".to_owned(), s.to_owned()]
+        };
+        assert!(relayed(&log(
+            "connected to bob: relayed via the rendezvous (end-to-end encrypted; it sees only ciphertext): direct connection failed because …"
+        )));
+        assert!(!relayed(&log(
+            "connected to bob: direct link to 198.51.100.2:30033 (IPv4, public address), 90 ms after go, 2 attempts"
+        )));
+    }
 
     #[test]
     fn table_has_every_column_and_ratio() {
