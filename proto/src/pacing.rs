@@ -55,7 +55,10 @@ pub const FRESH_ATTEMPT_MIN: Duration = Duration::from_millis(150);
 /// than [`ATTEMPT_TIMEOUT`]. Without an estimate, only [`ATTEMPT_TIMEOUT`].
 /// An attempt that has heard from the other side (SYN_RECV: a simultaneous
 /// open under way) is never replaced early: closing it would reset the
-/// connection the other side is completing.
+/// connection the other side is completing. The peer uses this on the nearer
+/// peer only (whose go comes first): the farther one's silence is as often a
+/// lost SYN-ACK of the other's, whose NAT then holds our first SYN's sequence
+/// number and refuses a fresh one (`punchline_peer::punch`, `fresh_after`).
 pub fn fresh_attempt_after(server_rtt: Option<Duration>) -> Duration {
     match server_rtt {
         Some(rtt) => (rtt * 4).clamp(FRESH_ATTEMPT_MIN, ATTEMPT_TIMEOUT),
