@@ -135,11 +135,11 @@ pub async fn start(port: u16) -> Result<Hosted, PeerError> {
 /// local); link-local and loopback ones left out (they need a scope, or lead
 /// nowhere else).
 pub fn advertised(addresses: Vec<IpAddr>) -> Vec<IpAddr> {
-    let rank = |ip: &IpAddr| match ip {
-        IpAddr::V4(v4) if v4.is_private() || is_shared(v4) => 1,
-        IpAddr::V4(_) => 0,
-        IpAddr::V6(v6) if (v6.segments()[0] & 0xfe00) == 0xfc00 => 3,
-        IpAddr::V6(_) => 2,
+    let rank = |ip: &IpAddr| match (ip.is_ipv4(), crate::punch::in_private_range(*ip)) {
+        (true, false) => 0,
+        (true, true) => 1,
+        (false, false) => 2,
+        (false, true) => 3,
     };
     let mut out: Vec<IpAddr> = addresses
         .into_iter()
@@ -156,12 +156,6 @@ pub fn advertised(addresses: Vec<IpAddr>) -> Vec<IpAddr> {
     out.sort_by_key(|ip| (rank(ip), *ip));
     out.dedup();
     out
-}
-
-/// The shared address space of carrier-grade NATs, 100.64.0.0/10.
-fn is_shared(v4: &Ipv4Addr) -> bool {
-    let [a, b, ..] = v4.octets();
-    a == 100 && (b & 0xc0) == 64
 }
 
 /// `ip:port` as the other host types it after `--server`: the port left out

@@ -1076,6 +1076,31 @@ mod tests {
         })
     }
 
+    /// The punch's parameters in these tests: from port 0, seen at
+    /// 203.0.113.1:5000, meeting through `server`, behind a NAT that maps
+    /// as `ours`; the adaptive policy, nothing else known.
+    fn params(server: SocketAddr, ours: Mapping, deadline: Duration) -> PunchParams {
+        PunchParams {
+            local_port: 0,
+            deadline,
+            our_observed: "203.0.113.1:5000".parse().expect("addr"),
+            server,
+            our_mapping: ours,
+            policy: RetryPolicy::Adaptive,
+            server_rtt: None,
+            our_other_family: None,
+            mapped: None,
+        }
+    }
+
+    /// A NAT that maps each destination to its own port.
+    fn symmetric() -> Mapping {
+        Mapping::DependsOnDestination {
+            first: 5000,
+            second: 5006,
+        }
+    }
+
     fn go(observed: &str) -> Go {
         Go {
             peer: PeerInfo {
@@ -1271,14 +1296,11 @@ mod tests {
         let g = go("198.51.100.7:61234");
         let params = PunchParams {
             local_port: 5000,
-            deadline: Duration::from_secs(10),
-            our_observed: "203.0.113.1:5000".parse().expect("addr"),
-            server: "198.51.100.1:7425".parse().expect("addr"),
-            our_mapping: Mapping::Unknown,
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
+            ..params(
+                addr("198.51.100.1:7425"),
+                Mapping::Unknown,
+                Duration::from_secs(10),
+            )
         };
         let t = tried(
             &[
@@ -1306,14 +1328,11 @@ mod tests {
         };
         let params = PunchParams {
             local_port: 5000,
-            deadline: Duration::from_secs(10),
-            our_observed: "203.0.113.1:5000".parse().expect("addr"),
-            server: "198.51.100.1:7425".parse().expect("addr"),
-            our_mapping: Mapping::Independent,
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
+            ..params(
+                addr("198.51.100.1:7425"),
+                Mapping::Independent,
+                Duration::from_secs(10),
+            )
         };
         let d = crate::render::punch_diagnosis(&failure(&g, &params, Duration::ZERO, Vec::new()));
         assert!(d.starts_with("The other side's NAT gives each destination its own public port (the rendezvous saw 61234 on one port and 61240"), "{d}");
@@ -1332,21 +1351,12 @@ mod tests {
         drop(closed);
         let mut g = go("198.51.100.7:61234");
         g.peer.other_family = Some(v6);
-        let params = PunchParams {
-            local_port: 0,
-            deadline: LAN_ONLY_DEADLINE + Duration::from_millis(500),
-            our_observed: "203.0.113.1:5000".parse().expect("addr"),
-            // On this host: its loopback addresses are fair candidates.
-            server: "[::1]:7425".parse().expect("addr"),
-            our_mapping: Mapping::DependsOnDestination {
-                first: 5000,
-                second: 5006,
-            },
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
-        };
+        // On this host: its loopback addresses are fair candidates.
+        let params = params(
+            addr("[::1]:7425"),
+            symmetric(),
+            LAN_ONLY_DEADLINE + Duration::from_millis(500),
+        );
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
         let started = Instant::now();
@@ -1382,20 +1392,11 @@ mod tests {
             .parse()
             .expect("addr");
         g.peer.other_family = Some(mapped);
-        let params = PunchParams {
-            local_port: 0,
-            deadline: LAN_ONLY_DEADLINE + Duration::from_millis(500),
-            our_observed: "203.0.113.1:5000".parse().expect("addr"),
-            server: "127.0.0.1:7425".parse().expect("addr"),
-            our_mapping: Mapping::DependsOnDestination {
-                first: 5000,
-                second: 5006,
-            },
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
-        };
+        let params = params(
+            addr("127.0.0.1:7425"),
+            symmetric(),
+            LAN_ONLY_DEADLINE + Duration::from_millis(500),
+        );
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
         let started = Instant::now();
@@ -1427,18 +1428,12 @@ mod tests {
         drop(closed);
         let g = go(&v4.to_string());
         let params = PunchParams {
-            local_port: 0,
-            deadline: LAN_ONLY_DEADLINE + Duration::from_millis(500),
-            our_observed: "203.0.113.1:5000".parse().expect("addr"),
-            server: "127.0.0.1:7425".parse().expect("addr"),
-            our_mapping: Mapping::DependsOnDestination {
-                first: 5000,
-                second: 5006,
-            },
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
             mapped: Some("100.64.0.7:5000".parse().expect("addr")),
+            ..params(
+                addr("127.0.0.1:7425"),
+                symmetric(),
+                LAN_ONLY_DEADLINE + Duration::from_millis(500),
+            )
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1478,18 +1473,8 @@ mod tests {
                 second: observed.port().wrapping_add(4),
             };
             g.peer.mapped = Some(mapped);
-            let params = PunchParams {
-                local_port: 0,
-                deadline: Duration::from_millis(300),
-                our_observed: "203.0.113.1:5000".parse().expect("addr"),
-                // On this host: its loopback addresses are fair candidates.
-                server: "127.0.0.1:7425".parse().expect("addr"),
-                our_mapping: ours,
-                policy: RetryPolicy::Adaptive,
-                server_rtt: None,
-                our_other_family: None,
-                mapped: None,
-            };
+            // On this host: its loopback addresses are fair candidates.
+            let params = params(addr("127.0.0.1:7425"), ours, Duration::from_millis(300));
             async move {
                 let (tx, rx) = oneshot::channel();
                 tx.send(Vec::new()).expect("send");
@@ -1526,17 +1511,11 @@ mod tests {
             first: 61234,
             second: 61240,
         };
-        let params = PunchParams {
-            local_port: 0,
-            deadline: Duration::from_secs(10),
-            our_observed: "203.0.113.1:5000".parse().expect("addr"),
-            server: "198.51.100.1:7425".parse().expect("addr"),
-            our_mapping: Mapping::Independent,
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
-        };
+        let params = params(
+            addr("198.51.100.1:7425"),
+            Mapping::Independent,
+            Duration::from_secs(10),
+        );
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
         let started = Instant::now();
@@ -1587,14 +1566,8 @@ mod tests {
         let deadline = Duration::from_secs(2);
         let params = PunchParams {
             local_port: closed_port().port(),
-            deadline,
             our_observed: addr("127.0.0.1:5000"),
-            server: addr("127.0.0.1:7425"),
-            our_mapping: Mapping::Independent,
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
+            ..params(addr("127.0.0.1:7425"), Mapping::Independent, deadline)
         };
         let (tx, rx) = oneshot::channel();
         tx.send(Vec::new()).expect("send");
@@ -1642,14 +1615,12 @@ mod tests {
         let g = go("224.0.0.1:4000");
         let params = PunchParams {
             local_port: closed_port().port(),
-            deadline: Duration::from_secs(2),
             our_observed: addr("203.0.113.1:5000"),
-            server: addr("198.51.100.1:7425"),
-            our_mapping: Mapping::Independent,
-            policy: RetryPolicy::Adaptive,
-            server_rtt: None,
-            our_other_family: None,
-            mapped: None,
+            ..params(
+                addr("198.51.100.1:7425"),
+                Mapping::Independent,
+                Duration::from_secs(2),
+            )
         };
         let mut late: Vec<SocketAddr> = listeners
             .iter()

@@ -5,12 +5,14 @@
 //! Needs root and the lab's tools; skips loudly otherwise (fails instead when
 //! `PUNCHLINE_REQUIRE_LAB=1`, as in CI).
 
-use std::path::Path;
+mod common;
 
 use punchline_lab::prereq::available_or_skip;
 use punchline_lab::scenario::LabRendezvous;
 use punchline_lab::{Host, Lab, LabConfig, NatKind};
 use punchline_rendezvous::Config;
+
+use common::lab_doctor;
 
 /// What the doctor must find behind one kind of NAT.
 struct Expected {
@@ -85,23 +87,11 @@ fn diagnose(kind: NatKind) {
     let lab = Lab::build(&LabConfig::new(kind, NatKind::Home))
         .unwrap_or_else(|e| panic!("building the {kind} lab: {e}"));
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
-    let out = lab
-        .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
-        .args([
-            "doctor",
-            "--server",
-            &rv.addr.to_string(),
-            "--port",
-            "40000",
-        ])
-        .output()
-        .expect("run peer doctor");
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, report, stderr) = lab_doctor(&lab, &rv.addr.to_string());
     let want = expected(kind);
     eprintln!("{kind}:\n{report}");
     let context = format!("{kind}:\n{report}\n{stderr}\n{}", lab.diagnostics());
-    assert_eq!(out.status.success(), want.success, "{context}");
+    assert_eq!(status.success(), want.success, "{context}");
     assert!(field(&report, "NAT").starts_with(want.nat), "{context}");
     assert!(
         field(&report, "mapping").starts_with(want.mapping),

@@ -11,14 +11,12 @@
 
 mod common;
 
-use std::path::Path;
-
 use punchline_lab::prereq::available_or_skip;
 use punchline_lab::scenario::{leave, LabRendezvous, PeerProcess};
 use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
-use common::lab_peer;
+use common::{lab_doctor, lab_peer};
 
 fn lab(config: LabConfig) -> Lab {
     let config = config.with_wan(WanConfig::delays_ms(5, 40, 20));
@@ -106,17 +104,8 @@ fn the_doctor_sees_the_ipv6_firewall() {
     }
     let lab = lab(LabConfig::new(NatKind::Symmetric, NatKind::Home).with_ipv6());
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
-    let out = lab
-        .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
-        .args(["doctor", "--server", &rv.by_name(), "--port", "40000"])
-        .output()
-        .expect("run peer doctor");
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!(
-        "{report}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        lab.diagnostics()
-    );
+    let (status, report, stderr) = lab_doctor(&lab, &rv.by_name());
+    let context = format!("{report}\n{stderr}\n{}", lab.diagnostics());
     let v6 = lab.addr6(Host::A).expect("IPv6");
     let line = report
         .lines()
@@ -131,5 +120,5 @@ fn the_doctor_sees_the_ipv6_firewall() {
         report.contains("chats with peers that have IPv6 can be direct over it"),
         "{context}"
     );
-    assert!(out.status.success(), "{context}");
+    assert!(status.success(), "{context}");
 }

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use punchline_lab::portmap::{Protocols, Responder, Via};
@@ -19,7 +18,7 @@ use punchline_lab::scenario::{leave, LabRendezvous, PeerProcess};
 use punchline_lab::{Host, Lab, LabConfig, NatKind, WanConfig};
 use punchline_rendezvous::Config;
 
-use common::lab_peer;
+use common::{lab_doctor, lab_peer};
 
 /// The lab, its side A's router granting mappings in `protocols`.
 fn lab(protocols: Protocols) -> Lab {
@@ -207,19 +206,8 @@ fn the_doctor_finds_the_routers_port_mapping() {
     let lab = lab(Protocols::ALL);
     let responder = responder(&lab);
     let rv = LabRendezvous::start(&lab, Config::default()).expect("rendezvous starts");
-    let out = lab
-        .command(Host::A, Path::new(env!("CARGO_BIN_EXE_peer")))
-        .args([
-            "doctor",
-            "--server",
-            &rv.addr.to_string(),
-            "--port",
-            "40000",
-        ])
-        .output()
-        .expect("run peer doctor");
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    let context = format!("{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (status, report, stderr) = lab_doctor(&lab, &rv.addr.to_string());
+    let context = format!("{report}\n{stderr}");
     let wan = lab.public_addr(Host::A);
     assert!(
         report.contains(&format!(
@@ -228,7 +216,7 @@ fn the_doctor_finds_the_routers_port_mapping() {
         "{context}"
     );
     assert!(report.contains("forwards the port on request"), "{context}");
-    assert!(out.status.success(), "{context}");
+    assert!(status.success(), "{context}");
     assert!(responder.mappings().is_empty(), "{context}");
 }
 

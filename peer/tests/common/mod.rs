@@ -279,3 +279,21 @@ pub fn lab_peer(
         .env("XDG_CONFIG_HOME", fresh_config(&format!("{test}-{name}")));
     PeerProcess::spawn(cmd, name).unwrap_or_else(|e| panic!("{test}: {name}: {e}"))
 }
+
+/// `peer doctor --server SERVER --port 40000` run in host A of a NAT lab:
+/// its exit status, its report (stdout) and its stderr.
+pub fn lab_doctor(lab: &punchline_lab::Lab, server: &str) -> (ExitStatus, String, String) {
+    let out = lab
+        .command(
+            punchline_lab::Host::A,
+            std::path::Path::new(env!("CARGO_BIN_EXE_peer")),
+        )
+        .args(["doctor", "--server", server, "--port", "40000"])
+        .output()
+        .expect("run peer doctor");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
